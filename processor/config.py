@@ -1,0 +1,153 @@
+"""Settings: config/processor.toml, overridden by CANCELPROC_* environment variables.
+
+Paths in the file are relative to the app root, the folder holding config/
+(as a WHMCS install is a folder with its hooks and templates).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Mapping
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from processor.errors import ConfigError
+
+ENV_PREFIX = "CANCELPROC_"
+DEFAULT_CONFIG = Path("config") / "processor.toml"
+
+
+class EmailSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    company_name: str = "Example Hosting"
+    from_address: str = "billing@example.test"
+    staff_address: str = "support@example.test"
+    signature: str = "Example Hosting Billing Team"
+    # Operator's own templates, searched before templates/emails/ ("" = none).
+    templates_dir: str = ""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    database_url: str = "sqlite:///var/cancelproc.db"
+    business_timezone: str = "UTC"
+    chunk_size: int = Field(1000, ge=1, le=50_000)
+    lease_seconds: int = Field(600, ge=10)
+    max_attempts: int = Field(5, ge=1, le=100)
+    retry_backoff_minutes: int = Field(60, ge=0)
+    retry_backoff_max_minutes: int = Field(1440, ge=0)
+    cancel_unpaid_invoices: bool = True
+    reason_codes: list[str] = Field(
+        default_factory=lambda: [
+            "too_expensive",
+            "no_longer_needed",
+            "switching_provider",
+            "poor_support",
+            "technical_issues",
+            "other",
+        ],
+        min_length=1,
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    email: EmailSettings = Field(default_factory=EmailSettings)
+
+    # Not settings: where they came from, so relative paths and errors can name them.
+    app_root: Path = Field(default=Path("."), exclude=True)
+    config_file: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("business_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}; use an IANA name such as Europe/London")
+        return value
+
+    @field_validator("reason_codes")
+    @classmethod
+    def _plain_codes(cls, codes: list[str]) -> list[str]:
+        for code in codes:
+            if not code or not code.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"reason code {code!r} must be letters, digits, '_' or '-'")
+        return codes
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment beats the file: an operator overrides one value without editing it.
+        return env_settings, init_settings
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.business_timezone)
+
+    def path(self, relative: str | Path) -> Path:
+        """A path from the config, resolved against the app root."""
+        p = Path(relative)
+        return p if p.is_absolute() else self.app_root / p
+
+    def resolved_database_url(self) -> str:
+        """The database URL with a relative SQLite path made relative to the app root."""
+        prefix = "sqlite:///"
+        url = self.database_url
+        if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
+            return prefix + str(self.path(url[len(prefix):]))
+        return url
+
+
+def load_settings(config_path: Path | None = None) -> Settings:
+    """Read the config file (explicit, $CANCELPROC_CONFIG, or ./config/processor.toml if present).
+
+    CANCELPROC_* environment variables override the file (pydantic-settings reads them).
+    """
+    environ = os.environ
+    explicit = config_path or (Path(environ[ENV_PREFIX + "CONFIG"]) if environ.get(ENV_PREFIX + "CONFIG") else None)
+    path = explicit or DEFAULT_CONFIG
+    if explicit is not None and not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    data: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot be read: {exc}") from None
+    app_root = path.resolve().parent.parent if path.is_file() else Path.cwd()
+    try:
+        return Settings(**data, app_root=app_root, config_file=path if path.is_file() else None)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path if path.is_file() else None, environ)) from None
+
+
+def _describe(exc: ValidationError, path: Path | None, environ: Mapping[str, str]) -> str:
+    """One line for the first error: where the value came from, the key, what is allowed."""
+    err = exc.errors()[0]
+    key = ".".join(str(part) for part in err["loc"])
+    env_name = ENV_PREFIX + "__".join(str(part) for part in err["loc"]).upper()
+    source = f"environment variable {env_name}" if env_name in environ else str(path or "settings")
+    if err["type"] == "extra_forbidden":
+        allowed = ", ".join(sorted(name for name in Settings.model_fields if name not in ("app_root", "config_file")))
+        message = f"unknown setting (allowed: {allowed})"
+    else:
+        message = err["msg"].removeprefix("Value error, ")
+        if "input" in err and not isinstance(err["input"], (dict, list)):
+            message += f" (got {err['input']!r})"
+    more = len(exc.errors()) - 1
+    return f"{source}: {key}: {message}" + (f" (and {more} more)" if more else "")

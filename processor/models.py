@@ -1,0 +1,310 @@
+"""The data: SQLAlchemy 2.0 typed models. Alembic migrations mirror them (tests check drift)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from decimal import Decimal
+
+from sqlalchemy import (
+    Date,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    TypeDecorator,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Stable constraint names, so migrations can refer to them on every database.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Aware UTC datetimes in Python, naive UTC in the column (SQLite has no time zones)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: object) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; pass an aware one")
+        return value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: object) -> dt.datetime | None:
+        return None if value is None else value.replace(tzinfo=dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    # Store the readable value ("End of Billing Period"), checked by a CHECK constraint.
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=32,
+        values_callable=lambda e: [m.value for m in e],
+        validate_strings=True,
+    )
+
+
+class ServiceStatus(enum.StrEnum):
+    """WHMCS service statuses."""
+
+    PENDING = "Pending"
+    ACTIVE = "Active"
+    SUSPENDED = "Suspended"
+    TERMINATED = "Terminated"
+    CANCELLED = "Cancelled"
+    FRAUD = "Fraud"
+
+
+# A service in one of these states has nothing left to cancel.
+CLOSED_SERVICE_STATUSES = (ServiceStatus.CANCELLED, ServiceStatus.TERMINATED)
+
+
+class InvoiceStatus(enum.StrEnum):
+    UNPAID = "Unpaid"
+    PAID = "Paid"
+    CANCELLED = "Cancelled"
+
+
+class RequestType(enum.StrEnum):
+    IMMEDIATE = "Immediate"  # the next run (or `requests process ID` at once)
+    END_OF_BILLING_PERIOD = "End of Billing Period"  # the service's next due date
+    ON_DATE = "On Date"  # a date chosen by the client or staff
+
+
+class RequestStatus(enum.StrEnum):
+    PENDING = "pending"  # waiting to be due, or retrying after an error
+    COMPLETED = "completed"  # applied (or found already cancelled: a no-op)
+    WITHDRAWN = "withdrawn"  # staff withdrew it before it was applied
+    FAILED = "failed"  # gave up after max_attempts: manual cancellation required
+
+
+# "Open" requests: at most one per service (partial unique index below).
+OPEN_REQUEST_STATUSES = (RequestStatus.PENDING, RequestStatus.FAILED)
+
+
+class RunStatus(enum.StrEnum):
+    RUNNING = "running"  # holds the lease
+    COMPLETED = "completed"  # every due request was applied
+    COMPLETED_WITH_FAILURES = "completed_with_failures"  # some requests failed or were vetoed
+    ERROR = "error"  # stopped by an error (database, bad data); see the error column
+    ABANDONED = "abandoned"  # its process died; a later run took the lease over
+
+
+class RunTrigger(enum.StrEnum):
+    CRON = "cron"
+    SCHEDULE = "schedule"
+    MANUAL = "manual"
+
+
+class EmailStatus(enum.StrEnum):
+    QUEUED = "queued"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class Client(Base):
+    __tablename__ = "clients"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    first_name: Mapped[str] = mapped_column(String(100))
+    last_name: Mapped[str] = mapped_column(String(100), default="")
+    company_name: Mapped[str] = mapped_column(String(200), default="")
+    email: Mapped[str] = mapped_column(String(254))
+    language: Mapped[str] = mapped_column(String(16), default="en")
+    balance: Mapped[Decimal] = mapped_column(Numeric(12, 2), default=Decimal("0"))
+
+    services: Mapped[list[Service]] = relationship(back_populates="client")
+
+    @property
+    def name(self) -> str:
+        return f"{self.first_name} {self.last_name}".strip()
+
+
+class Product(Base):
+    __tablename__ = "products"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    # Provisioning module name (cpanel, proxmox, ...) or None for products with nothing to deprovision.
+    module: Mapped[str | None] = mapped_column(String(64))
+
+
+class Service(Base):
+    __tablename__ = "services"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    client_id: Mapped[int] = mapped_column(ForeignKey("clients.id"), index=True)
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id"), index=True)
+    domain: Mapped[str] = mapped_column(String(255), default="")
+    status: Mapped[ServiceStatus] = mapped_column(_enum(ServiceStatus, "service_status"))
+    billing_cycle: Mapped[str] = mapped_column(String(32), default="Monthly")
+    amount: Mapped[Decimal] = mapped_column(Numeric(12, 2), default=Decimal("0"))
+    # None for free and one-time services: a request for them is due at once.
+    next_due_date: Mapped[dt.date | None] = mapped_column(Date)
+    termination_date: Mapped[dt.date | None] = mapped_column(Date)
+
+    client: Mapped[Client] = relationship(back_populates="services")
+    product: Mapped[Product] = relationship()
+    addons: Mapped[list[ServiceAddon]] = relationship(back_populates="service")
+
+
+class ServiceAddon(Base):
+    __tablename__ = "service_addons"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    service_id: Mapped[int] = mapped_column(ForeignKey("services.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[ServiceStatus] = mapped_column(_enum(ServiceStatus, "addon_status"))
+    amount: Mapped[Decimal] = mapped_column(Numeric(12, 2), default=Decimal("0"))
+
+    service: Mapped[Service] = relationship(back_populates="addons")
+
+
+class Invoice(Base):
+    __tablename__ = "invoices"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    service_id: Mapped[int] = mapped_column(ForeignKey("services.id"), index=True)
+    amount: Mapped[Decimal] = mapped_column(Numeric(12, 2))
+    status: Mapped[InvoiceStatus] = mapped_column(_enum(InvoiceStatus, "invoice_status"))
+    due_date: Mapped[dt.date | None] = mapped_column(Date)
+
+
+class CancellationRequest(Base):
+    __tablename__ = "cancellation_requests"
+    __table_args__ = (
+        # The keyset scan of the run: pending requests in id order.
+        Index("ix_cancellation_requests_status_id", "status", "id"),
+        # One open request per service, whatever writes it (CLI, import, a hook).
+        Index(
+            "uq_cancellation_requests_open_service",
+            "service_id",
+            unique=True,
+            sqlite_where=text("status IN ('pending', 'failed')"),
+            postgresql_where=text("status IN ('pending', 'failed')"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    service_id: Mapped[int] = mapped_column(ForeignKey("services.id"))
+    type: Mapped[RequestType] = mapped_column(_enum(RequestType, "request_type"))
+    cancel_on: Mapped[dt.date | None] = mapped_column(Date)  # only for On Date
+    reason_code: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    status: Mapped[RequestStatus] = mapped_column(
+        _enum(RequestStatus, "request_status"), default=RequestStatus.PENDING
+    )
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(100), default="")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # After a failed attempt: not retried before this time (backoff).
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    processed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
+    # Days between the date the request became due and the run's as-of date (catch-up is visible).
+    days_late: Mapped[int | None] = mapped_column(Integer)
+    note: Mapped[str] = mapped_column(Text, default="")
+
+    service: Mapped[Service] = relationship()
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    trigger: Mapped[RunTrigger] = mapped_column(_enum(RunTrigger, "run_trigger"))
+    operator: Mapped[str] = mapped_column(String(100))
+    as_of: Mapped[dt.date] = mapped_column(Date)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    status: Mapped[RunStatus] = mapped_column(_enum(RunStatus, "run_status"))
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    due: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    noop: Mapped[int] = mapped_column(Integer, default=0)  # service was already closed
+    retrying: Mapped[int] = mapped_column(Integer, default=0)  # failed this time, will be retried
+    failed: Mapped[int] = mapped_column(Integer, default=0)  # gave up: manual cancellation required
+    emails_queued: Mapped[int] = mapped_column(Integer, default=0)
+    late: Mapped[int] = mapped_column(Integer, default=0)  # applied after the day they were due
+    max_days_late: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Lease(Base):
+    """Who may run now. A row per lease name; expires unless its holder renews it."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    acquired_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_entity", "entity", "entity_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    actor: Mapped[str] = mapped_column(String(100))
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), index=True)
+    request_id: Mapped[int | None] = mapped_column(ForeignKey("cancellation_requests.id"), index=True)
+    entity: Mapped[str] = mapped_column(String(32))  # service, addon, invoice, request, email
+    entity_id: Mapped[int] = mapped_column(Integer)
+    action: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class OutboxEmail(Base):
+    __tablename__ = "email_outbox"
+    __table_args__ = (Index("ix_email_outbox_status_id", "status", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # "<template>:<entity>:<id>": the same email can never be queued twice.
+    key: Mapped[str] = mapped_column(String(200), unique=True)
+    template: Mapped[str] = mapped_column(String(100))
+    request_id: Mapped[int | None] = mapped_column(ForeignKey("cancellation_requests.id"), index=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
+    to_address: Mapped[str] = mapped_column(String(254))
+    from_address: Mapped[str] = mapped_column(String(254))
+    subject: Mapped[str] = mapped_column(String(998))
+    text_body: Mapped[str] = mapped_column(Text)
+    html_body: Mapped[str] = mapped_column(Text)
+    status: Mapped[EmailStatus] = mapped_column(_enum(EmailStatus, "email_status"), default=EmailStatus.QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
