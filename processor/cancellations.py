@@ -1,0 +1,131 @@
+"""What support staff do with cancellation requests: create, withdraw, retry, resolve.
+
+Functions take a session and never commit: the caller owns the transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, joinedload
+
+from processor.errors import InputError, NotFound, StateError
+from processor.models import (
+    CLOSED_SERVICE_STATUSES,
+    OPEN_REQUEST_STATUSES,
+    AuditEntry,
+    CancellationRequest,
+    RequestStatus,
+    RequestType,
+    Service,
+)
+
+
+def get_service(session: Session, service_id: int) -> Service:
+    service = session.get(Service, service_id, options=[joinedload(Service.client), joinedload(Service.product)])
+    if service is None:
+        raise NotFound(f"service {service_id} not found")
+    return service
+
+
+def get_request(session: Session, request_id: int) -> CancellationRequest:
+    request = session.get(CancellationRequest, request_id, options=[joinedload(CancellationRequest.service)])
+    if request is None:
+        raise NotFound(f"request {request_id} not found")
+    return request
+
+
+def open_request_for(session: Session, service_id: int) -> CancellationRequest | None:
+    return session.scalars(
+        select(CancellationRequest).where(
+            CancellationRequest.service_id == service_id, CancellationRequest.status.in_(OPEN_REQUEST_STATUSES)
+        )
+    ).one_or_none()
+
+
+def _audit(session: Session, request: CancellationRequest, action: str, actor: str, now: dt.datetime, detail: str = "") -> None:
+    session.add(AuditEntry(at=now, actor=actor, request_id=request.id, entity="request", entity_id=request.id,
+                           action=action, detail=detail))
+
+
+def create_request(
+    session: Session,
+    *,
+    service_id: int,
+    type_: RequestType,
+    reason_code: str,
+    reason: str,
+    allowed_reasons: Sequence[str],
+    cancel_on: dt.date | None,
+    actor: str,
+    now: dt.datetime,
+    today: dt.date,
+) -> CancellationRequest:
+    """Record a new pending request; one open request per service."""
+    if reason_code not in allowed_reasons:
+        raise InputError(f"--reason-code: {reason_code!r} is not a configured reason (allowed: {', '.join(allowed_reasons)})")
+    if type_ is RequestType.ON_DATE:
+        if cancel_on is None:
+            raise InputError("--on: an On Date request needs the date (YYYY-MM-DD)")
+        if cancel_on < today:
+            raise InputError(f"--on: {cancel_on} is in the past (today is {today} in the business time zone)")
+    elif cancel_on is not None:
+        raise InputError(f"--on: only an On Date request takes a date, not {type_.value}")
+    service = get_service(session, service_id)
+    if service.status in CLOSED_SERVICE_STATUSES:
+        raise StateError(f"service {service_id} is already {service.status.value}")
+    existing = open_request_for(session, service_id)
+    if existing is not None:
+        raise StateError(f"service {service_id} already has open request {existing.id} ({existing.status.value})")
+    request = CancellationRequest(
+        service_id=service_id, type=type_, cancel_on=cancel_on, reason_code=reason_code, reason=reason,
+        status=RequestStatus.PENDING, created_at=now, created_by=actor, attempts=0, note="",
+    )
+    session.add(request)
+    session.flush()
+    _audit(session, request, "created", actor, now, f"{type_.value}; reason {reason_code}")
+    return request
+
+
+def withdraw_request(session: Session, request_id: int, *, actor: str, now: dt.datetime, note: str = "") -> CancellationRequest:
+    """Staff withdraw a request that has not been applied."""
+    request = get_request(session, request_id)
+    if request.status not in OPEN_REQUEST_STATUSES:
+        when = f" on {request.processed_at:%Y-%m-%d}" if request.processed_at else ""
+        raise StateError(f"request {request_id} is {request.status.value}{when}; only a pending or failed request can be withdrawn")
+    request.status = RequestStatus.WITHDRAWN
+    request.next_attempt_at = None
+    request.note = note
+    _audit(session, request, "withdrawn", actor, now, note)
+    return request
+
+
+def retry_request(session: Session, request_id: int, *, actor: str, now: dt.datetime) -> CancellationRequest:
+    """A failed request (or one waiting for its backoff) goes back to pending, tried at the next run."""
+    request = get_request(session, request_id)
+    if request.status is RequestStatus.PENDING and request.next_attempt_at is None:
+        raise StateError(f"request {request_id} is already pending and will be tried at the next run that finds it due")
+    if request.status not in OPEN_REQUEST_STATUSES:
+        raise StateError(f"request {request_id} is {request.status.value}; only a failed or pending request can be retried")
+    previous = request.status.value
+    request.status = RequestStatus.PENDING
+    request.attempts = 0
+    request.next_attempt_at = None
+    _audit(session, request, "retry", actor, now, f"was {previous}; last error: {request.last_error or '-'}")
+    return request
+
+
+def resolve_request(session: Session, request_id: int, *, actor: str, now: dt.datetime, note: str) -> CancellationRequest:
+    """Staff cancelled the service by hand: close the failed request without touching the service."""
+    request = get_request(session, request_id)
+    if request.status is not RequestStatus.FAILED:
+        raise StateError(f"request {request_id} is {request.status.value}; only a failed request can be resolved by hand")
+    if not note.strip():
+        raise InputError("--note: say what was done by hand (it goes into the audit log)")
+    request.status = RequestStatus.COMPLETED
+    request.processed_at = now
+    request.note = note
+    _audit(session, request, "resolved_by_hand", actor, now, note)
+    return request

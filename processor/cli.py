@@ -1,0 +1,602 @@
+"""The `cancelproc` command. The only place that prints, reads the environment and exits.
+
+Domain errors become one line on stderr and an exit code: 0 all done, 1 some requests
+failed, 2 usage/config/data error, 75 another run holds the lease. A traceback only
+with --debug.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import joinedload
+
+from processor import cancellations, db as dbmod
+from processor.config import Settings, load_settings
+from processor.db import Database, open_database
+from processor.demo import load_demo
+from processor.due import business_today, effective_date, is_due
+from processor.errors import CancelprocError, DatabaseError, InputError, NotFound
+from processor.logs import configure_logging
+from processor.models import (
+    AuditEntry,
+    CancellationRequest,
+    Client,
+    Invoice,
+    OutboxEmail,
+    RequestStatus,
+    RequestType,
+    Run,
+    RunTrigger,
+    Service,
+    ServiceAddon,
+    ServiceStatus,
+)
+from processor.output import dumps, echo_fields, echo_json, echo_table
+from processor.runner import RunOptions, Runner, RunSummary
+
+PROGRESS_THRESHOLD = 300  # a manual run on a terminal shows a bar above this many requests
+EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug, not the operator's input
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@dataclass
+class App:
+    """What the commands share: settings and database, opened on first use."""
+
+    config_path: Path | None
+    debug: bool
+    _settings: Settings | None = None
+    _db: Database | None = None
+    operator: str = field(default_factory=lambda: os.environ.get("SUDO_USER") or getpass.getuser())
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.config_path)
+            configure_logging("debug" if self.debug else self.settings_level(), self._settings.log_format)
+        return self._settings
+
+    def settings_level(self) -> str:
+        assert self._settings is not None
+        return self._settings.log_level
+
+    def database(self, *, create: bool = False, migrated: bool = True) -> Database:
+        if self._db is None:
+            self._db = open_database(self.settings.resolved_database_url(), create=create)
+            if migrated:
+                dbmod.require_current(self._db)
+        return self._db
+
+    def today(self) -> dt.date:
+        return business_today(utc_now(), self.settings.zone)
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.dispose()
+
+
+class DateType(click.ParamType):
+    name = "DATE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> dt.date:
+        if isinstance(value, dt.date):
+            return value
+        try:
+            return dt.date.fromisoformat(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a date; use YYYY-MM-DD", param, ctx)
+
+
+DATE = DateType()
+REQUEST_TYPES = {"immediate": RequestType.IMMEDIATE, "end-of-period": RequestType.END_OF_BILLING_PERIOD,
+                 "on-date": RequestType.ON_DATE}
+
+
+class CancelprocGroup(click.Group):
+    """Runs a command and turns every error into one line and an exit code."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        debug = "--debug" in argv or os.environ.get("CANCELPROC_DEBUG") == "1"
+        try:
+            code = super().main(argv, prog_name or "cancelproc", complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as exc:
+            code = exc.exit_code
+        except click.UsageError as exc:
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            click.echo(f"error: {exc.format_message()}{where}", err=True)
+            code = 2
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            code = 130
+        except CancelprocError as exc:
+            if debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            code = exc.exit_code
+        except Exception as exc:
+            if debug:
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0]
+            click.echo(f"internal error: {exc.__class__.__name__}: {first} (run with --debug for the traceback)", err=True)
+            code = EXIT_INTERNAL
+        code = 0 if code is None else code
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+@click.group(cls=CancelprocGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), envvar="CANCELPROC_CONFIG",
+              help="Config file (default: ./config/processor.toml; env CANCELPROC_CONFIG).")
+@click.option("--debug", is_flag=True, help="Debug logging, and a traceback on errors.")
+@click.version_option(package_name="cancelproc")
+@click.pass_context
+def cli(ctx: click.Context, config_path: Path | None, debug: bool) -> None:
+    """Apply due service cancellation requests: the nightly job and the staff tools.
+
+    \b
+    Exit codes: 0 all done, 1 some requests failed (see the summary),
+    2 usage, config or data error, 75 another run holds the lease.
+    """
+    app = App(config_path=config_path, debug=debug)
+    ctx.obj = app
+    ctx.call_on_close(app.close)
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+# --- database ---------------------------------------------------------------------------
+
+@cli.group("db")
+def db_group() -> None:
+    """Database schema (Alembic migrations)."""
+
+
+@db_group.command("upgrade")
+@pass_app
+def db_upgrade(app: App) -> None:
+    """Create or upgrade the database schema to this version."""
+    database = app.database(create=True, migrated=False)
+    before = dbmod.current_revision(database)
+    dbmod.upgrade(database)
+    after = dbmod.current_revision(database)
+    click.echo(f"database {database.display_url}: schema {before or 'empty'} -> {after}"
+               if before != after else f"database {database.display_url}: schema already at {after}")
+
+
+@cli.command()
+@click.option("--demo", is_flag=True, help="Also load a demo company (clients, services, requests).")
+@pass_app
+def init(app: App, demo: bool) -> None:
+    """Create the database (through the migrations), optionally with demo data."""
+    database = app.database(create=True, migrated=False)
+    dbmod.upgrade(database)
+    click.echo(f"database {database.display_url} ready (schema {dbmod.current_revision(database)})")
+    if demo:
+        with database.session.begin() as session:
+            if session.scalar(select(func.count()).select_from(Client)):
+                raise InputError(f"database {database.display_url} already has clients; demo data goes into an empty database")
+            counts = load_demo(session, today=app.today(), now=utc_now())
+        click.echo("demo data: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+
+
+# --- the run -----------------------------------------------------------------------------
+
+def _summary_dict(summary: RunSummary) -> dict[str, Any]:
+    return {k: getattr(summary, k) for k in ("run_id", "as_of", "status", "due", "completed", "noop", "retrying",
+                                              "failed", "skipped", "emails_queued", "late", "max_days_late",
+                                              "failures")}
+
+
+def _echo_summary(summary: RunSummary) -> None:
+    echo_fields([
+        ("run", summary.run_id), ("as of", summary.as_of), ("status", summary.status),
+        ("due", summary.due), ("cancelled", summary.completed), ("no-op (already closed)", summary.noop),
+        ("failed, will retry", summary.retrying), ("failed for good", summary.failed),
+        ("skipped (done elsewhere)", summary.skipped), ("emails queued", summary.emails_queued),
+        ("applied late", f"{summary.late} (up to {summary.max_days_late} days)" if summary.late else 0),
+    ])
+    for f in summary.failures:
+        what = "MANUAL CANCELLATION REQUIRED" if f["gave_up"] else "will retry"
+        click.echo(f"  request {f['request_id']} (service {f['service_id']}): {f['error']} [{what}]")
+
+
+def _run_with_progress(runner: Runner, options: RunOptions, show_progress: bool) -> RunSummary:
+    if not show_progress:
+        return runner.run(options)
+    total = runner.count_due(options)
+    if total <= PROGRESS_THRESHOLD:
+        return runner.run(options)
+    with click.progressbar(length=total, label="cancelling", file=sys.stderr) as bar:
+        runner.progress = bar.update
+        return runner.run(options)
+
+
+def _echo_preview(runner: Runner, options: RunOptions, as_json: bool) -> int:
+    """--dry-run: what the run would do, changing nothing. Streams, so memory stays flat."""
+    counts = {"cancel": 0, "no-op": 0, "error": 0}
+    if as_json:
+        click.echo(f'{{"as_of": "{options.as_of}", "dry_run": true, "requests": [')
+    rows: list[dict[str, Any]] = []
+    first = True
+    for item in runner.preview(options):
+        counts[item["action"]] += 1
+        if as_json:
+            click.echo(("  " if first else ", ") + dumps(item))
+            first = False
+        else:
+            rows.append(item)
+            if len(rows) >= 1000:
+                echo_table(rows, PREVIEW_COLUMNS)
+                rows.clear()
+    if as_json:
+        click.echo(f'], "summary": {dumps(counts)}}}')
+    else:
+        if rows or not any(counts.values()):
+            echo_table(rows, PREVIEW_COLUMNS, empty="nothing is due")
+        click.echo(f"dry run as of {options.as_of}: {counts['cancel']} to cancel, {counts['no-op']} no-op, "
+                   f"{counts['error']} would fail; nothing was changed")
+    return 1 if counts["error"] else 0
+
+
+PREVIEW_COLUMNS = ["request_id", "service_id", "client", "product", "domain", "type", "due_on", "days_late",
+                   "action", "addons", "unpaid_invoices", "email_to", "detail"]
+
+
+@cli.command()
+@click.option("--as-of", type=DATE, help="Apply requests due on or before this date (default: today in business_timezone).")
+@click.option("--dry-run", is_flag=True, help="Show what would be done; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary (or the preview) as JSON.")
+@click.option("--limit", type=click.IntRange(min=1), help="Process at most N due requests.")
+@click.option("--trigger", type=click.Choice([t.value for t in RunTrigger]),
+              help="Recorded in the run (default: manual on a terminal, cron otherwise).")
+@pass_app
+def run(app: App, as_of: dt.date | None, dry_run: bool, as_json: bool, limit: int | None, trigger: str | None) -> int:
+    """Apply every due cancellation request (the nightly job).
+
+    A request is due when it is pending and it is Immediate, or its service's next
+    due date (End of Billing Period) or its chosen date (On Date) is on or before
+    the as-of date, or the service has no next due date. Missed nights catch up.
+    """
+    settings = app.settings
+    today = app.today()
+    as_of = as_of or today
+    if as_of > today and not dry_run:
+        raise InputError(f"--as-of {as_of} is in the future (today is {today} in {settings.business_timezone}); "
+                         "only --dry-run may look ahead")
+    database = app.database()
+    on_terminal = sys.stdin.isatty() and sys.stderr.isatty()
+    options = RunOptions(
+        as_of=as_of, limit=limit, operator=app.operator,
+        trigger=RunTrigger(trigger) if trigger else (RunTrigger.MANUAL if on_terminal else RunTrigger.CRON),
+    )
+    runner = Runner(database, settings, clock=utc_now)
+    if dry_run:
+        return _echo_preview(runner, options, as_json)
+    summary = _run_with_progress(runner, options, show_progress=on_terminal and not as_json)
+    if as_json:
+        echo_json(_summary_dict(summary))
+    else:
+        _echo_summary(summary)
+    return summary.exit_code
+
+
+# --- requests ----------------------------------------------------------------------------
+
+def _request_row(r: CancellationRequest) -> dict[str, Any]:
+    return {"id": r.id, "service_id": r.service_id, "type": r.type, "cancel_on": r.cancel_on,
+            "reason_code": r.reason_code, "reason": r.reason, "status": r.status, "attempts": r.attempts,
+            "last_error": r.last_error, "next_attempt_at": r.next_attempt_at, "created_at": r.created_at,
+            "created_by": r.created_by, "processed_at": r.processed_at, "run_id": r.run_id,
+            "days_late": r.days_late, "external_id": r.external_id, "note": r.note}
+
+
+def _audit_rows(entries: Sequence[AuditEntry]) -> list[dict[str, Any]]:
+    return [{"at": a.at, "actor": a.actor, "run_id": a.run_id, "entity": a.entity, "entity_id": a.entity_id,
+             "action": a.action, "detail": a.detail} for a in entries]
+
+
+@cli.group("requests")
+def requests_group() -> None:
+    """Create, inspect, withdraw, retry and process cancellation requests."""
+
+
+@requests_group.command("create")
+@click.argument("service_id", type=int)
+@click.option("--type", "type_name", type=click.Choice(list(REQUEST_TYPES)), default="end-of-period", show_default=True)
+@click.option("--reason-code", required=True, help="One of the configured reason_codes.")
+@click.option("--reason", default="", help="Free text from the client.")
+@click.option("--on", "cancel_on", type=DATE, help="The date, for --type on-date.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def requests_create(app: App, service_id: int, type_name: str, reason_code: str, reason: str,
+                    cancel_on: dt.date | None, as_json: bool) -> None:
+    """Record a cancellation request for SERVICE_ID."""
+    database = app.database()
+    try:
+        with database.session.begin() as session:
+            request = cancellations.create_request(
+                session, service_id=service_id, type_=REQUEST_TYPES[type_name], reason_code=reason_code,
+                reason=reason, allowed_reasons=app.settings.reason_codes, cancel_on=cancel_on,
+                actor=app.operator, now=utc_now(), today=app.today(),
+            )
+            row = _request_row(request)
+    except IntegrityError:
+        # Another writer created an open request between our check and our insert.
+        raise InputError(f"service {service_id} already has an open request") from None
+    if as_json:
+        echo_json(row)
+    else:
+        click.echo(f"request {row['id']} created for service {service_id} ({row['type'].value})")
+
+
+@requests_group.command("list")
+@click.option("--status", type=click.Choice([s.value for s in RequestStatus]), help="Only requests in this state.")
+@click.option("--service", "service_id", type=int, help="Only requests for this service.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def requests_list(app: App, status: str | None, service_id: int | None, limit: int, as_json: bool) -> None:
+    """List requests, newest first."""
+    query = select(CancellationRequest).order_by(CancellationRequest.id.desc()).limit(limit)
+    if status:
+        query = query.where(CancellationRequest.status == RequestStatus(status))
+    if service_id is not None:
+        query = query.where(CancellationRequest.service_id == service_id)
+    with app.database().read_session() as session:
+        rows = [_request_row(r) for r in session.scalars(query)]
+    if as_json:
+        echo_json(rows)
+    else:
+        echo_table(rows, ["id", "service_id", "type", "cancel_on", "status", "attempts", "reason_code",
+                          "created_at", "processed_at", "last_error"], empty="no requests")
+
+
+@requests_group.command("show")
+@click.argument("request_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def requests_show(app: App, request_id: int, as_json: bool) -> None:
+    """One request, whether it is due, and its audit trail."""
+    with app.database().read_session() as session:
+        request = cancellations.get_request(session, request_id)
+        service = request.service
+        row = _request_row(request)
+        created_on = business_today(request.created_at, app.settings.zone)
+        row["due_on"] = effective_date(request.type, service.next_due_date, request.cancel_on, created_on)
+        row["due_now"] = request.status is RequestStatus.PENDING and is_due(
+            request.type, service.next_due_date, request.cancel_on, app.today())
+        row["service"] = {"id": service.id, "status": service.status, "domain": service.domain,
+                          "next_due_date": service.next_due_date, "termination_date": service.termination_date}
+        row["audit"] = _audit_rows(session.scalars(
+            select(AuditEntry).where(AuditEntry.request_id == request_id).order_by(AuditEntry.id)).all())
+    if as_json:
+        echo_json(row)
+        return
+    echo_fields([(k, row[k]) for k in ("id", "external_id", "service_id", "type", "cancel_on", "due_on", "due_now",
+                                       "status", "reason_code", "reason", "attempts", "last_error", "next_attempt_at",
+                                       "created_at", "created_by", "processed_at", "run_id", "days_late", "note")])
+    click.echo(f"service     {service.id} {service.domain} ({service.status.value}, next due {service.next_due_date or '-'})")
+    click.echo("audit trail:")
+    echo_table(row["audit"], ["at", "actor", "run_id", "entity", "entity_id", "action", "detail"], empty="  (none)")
+
+
+@requests_group.command("withdraw")
+@click.argument("request_id", type=int)
+@click.option("--note", default="", help="Why (goes into the audit log).")
+@pass_app
+def requests_withdraw(app: App, request_id: int, note: str) -> None:
+    """Withdraw a pending (or failed) request: the service stays as it is."""
+    with app.database().session.begin() as session:
+        cancellations.withdraw_request(session, request_id, actor=app.operator, now=utc_now(), note=note)
+    click.echo(f"request {request_id} withdrawn")
+
+
+@requests_group.command("retry")
+@click.argument("request_id", type=int)
+@pass_app
+def requests_retry(app: App, request_id: int) -> None:
+    """Put a failed request (or one waiting for its next attempt) back in line for the next run."""
+    with app.database().session.begin() as session:
+        cancellations.retry_request(session, request_id, actor=app.operator, now=utc_now())
+    click.echo(f"request {request_id} is pending again (attempts reset); the next run applies it when due")
+
+
+@requests_group.command("resolve")
+@click.argument("request_id", type=int)
+@click.option("--note", required=True, help="What was done by hand (goes into the audit log).")
+@pass_app
+def requests_resolve(app: App, request_id: int, note: str) -> None:
+    """Close a failed request that staff cancelled by hand (the service is not touched)."""
+    with app.database().session.begin() as session:
+        cancellations.resolve_request(session, request_id, actor=app.operator, now=utc_now(), note=note)
+    click.echo(f"request {request_id} resolved by hand")
+
+
+@requests_group.command("process")
+@click.argument("request_ids", type=int, nargs=-1, required=True)
+@click.option("--now", "ignore_due_date", is_flag=True, help="Apply even if the request is not due yet.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def requests_process(app: App, request_ids: tuple[int, ...], ignore_due_date: bool, as_json: bool) -> int:
+    """Apply these requests at once, as a run limited to them."""
+    database = app.database()
+    today = app.today()
+    with database.read_session() as session:
+        for rid in request_ids:
+            request = cancellations.get_request(session, rid)
+            if request.status is not RequestStatus.PENDING:
+                raise InputError(f"request {rid} is {request.status.value}; only a pending request can be processed")
+            service = request.service
+            if not ignore_due_date and not is_due(request.type, service.next_due_date, request.cancel_on, today):
+                due_on = effective_date(request.type, service.next_due_date, request.cancel_on, today)
+                raise InputError(f"request {rid} is not due until {due_on}; add --now to apply it before its due date")
+    options = RunOptions(as_of=today, trigger=RunTrigger.MANUAL, operator=app.operator,
+                         request_ids=list(request_ids), ignore_due_date=ignore_due_date)
+    summary = Runner(database, app.settings, clock=utc_now).run(options)
+    if as_json:
+        echo_json(_summary_dict(summary))
+    else:
+        _echo_summary(summary)
+    return summary.exit_code
+
+
+# --- runs --------------------------------------------------------------------------------
+
+def _run_row(r: Run) -> dict[str, Any]:
+    return {k: getattr(r, k) for k in ("id", "trigger", "operator", "as_of", "host", "pid", "status", "started_at",
+                                       "finished_at", "due", "completed", "noop", "retrying", "failed",
+                                       "emails_queued", "late", "max_days_late", "error")}
+
+
+@cli.group("runs")
+def runs_group() -> None:
+    """Inspect past runs."""
+
+
+@runs_group.command("list")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def runs_list(app: App, limit: int, as_json: bool) -> None:
+    """Recent runs, newest first."""
+    with app.database().read_session() as session:
+        rows = [_run_row(r) for r in session.scalars(select(Run).order_by(Run.id.desc()).limit(limit))]
+    if as_json:
+        echo_json(rows)
+    else:
+        echo_table(rows, ["id", "started_at", "trigger", "operator", "as_of", "status", "due", "completed", "noop",
+                          "retrying", "failed", "late", "max_days_late"], empty="no runs yet")
+
+
+@runs_group.command("show")
+@click.argument("run_ref", metavar="RUN_ID|last")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def runs_show(app: App, run_ref: str, as_json: bool) -> None:
+    """One run: counts, lateness and each failure."""
+    with app.database().read_session() as session:
+        if run_ref == "last":
+            run_obj = session.scalars(select(Run).order_by(Run.id.desc()).limit(1)).one_or_none()
+            if run_obj is None:
+                raise NotFound("no runs yet")
+        else:
+            if not run_ref.isdigit():
+                raise InputError(f"RUN_ID: {run_ref!r} is not a run id (a number, or 'last')")
+            run_obj = session.get(Run, int(run_ref))
+            if run_obj is None:
+                raise NotFound(f"run {run_ref} not found")
+        row = _run_row(run_obj)
+        row["failures"] = _audit_rows(session.scalars(
+            select(AuditEntry).where(AuditEntry.run_id == run_obj.id,
+                                     AuditEntry.action.in_(["failed", "attempt_failed"])).order_by(AuditEntry.id)).all())
+        row["late_requests"] = [
+            {"request_id": r.id, "service_id": r.service_id, "days_late": r.days_late}
+            for r in session.scalars(select(CancellationRequest).where(
+                CancellationRequest.run_id == run_obj.id, CancellationRequest.days_late > 0)
+                .order_by(CancellationRequest.days_late.desc()).limit(20))
+        ]
+    if as_json:
+        echo_json(row)
+        return
+    echo_fields([(k, row[k]) for k in _run_row(run_obj)])
+    if row["late_requests"]:
+        click.echo("latest applied (catch-up):")
+        echo_table(row["late_requests"], ["request_id", "service_id", "days_late"])
+    click.echo("failures:")
+    echo_table(row["failures"], ["at", "entity_id", "action", "detail"], empty="  (none)")
+
+
+# --- services ----------------------------------------------------------------------------
+
+def _service_row(s: Service) -> dict[str, Any]:
+    return {"id": s.id, "external_id": s.external_id, "client_id": s.client_id, "client": s.client.name,
+            "product": s.product.name, "domain": s.domain, "status": s.status, "billing_cycle": s.billing_cycle,
+            "amount": s.amount, "next_due_date": s.next_due_date, "termination_date": s.termination_date}
+
+
+@cli.group("services")
+def services_group() -> None:
+    """Inspect services."""
+
+
+@services_group.command("list")
+@click.option("--status", type=click.Choice([s.value for s in ServiceStatus], case_sensitive=False))
+@click.option("--client", "client_id", type=int, help="Only this client's services.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def services_list(app: App, status: str | None, client_id: int | None, limit: int, as_json: bool) -> None:
+    """List services."""
+    query = (select(Service).options(joinedload(Service.client), joinedload(Service.product))
+             .order_by(Service.id).limit(limit))
+    if status:
+        query = query.where(Service.status == ServiceStatus(status.capitalize()))
+    if client_id is not None:
+        query = query.where(Service.client_id == client_id)
+    with app.database().read_session() as session:
+        rows = [_service_row(s) for s in session.scalars(query)]
+    if as_json:
+        echo_json(rows)
+    else:
+        echo_table(rows, ["id", "client", "product", "domain", "status", "billing_cycle", "next_due_date",
+                          "termination_date"], empty="no services")
+
+
+@services_group.command("show")
+@click.argument("service_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def services_show(app: App, service_id: int, as_json: bool) -> None:
+    """One service with its add-ons, invoices, requests and emails."""
+    with app.database().read_session() as session:
+        service = cancellations.get_service(session, service_id)
+        row = _service_row(service)
+        row["client_email"] = service.client.email
+        row["addons"] = [{"id": a.id, "name": a.name, "status": a.status, "amount": a.amount}
+                         for a in session.scalars(select(ServiceAddon).where(ServiceAddon.service_id == service_id))]
+        row["invoices"] = [{"id": i.id, "amount": i.amount, "status": i.status, "due_date": i.due_date}
+                           for i in session.scalars(select(Invoice).where(Invoice.service_id == service_id))]
+        requests = session.scalars(select(CancellationRequest).where(CancellationRequest.service_id == service_id)
+                                   .order_by(CancellationRequest.id)).all()
+        row["requests"] = [_request_row(r) for r in requests]
+        row["emails"] = [{"id": e.id, "template": e.template, "to": e.to_address, "subject": e.subject,
+                          "status": e.status} for e in session.scalars(
+                              select(OutboxEmail).where(OutboxEmail.request_id.in_([r.id for r in requests])))]
+    if as_json:
+        echo_json(row)
+        return
+    echo_fields([(k, row[k]) for k in ("id", "external_id", "client", "client_email", "product", "domain", "status",
+                                       "billing_cycle", "amount", "next_due_date", "termination_date")])
+    for title, key, cols in (("add-ons", "addons", ["id", "name", "status", "amount"]),
+                             ("invoices", "invoices", ["id", "amount", "status", "due_date"]),
+                             ("requests", "requests", ["id", "type", "status", "created_at", "processed_at"]),
+                             ("emails", "emails", ["id", "template", "to", "status"])):
+        click.echo(f"{title}:")
+        echo_table(row[key], cols, empty="  (none)")
+
+
+def main() -> NoReturn:
+    cli.main()
+    raise SystemExit(0)  # pragma: no cover - CancelprocGroup.main exits
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,102 @@
+"""The run lease: one run at a time, and a dead run never blocks the next one for long.
+
+WHMCS keeps an in_progress flag that sticks for 24 hours after a crash. Here the holder
+renews an expiry time as it works; a lease past its expiry, or held by a process that no
+longer exists on this host, is taken over and its run recorded as abandoned.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+from dataclasses import dataclass
+
+import psutil
+from sqlalchemy import Connection, delete, select, update
+from sqlalchemy.orm import Session
+
+from processor.errors import LeaseHeld
+from processor.models import Lease, Run, RunStatus, RunTrigger
+
+LEASE_NAME = "nightly-run"
+
+
+class LeaseLost(Exception):
+    """Our lease expired and another run took it over: stop writing at once."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    host: str
+    pid: int
+
+    @classmethod
+    def this_process(cls) -> Holder:
+        return cls(socket.gethostname(), os.getpid())
+
+
+def _holder_is_dead(lease: Lease, me: Holder) -> bool:
+    # Only a process on our own host can be checked; elsewhere the expiry decides.
+    return lease.host == me.host and not psutil.pid_exists(lease.pid)
+
+
+def acquire(
+    session: Session,
+    *,
+    now: dt.datetime,
+    seconds: int,
+    trigger: RunTrigger,
+    operator: str,
+    as_of: dt.date,
+    me: Holder,
+) -> Run:
+    """Create a running Run holding the lease, or raise LeaseHeld naming the active run."""
+    lease = session.scalars(select(Lease).where(Lease.name == LEASE_NAME).with_for_update()).one_or_none()
+    if lease is not None:
+        if lease.expires_at > now and not _holder_is_dead(lease, me):
+            started = lease.acquired_at.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+            raise LeaseHeld(
+                f"run {lease.run_id} in progress on host {lease.host} (pid {lease.pid}) since {started}; "
+                f"its lease expires at {lease.expires_at.astimezone().strftime('%H:%M:%S %Z')}"
+            )
+        session.execute(
+            update(Run)
+            .where(Run.id == lease.run_id, Run.status == RunStatus.RUNNING)
+            .values(status=RunStatus.ABANDONED, finished_at=now, error="process died; lease taken over")
+        )
+        session.delete(lease)
+        session.flush()
+    run = Run(
+        trigger=trigger,
+        operator=operator,
+        as_of=as_of,
+        host=me.host,
+        pid=me.pid,
+        status=RunStatus.RUNNING,
+        started_at=now,
+        due=0, completed=0, noop=0, retrying=0, failed=0, emails_queued=0, late=0, max_days_late=0,
+    )
+    session.add(run)
+    session.flush()
+    session.add(
+        Lease(name=LEASE_NAME, run_id=run.id, host=me.host, pid=me.pid, acquired_at=now,
+              expires_at=now + dt.timedelta(seconds=seconds))
+    )
+    session.flush()
+    return run
+
+
+def renew(conn: Connection | Session, run_id: int, *, now: dt.datetime, seconds: int) -> None:
+    """Push our expiry forward; raise LeaseLost if the lease is no longer ours."""
+    result = conn.execute(
+        update(Lease)
+        .where(Lease.name == LEASE_NAME, Lease.run_id == run_id)
+        .values(expires_at=now + dt.timedelta(seconds=seconds))
+    )
+    if result.rowcount != 1:
+        raise LeaseLost(f"run {run_id} lost its lease (expired and taken over by another run)")
+
+
+def release(session: Session, run_id: int) -> None:
+    session.execute(delete(Lease).where(Lease.name == LEASE_NAME, Lease.run_id == run_id))

@@ -1,0 +1,62 @@
+"""Printing for the CLI: aligned tables for people, JSON for scripts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from decimal import Decimal
+from typing import Any
+
+import click
+
+
+def to_jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (dt.date, dt.datetime)):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, default=to_jsonable, sort_keys=True, ensure_ascii=False)
+
+
+def echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, default=to_jsonable, sort_keys=True, indent=2, ensure_ascii=False))
+
+
+def cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, dt.datetime):
+        return value.astimezone().strftime("%Y-%m-%d %H:%M")
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def echo_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], empty: str = "nothing to show") -> None:
+    """Columns aligned to their widest cell; headers from the column names."""
+    if not rows:
+        click.echo(empty)
+        return
+    cells = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for r in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+def echo_fields(pairs: Iterable[tuple[str, Any]]) -> None:
+    """A record as 'name: value' lines, names aligned."""
+    pairs = list(pairs)
+    width = max(len(k) for k, _ in pairs)
+    for k, v in pairs:
+        click.echo(f"{k.ljust(width)}  {cell(v)}")

@@ -1,0 +1,508 @@
+"""The run: apply due cancellation requests. Decide per request, write per chunk.
+
+A chunk of due requests is read (keyset pagination on the request id, never the whole
+table), each request is decided in Python (what to do, the rendered confirmation email),
+then the chunk's results are written in one transaction with a few set-based statements.
+If that transaction fails on a row's data, the chunk is written again row by row, each in
+its own savepoint, so one bad row fails alone.
+
+Exactly once: inside the write transaction every request is claimed again
+(`status = 'pending'`, under the write lock), so a request completed by an overlapping
+run or by `requests process` is skipped, never applied twice. A crash loses at most the
+chunk in flight, whose transaction never committed; the next run picks it up.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import structlog
+from sqlalchemy import Connection, Row, bindparam, case, func, insert, or_, select, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, StatementError
+
+from processor import lease
+from processor.config import Settings
+from processor.db import Database
+from processor.due import business_today, days_late, due_clause, effective_date
+from processor.emails import SERVICE_CANCELLATION_CONFIRMATION, EmailTemplates, format_date, sample_fields
+from processor.errors import DatabaseError, InputError
+from processor.models import (
+    CLOSED_SERVICE_STATUSES,
+    AuditEntry,
+    CancellationRequest,
+    Client,
+    EmailStatus,
+    Invoice,
+    InvoiceStatus,
+    OutboxEmail,
+    Product,
+    RequestStatus,
+    RequestType,
+    Run,
+    RunStatus,
+    RunTrigger,
+    Service,
+    ServiceAddon,
+    ServiceStatus,
+)
+from processor.retry import RetryPolicy
+
+Clock = Callable[[], dt.datetime]
+Progress = Callable[[int], None]
+
+R, S, C, P = CancellationRequest, Service, Client, Product
+
+
+class Action(StrEnum):
+    CANCEL = "cancel"  # cancel the service, its add-ons and unpaid invoices; queue the email
+    NOOP = "no-op"  # the service is already Cancelled or Terminated: complete the request only
+    ERROR = "error"  # this attempt failed; retried later, or failed after max_attempts
+    SKIPPED = "skipped"  # no longer pending when we came to write it (done by someone else)
+
+
+@dataclass
+class Outcome:
+    """What one request comes to, decided before anything is written."""
+
+    request_id: int
+    service_id: int
+    action: Action
+    days_late: int = 0
+    attempts: int = 0  # attempts before this one
+    email: dict[str, Any] | None = None  # an outbox row, rendered
+    error: str | None = None
+    gave_up: bool = False  # an ERROR that used the last attempt: the request is now failed
+    service_status: str = ""
+
+
+@dataclass
+class RunOptions:
+    as_of: dt.date
+    trigger: RunTrigger = RunTrigger.MANUAL
+    operator: str = ""
+    limit: int | None = None
+    request_ids: Sequence[int] | None = None  # `requests process`: only these
+    ignore_due_date: bool = False  # `requests process --now`: apply before the due date
+
+
+@dataclass
+class Tally:
+    """Counts of a run, or of one chunk of it (the run record is updated chunk by chunk)."""
+
+    due: int = 0
+    completed: int = 0
+    noop: int = 0
+    retrying: int = 0
+    failed: int = 0
+    skipped: int = 0
+    emails_queued: int = 0
+    late: int = 0
+    max_days_late: int = 0
+
+    @classmethod
+    def of(cls, outcomes: Sequence[Outcome]) -> Tally:
+        t = cls(due=len(outcomes))
+        for o in outcomes:
+            t.completed += o.action is Action.CANCEL
+            t.noop += o.action is Action.NOOP
+            t.skipped += o.action is Action.SKIPPED
+            t.retrying += o.action is Action.ERROR and not o.gave_up
+            t.failed += o.action is Action.ERROR and o.gave_up
+            t.emails_queued += o.action is Action.CANCEL and o.email is not None
+            if o.action in (Action.CANCEL, Action.NOOP) and o.days_late > 0:
+                t.late += 1
+                t.max_days_late = max(t.max_days_late, o.days_late)
+        return t
+
+    def add(self, other: Tally) -> None:
+        for name in ("due", "completed", "noop", "retrying", "failed", "skipped", "emails_queued", "late"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.max_days_late = max(self.max_days_late, other.max_days_late)
+
+
+@dataclass
+class RunSummary(Tally):
+    run_id: int | None = None
+    as_of: dt.date | None = None
+    status: str = ""
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """0 all done; 1 some requests failed (they stay pending, or failed for good)."""
+        return 1 if self.retrying or self.failed else 0
+
+    def record(self, outcomes: Sequence[Outcome]) -> Tally:
+        tally = Tally.of(outcomes)
+        self.add(tally)
+        self.failures.extend(
+            {"request_id": o.request_id, "service_id": o.service_id, "error": o.error, "gave_up": o.gave_up}
+            for o in outcomes if o.action is Action.ERROR
+        )
+        return tally
+
+
+def _due_columns() -> tuple[Any, ...]:
+    return (
+        R.id, R.type, R.cancel_on, R.reason_code, R.reason, R.created_at, R.attempts,
+        S.id.label("service_id"), S.status.label("service_status"), S.domain, S.next_due_date,
+        S.billing_cycle, C.first_name, C.last_name, C.email, P.name.label("product_name"),
+    )
+
+
+class Runner:
+    """One run over the due requests. Everything it needs is passed in (no globals)."""
+
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        *,
+        clock: Clock,
+        templates: EmailTemplates | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        self.clock = clock
+        self.templates = templates or EmailTemplates(
+            settings.path(settings.email.templates_dir) if settings.email.templates_dir else None
+        )
+        self.progress = progress
+        self.retry = RetryPolicy(settings.max_attempts, settings.retry_backoff_minutes, settings.retry_backoff_max_minutes)
+        self.log = structlog.get_logger("cancelproc.run")
+
+    # --- reading -------------------------------------------------------------------------
+
+    def today(self) -> dt.date:
+        return business_today(self.clock(), self.settings.zone)
+
+    def _due_query(self, options: RunOptions, now: dt.datetime, after_id: int, limit: int) -> Any:
+        stmt = (
+            select(*_due_columns())
+            .select_from(R)
+            .join(S, S.id == R.service_id)
+            .join(C, C.id == S.client_id)
+            .join(P, P.id == S.product_id)
+            .where(R.status == RequestStatus.PENDING, R.id > after_id)
+            .order_by(R.id)
+            .limit(limit)
+        )
+        if options.request_ids is not None:
+            stmt = stmt.where(R.id.in_(options.request_ids))
+        else:
+            # Backoff: a request that failed recently waits for its next attempt time.
+            stmt = stmt.where(or_(R.next_attempt_at.is_(None), R.next_attempt_at <= now))
+        if not options.ignore_due_date:
+            stmt = stmt.where(due_clause(options.as_of))
+        return stmt
+
+    def _chunks(self, options: RunOptions, now: dt.datetime) -> Iterator[list[Row[Any]]]:
+        """Due requests, a chunk at a time, in id order; each read is its own short transaction."""
+        after_id, remaining = 0, options.limit
+        while remaining is None or remaining > 0:
+            size = self.settings.chunk_size if remaining is None else min(self.settings.chunk_size, remaining)
+            with self.db.read_engine.connect() as conn:
+                rows = conn.execute(self._due_query(options, now, after_id, size)).all()
+            if not rows:
+                return
+            yield rows
+            after_id = rows[-1].id
+            if remaining is not None:
+                remaining -= len(rows)
+
+    def count_due(self, options: RunOptions) -> int:
+        query = self._due_query(options, self.clock(), 0, 10**12).with_only_columns(R.id).order_by(None).limit(None)
+        with self.db.read_engine.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(query.subquery())).scalar_one()
+        return total if options.limit is None else min(total, options.limit)
+
+    # --- deciding --------------------------------------------------------------------------
+
+    def merge_fields(self, row: Row[Any], as_of: dt.date) -> dict[str, Any]:
+        """The WHMCS merge fields of the confirmation email."""
+        email = self.settings.email
+        return dict(
+            client_name=f"{row.first_name} {row.last_name}".strip(),
+            client_first_name=row.first_name,
+            client_email=row.email,
+            service_product_name=row.product_name,
+            service_domain=row.domain,
+            service_next_due_date=format_date(row.next_due_date),
+            service_status=ServiceStatus.CANCELLED.value,
+            service_billing_cycle=row.billing_cycle,
+            service_cancellation_type=str(row.type),
+            service_cancellation_reason=row.reason,
+            service_is_immediate_cancellation=row.type == RequestType.IMMEDIATE,
+            company_name=email.company_name,
+            signature=email.signature,
+            date=format_date(as_of),
+            request_id=row.id,
+        )
+
+    def decide(self, row: Row[Any], as_of: dt.date, run_id: int | None, now: dt.datetime) -> Outcome:
+        """What to do with one due request. Never raises: a problem is an ERROR outcome."""
+        try:
+            created_on = business_today(row.created_at, self.settings.zone)
+            late = days_late(effective_date(row.type, row.next_due_date, row.cancel_on, created_on), as_of)
+            base = dict(request_id=row.id, service_id=row.service_id, days_late=late, attempts=row.attempts,
+                        service_status=str(row.service_status))
+            if row.service_status in CLOSED_SERVICE_STATUSES:
+                return Outcome(action=Action.NOOP, **base)
+            if not row.email or "@" not in row.email:
+                raise InputError(f"client of service {row.service_id} has no valid email address ({row.email!r})")
+            rendered = self.templates.render(SERVICE_CANCELLATION_CONFIRMATION, self.merge_fields(row, as_of))
+            email = dict(
+                key=f"{SERVICE_CANCELLATION_CONFIRMATION}:request:{row.id}",
+                template=SERVICE_CANCELLATION_CONFIRMATION,
+                request_id=row.id,
+                run_id=run_id,
+                to_address=row.email,
+                from_address=self.settings.email.from_address,
+                subject=rendered.subject,
+                text_body=rendered.text,
+                html_body=rendered.html,
+                status=EmailStatus.QUEUED,
+                attempts=0,
+                created_at=now,
+            )
+            return Outcome(action=Action.CANCEL, email=email, **base)
+        except Exception as exc:  # one bad request never stops the others
+            return Outcome(row.id, row.service_id, Action.ERROR, attempts=row.attempts, error=_one_line(exc))
+
+    def preview(self, options: RunOptions) -> Iterator[dict[str, Any]]:
+        """--dry-run: what the run would do to each due request. Reads only; no lease."""
+        self.check_ready()
+        now = self.clock()
+        for rows in self._chunks(options, now):
+            service_ids = [row.service_id for row in rows]
+            with self.db.read_engine.connect() as conn:
+                addons = conn.execute(select(ServiceAddon.service_id, ServiceAddon.name).where(
+                    ServiceAddon.service_id.in_(service_ids), ServiceAddon.status.not_in(CLOSED_SERVICE_STATUSES))).all()
+                invoices = conn.execute(select(Invoice.service_id, Invoice.id, Invoice.amount).where(
+                    Invoice.service_id.in_(service_ids), Invoice.status == InvoiceStatus.UNPAID)).all() \
+                    if self.settings.cancel_unpaid_invoices else []
+            addons_of: dict[int, list[str]] = {}
+            for a in addons:
+                addons_of.setdefault(a.service_id, []).append(a.name)
+            invoices_of: dict[int, list[str]] = {}
+            for i in invoices:
+                invoices_of.setdefault(i.service_id, []).append(f"#{i.id} {i.amount}")
+            for row in rows:
+                o = self.decide(row, options.as_of, None, now)
+                created_on = business_today(row.created_at, self.settings.zone)
+                cancel = o.action is Action.CANCEL
+                yield {
+                    "request_id": row.id, "service_id": row.service_id,
+                    "client": f"{row.first_name} {row.last_name}".strip(), "product": row.product_name,
+                    "domain": row.domain, "type": str(row.type),
+                    "due_on": effective_date(row.type, row.next_due_date, row.cancel_on, created_on),
+                    "days_late": o.days_late, "action": str(o.action),
+                    "addons": ", ".join(addons_of.get(row.service_id, [])) if cancel else "",
+                    "unpaid_invoices": ", ".join(invoices_of.get(row.service_id, [])) if cancel else "",
+                    "email_to": o.email["to_address"] if o.email else "",
+                    "detail": o.error or (o.email["subject"] if o.email else f"service already {row.service_status}"),
+                }
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def _write(self, conn: Connection, outcomes: list[Outcome], run_id: int, as_of: dt.date, now: dt.datetime) -> None:
+        """Write one chunk's outcomes with set-based statements. The caller owns the transaction."""
+        ids = [o.request_id for o in outcomes if o.action is not Action.SKIPPED]
+        if not ids:
+            return
+        # Claim again under the write lock: only requests still pending are ours to write.
+        still_pending = set(
+            conn.scalars(select(R.id).where(R.id.in_(ids), R.status == RequestStatus.PENDING).with_for_update())
+        )
+        for o in outcomes:
+            if o.request_id not in still_pending and o.action is not Action.SKIPPED:
+                o.action = Action.SKIPPED
+        done = [o for o in outcomes if o.action in (Action.CANCEL, Action.NOOP)]
+        cancels = [o for o in done if o.action is Action.CANCEL]
+        errors = [o for o in outcomes if o.action is Action.ERROR]
+        audit: list[dict[str, Any]] = []
+        actor = "cancelproc"
+
+        def note(o: Outcome, entity: str, entity_id: int, action: str, detail: str = "") -> None:
+            audit.append(dict(at=now, actor=actor, run_id=run_id, request_id=o.request_id, entity=entity,
+                              entity_id=entity_id, action=action, detail=detail))
+
+        if cancels:
+            service_ids = [o.service_id for o in cancels]
+            by_service = {o.service_id: o for o in cancels}
+            conn.execute(
+                update(S).where(S.id.in_(service_ids), S.status.not_in(CLOSED_SERVICE_STATUSES))
+                .values(status=ServiceStatus.CANCELLED, termination_date=as_of)
+            )
+            addons = conn.execute(
+                select(ServiceAddon.id, ServiceAddon.service_id)
+                .where(ServiceAddon.service_id.in_(service_ids), ServiceAddon.status.not_in(CLOSED_SERVICE_STATUSES))
+            ).all()
+            if addons:
+                conn.execute(update(ServiceAddon).where(ServiceAddon.id.in_([a.id for a in addons]))
+                             .values(status=ServiceStatus.CANCELLED))
+            invoices = []
+            if self.settings.cancel_unpaid_invoices:
+                invoices = conn.execute(
+                    select(Invoice.id, Invoice.service_id, Invoice.amount)
+                    .where(Invoice.service_id.in_(service_ids), Invoice.status == InvoiceStatus.UNPAID)
+                ).all()
+                if invoices:
+                    conn.execute(update(Invoice).where(Invoice.id.in_([i.id for i in invoices]))
+                                 .values(status=InvoiceStatus.CANCELLED))
+            for o in cancels:
+                note(o, "service", o.service_id, "cancelled", f"was {o.service_status}; termination date {as_of}")
+            for a in addons:
+                note(by_service[a.service_id], "addon", a.id, "cancelled")
+            for i in invoices:
+                note(by_service[i.service_id], "invoice", i.id, "cancelled", f"unpaid amount {i.amount}")
+            conn.execute(insert(OutboxEmail), [o.email for o in cancels if o.email])
+
+        if done:
+            conn.execute(
+                update(R).where(R.id == bindparam("rid")).values(
+                    status=RequestStatus.COMPLETED, processed_at=now, run_id=run_id,
+                    days_late=bindparam("late"), attempts=R.attempts + 1, last_error=None, next_attempt_at=None,
+                ).execution_options(synchronize_session=False),
+                [{"rid": o.request_id, "late": o.days_late} for o in done],
+            )
+            for o in done:
+                detail = f"applied {o.days_late} day(s) late" if o.days_late else ""
+                if o.action is Action.NOOP:
+                    detail = f"no-op: service already {o.service_status}; request completed without changes"
+                note(o, "request", o.request_id, "completed", detail)
+
+        for o in errors:
+            decision = self.retry.after_failure(o.attempts + 1, now)
+            o.gave_up = decision.give_up
+            conn.execute(
+                update(R).where(R.id == o.request_id).values(
+                    attempts=R.attempts + 1, last_error=o.error, run_id=run_id,
+                    next_attempt_at=decision.next_attempt_at,
+                    status=RequestStatus.FAILED if decision.give_up else RequestStatus.PENDING,
+                )
+            )
+            note(o, "request", o.request_id, "failed" if decision.give_up else "attempt_failed",
+                 o.error if decision.give_up else f"{o.error}; next attempt after {decision.next_attempt_at:%Y-%m-%d %H:%M} UTC")
+
+        if audit:
+            conn.execute(insert(AuditEntry), audit)
+
+    def _write_chunk(self, outcomes: list[Outcome], run_id: int, as_of: dt.date, now: dt.datetime,
+                     summary: RunSummary) -> None:
+        """Write a chunk in one transaction; if a row's data breaks it, row by row in savepoints."""
+        try:
+            with self.db.engine.begin() as conn:
+                self._write(conn, outcomes, run_id, as_of, now)
+                self._close_chunk(conn, run_id, outcomes, summary, now)
+            return
+        except (DBAPIError, StatementError) as exc:
+            if not _is_row_error(exc):
+                raise
+            self.log.warning("chunk write failed; isolating rows", error=_one_line(exc), requests=len(outcomes))
+        with self.db.engine.begin() as conn:
+            for o in outcomes:
+                try:
+                    with conn.begin_nested():
+                        self._write(conn, [o], run_id, as_of, now)
+                except (DBAPIError, StatementError) as exc:
+                    if not _is_row_error(exc):
+                        raise
+                    o.action, o.email, o.error = Action.ERROR, None, _one_line(exc)
+                    with conn.begin_nested():
+                        self._write(conn, [o], run_id, as_of, now)
+            self._close_chunk(conn, run_id, outcomes, summary, now)
+
+    def _close_chunk(self, conn: Connection, run_id: int, outcomes: list[Outcome], summary: RunSummary,
+                     now: dt.datetime) -> None:
+        """Count the chunk into the run record and renew the lease, in the chunk's transaction."""
+        t = summary.record(outcomes)
+        conn.execute(
+            update(Run).where(Run.id == run_id).values(
+                due=Run.due + t.due, completed=Run.completed + t.completed, noop=Run.noop + t.noop,
+                retrying=Run.retrying + t.retrying, failed=Run.failed + t.failed,
+                emails_queued=Run.emails_queued + t.emails_queued, late=Run.late + t.late,
+                max_days_late=case((Run.max_days_late > t.max_days_late, Run.max_days_late), else_=t.max_days_late),
+            )
+        )
+        lease.renew(conn, run_id, now=now, seconds=self.settings.lease_seconds)
+
+    # --- the run ---------------------------------------------------------------------------
+
+    def check_ready(self) -> None:
+        """Fail before anything is touched: templates must parse and render."""
+        self.templates.check(
+            SERVICE_CANCELLATION_CONFIRMATION,
+            sample_fields(self.settings.email.company_name, self.settings.email.signature),
+        )
+
+    def run(self, options: RunOptions) -> RunSummary:
+        """Take the lease, apply every due request, record the run. Raises LeaseHeld."""
+        self.check_ready()
+        now = self.clock()
+        with self.db.session.begin() as session:
+            run = lease.acquire(session, now=now, seconds=self.settings.lease_seconds, trigger=options.trigger,
+                                operator=options.operator, as_of=options.as_of, me=lease.Holder.this_process())
+            run_id = run.id
+        structlog.contextvars.bind_contextvars(run_id=run_id)
+        summary = RunSummary(run_id=run_id, as_of=options.as_of, status=RunStatus.RUNNING)
+        self.log.info("run started", as_of=str(options.as_of), trigger=str(options.trigger), operator=options.operator)
+        try:
+            for rows in self._chunks(options, now):
+                now = self.clock()
+                outcomes = [self.decide(row, options.as_of, run_id, now) for row in rows]
+                self._write_chunk(outcomes, run_id, options.as_of, now, summary)
+                self._log_chunk(outcomes)
+                if self.progress:
+                    self.progress(len(rows))
+        except BaseException as exc:
+            self._finish(run_id, RunStatus.ERROR, error=_one_line(exc))
+            if isinstance(exc, OperationalError):
+                raise DatabaseError(f"run {run_id} stopped: database error: {exc.orig}") from exc
+            raise
+        summary.status = RunStatus.COMPLETED_WITH_FAILURES if summary.exit_code else RunStatus.COMPLETED
+        self._finish(run_id, summary.status)
+        self.log.info("run finished", status=str(summary.status), due=summary.due, completed=summary.completed,
+                      noop=summary.noop, retrying=summary.retrying, failed=summary.failed,
+                      emails_queued=summary.emails_queued, late=summary.late, max_days_late=summary.max_days_late)
+        return summary
+
+    def _log_chunk(self, outcomes: list[Outcome]) -> None:
+        for o in outcomes:
+            log = self.log.bind(request_id=o.request_id, service_id=o.service_id)
+            if o.action is Action.ERROR:
+                log.warning("request failed: manual cancellation required" if o.gave_up
+                            else "request attempt failed; will retry", error=o.error, attempts=o.attempts + 1)
+            elif o.action is Action.SKIPPED:
+                log.info("request skipped: no longer pending")
+            else:
+                log.debug("request completed", action=str(o.action), days_late=o.days_late)
+        self.log.info("chunk written", requests=len(outcomes))
+
+    def _finish(self, run_id: int, status: RunStatus, error: str | None = None) -> None:
+        try:
+            with self.db.session.begin() as session:
+                session.execute(update(Run).where(Run.id == run_id, Run.status == RunStatus.RUNNING)
+                                .values(status=status, finished_at=self.clock(), error=error))
+                lease.release(session, run_id)
+        except OperationalError:
+            # The database is gone; the lease will expire by itself.
+            self.log.error("could not close the run record", exc_info=True)
+        finally:
+            structlog.contextvars.unbind_contextvars("run_id")
+
+
+def _is_row_error(exc: BaseException) -> bool:
+    """A failure caused by one row's data (isolate it), not by the database being unusable."""
+    return not isinstance(exc, (OperationalError, InterfaceError))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    message = text[0] if text else exc.__class__.__name__
+    return message if isinstance(exc, InputError) else f"{exc.__class__.__name__}: {message}"
