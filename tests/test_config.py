@@ -1,0 +1,72 @@
+"""Configuration: the shipped file, environment overrides, and one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from processor.config import Settings, load_settings
+from processor.errors import ConfigError
+from tests.conftest import REPO
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "config").mkdir(exist_ok=True)
+    path = tmp_path / "config" / "processor.toml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_config_names_every_setting_with_its_default():
+    shipped = load_settings(REPO / "config" / "processor.toml")
+    defaults = Settings(app_root=shipped.app_root, config_file=shipped.config_file)
+    assert shipped.model_dump() == defaults.model_dump()
+    text = (REPO / "config" / "processor.toml").read_text()
+    for name in Settings.model_fields:
+        if name not in ("app_root", "config_file", "email"):
+            assert f"\n{name} = " in text, f"{name} missing from config/processor.toml"
+
+
+def test_paths_are_relative_to_the_app_root(tmp_path):
+    settings = load_settings(write(tmp_path, 'database_url = "sqlite:///var/x.db"\n'))
+    assert settings.app_root == tmp_path.resolve()
+    assert settings.resolved_database_url() == f"sqlite:///{tmp_path.resolve()}/var/x.db"
+
+
+def test_environment_beats_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("CANCELPROC_CHUNK_SIZE", "250")
+    monkeypatch.setenv("CANCELPROC_EMAIL__COMPANY_NAME", "Acme Hosting")
+    settings = load_settings(write(tmp_path, "chunk_size = 500\n"))
+    assert (settings.chunk_size, settings.email.company_name) == (250, "Acme Hosting")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("chunk_size = 0\n", "chunk_size: Input should be greater than or equal to 1 (got 0)"),
+        ('business_timezone = "Mars/Olympus"\n', "business_timezone: unknown time zone 'Mars/Olympus'"),
+        ("chunksize = 10\n", "chunksize: unknown setting (allowed: business_timezone,"),
+        ('log_format = "xml"\n', "log_format: Input should be 'auto', 'json' or 'console'"),
+        ("reason_codes = []\n", "reason_codes: List should have at least 1 item"),
+        ("[email]\ncompany = 'x'\n", "email.company: unknown setting"),
+        ("chunk_size = \n", "not valid TOML"),
+    ],
+)
+def test_bad_values_name_file_key_and_what_is_allowed(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as exc:
+        load_settings(path)
+    line = str(exc.value)
+    assert line.startswith(f"{path}: ") and message in line and "\n" not in line
+
+
+def test_bad_environment_value_names_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("CANCELPROC_MAX_ATTEMPTS", "many")
+    with pytest.raises(ConfigError, match=r"^environment variable CANCELPROC_MAX_ATTEMPTS: max_attempts: "):
+        load_settings(write(tmp_path, ""))
+
+
+def test_missing_explicit_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_settings(tmp_path / "nope.toml")
