@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import joinedload
 
-from processor import cancellations, db as dbmod
+from processor import cancellations, db as dbmod, importer
 from processor.config import Settings, load_settings
 from processor.db import Database, open_database
 from processor.demo import load_demo
@@ -456,6 +456,46 @@ def requests_process(app: App, request_ids: tuple[int, ...], ignore_due_date: bo
     else:
         _echo_summary(summary)
     return summary.exit_code
+
+
+# --- import ------------------------------------------------------------------------------
+
+@cli.command("import")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--kind", type=click.Choice(importer.KINDS), help="What the rows are (default: from the columns).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def import_command(app: App, files: tuple[Path, ...], kind: str | None, as_json: bool) -> int:
+    """Import clients, products, services, add-ons, invoices or requests (CSV or JSON Lines).
+
+    \b
+    Rows are matched by external_id (the billing system's id); each file is all or
+    nothing. Files are imported in the order given (clients before services before
+    requests); the first rejected file stops the import. Exit 1 if some rows were
+    conflicts (they would undo a cancellation the processor applied; not applied).
+    """
+    database = app.database()
+    reports: list[importer.FileReport] = []
+    for position, path in enumerate(files):
+        try:
+            report = importer.import_file(database, path, settings=app.settings, now=utc_now(), kind=kind,
+                                          actor=f"import:{app.operator}")
+        except importer.ImportRejected as exc:
+            for error in exc.errors:
+                click.echo(f"error: {error}", err=True)
+            skipped = [str(p) for p in files[position + 1:]]
+            raise InputError(f"{path}: rejected, {len(exc.errors)} bad row(s); nothing of it was imported"
+                             + (f"; not attempted: {', '.join(skipped)}" if skipped else "")) from None
+        reports.append(report)
+        if not as_json:
+            click.echo(f"{report.path} ({report.kind}): {report.inserted} inserted, {report.updated} updated, "
+                       f"{report.unchanged} unchanged, {len(report.conflicts)} conflict(s)")
+            for c in report.conflicts:
+                click.echo(f"  conflict {report.path}:{c.line} ({c.external_id}): {c.message}")
+    if as_json:
+        echo_json([{"path": str(r.path), "kind": r.kind, "inserted": r.inserted, "updated": r.updated,
+                    "unchanged": r.unchanged, "conflicts": [vars(c) for c in r.conflicts]} for r in reports])
+    return 1 if any(r.conflicts for r in reports) else 0
 
 
 # --- runs --------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from processor.config import Settings
 from processor.db import Database
@@ -635,20 +635,57 @@ def test_large_file_uses_batched_queries(tmp_path: Path, run, db: Database) -> N
     lines = [f"C{i},First{i},c{i}@example.test" for i in range(n)]
     path = write_csv(tmp_path / "c.csv", "external_id,first_name,email", *lines)
     statements: list[str] = []
-    from sqlalchemy import event
 
     @event.listens_for(db.engine, "before_cursor_execute")
     def _count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         if statement.lstrip().upper().startswith("SELECT"):
             statements.append(statement)
 
+    chunks = n // 500
     assert run(path).inserted == n
-    assert len(statements) <= n // 500 + 2
+    assert len(statements) <= 2 * chunks + 2  # existing rows, then the new ids
     statements.clear()
     assert run(path).unchanged == n
-    assert len(statements) <= n // 500 + 2
+    assert len(statements) <= chunks + 2
     assert counts(db)["clients"] == n
 
 
 def test_kinds_constant() -> None:
     assert KINDS == ("clients", "products", "services", "addons", "invoices", "requests")
+
+
+# --- through the CLI -----------------------------------------------------------------------
+
+def _cli(tmp_path: Path, *args: str):
+    from click.testing import CliRunner
+
+    from processor.cli import cli
+
+    env = {"CANCELPROC_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}", "CANCELPROC_CONFIG": ""}
+    return CliRunner().invoke(cli, list(args), env=env)
+
+
+def test_cli_import_reports_each_file_and_each_bad_row(tmp_path: Path) -> None:
+    assert _cli(tmp_path, "init").exit_code == 0
+    clients = tmp_path / "clients.csv"
+    clients.write_text("external_id,first_name,email\nC1,Ann,ann@example.test\n")
+    products = tmp_path / "products.csv"
+    products.write_text("external_id,name,module\nP1,VPS,proxmox\n")
+    services = tmp_path / "services.csv"
+    services.write_text("external_id,client_external_id,product_external_id,status\n"
+                        "S1,C1,P9,Active\nS2,C7,P1,Sleeping\n")
+    result = _cli(tmp_path, "import", str(clients), str(services), str(products))
+    assert result.exit_code == 2
+    assert f"{clients} (clients): 1 inserted, 0 updated, 0 unchanged, 0 conflict(s)" in result.stdout
+    errors = result.stderr.strip().splitlines()
+    assert errors[0] == f"error: {services}:2: product_external_id: no product with external_id 'P9'"
+    assert any(line.startswith(f"error: {services}:3: client_external_id:") for line in errors)
+    assert f"error: {services}:3: status: must be one of Pending, Active, Suspended, Terminated, Cancelled, Fraud (got 'Sleeping')" in errors
+    assert errors[-1] == (f"error: {services}: rejected, {len(errors) - 1} bad row(s); nothing of it was imported; "
+                          f"not attempted: {products}")
+    assert "Traceback" not in result.output
+
+    again = _cli(tmp_path, "import", str(clients), "--json")
+    assert again.exit_code == 0
+    assert json.loads(again.stdout)[0] | {"path": ""} == {
+        "path": "", "kind": "clients", "inserted": 0, "updated": 0, "unchanged": 1, "conflicts": []}
