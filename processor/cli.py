@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import joinedload
 
-from processor import cancellations, db as dbmod, importer
+from processor import __version__, cancellations, db as dbmod, importer
 from processor.config import Settings, load_settings
 from processor.db import Database, open_database
 from processor.demo import load_demo
@@ -117,6 +117,10 @@ class CancelprocGroup(click.Group):
             code = super().main(argv, prog_name or "cancelproc", complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as exc:
             code = exc.exit_code
+        except click.exceptions.NoArgsIsHelpError as exc:
+            # A bare group (`cancelproc requests`) is a request for its help, not a mistake.
+            click.echo(exc.ctx.get_help())
+            code = 0
         except click.UsageError as exc:
             where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
             click.echo(f"error: {exc.format_message()}{where}", err=True)
@@ -145,7 +149,7 @@ class CancelprocGroup(click.Group):
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), envvar="CANCELPROC_CONFIG",
               help="Config file (default: ./config/processor.toml; env CANCELPROC_CONFIG).")
 @click.option("--debug", is_flag=True, help="Debug logging, and a traceback on errors.")
-@click.version_option(package_name="cancelproc")
+@click.version_option(version=__version__, prog_name="cancelproc")
 @click.pass_context
 def cli(ctx: click.Context, config_path: Path | None, debug: bool) -> None:
     """Apply due service cancellation requests: the nightly job and the staff tools.
@@ -382,7 +386,7 @@ def requests_show(app: App, request_id: int, as_json: bool) -> None:
         created_on = business_today(request.created_at, app.settings.zone)
         row["due_on"] = effective_date(request.type, service.next_due_date, request.cancel_on, created_on)
         row["due_now"] = request.status is RequestStatus.PENDING and is_due(
-            request.type, service.next_due_date, request.cancel_on, app.today())
+            request.type, service.next_due_date, request.cancel_on, created_on, app.today())
         row["service"] = {"id": service.id, "status": service.status, "domain": service.domain,
                           "next_due_date": service.next_due_date, "termination_date": service.termination_date}
         row["audit"] = _audit_rows(session.scalars(
@@ -445,8 +449,10 @@ def requests_process(app: App, request_ids: tuple[int, ...], ignore_due_date: bo
             if request.status is not RequestStatus.PENDING:
                 raise InputError(f"request {rid} is {request.status.value}; only a pending request can be processed")
             service = request.service
-            if not ignore_due_date and not is_due(request.type, service.next_due_date, request.cancel_on, today):
-                due_on = effective_date(request.type, service.next_due_date, request.cancel_on, today)
+            created_on = business_today(request.created_at, app.settings.zone)
+            if not ignore_due_date and not is_due(request.type, service.next_due_date, request.cancel_on,
+                                                  created_on, today):
+                due_on = effective_date(request.type, service.next_due_date, request.cancel_on, created_on)
                 raise InputError(f"request {rid} is not due until {due_on}; add --now to apply it before its due date")
     options = RunOptions(as_of=today, trigger=RunTrigger.MANUAL, operator=app.operator,
                          request_ids=list(request_ids), ignore_due_date=ignore_due_date)

@@ -12,7 +12,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 from processor.errors import DatabaseError
@@ -87,7 +87,7 @@ def open_database(url: str, *, create: bool = False) -> Database:
     try:
         with engine.connect():
             pass
-    except OperationalError as exc:
+    except DBAPIError as exc:  # not a database file, permissions, server down, bad credentials
         engine.dispose()
         raise DatabaseError(f"database {db.display_url} cannot be opened: {exc.orig}") from None
     return db

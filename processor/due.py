@@ -9,10 +9,17 @@ from sqlalchemy import ColumnElement, and_, or_
 
 from processor.models import CancellationRequest, RequestType, Service
 
+ONE_DAY = dt.timedelta(days=1)
+
 
 def business_today(now: dt.datetime, zone: ZoneInfo) -> dt.date:
     """The calendar date in the business time zone at the instant `now`."""
     return now.astimezone(zone).date()
+
+
+def start_of_day(day: dt.date, zone: ZoneInfo) -> dt.datetime:
+    """The instant (UTC) at which `day` begins in the business time zone."""
+    return dt.datetime.combine(day, dt.time(), tzinfo=zone).astimezone(dt.timezone.utc)
 
 
 def effective_date(
@@ -21,7 +28,7 @@ def effective_date(
     cancel_on: dt.date | None,
     created_on: dt.date,
 ) -> dt.date | None:
-    """The date a request becomes due; None means due at once (no next due date)."""
+    """The date a request is due on; None means due at once (a service with no next due date)."""
     if type_ == RequestType.IMMEDIATE:
         return created_on
     if type_ == RequestType.ON_DATE:
@@ -29,31 +36,52 @@ def effective_date(
     return next_due_date
 
 
-def is_due(type_: RequestType | str, next_due_date: dt.date | None, cancel_on: dt.date | None, as_of: dt.date) -> bool:
-    """DESIGN.md: Immediate, or the due date is on or before as_of, or the service has none."""
-    if type_ == RequestType.IMMEDIATE:
-        return True
-    if type_ == RequestType.ON_DATE:
-        return cancel_on is None or cancel_on <= as_of
-    return next_due_date is None or next_due_date <= as_of
+def is_due(
+    type_: RequestType | str,
+    next_due_date: dt.date | None,
+    cancel_on: dt.date | None,
+    created_on: dt.date,
+    as_of: dt.date,
+) -> bool:
+    """DESIGN.md: Immediate, or the due date is on or before as_of, or the service has none.
+
+    A request made after as_of is never due: a run re-done for a past night must not
+    cancel a service before its client asked.
+    """
+    if created_on > as_of:
+        return False
+    due_on = effective_date(type_, next_due_date, cancel_on, created_on)
+    return due_on is None or due_on <= as_of
 
 
-def due_clause(as_of: dt.date) -> ColumnElement[bool]:
+def due_clause(as_of: dt.date, zone: ZoneInfo) -> ColumnElement[bool]:
     """The same rule as `is_due`, for a query joining requests to services."""
     r, s = CancellationRequest, Service
-    return or_(
-        r.type == RequestType.IMMEDIATE,
-        and_(r.type == RequestType.ON_DATE, or_(r.cancel_on.is_(None), r.cancel_on <= as_of)),
-        and_(
-            r.type == RequestType.END_OF_BILLING_PERIOD,
-            or_(s.next_due_date.is_(None), s.next_due_date <= as_of),
+    return and_(
+        r.created_at < start_of_day(as_of + ONE_DAY, zone),
+        or_(
+            r.type == RequestType.IMMEDIATE,
+            and_(r.type == RequestType.ON_DATE, or_(r.cancel_on.is_(None), r.cancel_on <= as_of)),
+            and_(
+                r.type == RequestType.END_OF_BILLING_PERIOD,
+                or_(s.next_due_date.is_(None), s.next_due_date <= as_of),
+            ),
         ),
     )
 
 
-def days_late(due_on: dt.date | None, as_of: dt.date) -> int:
-    """How many days after its due date a request is applied (0 when on time or undated)."""
+def days_late(
+    type_: RequestType | str,
+    next_due_date: dt.date | None,
+    cancel_on: dt.date | None,
+    created_on: dt.date,
+    as_of: dt.date,
+) -> int:
+    """Days between the night a request should have been applied and as_of (catch-up).
+
+    An Immediate request is for the first nightly run after it was made, the next day;
+    an undated one is never late.
+    """
+    due_on = created_on + ONE_DAY if type_ == RequestType.IMMEDIATE else effective_date(
+        type_, next_due_date, cancel_on, created_on)
     return max(0, (as_of - due_on).days) if due_on else 0
-
-
-__all__ = ["business_today", "effective_date", "is_due", "due_clause", "days_late"]

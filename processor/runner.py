@@ -198,7 +198,7 @@ class Runner:
             # Backoff: a request that failed recently waits for its next attempt time.
             stmt = stmt.where(or_(R.next_attempt_at.is_(None), R.next_attempt_at <= now))
         if not options.ignore_due_date:
-            stmt = stmt.where(due_clause(options.as_of))
+            stmt = stmt.where(due_clause(options.as_of, self.settings.zone))
         return stmt
 
     def _chunks(self, options: RunOptions, now: dt.datetime) -> Iterator[list[Row[Any]]]:
@@ -248,7 +248,7 @@ class Runner:
         """What to do with one due request. Never raises: a problem is an ERROR outcome."""
         try:
             created_on = business_today(row.created_at, self.settings.zone)
-            late = days_late(effective_date(row.type, row.next_due_date, row.cancel_on, created_on), as_of)
+            late = days_late(row.type, row.next_due_date, row.cancel_on, created_on, as_of)
             base = dict(request_id=row.id, service_id=row.service_id, days_late=late, attempts=row.attempts,
                         service_status=str(row.service_status))
             if row.service_status in CLOSED_SERVICE_STATUSES:

@@ -17,20 +17,25 @@ EOBP, IMM, ON = RequestType.END_OF_BILLING_PERIOD, RequestType.IMMEDIATE, Reques
 D = dt.date(2026, 11, 26)
 
 
+CREATED = D - dt.timedelta(days=10)
+
+
 @pytest.mark.parametrize(
-    ("type_", "next_due", "cancel_on", "as_of", "due"),
+    ("type_", "next_due", "cancel_on", "created_on", "due"),
     [
-        (IMM, dt.date(2027, 1, 1), None, D, True),  # Immediate ignores the due date
-        (EOBP, D, None, D, True),  # on the due date
-        (EOBP, D - dt.timedelta(days=3), None, D, True),  # missed nights catch up
-        (EOBP, D + dt.timedelta(days=1), None, D, False),
-        (EOBP, None, None, D, True),  # free / one-time service: no next due date
-        (ON, dt.date(2027, 1, 1), D, D, True),  # On Date follows its own date, not the service's
-        (ON, D - dt.timedelta(days=10), D + dt.timedelta(days=1), D, False),
+        (IMM, dt.date(2027, 1, 1), None, CREATED, True),  # Immediate ignores the due date
+        (EOBP, D, None, CREATED, True),  # on the due date
+        (EOBP, D - dt.timedelta(days=3), None, CREATED, True),  # missed nights catch up
+        (EOBP, D + dt.timedelta(days=1), None, CREATED, False),
+        (EOBP, None, None, CREATED, True),  # free / one-time service: no next due date
+        (ON, dt.date(2027, 1, 1), D, CREATED, True),  # On Date follows its own date, not the service's
+        (ON, D - dt.timedelta(days=10), D + dt.timedelta(days=1), CREATED, False),
+        (IMM, None, None, D + dt.timedelta(days=1), False),  # made after as_of: not due on a re-run of as_of
+        (EOBP, D - dt.timedelta(days=3), None, D + dt.timedelta(days=1), False),
     ],
 )
-def test_is_due(type_, next_due, cancel_on, as_of, due):
-    assert is_due(type_, next_due, cancel_on, as_of) is due
+def test_is_due(type_, next_due, cancel_on, created_on, due):
+    assert is_due(type_, next_due, cancel_on, created_on, D) is due
 
 
 def test_business_today_at_local_midnight():
@@ -43,9 +48,14 @@ def test_business_today_at_local_midnight():
 
 
 def test_days_late_and_effective_date():
-    assert days_late(D - dt.timedelta(days=4), D) == 4
-    assert days_late(D + dt.timedelta(days=4), D) == 0
-    assert days_late(None, D) == 0
+    assert days_late(EOBP, D - dt.timedelta(days=4), None, CREATED, D) == 4
+    assert days_late(EOBP, D + dt.timedelta(days=4), None, CREATED, D) == 0
+    assert days_late(EOBP, None, None, CREATED, D) == 0
+    assert days_late(ON, None, D - dt.timedelta(days=2), CREATED, D) == 2
+    # Immediate: the first nightly run after the request is on time; each missed night counts.
+    assert days_late(IMM, None, None, D - dt.timedelta(days=1), D) == 0
+    assert days_late(IMM, None, None, D, D) == 0
+    assert days_late(IMM, None, None, D - dt.timedelta(days=3), D) == 2
     assert effective_date(IMM, None, None, dt.date(2026, 11, 20)) == dt.date(2026, 11, 20)
     assert effective_date(ON, D, dt.date(2026, 12, 1), D) == dt.date(2026, 12, 1)
 
