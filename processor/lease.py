@@ -16,29 +16,47 @@ import psutil
 from sqlalchemy import Connection, delete, select, update
 from sqlalchemy.orm import Session
 
-from processor.errors import LeaseHeld
+from processor.errors import CancelprocError, LeaseHeld
 from processor.models import Lease, Run, RunStatus, RunTrigger
 
 LEASE_NAME = "nightly-run"
+ABANDONED = "abandoned: its process died or stopped renewing the lease; lease taken over"
 
 
-class LeaseLost(Exception):
+class LeaseLost(CancelprocError):
     """Our lease expired and another run took it over: stop writing at once."""
+
+    exit_code = 75
 
 
 @dataclass(frozen=True)
 class Holder:
     host: str
     pid: int
+    started_at: dt.datetime | None = None  # the process's start time, when known
 
     @classmethod
     def this_process(cls) -> Holder:
-        return cls(socket.gethostname(), os.getpid())
+        started = dt.datetime.fromtimestamp(psutil.Process().create_time(), dt.timezone.utc)
+        return cls(socket.gethostname(), os.getpid(), started)
 
 
 def _holder_is_dead(lease: Lease, me: Holder) -> bool:
-    # Only a process on our own host can be checked; elsewhere the expiry decides.
-    return lease.host == me.host and not psutil.pid_exists(lease.pid)
+    """True when the lease's process is known to be gone. Only a process on our own host
+    can be checked; elsewhere the expiry decides."""
+    if lease.host != me.host:
+        return False
+    try:
+        proc = psutil.Process(lease.pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:  # killed, not yet reaped by its parent
+            return True
+        started = dt.datetime.fromtimestamp(proc.create_time(), dt.timezone.utc)
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.AccessDenied:
+        return False
+    # Same pid, different start time: the pid was reused by another process.
+    return lease.process_started_at is not None and abs((started - lease.process_started_at).total_seconds()) > 1
 
 
 def acquire(
@@ -63,7 +81,7 @@ def acquire(
         session.execute(
             update(Run)
             .where(Run.id == lease.run_id, Run.status == RunStatus.RUNNING)
-            .values(status=RunStatus.ABANDONED, finished_at=now, error="process died; lease taken over")
+            .values(status=RunStatus.ABANDONED, finished_at=now, error=ABANDONED)
         )
         session.delete(lease)
         session.flush()
@@ -80,8 +98,8 @@ def acquire(
     session.add(run)
     session.flush()
     session.add(
-        Lease(name=LEASE_NAME, run_id=run.id, host=me.host, pid=me.pid, acquired_at=now,
-              expires_at=now + dt.timedelta(seconds=seconds))
+        Lease(name=LEASE_NAME, run_id=run.id, host=me.host, pid=me.pid, process_started_at=me.started_at,
+              acquired_at=now, expires_at=now + dt.timedelta(seconds=seconds))
     )
     session.flush()
     return run
@@ -95,7 +113,8 @@ def renew(conn: Connection | Session, run_id: int, *, now: dt.datetime, seconds:
         .values(expires_at=now + dt.timedelta(seconds=seconds))
     )
     if result.rowcount != 1:
-        raise LeaseLost(f"run {run_id} lost its lease (expired and taken over by another run)")
+        raise LeaseLost(f"run {run_id} stopped: its lease expired and another run took it over "
+                        "(raise lease_seconds if chunks take that long)")
 
 
 def release(session: Session, run_id: int) -> None:

@@ -269,6 +269,8 @@ class Lease(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
     host: Mapped[str] = mapped_column(String(255))
     pid: Mapped[int] = mapped_column(Integer)
+    # The holder process's start time: tells a reused pid from the holder.
+    process_started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     acquired_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 

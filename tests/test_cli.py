@@ -26,6 +26,7 @@ from sqlalchemy import func, select
 
 import processor
 from processor import cli as cli_module
+from processor import lease
 from processor.cli import cli
 from processor.db import Database, open_database
 from processor.lease import LEASE_NAME
@@ -486,7 +487,7 @@ def test_run_takes_over_the_lease_of_a_dead_process_on_this_host(invoke: Invoke,
     summary = as_json(invoke("run", "--json"))  # not expired, but its holder is gone: no waiting
     assert summary["run_id"] == other.id + 1 and summary["completed"] == 3
     old = get(seeded, Run, other.id)
-    assert (old.status, old.error) == (RunStatus.ABANDONED, "process died; lease taken over")
+    assert (old.status, old.error) == (RunStatus.ABANDONED, lease.ABANDONED)
     assert count(seeded, Lease) == 0
 
 

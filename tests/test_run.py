@@ -250,5 +250,43 @@ def test_a_dead_process_on_this_host_is_taken_over_at_once(db, settings, now):
 def test_renewing_a_lease_taken_over_raises(db, now):
     held = _hold(db, now, expires_in=10)
     _hold(db, now + dt.timedelta(seconds=11), host="third-host")
-    with db.session.begin() as s, pytest.raises(lease.LeaseLost):
+    with db.session.begin() as s, pytest.raises(lease.LeaseLost) as exc:
         lease.renew(s, held, now=now + dt.timedelta(seconds=12), seconds=10)
+    assert exc.value.exit_code == 75 and f"run {held} stopped: its lease expired" in str(exc.value)
+
+
+def test_a_killed_but_unreaped_holder_is_dead(db, settings, now):
+    """A zombie (killed, its parent has not waited for it yet) still has a pid: it is not alive."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        proc.send_signal(signal.SIGKILL)
+        import psutil
+
+        for _ in range(100):  # until the kernel has made it a zombie
+            if psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE:
+                break
+            import time
+
+            time.sleep(0.01)
+        held = _hold(db, now, host=lease.Holder.this_process().host, pid=proc.pid, expires_in=3600)
+        assert run(db, settings, now).status == RunStatus.COMPLETED
+        with db.read_session() as s:
+            assert s.get(Run, held).status is RunStatus.ABANDONED
+    finally:
+        proc.wait()
+
+
+def test_a_reused_pid_is_not_the_holder(db, settings, now):
+    """The lease names a live pid of this host, but that process started at another time."""
+    me = lease.Holder.this_process()
+    with db.session.begin() as s:
+        lease.acquire(s, now=now, seconds=3600, trigger=RunTrigger.CRON, operator="cron", as_of=D, me=me)
+    with pytest.raises(LeaseHeld):  # the same process, really alive: held
+        run(db, settings, now)
+    with db.session.begin() as s:
+        s.get(Lease, lease.LEASE_NAME).process_started_at = me.started_at - dt.timedelta(days=3)
+    assert run(db, settings, now).status == RunStatus.COMPLETED  # a different process with that pid: dead
