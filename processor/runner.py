@@ -449,7 +449,11 @@ class Runner:
             run = lease.acquire(session, now=now, seconds=self.settings.lease_seconds, trigger=options.trigger,
                                 operator=options.operator, as_of=options.as_of, me=lease.Holder.this_process())
             run_id = run.id
-        structlog.contextvars.bind_contextvars(run_id=run_id)
+        with structlog.contextvars.bound_contextvars(run_id=run_id):
+            return self._apply(options, run_id, now)
+
+    def _apply(self, options: RunOptions, run_id: int, now: dt.datetime) -> RunSummary:
+        """The chunk loop of a run that holds the lease; closes the run record whatever happens."""
         summary = RunSummary(run_id=run_id, as_of=options.as_of, status=RunStatus.RUNNING)
         self.log.info("run started", as_of=str(options.as_of), trigger=str(options.trigger), operator=options.operator)
         try:
@@ -462,6 +466,7 @@ class Runner:
                     self.progress(len(rows))
         except BaseException as exc:
             self._finish(run_id, RunStatus.ERROR, error=_one_line(exc))
+            self.log.error("run stopped", error=_one_line(exc))
             if isinstance(exc, OperationalError):
                 raise DatabaseError(f"run {run_id} stopped: database error: {exc.orig}") from exc
             raise
@@ -490,11 +495,9 @@ class Runner:
                 session.execute(update(Run).where(Run.id == run_id, Run.status == RunStatus.RUNNING)
                                 .values(status=status, finished_at=self.clock(), error=error))
                 lease.release(session, run_id)
-        except OperationalError:
+        except OperationalError as exc:
             # The database is gone; the lease will expire by itself.
-            self.log.error("could not close the run record", exc_info=True)
-        finally:
-            structlog.contextvars.unbind_contextvars("run_id")
+            self.log.error("could not close the run record", error=_one_line(exc))
 
 
 def _is_row_error(exc: BaseException) -> bool:
