@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,23 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Integer,
+    String,
+    Table,
+    bindparam,
+    column,
+    create_engine,
+    event,
+    func,
+    insert,
+    literal_column,
+    select,
+    values,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
@@ -57,12 +75,63 @@ class Database:
     def is_sqlite(self) -> bool:
         return self.engine.dialect.name == "sqlite"
 
+    def in_ids(self, column: Any, ids: Sequence[int]) -> ColumnElement[bool]:
+        """`column IN ids` for a chunk's worth of ids.
+
+        A plain `in_(ids)` makes SQLAlchemy coerce every id and re-render the statement for
+        each list length, per statement, per chunk: that was a fifth of a run's time. On
+        SQLite the list travels as one JSON parameter instead, and the statement is cached.
+        """
+        if self.is_sqlite:
+            values = select(literal_column("value")).select_from(
+                func.json_each(bindparam(None, json.dumps(list(ids)), type_=String)))
+            return column.in_(values.scalar_subquery())
+        return column.in_(ids)
+
+    def id_values(self, pairs: Sequence[tuple[int, int]]) -> Any:
+        """A subquery of (id, value) rows, to UPDATE ... FROM it in one statement.
+
+        On SQLite the pairs travel as one JSON parameter (see `in_ids`); elsewhere as VALUES.
+        """
+        if self.is_sqlite:
+            rows = func.json_each(bindparam(None, json.dumps(list(pairs)), type_=String)).table_valued("value")
+            return select(func.json_extract(rows.c.value, "$[0]").label("id"),
+                          func.json_extract(rows.c.value, "$[1]").label("value")).subquery()
+        return values(column("id", Integer), column("value", Integer), name="id_values").data(list(pairs))
+
     @property
     def display_url(self) -> str:
         return make_url(self.url).render_as_string(hide_password=True)
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+_PLACEHOLDER = {"qmark": "?", "format": "%s", "pyformat": "%s"}
+
+
+def insert_rows(
+    conn: Connection, table: Table, columns: Sequence[str], rows: Sequence[Sequence[Any]], constants: dict[str, Any]
+) -> None:
+    """INSERT many rows straight through the driver's executemany.
+
+    For the run's hot path: SQLAlchemy's per-row parameter handling cost more than the
+    insert itself. Per-row values must need no type conversion (str, int, None); the
+    constants go through their columns' types once.
+    """
+    if not rows:
+        return
+    mark = _PLACEHOLDER.get(conn.dialect.paramstyle)
+    if mark is None:  # a driver with another paramstyle: the ordinary (slower) way
+        conn.execute(insert(table).values(**constants), [dict(zip(columns, row)) for row in rows])
+        return
+    fixed = []
+    for name, value in constants.items():
+        processor = table.c[name].type.bind_processor(conn.dialect)
+        fixed.append(processor(value) if processor else value)
+    names = [*columns, *constants]
+    sql = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join([mark] * len(names))})"
+    conn.exec_driver_sql(sql, [(*row, *fixed) for row in rows])
 
 
 def open_database(url: str, *, create: bool = False) -> Database:

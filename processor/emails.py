@@ -9,6 +9,7 @@ is rendered by an autoescaping environment, the subject and text by a plain one.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,6 +27,7 @@ from jinja2 import (
     TemplateSyntaxError,
 )
 from jinja2 import nodes
+from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from processor.errors import InputError
@@ -46,6 +48,7 @@ class TemplateProblem(InputError):
     """A template is missing, does not parse, or does not render with the given fields."""
 
 
+@functools.lru_cache(maxsize=4096)  # a run formats the same few dozen dates thousands of times
 def format_date(value: dt.date | None) -> str:
     return f"{value.day} {value:%B %Y}" if value else ""
 
@@ -85,10 +88,13 @@ class _Compiled:
     template: Template
     blocks: dict[str, list[BlockFn]]
 
-    def block(self, name: str, fields: Mapping[str, Any]) -> str:
-        ctx = self.template.new_context(dict(fields))
-        ctx.blocks = {k: list(v) for k, v in self.blocks.items()}
-        return "".join(ctx.blocks[name][0](ctx))
+    def render_blocks(self, names: tuple[str, ...], fields: Mapping[str, Any]) -> list[str]:
+        """Render these blocks in one context. `fields` must include the environment's
+        globals (Jinja's new_context would copy them in). The block chain is shared, not copied: block
+        functions only read it (the root render function, never called here, would write)."""
+        ctx = Context(self.template.environment, fields, self.template.name, {})
+        ctx.blocks = self.blocks
+        return ["".join(self.blocks[name][0](ctx)) for name in names]
 
 
 class EmailTemplates:
@@ -122,10 +128,10 @@ class EmailTemplates:
 
     def render(self, name: str, fields: Mapping[str, Any]) -> RenderedEmail:
         plain, html = self._load(name)
+        fields = {**self._plain.globals, **fields}  # both environments have the same globals
         try:
-            subject = plain.block("subject", fields).strip()
-            text = plain.block("text", fields).strip()
-            html_body = html.block("html", fields).strip()
+            subject, text = (part.strip() for part in plain.render_blocks(("subject", "text"), fields))
+            html_body = html.render_blocks(("html",), fields)[0].strip()
         except KeyError as exc:
             raise TemplateProblem(f"email template {name}.jinja has no block {exc.args[0]!r} (needs {', '.join(BLOCKS)})") from None
         except TemplateError as exc:

@@ -32,7 +32,9 @@ def test_every_line_of_a_run_carries_the_run_id(db, settings, now):
     events = {line["event"] for line in lines}
     assert {"run started", "chunk written", "run finished"} <= events
     by_request = {line["request_id"]: line for line in lines if "request_id" in line}
-    assert by_request[good]["event"] == "request completed"
+    assert good not in by_request  # completions are in the audit log and the chunk line
+    chunk = next(line for line in lines if line["event"] == "chunk written")
+    assert (chunk["cancel"], chunk["error"], chunk["first_request_id"], chunk["last_request_id"]) == (1, 1, good, bad)
     assert by_request[bad]["event"] == "request attempt failed; will retry"
     assert by_request[bad]["level"] == "warning" and "no valid email address" in by_request[bad]["error"]
 
