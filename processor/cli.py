@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 import click
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import joinedload
 
 from processor import __version__, cancellations, db as dbmod, importer
@@ -27,7 +27,7 @@ from processor.config import Settings, load_settings
 from processor.db import Database, open_database
 from processor.demo import load_demo
 from processor.due import business_today, effective_date, is_due
-from processor.errors import CancelprocError, DatabaseError, InputError, NotFound
+from processor.errors import CancelprocError, InputError, NotFound
 from processor.logs import configure_logging
 from processor.models import (
     AuditEntry,
@@ -68,12 +68,8 @@ class App:
     def settings(self) -> Settings:
         if self._settings is None:
             self._settings = load_settings(self.config_path)
-            configure_logging("debug" if self.debug else self.settings_level(), self._settings.log_format)
+            configure_logging("debug" if self.debug else self._settings.log_level, self._settings.log_format)
         return self._settings
-
-    def settings_level(self) -> str:
-        assert self._settings is not None
-        return self._settings.log_level
 
     def database(self, *, create: bool = False, migrated: bool = True) -> Database:
         if self._db is None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any, NamedTuple
 
@@ -132,8 +132,9 @@ class Tally:
         return t
 
     def add(self, other: Tally) -> None:
-        for name in ("due", "completed", "noop", "retrying", "failed", "skipped", "emails_queued", "late"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for f in fields(Tally):
+            if f.name != "max_days_late":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
         self.max_days_late = max(self.max_days_late, other.max_days_late)
 
 
@@ -184,7 +185,7 @@ class _Audit:
 
 def _due_columns() -> tuple[Any, ...]:
     return (
-        R.id, R.type, R.cancel_on, R.reason_code, R.reason, R.created_at, R.attempts,
+        R.id, R.type, R.cancel_on, R.reason, R.created_at, R.attempts,
         S.id.label("service_id"), S.status.label("service_status"), S.domain, S.next_due_date,
         S.billing_cycle, C.first_name, C.last_name, C.email, P.name.label("product_name"),
     )
@@ -285,8 +286,7 @@ class Runner:
     def decide(self, row: Row[Any], as_of: dt.date, run_fields: dict[str, Any]) -> Outcome:
         """What to do with one due request. Never raises: a problem is an ERROR outcome."""
         try:
-            # Only an Immediate request's lateness depends on the day it was made.
-            created_on = business_today(row.created_at, self.settings.zone) if row.type is RequestType.IMMEDIATE else as_of
+            created_on = business_today(row.created_at, self.settings.zone)
             late = days_late(row.type, row.next_due_date, row.cancel_on, created_on, as_of)
             if row.service_status in CLOSED_SERVICE_STATUSES:
                 return Outcome(row.id, row.service_id, Action.NOOP, late, row.attempts,

@@ -45,9 +45,9 @@ def service(
     session.flush()
     for i in range(addons):
         session.add(ServiceAddon(service_id=svc.id, name=f"Backup {i}", status=ServiceStatus.ACTIVE, amount=Decimal("2")))
-    for i in range(unpaid):
+    for _ in range(unpaid):
         session.add(Invoice(service_id=svc.id, amount=Decimal("24.00"), status=InvoiceStatus.UNPAID, due_date=next_due_date))
-    for i in range(paid):
+    for _ in range(paid):
         session.add(Invoice(service_id=svc.id, amount=Decimal("24.00"), status=InvoiceStatus.PAID, due_date=next_due_date))
     session.flush()
     return svc

@@ -6,7 +6,6 @@ import datetime as dt
 import io
 import json
 
-import click
 import structlog
 
 from processor.cli import _run_with_progress
