@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -62,7 +63,7 @@ def _holder_is_dead(lease: Lease, me: Holder) -> bool:
 def acquire(
     session: Session,
     *,
-    now: dt.datetime,
+    clock: Callable[[], dt.datetime],
     seconds: int,
     trigger: RunTrigger,
     operator: str,
@@ -71,6 +72,9 @@ def acquire(
 ) -> Run:
     """Create a running Run holding the lease, or raise LeaseHeld naming the active run."""
     lease = session.scalars(select(Lease).where(Lease.name == LEASE_NAME).with_for_update()).one_or_none()
+    # Read the clock only now: the first statement may have waited for the write lock, and a
+    # run that waited starts (and its lease runs) from when it got it.
+    now = clock()
     if lease is not None:
         if lease.expires_at > now and not _holder_is_dead(lease, me):
             started = lease.acquired_at.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")

@@ -479,13 +479,13 @@ class Runner:
     def run(self, options: RunOptions) -> RunSummary:
         """Take the lease, apply every due request, record the run. Raises LeaseHeld."""
         self.check_ready()
-        now = self.clock()
         with self.db.session.begin() as session:
-            run = lease.acquire(session, now=now, seconds=self.settings.lease_seconds, trigger=options.trigger,
-                                operator=options.operator, as_of=options.as_of, me=lease.Holder.this_process())
-            run_id = run.id
+            run = lease.acquire(session, clock=self.clock, seconds=self.settings.lease_seconds,
+                                trigger=options.trigger, operator=options.operator, as_of=options.as_of,
+                                me=lease.Holder.this_process())
+            run_id, started_at = run.id, run.started_at
         with structlog.contextvars.bound_contextvars(run_id=run_id):
-            return self._apply(options, run_id, now)
+            return self._apply(options, run_id, started_at)
 
     def _apply(self, options: RunOptions, run_id: int, now: dt.datetime) -> RunSummary:
         """The chunk loop of a run that holds the lease; closes the run record whatever happens."""

@@ -212,7 +212,7 @@ def test_preview_changes_nothing(db, settings, now):
 
 def _hold(db, now, *, host="other-host", pid=4242, expires_in=600) -> int:
     with db.session.begin() as s:
-        held = lease.acquire(s, now=now, seconds=expires_in, trigger=RunTrigger.CRON, operator="cron", as_of=D,
+        held = lease.acquire(s, clock=lambda: now, seconds=expires_in, trigger=RunTrigger.CRON, operator="cron", as_of=D,
                              me=lease.Holder(host, pid))
         return held.id
 
@@ -284,7 +284,7 @@ def test_a_reused_pid_is_not_the_holder(db, settings, now):
     """The lease names a live pid of this host, but that process started at another time."""
     me = lease.Holder.this_process()
     with db.session.begin() as s:
-        lease.acquire(s, now=now, seconds=3600, trigger=RunTrigger.CRON, operator="cron", as_of=D, me=me)
+        lease.acquire(s, clock=lambda: now, seconds=3600, trigger=RunTrigger.CRON, operator="cron", as_of=D, me=me)
     with pytest.raises(LeaseHeld):  # the same process, really alive: held
         run(db, settings, now)
     with db.session.begin() as s:
