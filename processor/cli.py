@@ -28,6 +28,8 @@ from processor.db import Database, open_database
 from processor.demo import load_demo
 from processor.due import business_today, effective_date, is_due
 from processor.errors import CancelprocError, InputError, NotFound
+from processor.hooks import POINTS, HookRegistry, load_hooks
+from processor.params import request_params, request_select
 from processor.logs import configure_logging
 from processor.models import (
     AuditEntry,
@@ -62,6 +64,7 @@ class App:
     debug: bool
     _settings: Settings | None = None
     _db: Database | None = None
+    _hooks: HookRegistry | None = None
     operator: str = field(default_factory=lambda: os.environ.get("SUDO_USER") or getpass.getuser())
 
     @property
@@ -77,6 +80,14 @@ class App:
             if migrated:
                 dbmod.require_current(self._db)
         return self._db
+
+    @property
+    def hooks(self) -> HookRegistry:
+        """Hook files and plugins, loaded once; a failure stops the command before any write."""
+        if self._hooks is None:
+            self._hooks = load_hooks(self.settings.path(self.settings.hooks_dir),
+                                     trace=os.environ.get("CANCELPROC_TRACE_HOOKS") == "1")
+        return self._hooks
 
     def today(self) -> dt.date:
         return business_today(utc_now(), self.settings.zone)
@@ -200,22 +211,17 @@ def init(app: App, demo: bool) -> None:
 
 # --- the run -----------------------------------------------------------------------------
 
-def _summary_dict(summary: RunSummary) -> dict[str, Any]:
-    return {k: getattr(summary, k) for k in ("run_id", "as_of", "status", "due", "completed", "noop", "retrying",
-                                              "failed", "skipped", "emails_queued", "late", "max_days_late",
-                                              "failures")}
-
-
 def _echo_summary(summary: RunSummary) -> None:
     echo_fields([
         ("run", summary.run_id), ("as of", summary.as_of), ("status", summary.status),
         ("due", summary.due), ("cancelled", summary.completed), ("no-op (already closed)", summary.noop),
-        ("failed, will retry", summary.retrying), ("failed for good", summary.failed),
+        ("failed, will retry", summary.retrying), ("vetoed by a hook", summary.vetoed),
+        ("failed for good", summary.failed),
         ("skipped (done elsewhere)", summary.skipped), ("emails queued", summary.emails_queued),
         ("applied late", f"{summary.late} (up to {summary.max_days_late} days)" if summary.late else 0),
     ])
     for f in summary.failures:
-        what = "MANUAL CANCELLATION REQUIRED" if f["gave_up"] else "will retry"
+        what = "MANUAL CANCELLATION REQUIRED" if f["gave_up"] else "vetoed, will retry" if f["vetoed"] else "will retry"
         click.echo(f"  request {f['request_id']} (service {f['service_id']}): {f['error']} [{what}]")
 
 
@@ -232,7 +238,7 @@ def _run_with_progress(runner: Runner, options: RunOptions, show_progress: bool)
 
 def _echo_preview(runner: Runner, options: RunOptions, as_json: bool) -> int:
     """--dry-run: what the run would do, changing nothing. Streams, so memory stays flat."""
-    counts = {"cancel": 0, "no-op": 0, "error": 0}
+    counts = {"cancel": 0, "no-op": 0, "vetoed": 0, "error": 0}
     if as_json:
         click.echo(f'{{"as_of": "{options.as_of}", "dry_run": true, "requests": [')
     rows: list[dict[str, Any]] = []
@@ -253,8 +259,8 @@ def _echo_preview(runner: Runner, options: RunOptions, as_json: bool) -> int:
         if rows or not any(counts.values()):
             echo_table(rows, PREVIEW_COLUMNS, empty="nothing is due")
         click.echo(f"dry run as of {options.as_of}: {counts['cancel']} to cancel, {counts['no-op']} no-op, "
-                   f"{counts['error']} would fail; nothing was changed")
-    return 1 if counts["error"] else 0
+                   f"{counts['vetoed']} vetoed, {counts['error']} would fail; nothing was changed")
+    return 1 if counts["error"] or counts["vetoed"] else 0
 
 
 PREVIEW_COLUMNS = ["request_id", "service_id", "client", "product", "domain", "type", "due_on", "days_late",
@@ -288,7 +294,7 @@ def run(app: App, as_of: dt.date | None, dry_run: bool, as_json: bool, limit: in
         as_of=as_of, limit=limit, operator=app.operator,
         trigger=RunTrigger(trigger) if trigger else (RunTrigger.MANUAL if on_terminal else RunTrigger.CRON),
     )
-    runner = Runner(database, settings, clock=utc_now)
+    runner = Runner(database, settings, clock=utc_now, hooks=app.hooks)
     # A run allocates many short-lived objects; the long-lived ones (modules, compiled
     # templates, SQLAlchemy's caches) need not be scanned by every full collection.
     gc.freeze()
@@ -297,7 +303,7 @@ def run(app: App, as_of: dt.date | None, dry_run: bool, as_json: bool, limit: in
         return _echo_preview(runner, options, as_json)
     summary = _run_with_progress(runner, options, show_progress=on_terminal and not as_json)
     if as_json:
-        echo_json(_summary_dict(summary))
+        echo_json(summary.as_dict())
     else:
         _echo_summary(summary)
     return summary.exit_code
@@ -323,6 +329,15 @@ def requests_group() -> None:
     """Create, inspect, withdraw, retry and process cancellation requests."""
 
 
+def _notify_request_hook(database: Database, hooks: HookRegistry, point: str, request_id: int, **more: Any) -> None:
+    """Fire a staff-command hook after the change is committed (its failure is logged, not raised)."""
+    if not hooks.has(point):
+        return
+    with database.read_engine.connect() as conn:
+        row = conn.execute(request_select().where(CancellationRequest.id == request_id)).one()
+    hooks.notify(point, request_params(row, **more))
+
+
 @requests_group.command("create")
 @click.argument("service_id", type=int)
 @click.option("--type", "type_name", type=click.Choice(list(REQUEST_TYPES)), default="end-of-period", show_default=True)
@@ -335,6 +350,7 @@ def requests_create(app: App, service_id: int, type_name: str, reason_code: str,
                     cancel_on: dt.date | None, as_json: bool) -> None:
     """Record a cancellation request for SERVICE_ID."""
     database = app.database()
+    hooks = app.hooks
     try:
         with database.session.begin() as session:
             request = cancellations.create_request(
@@ -346,6 +362,7 @@ def requests_create(app: App, service_id: int, type_name: str, reason_code: str,
     except IntegrityError:
         # Another writer created an open request between our check and our insert.
         raise InputError(f"service {service_id} already has an open request") from None
+    _notify_request_hook(database, hooks, "CancellationRequest", row["id"], actor=app.operator)
     if as_json:
         echo_json(row)
     else:
@@ -409,8 +426,10 @@ def requests_show(app: App, request_id: int, as_json: bool) -> None:
 @pass_app
 def requests_withdraw(app: App, request_id: int, note: str) -> None:
     """Withdraw a pending (or failed) request: the service stays as it is."""
-    with app.database().session.begin() as session:
+    database, hooks = app.database(), app.hooks
+    with database.session.begin() as session:
         cancellations.withdraw_request(session, request_id, actor=app.operator, now=utc_now(), note=note)
+    _notify_request_hook(database, hooks, "CancellationRequestWithdrawn", request_id, actor=app.operator, note=note)
     click.echo(f"request {request_id} withdrawn")
 
 
@@ -457,9 +476,9 @@ def requests_process(app: App, request_ids: tuple[int, ...], ignore_due_date: bo
                 raise InputError(f"request {rid} is not due until {due_on}; add --now to apply it before its due date")
     options = RunOptions(as_of=today, trigger=RunTrigger.MANUAL, operator=app.operator,
                          request_ids=list(request_ids), ignore_due_date=ignore_due_date)
-    summary = Runner(database, app.settings, clock=utc_now).run(options)
+    summary = Runner(database, app.settings, clock=utc_now, hooks=app.hooks).run(options)
     if as_json:
-        echo_json(_summary_dict(summary))
+        echo_json(summary.as_dict())
     else:
         _echo_summary(summary)
     return summary.exit_code
@@ -638,6 +657,28 @@ def services_show(app: App, service_id: int, as_json: bool) -> None:
                              ("emails", "emails", ["id", "template", "to", "status"])):
         click.echo(f"{title}:")
         echo_table(row[key], cols, empty="  (none)")
+
+
+# --- hooks -------------------------------------------------------------------------------
+
+@cli.group("hooks")
+def hooks_group() -> None:
+    """Operator hooks (hooks/*.py and installed plugins)."""
+
+
+@hooks_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def hooks_list(app: App, as_json: bool) -> None:
+    """Every loaded hook, in the order it runs at each point."""
+    rows = [{"point": i.point, "priority": i.priority, "function": i.fn.__qualname__, "file": f"{i.source}:{i.line}",
+             "arguments": "**kwargs" if i.wants is None else ", ".join(i.wants)} for i in app.hooks.impls()]
+    if as_json:
+        echo_json(rows)
+    else:
+        echo_table(rows, ["point", "priority", "function", "file", "arguments"],
+                   empty=f"no hooks loaded (hooks_dir: {app.settings.path(app.settings.hooks_dir)}; "
+                         f"points: {', '.join(POINTS)})")
 
 
 def main() -> NoReturn:

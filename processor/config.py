@@ -56,6 +56,8 @@ class Settings(BaseSettings):
         ],
         min_length=1,
     )
+    # Operator hook files (hooks/*.py, `_`-prefixed skipped), loaded at the start of each command.
+    hooks_dir: str = "hooks"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     email: EmailSettings = Field(default_factory=EmailSettings)

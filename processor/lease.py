@@ -97,7 +97,7 @@ def acquire(
         pid=me.pid,
         status=RunStatus.RUNNING,
         started_at=now,
-        due=0, completed=0, noop=0, retrying=0, failed=0, emails_queued=0, late=0, max_days_late=0,
+        due=0, completed=0, noop=0, retrying=0, failed=0, vetoed=0, emails_queued=0, late=0, max_days_late=0,
     )
     session.add(run)
     session.flush()

@@ -254,6 +254,7 @@ class Run(Base):
     noop: Mapped[int] = mapped_column(Integer, default=0)  # service was already closed
     retrying: Mapped[int] = mapped_column(Integer, default=0)  # failed this time, will be retried
     failed: Mapped[int] = mapped_column(Integer, default=0)  # gave up: manual cancellation required
+    vetoed: Mapped[int] = mapped_column(Integer, default=0)  # a PreModuleTerminate hook said no (retried)
     emails_queued: Mapped[int] = mapped_column(Integer, default=0)
     late: Mapped[int] = mapped_column(Integer, default=0)  # applied after the day they were due
     max_days_late: Mapped[int] = mapped_column(Integer, default=0)

@@ -30,6 +30,8 @@ from processor.db import Database, insert_rows
 from processor.due import business_today, days_late, due_clause, effective_date
 from processor.emails import SERVICE_CANCELLATION_CONFIRMATION, EmailTemplates, format_date, sample_fields
 from processor.errors import DatabaseError, InputError
+from processor.hooks import HookFailed, HookRegistry
+from processor.params import request_params, request_select, with_params
 from processor.models import (
     CLOSED_SERVICE_STATUSES,
     AuditEntry,
@@ -56,12 +58,15 @@ Clock = Callable[[], dt.datetime]
 Progress = Callable[[int], None]
 
 R, S, C, P = CancellationRequest, Service, Client, Product
+PER_REQUEST_POINTS = ("PreModuleTerminate", "EmailPreSend", "TerminateAccount", "AfterModuleTerminate",
+                      "AfterModuleTerminateFailed", "AddonCancelled", "InvoiceCancelled", "ServiceCancelled")
 
 
 class Action(StrEnum):
     CANCEL = "cancel"  # cancel the service, its add-ons and unpaid invoices; queue the email
     NOOP = "no-op"  # the service is already Cancelled or Terminated: complete the request only
     ERROR = "error"  # this attempt failed; retried later, or failed after max_attempts
+    VETOED = "vetoed"  # a PreModuleTerminate hook said no; retried like an error
     SKIPPED = "skipped"  # no longer pending when we came to write it (done by someone else)
 
 
@@ -88,8 +93,12 @@ class Outcome:
     attempts: int = 0  # attempts before this one
     email: QueuedEmail | None = None
     error: str | None = None
-    gave_up: bool = False  # an ERROR that used the last attempt: the request is now failed
+    gave_up: bool = False  # an ERROR or VETOED that used the last attempt: the request is now failed
     service_status: str = ""
+    params: dict[str, Any] | None = None  # the hooks' params, when any per-request hook is registered
+    email_aborted_by: str | None = None  # the EmailPreSend hook that returned abortsend
+    addons: list[dict[str, Any]] = field(default_factory=list)  # cancelled with it, for AddonCancelled
+    invoices: list[dict[str, Any]] = field(default_factory=list)  # cancelled with it, for InvoiceCancelled
 
 
 @dataclass
@@ -111,6 +120,7 @@ class Tally:
     noop: int = 0
     retrying: int = 0
     failed: int = 0
+    vetoed: int = 0
     skipped: int = 0
     emails_queued: int = 0
     late: int = 0
@@ -123,8 +133,10 @@ class Tally:
             t.completed += o.action is Action.CANCEL
             t.noop += o.action is Action.NOOP
             t.skipped += o.action is Action.SKIPPED
+            retried = o.action in (Action.ERROR, Action.VETOED)
             t.retrying += o.action is Action.ERROR and not o.gave_up
-            t.failed += o.action is Action.ERROR and o.gave_up
+            t.vetoed += o.action is Action.VETOED
+            t.failed += retried and o.gave_up
             t.emails_queued += o.action is Action.CANCEL and o.email is not None
             if o.action in (Action.CANCEL, Action.NOOP) and o.days_late > 0:
                 t.late += 1
@@ -144,18 +156,26 @@ class RunSummary(Tally):
     as_of: dt.date | None = None
     status: str = ""
     failures: list[dict[str, Any]] = field(default_factory=list)
+    digest_suppressed: bool = False  # a DailyCronJobPreEmail hook asked for no staff digest
+
+    def as_dict(self) -> dict[str, Any]:
+        """The summary as plain data (for --json and the hooks)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["failures"] = [dict(f) for f in self.failures]
+        return data
 
     @property
     def exit_code(self) -> int:
-        """0 all done; 1 some requests failed (they stay pending, or failed for good)."""
-        return 1 if self.retrying or self.failed else 0
+        """0 all done; 1 some requests failed or were vetoed (they stay pending, or failed for good)."""
+        return 1 if self.retrying or self.failed or self.vetoed else 0
 
     def record(self, outcomes: Sequence[Outcome]) -> Tally:
         tally = Tally.of(outcomes)
         self.add(tally)
         self.failures.extend(
-            {"request_id": o.request_id, "service_id": o.service_id, "error": o.error, "gave_up": o.gave_up}
-            for o in outcomes if o.action is Action.ERROR
+            {"request_id": o.request_id, "service_id": o.service_id, "error": o.error, "gave_up": o.gave_up,
+             "vetoed": o.action is Action.VETOED}
+            for o in outcomes if o.action in (Action.ERROR, Action.VETOED)
         )
         return tally
 
@@ -183,14 +203,6 @@ class _Audit:
             ["request_id", "entity_id", "action", "detail", "at", "actor", "run_id", "entity"], q))
 
 
-def _due_columns() -> tuple[Any, ...]:
-    return (
-        R.id, R.type, R.cancel_on, R.reason, R.created_at, R.attempts,
-        S.id.label("service_id"), S.status.label("service_status"), S.domain, S.next_due_date,
-        S.billing_cycle, C.first_name, C.last_name, C.email, P.name.label("product_name"),
-    )
-
-
 class Runner:
     """One run over the due requests. Everything it needs is passed in (no globals)."""
 
@@ -201,9 +213,13 @@ class Runner:
         *,
         clock: Clock,
         templates: EmailTemplates | None = None,
+        hooks: HookRegistry | None = None,
         progress: Progress | None = None,
     ) -> None:
         self.db = db
+        self.hooks = hooks or HookRegistry()
+        # Building a request's hook params costs time; only when some hook will read them.
+        self._hooked = any(self.hooks.has(p) for p in PER_REQUEST_POINTS)
         self.settings = settings
         self.clock = clock
         self.templates = templates or EmailTemplates(
@@ -220,11 +236,7 @@ class Runner:
 
     def _due_query(self, options: RunOptions, now: dt.datetime, after_id: int, limit: int) -> Any:
         stmt = (
-            select(*_due_columns())
-            .select_from(R)
-            .join(S, S.id == R.service_id)
-            .join(C, C.id == S.client_id)
-            .join(P, P.id == S.product_id)
+            request_select()
             .where(R.status == RequestStatus.PENDING, R.id > after_id)
             .order_by(R.id)
             .limit(limit)
@@ -283,24 +295,65 @@ class Runner:
             request_id=row.id,
         )
 
-    def decide(self, row: Row[Any], as_of: dt.date, run_fields: dict[str, Any]) -> Outcome:
-        """What to do with one due request. Never raises: a problem is an ERROR outcome."""
+    def decide(self, row: Row[Any], as_of: dt.date, run_fields: dict[str, Any], run_id: int | None = None,
+               dry_run: bool = False) -> Outcome:
+        """What to do with one due request: everything but the database write. Never raises.
+
+        Order matters: every step that can fail (vetoes, bad data, rendering) comes before
+        TerminateAccount, the one step with an effect outside, so a failure after it is rare.
+        """
+        params = None
         try:
             created_on = business_today(row.created_at, self.settings.zone)
             late = days_late(row.type, row.next_due_date, row.cancel_on, created_on, as_of)
             if row.service_status in CLOSED_SERVICE_STATUSES:
                 return Outcome(row.id, row.service_id, Action.NOOP, late, row.attempts,
                                service_status=row.service_status.value)
+            params = request_params(row, run_id=run_id, as_of=as_of, dry_run=dry_run) if self._hooked else None
+            veto = self._pre_terminate(params) if params is not None else None
+            if veto is not None:
+                return Outcome(row.id, row.service_id, Action.VETOED, late, row.attempts, error=veto, params=params)
             if not row.email or "@" not in row.email:
                 raise InputError(f"client of service {row.service_id} has no valid email address ({row.email!r})")
-            rendered = self.templates.render(SERVICE_CANCELLATION_CONFIRMATION, self.merge_fields(row, run_fields))
-            email = QueuedEmail(f"{SERVICE_CANCELLATION_CONFIRMATION}:request:{row.id}",
-                                SERVICE_CANCELLATION_CONFIRMATION, row.id, row.email,
-                                rendered.subject, rendered.text, rendered.html)
+            email, aborted_by = self._email(row, self.merge_fields(row, run_fields), run_id, dry_run)
+            if params is not None and not dry_run:
+                self._terminate(params)
             return Outcome(row.id, row.service_id, Action.CANCEL, late, row.attempts, email,
-                           service_status=row.service_status.value)
+                           service_status=row.service_status.value, params=params, email_aborted_by=aborted_by)
         except Exception as exc:  # one bad request never stops the others
-            return Outcome(row.id, row.service_id, Action.ERROR, attempts=row.attempts, error=_one_line(exc))
+            message = str(exc) if isinstance(exc, HookFailed) else _one_line(exc)
+            return Outcome(row.id, row.service_id, Action.ERROR, attempts=row.attempts, error=message, params=params)
+
+    def _pre_terminate(self, params: dict[str, Any]) -> str | None:
+        """PreModuleTerminate hooks in order: a veto stops them; other dicts merge into params."""
+        for impl, result in self.hooks.call_each("PreModuleTerminate", params):
+            if isinstance(result, dict):
+                if result.get("abortcmd"):
+                    return f"vetoed by {impl.label}: {result.get('reason') or 'no reason given'}"
+                params.update((k, v) for k, v in result.items() if k not in ("abortcmd", "reason", "params"))
+        return None
+
+    def _email(self, row: Row[Any], fields: dict[str, Any], run_id: int | None,
+               dry_run: bool) -> tuple[QueuedEmail | None, str | None]:
+        """Render the confirmation, after EmailPreSend hooks add merge fields or abort it."""
+        if self.hooks.has("EmailPreSend"):
+            hook_params: dict[str, Any] = {"template": SERVICE_CANCELLATION_CONFIRMATION, "to_address": row.email,
+                                           "fields": fields, "request_id": row.id, "run_id": run_id, "dry_run": dry_run}
+            hook_params["params"] = hook_params
+            for impl, result in self.hooks.call_each("EmailPreSend", hook_params):
+                if isinstance(result, dict):
+                    if result.get("abortsend"):
+                        return None, impl.label
+                    fields.update((k, v) for k, v in result.items() if k != "abortsend")
+        rendered = self.templates.render(SERVICE_CANCELLATION_CONFIRMATION, fields)
+        return QueuedEmail(f"{SERVICE_CANCELLATION_CONFIRMATION}:request:{row.id}", SERVICE_CANCELLATION_CONFIRMATION,
+                           row.id, row.email, rendered.subject, rendered.text, rendered.html), None
+
+    def _terminate(self, params: dict[str, Any]) -> None:
+        """TerminateAccount hooks: the external deprovisioning. Raising or {'error': ...} fails it."""
+        for impl, result in self.hooks.call_each("TerminateAccount", params):
+            if isinstance(result, dict) and result.get("error"):
+                raise HookFailed(impl, f"returned error: {result['error']}")
 
     def preview(self, options: RunOptions) -> Iterator[dict[str, Any]]:
         """--dry-run: what the run would do to each due request. Reads only; no lease."""
@@ -322,7 +375,7 @@ class Runner:
             for i in invoices:
                 invoices_of.setdefault(i.service_id, []).append(f"#{i.id} {i.amount}")
             for row in rows:
-                o = self.decide(row, options.as_of, fields)
+                o = self.decide(row, options.as_of, fields, dry_run=True)
                 created_on = business_today(row.created_at, self.settings.zone)
                 cancel = o.action is Action.CANCEL
                 yield {
@@ -334,7 +387,9 @@ class Runner:
                     "addons": ", ".join(addons_of.get(row.service_id, [])) if cancel else "",
                     "unpaid_invoices": ", ".join(invoices_of.get(row.service_id, [])) if cancel else "",
                     "email_to": o.email.to_address if o.email else "",
-                    "detail": o.error or (o.email.subject if o.email else f"service already {row.service_status}"),
+                    "detail": o.error or (o.email.subject if o.email else
+                                          f"email aborted by {o.email_aborted_by}" if o.email_aborted_by else
+                                          f"service already {row.service_status.value}"),
                 }
 
     # --- writing ---------------------------------------------------------------------------
@@ -354,10 +409,10 @@ class Runner:
                 o.action = Action.SKIPPED
         cancels = [o for o in outcomes if o.action is Action.CANCEL]
         noops = [o for o in outcomes if o.action is Action.NOOP]
-        errors = [o for o in outcomes if o.action is Action.ERROR]
+        failures = [o for o in outcomes if o.action in (Action.ERROR, Action.VETOED)]
         audit = _Audit(conn, run_id, now)
         if cancels:
-            self._cancel_services(conn, audit, [o.request_id for o in cancels], as_of)
+            self._cancel_services(conn, audit, cancels, as_of)
             insert_rows(conn, OutboxEmail.__table__, QueuedEmail._fields, [o.email for o in cancels if o.email],
                         dict(run_id=run_id, status=EmailStatus.QUEUED, attempts=0, created_at=now,
                              from_address=self.settings.email.from_address))
@@ -370,17 +425,21 @@ class Runner:
         audit.rows([(o.request_id, "request", o.request_id, "completed",
                      f"no-op: service already {o.service_status}; request completed without changes")
                     for o in noops])
-        for o in errors:
+        audit.rows([(o.request_id, "email", o.request_id, "aborted",
+                     f"{SERVICE_CANCELLATION_CONFIRMATION} not queued: abortsend from {o.email_aborted_by}")
+                    for o in cancels if o.email_aborted_by])
+        for o in failures:
             self._record_failure(conn, audit, o, run_id, now)
 
-    def _cancel_services(self, conn: Connection, audit: _Audit, request_ids: list[int], as_of: dt.date) -> None:
+    def _cancel_services(self, conn: Connection, audit: _Audit, cancels: list[Outcome], as_of: dt.date) -> None:
         """Cancel the services of these requests, their add-ons and unpaid invoices; audit each.
 
         Each audit INSERT ... SELECT runs before its UPDATE, so it sees (and can name) what
-        the row was, and no row is fetched into Python.
+        the row was. Rows are fetched into Python only for hooks that want them.
         """
-        chunk = self.db.in_ids(R.id, request_ids)
+        chunk = self.db.in_ids(R.id, [o.request_id for o in cancels])
         open_addon = ServiceAddon.status.not_in(CLOSED_SERVICE_STATUSES)
+        self._attach_for_hooks(conn, cancels, chunk, open_addon)
         audit.select("service", select(R.id, S.id, literal("cancelled"),
                                        literal("was ") + S.status + literal(f"; termination date {as_of}"))
                      .join(S, S.id == R.service_id).where(chunk))
@@ -400,6 +459,20 @@ class Runner:
             conn.execute(update(Invoice).where(Invoice.service_id.in_(services), Invoice.status == InvoiceStatus.UNPAID)
                          .values(status=InvoiceStatus.CANCELLED))
 
+    def _attach_for_hooks(self, conn: Connection, cancels: list[Outcome], chunk: Any, open_addon: Any) -> None:
+        """The add-ons and unpaid invoices about to be cancelled, for AddonCancelled and InvoiceCancelled."""
+        by_service = {o.service_id: o for o in cancels}
+        if self.hooks.has("AddonCancelled"):
+            for a in conn.execute(select(ServiceAddon).join(R, R.service_id == ServiceAddon.service_id)
+                                  .where(chunk, open_addon)).scalars():
+                by_service[a.service_id].addons.append(
+                    {"id": a.id, "external_id": a.external_id, "name": a.name, "amount": a.amount})
+        if self.hooks.has("InvoiceCancelled") and self.settings.cancel_unpaid_invoices:
+            for i in conn.execute(select(Invoice).join(R, R.service_id == Invoice.service_id)
+                                  .where(chunk, Invoice.status == InvoiceStatus.UNPAID)).scalars():
+                by_service[i.service_id].invoices.append(
+                    {"id": i.id, "external_id": i.external_id, "amount": i.amount, "due_date": i.due_date})
+
     def _complete_requests(self, conn: Connection, done: list[Outcome], run_id: int, now: dt.datetime) -> None:
         """Mark requests completed, each with its lateness, in one statement."""
         if not done:
@@ -413,7 +486,8 @@ class Runner:
         )
 
     def _record_failure(self, conn: Connection, audit: _Audit, o: Outcome, run_id: int, now: dt.datetime) -> None:
-        """One more failed attempt: retry later with backoff, or give up (manual cancellation required)."""
+        """One more failed (or vetoed) attempt: retry later with backoff, or give up (manual
+        cancellation required)."""
         decision = self.retry.after_failure(o.attempts + 1, now)
         o.gave_up = decision.give_up
         conn.execute(
@@ -422,10 +496,12 @@ class Runner:
                 status=RequestStatus.FAILED if decision.give_up else RequestStatus.PENDING,
             )
         )
+        action = "vetoed" if o.action is Action.VETOED else "attempt_failed"
         if decision.give_up:
-            audit.rows([(o.request_id, "request", o.request_id, "failed", o.error or "")])
+            audit.rows([(o.request_id, "request", o.request_id, "failed",
+                         f"{o.error}; gave up after {o.attempts + 1} attempts: manual cancellation required")])
         else:
-            audit.rows([(o.request_id, "request", o.request_id, "attempt_failed",
+            audit.rows([(o.request_id, "request", o.request_id, action,
                          f"{o.error}; next attempt after {decision.next_attempt_at:%Y-%m-%d %H:%M} UTC")])
 
     def _write_chunk(self, outcomes: list[Outcome], run_id: int, as_of: dt.date, now: dt.datetime,
@@ -460,7 +536,7 @@ class Runner:
         conn.execute(
             update(Run).where(Run.id == run_id).values(
                 due=Run.due + t.due, completed=Run.completed + t.completed, noop=Run.noop + t.noop,
-                retrying=Run.retrying + t.retrying, failed=Run.failed + t.failed,
+                retrying=Run.retrying + t.retrying, failed=Run.failed + t.failed, vetoed=Run.vetoed + t.vetoed,
                 emails_queued=Run.emails_queued + t.emails_queued, late=Run.late + t.late,
                 max_days_late=case((Run.max_days_late > t.max_days_late, Run.max_days_late), else_=t.max_days_late),
             )
@@ -491,13 +567,16 @@ class Runner:
         """The chunk loop of a run that holds the lease; closes the run record whatever happens."""
         summary = RunSummary(run_id=run_id, as_of=options.as_of, status=RunStatus.RUNNING)
         self.log.info("run started", as_of=str(options.as_of), trigger=str(options.trigger), operator=options.operator)
+        self.hooks.notify("PreCronJob", with_params({}, run_id=run_id, as_of=options.as_of, trigger=options.trigger.value,
+                                              operator=options.operator))
         try:
             fields = self.run_fields(options.as_of)
             for rows in self._chunks(options, now):
                 now = self.clock()
-                outcomes = [self.decide(row, options.as_of, fields) for row in rows]
+                outcomes = [self.decide(row, options.as_of, fields, run_id) for row in rows]
                 self._write_chunk(outcomes, run_id, options.as_of, now, summary)
                 self._log_chunk(outcomes)
+                self._after_commit(outcomes)
                 if self.progress:
                     self.progress(len(rows))
         except BaseException as exc:
@@ -509,9 +588,29 @@ class Runner:
         summary.status = RunStatus.COMPLETED_WITH_FAILURES if summary.exit_code else RunStatus.COMPLETED
         self._finish(run_id, summary.status)
         self.log.info("run finished", status=str(summary.status), due=summary.due, completed=summary.completed,
-                      noop=summary.noop, retrying=summary.retrying, failed=summary.failed,
+                      noop=summary.noop, retrying=summary.retrying, failed=summary.failed, vetoed=summary.vetoed,
                       emails_queued=summary.emails_queued, late=summary.late, max_days_late=summary.max_days_late)
+        self.hooks.notify("AfterCronJob", with_params({}, run_id=run_id, summary=summary.as_dict()))
+        suppress = self.hooks.notify("DailyCronJobPreEmail", with_params({}, run_id=run_id, summary=summary.as_dict()))
+        summary.digest_suppressed = any(suppress)
         return summary
+
+    def _after_commit(self, outcomes: list[Outcome]) -> None:
+        """Hooks on what was just committed (or failed). Their exceptions are logged, never undo."""
+        if not self._hooked:
+            return
+        for o in outcomes:
+            if o.params is None:
+                continue
+            if o.action is Action.CANCEL:
+                self.hooks.notify("AfterModuleTerminate", o.params)
+                for addon in o.addons:
+                    self.hooks.notify("AddonCancelled", with_params(o.params, addon_id=addon["id"], addon=addon))
+                for invoice in o.invoices:
+                    self.hooks.notify("InvoiceCancelled", with_params(o.params, invoice_id=invoice["id"], invoice=invoice))
+                self.hooks.notify("ServiceCancelled", with_params(o.params, days_late=o.days_late))
+            elif o.action is Action.ERROR:
+                self.hooks.notify("AfterModuleTerminateFailed", with_params(o.params, error=o.error))
 
     def _log_chunk(self, outcomes: list[Outcome]) -> None:
         """A line per chunk, and one per request that did not go through. Completed requests
@@ -519,8 +618,9 @@ class Runner:
         counts: dict[str, int] = {}
         for o in outcomes:
             counts[o.action.value] = counts.get(o.action.value, 0) + 1
-            if o.action is Action.ERROR:
+            if o.action in (Action.ERROR, Action.VETOED):
                 self.log.warning("request failed: manual cancellation required" if o.gave_up
+                                 else "request vetoed; will retry" if o.action is Action.VETOED
                                  else "request attempt failed; will retry", request_id=o.request_id,
                                  service_id=o.service_id, error=o.error, attempts=o.attempts + 1)
             elif o.action is Action.SKIPPED:

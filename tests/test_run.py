@@ -119,7 +119,7 @@ def test_one_bad_request_fails_alone_then_retries_with_backoff_then_fails(db, se
 
     first = run(db, settings, now)
     assert (first.completed, first.retrying, first.failed, first.exit_code) == (3, 1, 0, 1)
-    assert first.failures == [{"request_id": bad, "service_id": bad_svc.id, "gave_up": False,
+    assert first.failures == [{"request_id": bad, "service_id": bad_svc.id, "gave_up": False, "vetoed": False,
                                "error": f"client of service {bad_svc.id} has no valid email address ('')"}]
     with db.read_session() as s:
         req = s.get(CancellationRequest, bad)

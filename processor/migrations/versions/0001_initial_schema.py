@@ -53,6 +53,7 @@ def upgrade() -> None:
     sa.Column('noop', sa.Integer(), nullable=False),
     sa.Column('retrying', sa.Integer(), nullable=False),
     sa.Column('failed', sa.Integer(), nullable=False),
+    sa.Column('vetoed', sa.Integer(), nullable=False),
     sa.Column('emails_queued', sa.Integer(), nullable=False),
     sa.Column('late', sa.Integer(), nullable=False),
     sa.Column('max_days_late', sa.Integer(), nullable=False),

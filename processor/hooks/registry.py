@@ -1,0 +1,138 @@
+"""The hook registry: validated registrations, run order, calls with only the wanted arguments."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from processor.errors import InputError
+from processor.hooks.points import POINTS
+
+
+class HookDefinitionError(InputError):
+    """A hook is declared wrongly: unknown point, unknown parameter, bad priority."""
+
+
+class HookFailed(Exception):
+    """A hook that may fail the request raised, or returned an error."""
+
+    def __init__(self, impl: HookImpl, message: str) -> None:
+        super().__init__(f"{impl.point} hook {impl.label}: {message}")
+        self.impl = impl
+
+
+@dataclass(frozen=True)
+class HookImpl:
+    point: str
+    fn: Callable[..., Any]
+    priority: int
+    source: str  # the hook file's name, or "entry point NAME"
+    line: int
+    seq: int  # registration order within its source
+    wants: tuple[str, ...] | None  # the parameters it asks for; None: all of them (**kwargs)
+
+    @property
+    def label(self) -> str:
+        return f"{self.fn.__qualname__} ({self.source}:{self.line})"
+
+    @property
+    def order(self) -> tuple[int, str, int]:
+        # Lower priority first; then file name, then registration order (WHMCS leaves it undefined).
+        return (self.priority, self.source, self.seq)
+
+
+def check_signature(point_name: str, fn: Callable[..., Any], priority: Any, where: str) -> tuple[str, ...] | None:
+    """Validate one registration; return the parameters the function wants (None: all)."""
+    point = POINTS.get(point_name)
+    if point is None:
+        raise HookDefinitionError(f"{where}: unknown hook point {point_name!r} (known: {', '.join(POINTS)})")
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise HookDefinitionError(f"{where}: priority of {point_name} hook must be an integer, not {priority!r}")
+    if not callable(fn):
+        raise HookDefinitionError(f"{where}: {point_name} hook is not a function: {fn!r}")
+    wants: list[str] = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            return None
+        if p.kind is p.VAR_POSITIONAL:
+            continue
+        if p.name not in point.params:
+            if p.default is not p.empty:
+                continue  # an optional parameter the point does not give keeps its default
+            raise HookDefinitionError(
+                f"{where}: {getattr(fn, '__qualname__', fn)} asks for {p.name!r}, which {point_name} does not give "
+                f"(it gives: {', '.join(point.params)})")
+        wants.append(p.name)
+    return tuple(wants)
+
+
+@dataclass
+class HookRegistry:
+    """The loaded hooks. Passed to whatever fires them; never a module global."""
+
+    trace: bool = False
+    _impls: dict[str, list[HookImpl]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.log = structlog.get_logger("cancelproc.hooks")
+
+    def register(self, impl: HookImpl) -> None:
+        impls = self._impls.setdefault(impl.point, [])
+        impls.append(impl)
+        impls.sort(key=lambda i: i.order)
+
+    def has(self, point: str) -> bool:
+        return bool(self._impls.get(point))
+
+    def impls(self, point: str | None = None) -> list[HookImpl]:
+        """Hooks in run order: of one point, or of every point in declaration order."""
+        if point is not None:
+            return list(self._impls.get(point, ()))
+        return [impl for name in POINTS for impl in self._impls.get(name, ())]
+
+    def _call_one(self, impl: HookImpl, params: Mapping[str, Any]) -> Any:
+        kwargs = params if impl.wants is None else {name: params[name] for name in impl.wants}
+        result = impl.fn(**kwargs)
+        if self.trace:
+            self.log.info("hook called", point=impl.point, hook=impl.label, arguments=_short(kwargs),
+                          result=_short(result))
+        return result
+
+    def call(self, point: str, params: dict[str, Any]) -> list[tuple[HookImpl, Any]]:
+        """Call the point's hooks in order; an exception becomes HookFailed naming the hook."""
+        return list(self.call_each(point, params))
+
+    def call_each(self, point: str, params: dict[str, Any]) -> Iterator[tuple[HookImpl, Any]]:
+        """Like `call`, but lazily: the caller may change `params` between two hooks."""
+        for impl in self._impls.get(point, ()):
+            try:
+                result = self._call_one(impl, params)
+            except Exception as exc:
+                raise HookFailed(impl, _one_line(exc)) from exc
+            yield impl, result
+
+    def notify(self, point: str, params: dict[str, Any]) -> list[Any]:
+        """Call hooks that cannot undo what happened; an exception is logged with the hook's
+        name and file, never raised. Returns the results of the hooks that did not raise."""
+        results = []
+        for impl in self._impls.get(point, ()):
+            try:
+                results.append(self._call_one(impl, params))
+            except Exception as exc:
+                self.log.error("hook failed", point=point, hook=impl.label, error=_one_line(exc),
+                               request_id=params.get("request_id"))
+        return results
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _short(value: Any, limit: int = 2000) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
