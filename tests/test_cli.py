@@ -326,7 +326,7 @@ def test_dry_run_changes_nothing(invoke: Invoke, seeded: Database) -> None:
     preview = as_json(json_result)
     assert snapshot(seeded) == before
     assert preview["dry_run"] is True and preview["as_of"] == "2026-11-26"
-    assert preview["summary"] == {"cancel": 3, "no-op": 1, "error": 0}
+    assert preview["summary"] == {"cancel": 3, "no-op": 1, "vetoed": 0, "error": 0}
 
 
 def test_dry_run_json_matches_what_the_real_run_does(invoke: Invoke, seeded: Database) -> None:
