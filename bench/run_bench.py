@@ -83,6 +83,22 @@ def child_env(db_path: Path, chunk_size: int | None) -> dict[str, str]:
     return env
 
 
+TRIVIAL_HOOKS = """\
+# Written by bench/run_bench.py --hooks: one trivial hook on every hook point.
+from processor.hooks import POINTS, add_hook
+
+for _point in POINTS:
+    add_hook(_point, 0, lambda params: None)
+"""
+
+
+def write_trivial_hooks(root: Path) -> Path:
+    hooks_dir = root / "bench-hooks"
+    hooks_dir.mkdir()
+    (hooks_dir / "trivial.py").write_text(TRIVIAL_HOOKS)
+    return hooks_dir
+
+
 def ts(value: dt.datetime) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S.%f")
 
@@ -234,6 +250,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temp folder and print its path")
     parser.add_argument("--setup-only", action="store_true", help="load the data, print the folder, stop (implies --keep)")
     parser.add_argument("--profile", action="store_true", help="run the processor under cProfile (slower)")
+    parser.add_argument("--hooks", action="store_true", help="register one trivial hook on every hook point")
     args = parser.parse_args()
     n = args.n
     if n < 1:
@@ -243,6 +260,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="cancelproc-bench-"))
     db_path = root / "bench.db"
     env = child_env(db_path, args.chunk_size)
+    if args.hooks:
+        env["CANCELPROC_HOOKS_DIR"] = str(write_trivial_hooks(root))
     ok = False
     try:
         init = subprocess.run([sys.executable, "-m", "processor", "init"], cwd=root, env=env,
@@ -274,6 +293,7 @@ def main() -> None:
         rate, wall_rate, rss_mb = n / run_s, n / wall, rss / 2**20
         ratio = rate / floor_rate
         print(f"N: {n:,}" + (f" (chunk size {args.chunk_size})" if args.chunk_size else "")
+              + (" with a trivial hook on every point" if args.hooks else "")
               + (" [under cProfile]" if profile else ""))
         print(f"processor: {n:,} requests in {run_s:.3f}s (run record) = {rate:,.0f} requests/s")
         print(f"processor wall clock incl. process start: {wall:.3f}s = {wall_rate:,.0f} requests/s")

@@ -55,11 +55,9 @@ def request_params(row: Row[Any], **more: Any) -> dict[str, Any]:
 
 
 def with_params(params: dict[str, Any], **more: Any) -> dict[str, Any]:
-    """A point's params: `params` plus its own keys; the key "params" names the new dict itself
-    (WHMCS passes everything as one $params array)."""
-    combined = {**params, **more}
-    combined["params"] = combined
-    return combined
+    """A point's params: `params` plus its own keys. (A hook asking for `params` gets this
+    whole dict, WHMCS's $params; the registry hands it over.)"""
+    return {**params, **more}
 
 
 __all__ = ["request_params", "request_select", "with_params"]

@@ -97,8 +97,8 @@ class Outcome:
     service_status: str = ""
     params: dict[str, Any] | None = None  # the hooks' params, when any per-request hook is registered
     email_aborted_by: str | None = None  # the EmailPreSend hook that returned abortsend
-    addons: list[dict[str, Any]] = field(default_factory=list)  # cancelled with it, for AddonCancelled
-    invoices: list[dict[str, Any]] = field(default_factory=list)  # cancelled with it, for InvoiceCancelled
+    addons: Sequence[dict[str, Any]] = ()  # cancelled with it, for AddonCancelled
+    invoices: Sequence[dict[str, Any]] = ()  # cancelled with it, for InvoiceCancelled
 
 
 @dataclass
@@ -326,7 +326,8 @@ class Runner:
 
     def _pre_terminate(self, params: dict[str, Any]) -> str | None:
         """PreModuleTerminate hooks in order: a veto stops them; other dicts merge into params."""
-        for impl, result in self.hooks.call_each("PreModuleTerminate", params):
+        for impl in self.hooks.of("PreModuleTerminate"):
+            result = self.hooks.call_one(impl, params)
             if isinstance(result, dict):
                 if result.get("abortcmd"):
                     return f"vetoed by {impl.label}: {result.get('reason') or 'no reason given'}"
@@ -339,8 +340,8 @@ class Runner:
         if self.hooks.has("EmailPreSend"):
             hook_params: dict[str, Any] = {"template": SERVICE_CANCELLATION_CONFIRMATION, "to_address": row.email,
                                            "fields": fields, "request_id": row.id, "run_id": run_id, "dry_run": dry_run}
-            hook_params["params"] = hook_params
-            for impl, result in self.hooks.call_each("EmailPreSend", hook_params):
+            for impl in self.hooks.of("EmailPreSend"):
+                result = self.hooks.call_one(impl, hook_params)
                 if isinstance(result, dict):
                     if result.get("abortsend"):
                         return None, impl.label
@@ -351,7 +352,8 @@ class Runner:
 
     def _terminate(self, params: dict[str, Any]) -> None:
         """TerminateAccount hooks: the external deprovisioning. Raising or {'error': ...} fails it."""
-        for impl, result in self.hooks.call_each("TerminateAccount", params):
+        for impl in self.hooks.of("TerminateAccount"):
+            result = self.hooks.call_one(impl, params)
             if isinstance(result, dict) and result.get("error"):
                 raise HookFailed(impl, f"returned error: {result['error']}")
 
@@ -461,17 +463,21 @@ class Runner:
 
     def _attach_for_hooks(self, conn: Connection, cancels: list[Outcome], chunk: Any, open_addon: Any) -> None:
         """The add-ons and unpaid invoices about to be cancelled, for AddonCancelled and InvoiceCancelled."""
-        by_service = {o.service_id: o for o in cancels}
+        A, I = ServiceAddon, Invoice
+        addons: dict[int, list[dict[str, Any]]] = {}
+        invoices: dict[int, list[dict[str, Any]]] = {}
         if self.hooks.has("AddonCancelled"):
-            for a in conn.execute(select(ServiceAddon).join(R, R.service_id == ServiceAddon.service_id)
-                                  .where(chunk, open_addon)).scalars():
-                by_service[a.service_id].addons.append(
+            for a in conn.execute(select(A.id, A.service_id, A.external_id, A.name, A.amount)
+                                  .join(R, R.service_id == A.service_id).where(chunk, open_addon)):
+                addons.setdefault(a.service_id, []).append(
                     {"id": a.id, "external_id": a.external_id, "name": a.name, "amount": a.amount})
         if self.hooks.has("InvoiceCancelled") and self.settings.cancel_unpaid_invoices:
-            for i in conn.execute(select(Invoice).join(R, R.service_id == Invoice.service_id)
-                                  .where(chunk, Invoice.status == InvoiceStatus.UNPAID)).scalars():
-                by_service[i.service_id].invoices.append(
+            for i in conn.execute(select(I.id, I.service_id, I.external_id, I.amount, I.due_date)
+                                  .join(R, R.service_id == I.service_id).where(chunk, I.status == InvoiceStatus.UNPAID)):
+                invoices.setdefault(i.service_id, []).append(
                     {"id": i.id, "external_id": i.external_id, "amount": i.amount, "due_date": i.due_date})
+        for o in cancels:
+            o.addons, o.invoices = addons.get(o.service_id, ()), invoices.get(o.service_id, ())
 
     def _complete_requests(self, conn: Connection, done: list[Outcome], run_id: int, now: dt.datetime) -> None:
         """Mark requests completed, each with its lateness, in one statement."""

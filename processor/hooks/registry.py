@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +88,10 @@ class HookRegistry:
     def has(self, point: str) -> bool:
         return bool(self._impls.get(point))
 
+    def of(self, point: str) -> Sequence[HookImpl]:
+        """The point's hooks in run order (not a copy: do not change it)."""
+        return self._impls.get(point, ())
+
     def impls(self, point: str | None = None) -> list[HookImpl]:
         """Hooks in run order: of one point, or of every point in declaration order."""
         if point is not None:
@@ -95,7 +99,12 @@ class HookRegistry:
         return [impl for name in POINTS for impl in self._impls.get(name, ())]
 
     def _call_one(self, impl: HookImpl, params: Mapping[str, Any]) -> Any:
-        kwargs = params if impl.wants is None else {name: params[name] for name in impl.wants}
+        # `params` (all of them, WHMCS style) is handed over here rather than stored in the
+        # dict itself: a dict that contains itself is a reference cycle per request.
+        if impl.wants is None:
+            kwargs = {**params, "params": params}
+        else:
+            kwargs = {name: params if name == "params" else params[name] for name in impl.wants}
         result = impl.fn(**kwargs)
         if self.trace:
             self.log.info("hook called", point=impl.point, hook=impl.label, arguments=_short(kwargs),
@@ -104,16 +113,14 @@ class HookRegistry:
 
     def call(self, point: str, params: dict[str, Any]) -> list[tuple[HookImpl, Any]]:
         """Call the point's hooks in order; an exception becomes HookFailed naming the hook."""
-        return list(self.call_each(point, params))
+        return [(impl, self.call_one(impl, params)) for impl in self._impls.get(point, ())]
 
-    def call_each(self, point: str, params: dict[str, Any]) -> Iterator[tuple[HookImpl, Any]]:
-        """Like `call`, but lazily: the caller may change `params` between two hooks."""
-        for impl in self._impls.get(point, ()):
-            try:
-                result = self._call_one(impl, params)
-            except Exception as exc:
-                raise HookFailed(impl, _one_line(exc)) from exc
-            yield impl, result
+    def call_one(self, impl: HookImpl, params: Mapping[str, Any]) -> Any:
+        """Call one hook; an exception becomes HookFailed naming it."""
+        try:
+            return self._call_one(impl, params)
+        except Exception as exc:  # a hook is operator code: anything may come out of it
+            raise HookFailed(impl, _one_line(exc)) from exc
 
     def notify(self, point: str, params: dict[str, Any]) -> list[Any]:
         """Call hooks that cannot undo what happened; an exception is logged with the hook's
