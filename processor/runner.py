@@ -236,7 +236,7 @@ class Runner:
 
     def _due_query(self, options: RunOptions, now: dt.datetime, after_id: int, limit: int) -> Any:
         stmt = (
-            request_select()
+            request_select(for_hooks=self._hooked)
             .where(R.status == RequestStatus.PENDING, R.id > after_id)
             .order_by(R.id)
             .limit(limit)

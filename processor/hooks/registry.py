@@ -60,6 +60,12 @@ def check_signature(point_name: str, fn: Callable[..., Any], priority: Any, wher
             return None
         if p.kind is p.VAR_POSITIONAL:
             continue
+        if p.kind is p.POSITIONAL_ONLY:
+            if p.default is not p.empty:
+                continue
+            raise HookDefinitionError(
+                f"{where}: {getattr(fn, '__qualname__', fn)} has positional-only parameter {p.name!r}; "
+                "hooks are called with keyword arguments (remove the '/')")
         if p.name not in point.params:
             if p.default is not p.empty:
                 continue  # an optional parameter the point does not give keeps its default
