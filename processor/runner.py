@@ -547,7 +547,8 @@ class Runner:
                 max_days_late=case((Run.max_days_late > t.max_days_late, Run.max_days_late), else_=t.max_days_late),
             )
         )
-        lease.renew(conn, run_id, now=now, seconds=self.settings.lease_seconds)
+        # From now, not from when the chunk was read: hooks may have taken most of the lease.
+        lease.renew(conn, run_id, now=self.clock(), seconds=self.settings.lease_seconds)
 
     # --- the run ---------------------------------------------------------------------------
 
@@ -609,12 +610,17 @@ class Runner:
             if o.params is None:
                 continue
             if o.action is Action.CANCEL:
-                self.hooks.notify("AfterModuleTerminate", o.params)
+                # The params were read before the write; the hooks after it see what was committed
+                # (new dicts: a hook before the write may have kept the old ones).
+                params = {**o.params,
+                          "service": {**o.params["service"], "status": ServiceStatus.CANCELLED.value},
+                          "request": {**o.params["request"], "status": RequestStatus.COMPLETED.value}}
+                self.hooks.notify("AfterModuleTerminate", params)
                 for addon in o.addons:
-                    self.hooks.notify("AddonCancelled", with_params(o.params, addon_id=addon["id"], addon=addon))
+                    self.hooks.notify("AddonCancelled", with_params(params, addon_id=addon["id"], addon=addon))
                 for invoice in o.invoices:
-                    self.hooks.notify("InvoiceCancelled", with_params(o.params, invoice_id=invoice["id"], invoice=invoice))
-                self.hooks.notify("ServiceCancelled", with_params(o.params, days_late=o.days_late))
+                    self.hooks.notify("InvoiceCancelled", with_params(params, invoice_id=invoice["id"], invoice=invoice))
+                self.hooks.notify("ServiceCancelled", with_params(params, days_late=o.days_late))
             elif o.action is Action.ERROR:
                 self.hooks.notify("AfterModuleTerminateFailed", with_params(o.params, error=o.error))
 

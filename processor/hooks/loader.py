@@ -8,13 +8,11 @@ hook that did not load must not let a run cancel services.
 
 from __future__ import annotations
 
-import contextvars
 import importlib.metadata
 import sys
 import traceback
 import types
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,15 +28,19 @@ class HookLoadError(InputError):
     """A hook file or plugin could not be loaded."""
 
 
-@dataclass
-class _Collector:
-    registry: HookRegistry
-    source: str
-    seq: int = 0
+# add_hook records each registration in the calling module's globals; the loader reads
+# that list after running (or importing) the module. No global registry, and a module
+# imported by another registers its hooks only in its own list.
+_REGISTRATIONS = "__cancelproc_hooks__"
 
 
-_collecting: contextvars.ContextVar[_Collector | None] = contextvars.ContextVar("cancelproc_hooks", default=None)
-_MARK = "__cancelproc_hooks__"
+@dataclass(frozen=True)
+class _Registration:
+    point: str
+    priority: int
+    fn: Callable[..., Any]
+    line: int
+    wants: tuple[str, ...] | None
 
 
 def add_hook(point: str, priority: int = 0, fn: Callable[..., Any] | None = None) -> Any:
@@ -49,34 +51,19 @@ def add_hook(point: str, priority: int = 0, fn: Callable[..., Any] | None = None
     """
     caller = sys._getframe(1)
     where = f"{caller.f_code.co_filename}:{caller.f_lineno}"
+    registrations = caller.f_globals.setdefault(_REGISTRATIONS, [])
 
     def register(func: F) -> F:
         wants = check_signature(point, func, priority, where)
-        line = caller.f_lineno
-        marks = getattr(func, _MARK, None)
-        if marks is None:
-            try:
-                setattr(func, _MARK, marks := [])
-            except (AttributeError, TypeError):  # a builtin or bound method: only collected
-                marks = []
-        marks.append((point, priority, line, wants))
-        collector = _collecting.get()
-        if collector is not None:
-            collector.registry.register(HookImpl(point, func, priority, collector.source, line, collector.seq, wants))
-            collector.seq += 1
+        registrations.append(_Registration(point, priority, func, caller.f_lineno, wants))
         return func
 
     return register if fn is None else register(fn)
 
 
-@contextmanager
-def _collect(registry: HookRegistry, source: str) -> Iterator[_Collector]:
-    collector = _Collector(registry, source)
-    token = _collecting.set(collector)
-    try:
-        yield collector
-    finally:
-        _collecting.reset(token)
+def _register_module(registry: HookRegistry, namespace: dict[str, Any], source: str) -> None:
+    for seq, r in enumerate(namespace.get(_REGISTRATIONS, ())):
+        registry.register(HookImpl(r.point, r.fn, r.priority, source, r.line, seq, r.wants))
 
 
 def _error_line(exc: BaseException, filename: str) -> int | None:
@@ -97,38 +84,33 @@ def load_file(registry: HookRegistry, path: Path) -> None:
     module.__file__ = filename
     try:
         code = compile(path.read_bytes(), filename, "exec")
-        with _collect(registry, path.name):
-            exec(code, module.__dict__)
+        exec(code, module.__dict__)
     except HookDefinitionError:
         raise
-    except Exception as exc:  # whatever the file raises, it did not load: stop here
+    except (Exception, SystemExit) as exc:  # whatever the file raises (or exits with), it did not load
         line = _error_line(exc, filename)
         where = f"{path}:{line}" if line else str(path)
-        message = exc.msg if isinstance(exc, SyntaxError) else (str(exc).strip().splitlines() or [""])[0]
-        raise HookLoadError(f"{where}: hook file failed to load: {exc.__class__.__name__}: {message}") from None
+        raise HookLoadError(f"{where}: hook file failed to load: {_describe(exc)}") from None
+    _register_module(registry, module.__dict__, path.name)
 
 
 def load_entry_point(registry: HookRegistry, entry_point: importlib.metadata.EntryPoint) -> None:
-    """Load an installed plugin: its module's add_hook calls (or already-marked functions) register."""
+    """Load an installed plugin: the module it names (or the module of the object it names)."""
     source = f"entry point {entry_point.name}"
     try:
-        with _collect(registry, source) as collector:
-            target = entry_point.load()
-            if collector.seq == 0:  # imported before (decorators already ran): use their marks
-                _register_marked(registry, target, source)
+        target = entry_point.load()
     except HookDefinitionError:
         raise
-    except Exception as exc:
-        raise HookLoadError(f"{source} ({entry_point.value}): failed to load: {exc.__class__.__name__}: {exc}") from None
+    except (Exception, SystemExit) as exc:
+        raise HookLoadError(f"{source} ({entry_point.value}): failed to load: {_describe(exc)}") from None
+    module = target if isinstance(target, types.ModuleType) else sys.modules[target.__module__]
+    _register_module(registry, vars(module), source)
 
 
-def _register_marked(registry: HookRegistry, target: Any, source: str) -> None:
-    candidates = vars(target).values() if isinstance(target, types.ModuleType) else [target]
-    seq = 0
-    for fn in sorted((c for c in candidates if hasattr(c, _MARK)), key=lambda c: getattr(c, _MARK)[0][2]):
-        for point, priority, line, wants in getattr(fn, _MARK):
-            registry.register(HookImpl(point, fn, priority, source, line, seq, wants))
-            seq += 1
+def _describe(exc: BaseException) -> str:
+    """The exception on one line: its class and the first line of its message."""
+    message = exc.msg if isinstance(exc, SyntaxError) else (str(exc).strip().splitlines() or [""])[0]
+    return f"{exc.__class__.__name__}: {message}" if message else exc.__class__.__name__
 
 
 def load_hooks(hooks_dir: Path | None, *, entry_points: bool = True, trace: bool = False) -> HookRegistry:

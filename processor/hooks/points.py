@@ -28,11 +28,12 @@ REQUEST = ("params", "request_id", "idempotency_key", "request", "service", "cli
 
 POINTS: dict[str, HookPoint] = {p.name: p for p in (
     HookPoint("CancellationRequest",
-              ("params", "request_id", "request", "service", "client", "product", "actor"),
+              ("params", "request_id", "idempotency_key", "request", "service", "client", "product", "actor"),
               "a request was created (`requests create`), after it is committed",
               "ignored"),
     HookPoint("CancellationRequestWithdrawn",
-              ("params", "request_id", "request", "service", "client", "product", "actor", "note"),
+              ("params", "request_id", "idempotency_key", "request", "service", "client", "product", "actor",
+               "note"),
               "a request was withdrawn (`requests withdraw`), after it is committed",
               "ignored"),
     HookPoint("PreCronJob",
@@ -55,10 +56,12 @@ POINTS: dict[str, HookPoint] = {p.name: p for p in (
               "AfterModuleTerminateFailed fires, the request is retried with backoff",
               can_fail_request=True),
     HookPoint("AfterModuleTerminate", REQUEST,
-              "the cancellation was committed",
+              "the cancellation was committed (service and request dicts show the committed state)",
               "ignored"),
     HookPoint("AfterModuleTerminateFailed", (*REQUEST, "error"),
-              "PreModuleTerminate, EmailPreSend or TerminateAccount failed the attempt (not for a veto)",
+              "an attempt to apply the request failed, after it is recorded: a PreModuleTerminate, EmailPreSend "
+              "or TerminateAccount hook raised or returned an error, or the request's data was refused "
+              "(not for a veto)",
               "ignored"),
     HookPoint("AddonCancelled", (*REQUEST, "addon_id", "addon"),
               "an add-on of a cancelled service was cancelled, after the commit",

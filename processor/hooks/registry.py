@@ -111,10 +111,15 @@ class HookRegistry:
             kwargs = {**params, "params": params}
         else:
             kwargs = {name: params if name == "params" else params[name] for name in impl.wants}
-        result = impl.fn(**kwargs)
-        if self.trace:
+        if not self.trace:
+            return impl.fn(**kwargs)
+        try:
+            result = impl.fn(**kwargs)
+        except Exception as exc:
             self.log.info("hook called", point=impl.point, hook=impl.label, arguments=_short(kwargs),
-                          result=_short(result))
+                          raised=_one_line(exc))
+            raise
+        self.log.info("hook called", point=impl.point, hook=impl.label, arguments=_short(kwargs), result=_short(result))
         return result
 
     def call(self, point: str, params: dict[str, Any]) -> list[tuple[HookImpl, Any]]:
@@ -143,7 +148,7 @@ class HookRegistry:
 
 def _one_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
-    return f"{exc.__class__.__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return f"{exc.__class__.__name__}: {lines[0]}" if lines else exc.__class__.__name__
 
 
 def _short(value: Any, limit: int = 2000) -> str:
