@@ -437,11 +437,10 @@ class Runner:
         """Cancel the services of these requests, their add-ons and unpaid invoices; audit each.
 
         Each audit INSERT ... SELECT runs before its UPDATE, so it sees (and can name) what
-        the row was. Rows are fetched into Python only for hooks that want them.
+        the row was. Rows come back into Python (RETURNING) only for hooks that want them.
         """
         chunk = self.db.in_ids(R.id, [o.request_id for o in cancels])
         open_addon = ServiceAddon.status.not_in(CLOSED_SERVICE_STATUSES)
-        self._attach_for_hooks(conn, cancels, chunk, open_addon)
         audit.select("service", select(R.id, S.id, literal("cancelled"),
                                        literal("was ") + S.status + literal(f"; termination date {as_of}"))
                      .join(S, S.id == R.service_id).where(chunk))
@@ -455,29 +454,27 @@ class Runner:
         services = select(R.service_id).where(chunk).scalar_subquery()
         conn.execute(update(S).where(S.id.in_(services), S.status.not_in(CLOSED_SERVICE_STATUSES))
                      .values(status=ServiceStatus.CANCELLED, termination_date=as_of))
-        conn.execute(update(ServiceAddon).where(ServiceAddon.service_id.in_(services), open_addon)
-                     .values(status=ServiceStatus.CANCELLED))
-        if self.settings.cancel_unpaid_invoices:
-            conn.execute(update(Invoice).where(Invoice.service_id.in_(services), Invoice.status == InvoiceStatus.UNPAID)
-                         .values(status=InvoiceStatus.CANCELLED))
-
-    def _attach_for_hooks(self, conn: Connection, cancels: list[Outcome], chunk: Any, open_addon: Any) -> None:
-        """The add-ons and unpaid invoices about to be cancelled, for AddonCancelled and InvoiceCancelled."""
         A, I = ServiceAddon, Invoice
-        addons: dict[int, list[dict[str, Any]]] = {}
-        invoices: dict[int, list[dict[str, Any]]] = {}
-        if self.hooks.has("AddonCancelled"):
-            for a in conn.execute(select(A.id, A.service_id, A.external_id, A.name, A.amount)
-                                  .join(R, R.service_id == A.service_id).where(chunk, open_addon)):
-                addons.setdefault(a.service_id, []).append(
-                    {"id": a.id, "external_id": a.external_id, "name": a.name, "amount": a.amount})
-        if self.hooks.has("InvoiceCancelled") and self.settings.cancel_unpaid_invoices:
-            for i in conn.execute(select(I.id, I.service_id, I.external_id, I.amount, I.due_date)
-                                  .join(R, R.service_id == I.service_id).where(chunk, I.status == InvoiceStatus.UNPAID)):
-                invoices.setdefault(i.service_id, []).append(
-                    {"id": i.id, "external_id": i.external_id, "amount": i.amount, "due_date": i.due_date})
+        addons = self._update(conn, update(A).where(A.service_id.in_(services), open_addon)
+                              .values(status=ServiceStatus.CANCELLED),
+                              (A.id, A.service_id, A.external_id, A.name, A.amount), "AddonCancelled")
+        invoices = self._update(conn, update(I).where(I.service_id.in_(services), I.status == InvoiceStatus.UNPAID)
+                                .values(status=InvoiceStatus.CANCELLED),
+                                (I.id, I.service_id, I.external_id, I.amount, I.due_date), "InvoiceCancelled") \
+            if self.settings.cancel_unpaid_invoices else {}
         for o in cancels:
             o.addons, o.invoices = addons.get(o.service_id, ()), invoices.get(o.service_id, ())
+
+    def _update(self, conn: Connection, stmt: Any, columns: tuple[Any, ...], point: str) -> dict[int, list[dict[str, Any]]]:
+        """Run an UPDATE; if hooks on `point` will want the rows, return them by service id."""
+        if not self.hooks.has(point):
+            conn.execute(stmt)
+            return {}
+        by_service: dict[int, list[dict[str, Any]]] = {}
+        for row in conn.execute(stmt.returning(*columns)).mappings():
+            fields = dict(row)
+            by_service.setdefault(fields.pop("service_id"), []).append(fields)
+        return by_service
 
     def _complete_requests(self, conn: Connection, done: list[Outcome], run_id: int, now: dt.datetime) -> None:
         """Mark requests completed, each with its lateness, in one statement."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,24 @@ class HookImpl:
     @property
     def label(self) -> str:
         return f"{self.fn.__qualname__} ({self.source}:{self.line})"
+
+    def arguments(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The keyword arguments this hook gets from a point's params. `params` itself (all of
+        them, WHMCS style) is handed over here, not stored in the dict: a dict containing
+        itself is a reference cycle per request."""
+        if self.wants is None:
+            return {**params, "params": params}
+        return {name: params if name == "params" else params[name] for name in self.wants}
+
+    @functools.cached_property
+    def invoke(self) -> Callable[[Mapping[str, Any]], Any]:
+        """Call the hook with its arguments; the common shapes skip building a dict (hot path)."""
+        fn, wants = self.fn, self.wants
+        if wants == ("params",):
+            return lambda params: fn(params=params)
+        if wants == ():
+            return lambda params: fn()
+        return lambda params: fn(**self.arguments(params))
 
     @property
     def order(self) -> tuple[int, str, int]:
@@ -105,14 +124,9 @@ class HookRegistry:
         return [impl for name in POINTS for impl in self._impls.get(name, ())]
 
     def _call_one(self, impl: HookImpl, params: Mapping[str, Any]) -> Any:
-        # `params` (all of them, WHMCS style) is handed over here rather than stored in the
-        # dict itself: a dict that contains itself is a reference cycle per request.
-        if impl.wants is None:
-            kwargs = {**params, "params": params}
-        else:
-            kwargs = {name: params if name == "params" else params[name] for name in impl.wants}
         if not self.trace:
-            return impl.fn(**kwargs)
+            return impl.invoke(params)
+        kwargs = impl.arguments(params)
         try:
             result = impl.fn(**kwargs)
         except Exception as exc:
