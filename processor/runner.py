@@ -82,7 +82,7 @@ class QueuedEmail(NamedTuple):
     html_body: str
 
 
-@dataclass
+@dataclass(slots=True)
 class Outcome:
     """What one request comes to, decided before anything is written."""
 
@@ -280,20 +280,20 @@ class Runner:
 
     def merge_fields(self, row: Row[Any], run_fields: dict[str, Any]) -> dict[str, Any]:
         """The WHMCS merge fields of the confirmation email."""
-        return dict(
-            run_fields,
-            client_name=f"{row.first_name} {row.last_name}".strip(),
-            client_first_name=row.first_name,
-            client_email=row.email,
-            service_product_name=row.product_name,
-            service_domain=row.domain,
-            service_next_due_date=format_date(row.next_due_date),
-            service_billing_cycle=row.billing_cycle,
-            service_cancellation_type=row.type.value,
-            service_cancellation_reason=row.reason,
-            service_is_immediate_cancellation=row.type is RequestType.IMMEDIATE,
-            request_id=row.id,
-        )
+        return {
+            **run_fields,
+            "client_name": f"{row.first_name} {row.last_name}".strip(),
+            "client_first_name": row.first_name,
+            "client_email": row.email,
+            "service_product_name": row.product_name,
+            "service_domain": row.domain,
+            "service_next_due_date": format_date(row.next_due_date),
+            "service_billing_cycle": row.billing_cycle,
+            "service_cancellation_type": row.type.value,
+            "service_cancellation_reason": row.reason,
+            "service_is_immediate_cancellation": row.type is RequestType.IMMEDIATE,
+            "request_id": row.id,
+        }
 
     def decide(self, row: Row[Any], as_of: dt.date, run_fields: dict[str, Any], run_id: int | None = None,
                dry_run: bool = False) -> Outcome:
