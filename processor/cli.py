@@ -45,7 +45,7 @@ from processor.models import (
     ServiceAddon,
     ServiceStatus,
 )
-from processor.output import dumps, echo_fields, echo_json, echo_table
+from processor.output import dumps, echo_fields, echo_json, echo_rows, echo_table
 from processor.runner import RunOptions, Runner, RunSummary
 
 PROGRESS_THRESHOLD = 300  # a manual run on a terminal shows a bar above this many requests
@@ -384,11 +384,8 @@ def requests_list(app: App, status: str | None, service_id: int | None, limit: i
         query = query.where(CancellationRequest.service_id == service_id)
     with app.database().read_session() as session:
         rows = [_request_row(r) for r in session.scalars(query)]
-    if as_json:
-        echo_json(rows)
-    else:
-        echo_table(rows, ["id", "service_id", "type", "cancel_on", "status", "attempts", "reason_code",
-                          "created_at", "processed_at", "last_error"], empty="no requests")
+    echo_rows(rows, ["id", "service_id", "type", "cancel_on", "status", "attempts", "reason_code",
+                     "created_at", "processed_at", "last_error"], as_json=as_json, empty="no requests")
 
 
 @requests_group.command("show")
@@ -529,7 +526,7 @@ def import_command(app: App, files: tuple[Path, ...], kind: str | None, as_json:
 def _run_row(r: Run) -> dict[str, Any]:
     return {k: getattr(r, k) for k in ("id", "trigger", "operator", "as_of", "host", "pid", "status", "started_at",
                                        "finished_at", "due", "completed", "noop", "retrying", "failed",
-                                       "emails_queued", "late", "max_days_late", "error")}
+                                       "vetoed", "emails_queued", "late", "max_days_late", "error")}
 
 
 @cli.group("runs")
@@ -545,11 +542,8 @@ def runs_list(app: App, limit: int, as_json: bool) -> None:
     """Recent runs, newest first."""
     with app.database().read_session() as session:
         rows = [_run_row(r) for r in session.scalars(select(Run).order_by(Run.id.desc()).limit(limit))]
-    if as_json:
-        echo_json(rows)
-    else:
-        echo_table(rows, ["id", "started_at", "trigger", "operator", "as_of", "status", "due", "completed", "noop",
-                          "retrying", "failed", "late", "max_days_late"], empty="no runs yet")
+    echo_rows(rows, ["id", "started_at", "trigger", "operator", "as_of", "status", "due", "completed", "noop",
+                     "retrying", "failed", "vetoed", "late", "max_days_late"], as_json=as_json, empty="no runs yet")
 
 
 @runs_group.command("show")
@@ -619,11 +613,8 @@ def services_list(app: App, status: str | None, client_id: int | None, limit: in
         query = query.where(Service.client_id == client_id)
     with app.database().read_session() as session:
         rows = [_service_row(s) for s in session.scalars(query)]
-    if as_json:
-        echo_json(rows)
-    else:
-        echo_table(rows, ["id", "client", "product", "domain", "status", "billing_cycle", "next_due_date",
-                          "termination_date"], empty="no services")
+    echo_rows(rows, ["id", "client", "product", "domain", "status", "billing_cycle", "next_due_date",
+                     "termination_date"], as_json=as_json, empty="no services")
 
 
 @services_group.command("show")

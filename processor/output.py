@@ -60,3 +60,11 @@ def echo_fields(pairs: Iterable[tuple[str, Any]]) -> None:
     width = max(len(k) for k, _ in pairs)
     for k, v in pairs:
         click.echo(f"{k.ljust(width)}  {cell(v)}")
+
+
+def echo_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, as_json: bool, empty: str) -> None:
+    """A list command's output: JSON for scripts, a table for people."""
+    if as_json:
+        echo_json(rows)
+    else:
+        echo_table(rows, columns, empty=empty)

@@ -902,7 +902,7 @@ def test_internal_error_is_one_line_and_debug_lets_the_traceback_through(
     def boom(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(cli_module, "echo_table", boom)
+    monkeypatch.setattr(cli_module, "echo_rows", boom)
     result = invoke("requests", "list")
     assert result.exit_code == 70
     lines = result.stderr.strip().splitlines()
