@@ -39,7 +39,7 @@ class Settings(BaseSettings):
 
     database_url: str = "sqlite:///var/cancelproc.db"
     business_timezone: str = "UTC"
-    chunk_size: int = Field(1000, ge=1, le=50_000)
+    chunk_size: int = Field(2000, ge=1, le=50_000)
     lease_seconds: int = Field(600, ge=10)
     max_attempts: int = Field(5, ge=1, le=100)
     retry_backoff_minutes: int = Field(60, ge=0)

@@ -48,6 +48,9 @@ def _sqlite_setup(engine: Engine) -> None:
         cur.execute("PRAGMA journal_mode=WAL")  # readers never block the run's writer
         cur.execute("PRAGMA synchronous=NORMAL")  # durable at each WAL checkpoint; safe with WAL
         cur.execute("PRAGMA foreign_keys=ON")
+        # Checkpoint (and fsync) every ~40 MB of WAL rather than every 4 MB: a run writes
+        # several MB per chunk, and syncing at each chunk cost ~8% of a run.
+        cur.execute("PRAGMA wal_autocheckpoint=10000")
         cur.execute("PRAGMA busy_timeout=30000")  # a second writer waits instead of failing
         cur.close()
 

@@ -130,17 +130,22 @@ class Tally:
     def of(cls, outcomes: Sequence[Outcome]) -> Tally:
         t = cls(due=len(outcomes))
         for o in outcomes:
-            t.completed += o.action is Action.CANCEL
-            t.noop += o.action is Action.NOOP
-            t.skipped += o.action is Action.SKIPPED
-            retried = o.action in (Action.ERROR, Action.VETOED)
-            t.retrying += o.action is Action.ERROR and not o.gave_up
-            t.vetoed += o.action is Action.VETOED
-            t.failed += retried and o.gave_up
-            t.emails_queued += o.action is Action.CANCEL and o.email is not None
-            if o.action in (Action.CANCEL, Action.NOOP) and o.days_late > 0:
-                t.late += 1
-                t.max_days_late = max(t.max_days_late, o.days_late)
+            action = o.action
+            if action is Action.CANCEL or action is Action.NOOP:
+                if action is Action.CANCEL:
+                    t.completed += 1
+                    t.emails_queued += o.email is not None
+                else:
+                    t.noop += 1
+                if o.days_late > 0:
+                    t.late += 1
+                    t.max_days_late = max(t.max_days_late, o.days_late)
+            elif action is Action.SKIPPED:
+                t.skipped += 1
+            else:  # ERROR or VETOED: a failed attempt
+                t.vetoed += action is Action.VETOED
+                t.failed += o.gave_up
+                t.retrying += action is Action.ERROR and not o.gave_up
         return t
 
     def add(self, other: Tally) -> None:
@@ -304,7 +309,7 @@ class Runner:
         """
         params = None
         try:
-            created_on = business_today(row.created_at, self.settings.zone)
+            created_on = business_today(row.created_at, self.settings.zone) if row.type is RequestType.IMMEDIATE else as_of
             late = days_late(row.type, row.next_due_date, row.cancel_on, created_on, as_of)
             if row.service_status in CLOSED_SERVICE_STATUSES:
                 return Outcome(row.id, row.service_id, Action.NOOP, late, row.attempts,
@@ -419,11 +424,6 @@ class Runner:
                         dict(run_id=run_id, status=EmailStatus.QUEUED, attempts=0, created_at=now,
                              from_address=self.settings.email.from_address))
         self._complete_requests(conn, cancels + noops, run_id, now)
-        if cancels:
-            late = literal("applied ") + cast(R.days_late, String) + literal(" day(s) late")
-            audit.select("request", select(R.id, R.id, literal("completed"),
-                                           case((R.days_late > 0, late), else_=literal("")))
-                         .where(self.db.in_ids(R.id, [o.request_id for o in cancels])))
         audit.rows([(o.request_id, "request", o.request_id, "completed",
                      f"no-op: service already {o.service_status}; request completed without changes")
                     for o in noops])
@@ -508,13 +508,12 @@ class Runner:
                          f"{o.error}; next attempt after {decision.next_attempt_at:%Y-%m-%d %H:%M} UTC")])
 
     def _write_chunk(self, outcomes: list[Outcome], run_id: int, as_of: dt.date, now: dt.datetime,
-                     summary: RunSummary) -> None:
+                     summary: RunSummary) -> Tally:
         """Write a chunk in one transaction; if a row's data breaks it, row by row in savepoints."""
         try:
             with self.db.engine.begin() as conn:
                 self._write(conn, outcomes, run_id, as_of, now)
-                self._close_chunk(conn, run_id, outcomes, summary, now)
-            return
+                return self._close_chunk(conn, run_id, outcomes, summary, now)
         except (DBAPIError, StatementError) as exc:
             if not _is_row_error(exc):
                 raise
@@ -530,10 +529,10 @@ class Runner:
                     o.action, o.email, o.error = Action.ERROR, None, _one_line(exc)
                     with conn.begin_nested():
                         self._write(conn, [o], run_id, as_of, now)
-            self._close_chunk(conn, run_id, outcomes, summary, now)
+            return self._close_chunk(conn, run_id, outcomes, summary, now)
 
     def _close_chunk(self, conn: Connection, run_id: int, outcomes: list[Outcome], summary: RunSummary,
-                     now: dt.datetime) -> None:
+                     now: dt.datetime) -> Tally:
         """Count the chunk into the run record and renew the lease, in the chunk's transaction."""
         t = summary.record(outcomes)
         conn.execute(
@@ -546,6 +545,7 @@ class Runner:
         )
         # From now, not from when the chunk was read: hooks may have taken most of the lease.
         lease.renew(conn, run_id, now=self.clock(), seconds=self.settings.lease_seconds)
+        return t
 
     # --- the run ---------------------------------------------------------------------------
 
@@ -578,8 +578,8 @@ class Runner:
             for rows in self._chunks(options, now):
                 now = self.clock()
                 outcomes = [self.decide(row, options.as_of, fields, run_id) for row in rows]
-                self._write_chunk(outcomes, run_id, options.as_of, now, summary)
-                self._log_chunk(outcomes)
+                tally = self._write_chunk(outcomes, run_id, options.as_of, now, summary)
+                self._log_chunk(outcomes, tally)
                 self._after_commit(outcomes)
                 if self.progress:
                     self.progress(len(rows))
@@ -621,12 +621,10 @@ class Runner:
             elif o.action is Action.ERROR:
                 self.hooks.notify("AfterModuleTerminateFailed", with_params(o.params, error=o.error))
 
-    def _log_chunk(self, outcomes: list[Outcome]) -> None:
+    def _log_chunk(self, outcomes: list[Outcome], tally: Tally) -> None:
         """A line per chunk, and one per request that did not go through. Completed requests
         get no line of their own: the audit log has them, and a line each cost 3% of a run."""
-        counts: dict[str, int] = {}
-        for o in outcomes:
-            counts[o.action.value] = counts.get(o.action.value, 0) + 1
+        for o in outcomes if tally.retrying or tally.failed or tally.vetoed or tally.skipped else ():
             if o.action in (Action.ERROR, Action.VETOED):
                 self.log.warning("request failed: manual cancellation required" if o.gave_up
                                  else "request vetoed; will retry" if o.action is Action.VETOED
@@ -635,8 +633,8 @@ class Runner:
             elif o.action is Action.SKIPPED:
                 self.log.info("request skipped: no longer pending", request_id=o.request_id,
                               service_id=o.service_id)
-        self.log.info("chunk written", requests=len(outcomes), first_request_id=outcomes[0].request_id,
-                      last_request_id=outcomes[-1].request_id, **counts)
+        self.log.info("chunk written", first_request_id=outcomes[0].request_id,
+                      last_request_id=outcomes[-1].request_id, **{k: v for k, v in vars(tally).items() if v})
 
     def _finish(self, run_id: int, status: RunStatus, error: str | None = None) -> None:
         try:

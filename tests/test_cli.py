@@ -592,8 +592,8 @@ def test_requests_show_json_has_audit_and_due_now(invoke: Invoke, seeded: Databa
     ok(invoke("requests", "process", "1"))
     done = as_json(invoke("requests", "show", "1", "--json"))
     assert (done["status"], done["due_now"], done["days_late"]) == ("completed", False, 6)
-    assert [a["action"] for a in done["audit"]] == ["cancelled", "cancelled", "cancelled", "completed"]
-    assert {a["entity"] for a in done["audit"]} == {"service", "addon", "invoice", "request"}
+    assert [(a["entity"], a["action"]) for a in done["audit"]] == [
+        ("service", "cancelled"), ("addon", "cancelled"), ("invoice", "cancelled")]
 
     text = ok(invoke("requests", "show", "1")).stdout
     assert "audit trail:" in text and "completed" in text and "service     1 " in text

@@ -293,7 +293,7 @@ def assert_applied_exactly_once(db_path: Path, data: Dataset) -> list[tuple]:
     audit = query(db_path, "SELECT entity, action, entity_id, request_id, run_id FROM audit_log")
     by_kind: dict[tuple[str, str], int] = {}
     service_cancelled: dict[int, int] = {}
-    request_completed: dict[int, int] = {}
+    cancelled_for_request: dict[int, int] = {}  # the service row names the request that cancelled it
     for entity, action, entity_id, rid, run_id in audit:
         row = (entity, action, entity_id, rid, run_id)
         if rid is not None:
@@ -305,15 +305,14 @@ def assert_applied_exactly_once(db_path: Path, data: Dataset) -> list[tuple]:
         by_kind[(entity, action)] = by_kind.get((entity, action), 0) + 1
         if (entity, action) == ("service", "cancelled"):
             service_cancelled[entity_id] = service_cancelled.get(entity_id, 0) + 1
-        elif (entity, action) == ("request", "completed"):
-            request_completed[entity_id] = request_completed.get(entity_id, 0) + 1
+            cancelled_for_request[rid] = cancelled_for_request.get(rid, 0) + 1
     twice = {sid: n for sid, n in service_cancelled.items() if n != 1}
     assert not twice, f"{len(twice)} services have more than one 'cancelled' audit row: {list(twice.items())[:10]}"
     assert set(service_cancelled) == data.due_services
-    twice = {rid: n for rid, n in request_completed.items() if n != 1}
-    assert not twice, f"{len(twice)} requests have more than one 'completed' audit row: {list(twice.items())[:10]}"
-    assert set(request_completed) == data.due_requests
-    assert by_kind == {("service", "cancelled"): n_due, ("request", "completed"): n_due,
+    twice = {rid: n for rid, n in cancelled_for_request.items() if n != 1}
+    assert not twice, f"{len(twice)} requests cancelled their service more than once: {list(twice.items())[:10]}"
+    assert set(cancelled_for_request) == data.due_requests
+    assert by_kind == {("service", "cancelled"): n_due,
                        ("addon", "cancelled"): data.addons_of_due, ("invoice", "cancelled"): data.unpaid_of_due}, \
         f"audit rows by (entity, action): {by_kind}"
 

@@ -33,7 +33,8 @@ def test_every_line_of_a_run_carries_the_run_id(db, settings, now):
     by_request = {line["request_id"]: line for line in lines if "request_id" in line}
     assert good not in by_request  # completions are in the audit log and the chunk line
     chunk = next(line for line in lines if line["event"] == "chunk written")
-    assert (chunk["cancel"], chunk["error"], chunk["first_request_id"], chunk["last_request_id"]) == (1, 1, good, bad)
+    assert (chunk["due"], chunk["completed"], chunk["retrying"]) == (2, 1, 1)
+    assert (chunk["first_request_id"], chunk["last_request_id"]) == (good, bad)
     assert by_request[bad]["event"] == "request attempt failed; will retry"
     assert by_request[bad]["level"] == "warning" and "no valid email address" in by_request[bad]["error"]
 
