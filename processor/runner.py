@@ -309,7 +309,10 @@ class Runner:
         """
         params = None
         try:
-            created_on = business_today(row.created_at, self.settings.zone) if row.type is RequestType.IMMEDIATE else as_of
+            # Only an Immediate request's lateness depends on the day it was made; the time zone
+            # conversion is skipped for the others (days_late does not read created_on for them).
+            immediate = row.type is RequestType.IMMEDIATE
+            created_on = business_today(row.created_at, self.settings.zone) if immediate else as_of
             late = days_late(row.type, row.next_due_date, row.cancel_on, created_on, as_of)
             if row.service_status in CLOSED_SERVICE_STATUSES:
                 return Outcome(row.id, row.service_id, Action.NOOP, late, row.attempts,
