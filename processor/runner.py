@@ -589,6 +589,9 @@ class Runner:
         except BaseException as exc:
             self._finish(run_id, RunStatus.ERROR, error=_one_line(exc))
             self.log.error("run stopped", error=_one_line(exc))
+            if isinstance(exc, Exception):  # not on Ctrl-C: an alerting hook wants to hear of this
+                summary.status = RunStatus.ERROR
+                self.hooks.notify("AfterCronJob", with_params({}, run_id=run_id, summary=summary.as_dict()))
             if isinstance(exc, OperationalError):
                 raise DatabaseError(f"run {run_id} stopped: database error: {exc.orig}") from exc
             raise

@@ -291,3 +291,33 @@ def test_a_reused_pid_is_not_the_holder(db, settings, now):
     with db.session.begin() as s:
         s.get(Lease, lease.LEASE_NAME).process_started_at = me.started_at - dt.timedelta(days=3)
     assert run(db, settings, now).status == RunStatus.COMPLETED  # a different process with that pid: dead
+
+
+def test_after_cron_job_hears_of_a_run_that_stopped_on_an_error(db, settings, now, tmp_path):
+    from processor.hooks import load_hooks
+
+    (tmp_path / "hooks").mkdir()
+    (tmp_path / "hooks" / "alert.py").write_text(
+        "from processor.hooks import add_hook\n"
+        "SEEN = []\n"
+        "@add_hook('AfterCronJob')\n"
+        "def alert(summary):\n"
+        "    SEEN.append(summary)\n"
+        "    raise RuntimeError('pager unreachable')  # its own failure is only logged\n"
+    )
+    hooks = load_hooks(tmp_path / "hooks", entry_points=False)
+    seen = hooks.of("AfterCronJob")[0].fn.__globals__["SEEN"]
+    with db.session.begin() as s:
+        factories.request(s, factories.service(s))
+    runner = Runner(db, settings, clock=lambda: now, hooks=hooks)
+
+    def broken_write(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    runner._write_chunk = broken_write  # a failure in the middle of the run
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        runner.run(RunOptions(as_of=D))
+    assert [(s["status"], s["run_id"]) for s in seen] == [("error", 1)]
+    with db.read_session() as s:
+        assert s.get(Run, 1).status is RunStatus.ERROR and "disk on fire" in s.get(Run, 1).error
+    assert count(db, Lease) == 0

@@ -74,7 +74,7 @@ POINTS: dict[str, HookPoint] = {p.name: p for p in (
               "ignored"),
     HookPoint("AfterCronJob",
               ("params", "run_id", "summary"),
-              "a run ended, with its summary",
+              "a run ended, with its summary (also when it stopped on an error: status 'error')",
               "ignored"),
     HookPoint("DailyCronJobPreEmail",
               ("params", "run_id", "summary"),
