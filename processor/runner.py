@@ -236,15 +236,12 @@ class Runner:
 
     # --- reading -------------------------------------------------------------------------
 
-    def today(self) -> dt.date:
-        return business_today(self.clock(), self.settings.zone)
-
-    def _due_query(self, options: RunOptions, now: dt.datetime, after_id: int, limit: int) -> Any:
+    def _due_query(self, options: RunOptions, now: dt.datetime, after_id: int = 0) -> Any:
+        """Due requests after `after_id`, in id order (the caller sets the limit)."""
         stmt = (
             request_select(for_hooks=self._hooked)
             .where(R.status == RequestStatus.PENDING, R.id > after_id)
             .order_by(R.id)
-            .limit(limit)
         )
         if options.request_ids is not None:
             stmt = stmt.where(R.id.in_(options.request_ids))
@@ -261,7 +258,7 @@ class Runner:
         while remaining is None or remaining > 0:
             size = self.settings.chunk_size if remaining is None else min(self.settings.chunk_size, remaining)
             with self.db.read_engine.connect() as conn:
-                rows = conn.execute(self._due_query(options, now, after_id, size)).all()
+                rows = conn.execute(self._due_query(options, now, after_id).limit(size)).all()
             if not rows:
                 return
             yield rows
@@ -270,7 +267,7 @@ class Runner:
                 remaining -= len(rows)
 
     def count_due(self, options: RunOptions) -> int:
-        query = self._due_query(options, self.clock(), 0, 10**12).with_only_columns(R.id).order_by(None).limit(None)
+        query = self._due_query(options, self.clock()).with_only_columns(R.id).order_by(None)
         with self.db.read_engine.connect() as conn:
             total = conn.execute(select(func.count()).select_from(query.subquery())).scalar_one()
         return total if options.limit is None else min(total, options.limit)

@@ -63,7 +63,7 @@ def test_days_late_and_effective_date():
 def _run_at(db, settings, instant: dt.datetime, zone: str):
     settings.business_timezone = zone
     runner = Runner(db, settings, clock=lambda: instant)
-    return runner.run(RunOptions(as_of=runner.today()))
+    return runner.run(RunOptions(as_of=business_today(instant, settings.zone)))
 
 
 def _statuses(db) -> dict[int, RequestStatus]:
