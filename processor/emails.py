@@ -58,7 +58,7 @@ def _loader(override_dir: Path | None, default_dir: Path) -> BaseLoader:
     # so an override can {% extends "default:service_cancellation_confirmation.jinja" %}.
     default = FileSystemLoader(default_dir)
     loaders: list[BaseLoader] = [FileSystemLoader(override_dir)] if override_dir else []
-    return ChoiceLoader([*loaders, default, PrefixLoader({"default": default})])
+    return ChoiceLoader([*loaders, default, PrefixLoader({"default": default}, delimiter=":")])
 
 
 BlockFn = Any  # a compiled block: Callable[[Context], Iterator[str]]
@@ -69,15 +69,19 @@ def _block_chain(env: Environment, template: Template) -> dict[str, list[BlockFn
     own rendering would collect them), so one block can be rendered on its own."""
     blocks: dict[str, list[BlockFn]] = {}
     current: Template | None = template
+    # The name each template was asked for: one reached through "default:" reports its
+    # name without the prefix, which names the operator's override again.
+    requested = template.name
     while current is not None:
         for name, fn in current.blocks.items():
             blocks.setdefault(name, []).append(fn)
-        source, _, _ = env.loader.get_source(env, current.name)  # type: ignore[union-attr]
-        extends = next(iter(env.parse(source, current.name).find_all(nodes.Extends)), None)
+        source, _, _ = env.loader.get_source(env, requested)  # type: ignore[union-attr,arg-type]
+        extends = next(iter(env.parse(source, requested).find_all(nodes.Extends)), None)
         if extends is None:
             current = None
         elif isinstance(extends.template, nodes.Const):
-            current = env.get_template(extends.template.value, parent=current.name)
+            requested = extends.template.value
+            current = env.get_template(requested, parent=current.name)
         else:
             raise TemplateProblem(f"{current.filename}:{extends.lineno}: extends needs a fixed template name")
     return blocks
