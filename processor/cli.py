@@ -27,7 +27,7 @@ from processor.config import Settings, load_settings
 from processor.db import Database, open_database
 from processor.demo import load_demo
 from processor.due import business_today, effective_date, is_due
-from processor.errors import CancelprocError, InputError, NotFound
+from processor.errors import CancelprocError, InputError, NotFound, one_line
 from processor.hooks import POINTS, HookRegistry, load_hooks
 from processor.params import request_params, request_select
 from processor.logs import configure_logging
@@ -144,8 +144,7 @@ class CancelprocGroup(click.Group):
         except Exception as exc:
             if debug:
                 raise
-            first = (str(exc).strip().splitlines() or [""])[0]
-            click.echo(f"internal error: {exc.__class__.__name__}: {first} (run with --debug for the traceback)", err=True)
+            click.echo(f"internal error: {one_line(exc)} (run with --debug for the traceback)", err=True)
             code = EXIT_INTERNAL
         code = 0 if code is None else code
         if standalone_mode:

@@ -31,3 +31,13 @@ class LeaseHeld(CancelprocError):
     """Another run holds the lease. Exit code 75 (EX_TEMPFAIL): cron may simply try later."""
 
     exit_code = 75
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception on one line, for error lines, logs and records: our own errors by their
+    message; anything else with its class and the first line of its message."""
+    text = exc.msg if isinstance(exc, SyntaxError) and exc.msg else str(exc)
+    lines = text.strip().splitlines()
+    if not lines:
+        return exc.__class__.__name__
+    return lines[0] if isinstance(exc, CancelprocError) else f"{exc.__class__.__name__}: {lines[0]}"

@@ -29,7 +29,7 @@ from processor.config import Settings
 from processor.db import Database, insert_rows
 from processor.due import business_today, days_late, due_clause, effective_date
 from processor.emails import SERVICE_CANCELLATION_CONFIRMATION, EmailTemplates, format_date, sample_fields
-from processor.errors import DatabaseError, InputError
+from processor.errors import DatabaseError, InputError, one_line
 from processor.hooks import HookFailed, HookRegistry
 from processor.params import request_params, request_select, with_params
 from processor.models import (
@@ -326,7 +326,7 @@ class Runner:
             return Outcome(row.id, row.service_id, Action.CANCEL, late, row.attempts, email,
                            service_status=row.service_status.value, params=params, email_aborted_by=aborted_by)
         except Exception as exc:  # one bad request never stops the others
-            message = str(exc) if isinstance(exc, HookFailed) else _one_line(exc)
+            message = str(exc) if isinstance(exc, HookFailed) else one_line(exc)
             return Outcome(row.id, row.service_id, Action.ERROR, attempts=row.attempts, error=message, params=params)
 
     def _pre_terminate(self, params: dict[str, Any]) -> str | None:
@@ -517,7 +517,7 @@ class Runner:
         except (DBAPIError, StatementError) as exc:
             if not _is_row_error(exc):
                 raise
-            self.log.warning("chunk write failed; isolating rows", error=_one_line(exc), requests=len(outcomes))
+            self.log.warning("chunk write failed; isolating rows", error=one_line(exc), requests=len(outcomes))
         with self.db.engine.begin() as conn:
             for o in outcomes:
                 try:
@@ -526,7 +526,7 @@ class Runner:
                 except (DBAPIError, StatementError) as exc:
                     if not _is_row_error(exc):
                         raise
-                    o.action, o.email, o.error = Action.ERROR, None, _one_line(exc)
+                    o.action, o.email, o.error = Action.ERROR, None, one_line(exc)
                     with conn.begin_nested():
                         self._write(conn, [o], run_id, as_of, now)
             return self._close_chunk(conn, run_id, outcomes, summary, now)
@@ -584,8 +584,8 @@ class Runner:
                 if self.progress:
                     self.progress(len(rows))
         except BaseException as exc:
-            self._finish(run_id, RunStatus.ERROR, error=_one_line(exc))
-            self.log.error("run stopped", error=_one_line(exc))
+            self._finish(run_id, RunStatus.ERROR, error=one_line(exc))
+            self.log.error("run stopped", error=one_line(exc))
             if isinstance(exc, Exception):  # not on Ctrl-C: an alerting hook wants to hear of this
                 summary.status = RunStatus.ERROR
                 self.hooks.notify("AfterCronJob", with_params({}, run_id=run_id, summary=summary.as_dict()))
@@ -647,15 +647,9 @@ class Runner:
                 lease.release(session, run_id)
         except OperationalError as exc:
             # The database is gone; the lease will expire by itself.
-            self.log.error("could not close the run record", error=_one_line(exc))
+            self.log.error("could not close the run record", error=one_line(exc))
 
 
 def _is_row_error(exc: BaseException) -> bool:
     """A failure caused by one row's data (isolate it), not by the database being unusable."""
     return not isinstance(exc, (OperationalError, InterfaceError))
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    message = text[0] if text else exc.__class__.__name__
-    return message if isinstance(exc, InputError) else f"{exc.__class__.__name__}: {message}"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from processor.errors import InputError
+from processor.errors import InputError, one_line
 from processor.hooks.registry import HookDefinitionError, HookImpl, HookRegistry, check_signature
 
 ENTRY_POINT_GROUP = "cancelproc.hooks"
@@ -90,7 +90,7 @@ def load_file(registry: HookRegistry, path: Path) -> None:
     except (Exception, SystemExit) as exc:  # whatever the file raises (or exits with), it did not load
         line = _error_line(exc, filename)
         where = f"{path}:{line}" if line else str(path)
-        raise HookLoadError(f"{where}: hook file failed to load: {_describe(exc)}") from None
+        raise HookLoadError(f"{where}: hook file failed to load: {one_line(exc)}") from None
     _register_module(registry, module.__dict__, path.name)
 
 
@@ -102,15 +102,9 @@ def load_entry_point(registry: HookRegistry, entry_point: importlib.metadata.Ent
     except HookDefinitionError:
         raise
     except (Exception, SystemExit) as exc:
-        raise HookLoadError(f"{source} ({entry_point.value}): failed to load: {_describe(exc)}") from None
+        raise HookLoadError(f"{source} ({entry_point.value}): failed to load: {one_line(exc)}") from None
     module = target if isinstance(target, types.ModuleType) else sys.modules[target.__module__]
     _register_module(registry, vars(module), source)
-
-
-def _describe(exc: BaseException) -> str:
-    """The exception on one line: its class and the first line of its message."""
-    message = exc.msg if isinstance(exc, SyntaxError) else (str(exc).strip().splitlines() or [""])[0]
-    return f"{exc.__class__.__name__}: {message}" if message else exc.__class__.__name__
 
 
 def load_hooks(hooks_dir: Path | None, *, entry_points: bool = True, trace: bool = False) -> HookRegistry:

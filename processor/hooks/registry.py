@@ -10,7 +10,7 @@ from typing import Any
 
 import structlog
 
-from processor.errors import InputError
+from processor.errors import InputError, one_line
 from processor.hooks.points import POINTS
 
 
@@ -131,7 +131,7 @@ class HookRegistry:
             result = impl.fn(**kwargs)
         except Exception as exc:
             self.log.info("hook called", point=impl.point, hook=impl.label, arguments=_short(kwargs),
-                          raised=_one_line(exc))
+                          raised=one_line(exc))
             raise
         self.log.info("hook called", point=impl.point, hook=impl.label, arguments=_short(kwargs), result=_short(result))
         return result
@@ -145,7 +145,7 @@ class HookRegistry:
         try:
             return self._call_one(impl, params)
         except Exception as exc:  # a hook is operator code: anything may come out of it
-            raise HookFailed(impl, _one_line(exc)) from exc
+            raise HookFailed(impl, one_line(exc)) from exc
 
     def notify(self, point: str, params: dict[str, Any]) -> list[Any]:
         """Call hooks that cannot undo what happened; an exception is logged with the hook's
@@ -155,14 +155,9 @@ class HookRegistry:
             try:
                 results.append(self._call_one(impl, params))
             except Exception as exc:
-                self.log.error("hook failed", point=point, hook=impl.label, error=_one_line(exc),
+                self.log.error("hook failed", point=point, hook=impl.label, error=one_line(exc),
                                request_id=params.get("request_id"))
         return results
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{exc.__class__.__name__}: {lines[0]}" if lines else exc.__class__.__name__
 
 
 def _short(value: Any, limit: int = 2000) -> str:
