@@ -9,6 +9,18 @@ DEMO := CANCELPROC_DATABASE_URL=sqlite:///$(DEMO_DB) $(BIN)/cancelproc
 
 .PHONY: install demo test bench clean
 
+define SHOW_EML
+import email, email.policy, sys
+for path in sys.argv[1:]:
+    with open(path, "rb") as f:
+        m = email.message_from_binary_file(f, policy=email.policy.default)
+    for h in ("From", "To", "Subject", "Date", "Message-ID"):
+        print(f"{h}: {m[h]}")
+    print()
+    print(m.get_body(("plain",)).get_content())
+endef
+export SHOW_EML
+
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -19,6 +31,7 @@ install: $(BIN)/.installed
 
 demo: install
 	@rm -f $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm
+	@rm -rf var/outbox
 	$(DEMO) init --demo
 	@echo; echo "== what tonight's run would do (--dry-run)"
 	$(DEMO) run --dry-run
@@ -30,6 +43,10 @@ demo: install
 	$(DEMO) services list --status Cancelled
 	@echo; echo "== requests"
 	$(DEMO) requests list
+	@echo; echo "== emails (delivered to var/outbox/ as .eml files)"
+	$(DEMO) emails list --limit 8
+	@echo; echo "== the staff digest: var/outbox/*-cron_job_activity.eml, its headers and text part"
+	@$(BIN)/python -c "$$SHOW_EML" var/outbox/*-cron_job_activity.eml
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -13,6 +13,7 @@ import getpass
 import os
 import sys
 from collections.abc import Sequence
+from email import policy as email_policy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -22,19 +23,23 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import joinedload
 
-from processor import __version__, cancellations, db as dbmod, importer
+from processor import __version__, cancellations, db as dbmod, importer, outbox
 from processor.config import Settings, load_settings
 from processor.db import Database, open_database
+from processor.delivery import Deliverer, DeliveryReport, build_message, mailer_from_settings, message_id
+from processor.digest import preview_digest
 from processor.demo import load_demo
 from processor.due import business_today, effective_date, is_due
-from processor.errors import CancelprocError, InputError, NotFound, one_line
-from processor.hooks import POINTS, HookRegistry, load_hooks
+from processor.emails import CRON_JOB_ACTIVITY, TEMPLATES, EmailTemplates
+from processor.errors import CancelprocError, InputError, NotFound, StateError, one_line
+from processor.hooks import POINTS, HookFailed, HookRegistry, load_hooks
 from processor.params import request_params, request_select
 from processor.logs import configure_logging
 from processor.models import (
     AuditEntry,
     CancellationRequest,
     Client,
+    EmailStatus,
     Invoice,
     OutboxEmail,
     RequestStatus,
@@ -88,6 +93,17 @@ class App:
             self._hooks = load_hooks(self.settings.path(self.settings.hooks_dir),
                                      trace=os.environ.get("CANCELPROC_TRACE_HOOKS") == "1")
         return self._hooks
+
+    @property
+    def templates(self) -> EmailTemplates:
+        email = self.settings.email
+        return EmailTemplates(self.settings.path(email.templates_dir) if email.templates_dir else None)
+
+    def composer(self) -> outbox.Composer:
+        return outbox.Composer(self.templates, self.hooks, self.settings.email)
+
+    def deliverer(self) -> Deliverer:
+        return Deliverer(self.database(), mailer_from_settings(self.settings), self.settings, clock=utc_now)
 
     def today(self) -> dt.date:
         return business_today(utc_now(), self.settings.zone)
@@ -217,11 +233,22 @@ def _echo_summary(summary: RunSummary) -> None:
         ("failed, will retry", summary.retrying), ("vetoed by a hook", summary.vetoed),
         ("failed for good", summary.failed),
         ("skipped (done elsewhere)", summary.skipped), ("emails queued", summary.emails_queued),
+        ("emails sent", summary.emails_sent),
+        ("emails not sent", f"{summary.emails_retrying} will retry, {summary.emails_failed} failed for good, "
+                            f"{summary.emails_still_queued} still queued"
+                            if summary.emails_retrying or summary.emails_failed or summary.delivery_error else 0),
         ("applied late", f"{summary.late} (up to {summary.max_days_late} days)" if summary.late else 0),
+        ("staff digest", "queued" if summary.digest_queued else "suppressed by a hook" if summary.digest_suppressed
+         else "not sent"),
     ])
     for f in summary.failures:
         what = "MANUAL CANCELLATION REQUIRED" if f["gave_up"] else "vetoed, will retry" if f["vetoed"] else "will retry"
         click.echo(f"  request {f['request_id']} (service {f['service_id']}): {f['error']} [{what}]")
+    for e in summary.failed_emails:
+        click.echo(f"  email {e['id']} ({e['template']}) to {e['to_address']}: {e['error']} [FAILED]")
+    if summary.delivery_error:
+        click.echo(f"  email delivery stopped: {summary.delivery_error}; the emails stay queued "
+                   "(cancelproc emails send)")
 
 
 def _run_with_progress(runner: Runner, options: RunOptions, show_progress: bool) -> RunSummary:
@@ -293,7 +320,8 @@ def run(app: App, as_of: dt.date | None, dry_run: bool, as_json: bool, limit: in
         as_of=as_of, limit=limit, operator=app.operator,
         trigger=RunTrigger(trigger) if trigger else (RunTrigger.MANUAL if on_terminal else RunTrigger.CRON),
     )
-    runner = Runner(database, settings, clock=utc_now, hooks=app.hooks)
+    deliverer = app.deliverer() if settings.email.send_after_run and not dry_run else None
+    runner = Runner(database, settings, clock=utc_now, templates=app.templates, hooks=app.hooks, deliverer=deliverer)
     # A run allocates many short-lived objects; the long-lived ones (modules, compiled
     # templates, SQLAlchemy's caches) need not be scanned by every full collection.
     gc.freeze()
@@ -350,22 +378,31 @@ def requests_create(app: App, service_id: int, type_name: str, reason_code: str,
     """Record a cancellation request for SERVICE_ID."""
     database = app.database()
     hooks = app.hooks
+    composer = app.composer()
+    now = utc_now()
     try:
         with database.session.begin() as session:
             request = cancellations.create_request(
                 session, service_id=service_id, type_=REQUEST_TYPES[type_name], reason_code=reason_code,
                 reason=reason, allowed_reasons=app.settings.reason_codes, cancel_on=cancel_on,
-                actor=app.operator, now=utc_now(), today=app.today(),
+                actor=app.operator, now=now, today=app.today(),
             )
+            not_queued = outbox.queue_request_emails(session, request.id, composer=composer, settings=app.settings,
+                                                     now=now, actor=app.operator)
             row = _request_row(request)
     except IntegrityError:
         # Another writer created an open request between our check and our insert.
         raise InputError(f"service {service_id} already has an open request") from None
+    except HookFailed as exc:  # fail closed: no request without its confirmation email
+        raise CancelprocError(f"request not created: {exc}") from None
     _notify_request_hook(database, hooks, "CancellationRequest", row["id"], actor=app.operator)
+    row["emails_not_queued"] = not_queued
     if as_json:
         echo_json(row)
     else:
         click.echo(f"request {row['id']} created for service {service_id} ({row['type'].value})")
+        for line in not_queued:
+            click.echo(f"warning: {line}", err=True)
 
 
 @requests_group.command("list")
@@ -471,8 +508,10 @@ def requests_process(app: App, request_ids: tuple[int, ...], ignore_due_date: bo
                 due_on = effective_date(request.type, service.next_due_date, request.cancel_on, created_on)
                 raise InputError(f"request {rid} is not due until {due_on}; add --now to apply it before its due date")
     options = RunOptions(as_of=today, trigger=RunTrigger.MANUAL, operator=app.operator,
-                         request_ids=list(request_ids), ignore_due_date=ignore_due_date)
-    summary = Runner(database, app.settings, clock=utc_now, hooks=app.hooks).run(options)
+                         request_ids=list(request_ids), ignore_due_date=ignore_due_date, digest=False)
+    deliverer = app.deliverer() if app.settings.email.send_after_run else None
+    summary = Runner(database, app.settings, clock=utc_now, templates=app.templates, hooks=app.hooks,
+                     deliverer=deliverer).run(options)
     if as_json:
         echo_json(summary.as_dict())
     else:
@@ -647,6 +686,169 @@ def services_show(app: App, service_id: int, as_json: bool) -> None:
                              ("emails", "emails", ["id", "template", "to", "status"])):
         click.echo(f"{title}:")
         echo_table(row[key], cols, empty="  (none)")
+
+
+# --- emails ------------------------------------------------------------------------------
+
+def _email_row(e: OutboxEmail) -> dict[str, Any]:
+    return {"id": e.id, "key": e.key, "template": e.template, "request_id": e.request_id, "run_id": e.run_id,
+            "to": e.to_address, "from": e.from_address, "subject": e.subject, "status": e.status,
+            "attempts": e.attempts, "last_error": e.last_error, "next_attempt_at": e.next_attempt_at,
+            "created_at": e.created_at, "sent_at": e.sent_at,
+            "message_id": message_id(e.id, e.key, e.created_at, e.from_address)}
+
+
+def _get_email(session: Any, email_id: int) -> OutboxEmail:
+    email = session.get(OutboxEmail, email_id)
+    if email is None:
+        raise NotFound(f"email {email_id} not found")
+    return email
+
+
+@cli.group("emails")
+def emails_group() -> None:
+    """The email outbox: list, show, preview, send and retry emails."""
+
+
+@emails_group.command("list")
+@click.option("--status", type=click.Choice([s.value for s in EmailStatus]), help="Only emails in this state.")
+@click.option("--request", "request_id", type=int, help="Only emails about this request.")
+@click.option("--template", type=click.Choice(list(TEMPLATES)), help="Only this message.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def emails_list(app: App, status: str | None, request_id: int | None, template: str | None, limit: int,
+                as_json: bool) -> None:
+    """List emails, newest first."""
+    query = select(OutboxEmail).order_by(OutboxEmail.id.desc()).limit(limit)
+    if status:
+        query = query.where(OutboxEmail.status == EmailStatus(status))
+    if request_id is not None:
+        query = query.where(OutboxEmail.request_id == request_id)
+    if template:
+        query = query.where(OutboxEmail.template == template)
+    with app.database().read_session() as session:
+        rows = [_email_row(e) for e in session.scalars(query)]
+    echo_rows(rows, ["id", "template", "request_id", "to", "status", "attempts", "created_at", "sent_at",
+                     "last_error"], as_json=as_json, empty="no emails")
+
+
+@emails_group.command("show")
+@click.argument("email_id", type=int)
+@click.option("--raw", is_flag=True, help="The whole message as it is sent (headers, text and HTML parts).")
+@click.option("--html", is_flag=True, help="The HTML part instead of the text.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def emails_show(app: App, email_id: int, raw: bool, html: bool, as_json: bool) -> None:
+    """One email: its state and its text (or HTML, or the raw message)."""
+    with app.database().read_session() as session:
+        email = _get_email(session, email_id)
+        row = _email_row(email)
+        row.update(text=email.text_body, html=email.html_body)
+        message = build_message(email, app.settings.email.company_name) if raw else None
+    if as_json:
+        echo_json(row)
+    elif message is not None:
+        click.echo(message.as_string(policy=email_policy.default), nl=False)
+    else:
+        echo_fields([(k, row[k]) for k in ("id", "key", "template", "request_id", "run_id", "from", "to", "subject",
+                                           "message_id", "status", "attempts", "last_error", "next_attempt_at",
+                                           "created_at", "sent_at")])
+        click.echo()
+        click.echo(row["html"] if html else row["text"])
+
+
+@emails_group.command("preview")
+@click.argument("template", type=click.Choice(list(TEMPLATES)))
+@click.option("--request", "request_id", type=int, help="Render it for this request (client and request emails).")
+@click.option("--run", "run_id", type=int, help="Render it for this run (cron_job_activity).")
+@click.option("--language", help="Use this language's templates and dates instead of the client's (e.g. de).")
+@click.option("--html", is_flag=True, help="Print the HTML part instead of the text.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def emails_preview(app: App, template: str, request_id: int | None, run_id: int | None, language: str | None,
+                   html: bool, as_json: bool) -> None:
+    """Render TEMPLATE with real data, as it would be queued now; nothing is written.
+
+    \b
+    Templates: cancellation_request_confirmation, new_cancellation_request,
+    service_cancellation_confirmation (each --request ID), cron_job_activity (--run ID).
+    """
+    composer = app.composer()
+    if template == CRON_JOB_ACTIVITY:
+        if run_id is None or request_id is not None:
+            raise click.UsageError(f"{template} needs --run RUN_ID (and no --request)")
+        with app.database().read_engine.connect() as conn:
+            composed = preview_digest(conn, composer, run_id, now=utc_now(), settings=app.settings)
+    else:
+        if request_id is None or run_id is not None:
+            raise click.UsageError(f"{template} needs --request REQUEST_ID (and no --run)")
+        with app.database().read_session() as session:
+            composed = outbox.preview_request_email(session, template, request_id, composer=composer,
+                                                    settings=app.settings, today=app.today(), language=language)
+    email = composed.email
+    if email is None:
+        raise InputError(f"{template}: an EmailPreSend hook ({composed.aborted_by}) would abort this email")
+    if as_json:
+        echo_json({"template": template, "file": app.templates.filename(template, language), "to": email.to_address,
+                   "subject": email.subject, "text": email.text_body, "html": email.html_body})
+        return
+    click.echo(f"To: {email.to_address}\nSubject: {email.subject}\n")
+    click.echo(email.html_body if html else email.text_body)
+
+
+def _echo_delivery(report: DeliveryReport) -> None:
+    click.echo(f"{report.sent} sent, {report.retrying} will be retried, {report.failed} failed for good, "
+               f"{report.queued} still queued")
+    for e in report.failed_emails:
+        click.echo(f"  email {e['id']} ({e['template']}) to {e['to_address']}: {e['error']} [FAILED]")
+    if report.stopped:
+        click.echo(f"error: delivery stopped: {report.stopped}; the rest stays queued", err=True)
+
+
+@emails_group.command("send")
+@click.option("--limit", type=click.IntRange(min=1), help="Send at most N emails.")
+@click.option("--now", "ignore_backoff", is_flag=True,
+              help="Also send emails waiting for their next attempt after a failed send.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def emails_send(app: App, limit: int | None, ignore_backoff: bool, as_json: bool) -> int:
+    """Send queued emails now (a run also sends them at its end).
+
+    Exit 0 when everything due was sent, 1 when some could not be (they stay queued
+    with their error, or failed for good after max_attempts), 75 when another sender
+    is at work.
+    """
+    report = app.deliverer().deliver(limit=limit, ignore_backoff=ignore_backoff)
+    if as_json:
+        echo_json({k: getattr(report, k) for k in ("sent", "retrying", "failed", "queued", "stopped", "failed_emails")})
+    else:
+        _echo_delivery(report)
+    return 0 if report.ok else 1
+
+
+@emails_group.command("retry")
+@click.argument("email_ids", type=int, nargs=-1)
+@click.option("--all-failed", is_flag=True, help="Every failed email.")
+@pass_app
+def emails_retry(app: App, email_ids: tuple[int, ...], all_failed: bool) -> None:
+    """Queue failed emails again (attempts reset); the next run or `emails send` sends them."""
+    if bool(email_ids) == all_failed:
+        raise click.UsageError("give EMAIL_IDS or --all-failed (not both)")
+    with app.database().session.begin() as session:
+        if all_failed:
+            emails = list(session.scalars(select(OutboxEmail).where(OutboxEmail.status == EmailStatus.FAILED)))
+        else:
+            emails = [_get_email(session, i) for i in email_ids]
+            for e in emails:
+                if e.status is not EmailStatus.FAILED:
+                    raise StateError(f"email {e.id} is {e.status.value}; only a failed email can be retried")
+        now = utc_now()
+        for e in emails:
+            session.add(AuditEntry(at=now, actor=app.operator, request_id=e.request_id, entity="email", entity_id=e.id,
+                                   action="retry", detail=f"was failed: {e.last_error or '-'}"))
+            e.status, e.attempts, e.next_attempt_at = EmailStatus.QUEUED, 0, None
+    click.echo(f"{len(emails)} email(s) queued again; `cancelproc emails send` sends them now")
 
 
 # --- hooks -------------------------------------------------------------------------------

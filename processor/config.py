@@ -21,6 +21,42 @@ ENV_PREFIX = "CANCELPROC_"
 DEFAULT_CONFIG = Path("config") / "processor.toml"
 
 
+def _header_safe(value: str) -> str:
+    """A value that goes into an email header: one line, no control characters."""
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise ValueError("must be one line without control characters")
+    return value
+
+
+def _address(value: str) -> str:
+    _header_safe(value)
+    local, at, domain = value.partition("@")
+    if not (local and at and domain) or " " in value or "@" in domain:
+        raise ValueError(f"{value!r} is not an email address (name@example.com)")
+    return value
+
+
+class SmtpSettings(BaseModel):
+    """The `smtp` delivery backend. The password is never in this file: it is read from the
+    environment variable named by password_env, or from password_file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "localhost"
+    port: int = Field(587, ge=1, le=65535)
+    # starttls: plain connection upgraded with STARTTLS (port 587); ssl: implicit TLS (port
+    # 465); none: no encryption (only for a relay on localhost).
+    security: Literal["starttls", "ssl", "none"] = "starttls"
+    username: str = ""
+    password_env: str = "CANCELPROC_SMTP_PASSWORD"
+    password_file: str = ""
+    timeout_seconds: float = Field(30, gt=0, le=600)
+    # A PEM file of CA certificates to trust instead of the system's ("" = system).
+    ca_file: str = ""
+
+    _check_host = field_validator("host", "username")(_header_safe)
+
+
 class EmailSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -30,6 +66,21 @@ class EmailSettings(BaseModel):
     signature: str = "Example Hosting Billing Team"
     # Operator's own templates, searched before templates/emails/ ("" = none).
     templates_dir: str = ""
+    delivery: Literal["folder", "smtp", "console"] = "folder"
+    outbox_dir: str = "var/outbox"
+    send_after_run: bool = True
+    max_attempts: int = Field(10, ge=1, le=100)
+    retry_backoff_minutes: int = Field(5, ge=0)
+    retry_backoff_max_minutes: int = Field(720, ge=0)
+    smtp: SmtpSettings = Field(default_factory=SmtpSettings)
+
+    _check_from = field_validator("from_address")(_address)
+    _check_company = field_validator("company_name")(_header_safe)
+
+    @field_validator("staff_address")
+    @classmethod
+    def _staff(cls, value: str) -> str:
+        return _address(value) if value else value
 
 
 class Settings(BaseSettings):

@@ -1,9 +1,13 @@
-"""Email templates: find, check and render them. Delivery of the outbox comes separately.
+"""Email templates: find, check and render them. (Queueing is outbox.py, sending delivery.py.)
 
 A template is one file with three blocks (subject, text, html) extending `_layout.jinja`.
 Templates run in Jinja's sandbox (a template cannot reach Python internals), with
 StrictUndefined (a misspelt merge field is an error, not an empty string). The html block
 is rendered by an autoescaping environment, the subject and text by a plain one.
+
+Per language: a client whose language is "de" (or "de_AT", "de-AT") gets
+`<folder>/de/<name>.jinja` when it exists (the operator's folder, then the shipped one),
+else `<name>.jinja`; dates are formatted for that language (Babel).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from jinja2 import (
     TemplateNotFound,
     TemplateSyntaxError,
 )
+from babel import Locale, UnknownLocaleError
+from babel.dates import format_date as babel_format_date
 from jinja2 import nodes
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -33,8 +39,20 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from processor.errors import InputError
 
 DEFAULT_TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "emails"
-SERVICE_CANCELLATION_CONFIRMATION = "service_cancellation_confirmation"
 BLOCKS = ("subject", "text", "html")
+
+# The messages, by template file name, with their WHMCS-style titles.
+REQUEST_CONFIRMATION = "cancellation_request_confirmation"  # client, when a request is made
+NEW_REQUEST = "new_cancellation_request"  # staff, when a request is made
+SERVICE_CANCELLATION_CONFIRMATION = "service_cancellation_confirmation"  # client, when done
+CRON_JOB_ACTIVITY = "cron_job_activity"  # staff digest after each run
+TEMPLATES = {
+    REQUEST_CONFIRMATION: "Cancellation Request Confirmation",
+    NEW_REQUEST: "New Cancellation Request",
+    SERVICE_CANCELLATION_CONFIRMATION: "Service Cancellation Confirmation",
+    CRON_JOB_ACTIVITY: "Cron Job Activity",
+}
+DEFAULT_LANGUAGE = "en"
 
 
 @dataclass(frozen=True)
@@ -48,9 +66,30 @@ class TemplateProblem(InputError):
     """A template is missing, does not parse, or does not render with the given fields."""
 
 
+def language_folders(language: str | None) -> list[str]:
+    """Template sub-folders to try for a client's language, most specific first:
+    "de_AT" -> ["de_at", "de"]. Anything that is not a plain language code gives none."""
+    code = (language or "").strip().lower().replace("-", "_")
+    if not code or not code.replace("_", "").isalnum() or not code.isascii():
+        return []
+    primary = code.split("_")[0]
+    return [code] if code == primary else [code, primary]
+
+
+@functools.lru_cache(maxsize=64)
+def _locale(language: str | None) -> Locale:
+    for code in language_folders(language):
+        try:
+            return Locale.parse(code)
+        except (UnknownLocaleError, ValueError):
+            continue
+    return Locale.parse(DEFAULT_LANGUAGE)
+
+
 @functools.lru_cache(maxsize=4096)  # a run formats the same few dozen dates thousands of times
-def format_date(value: dt.date | None) -> str:
-    return f"{value.day} {value:%B %Y}" if value else ""
+def format_date(value: dt.date | None, language: str | None = DEFAULT_LANGUAGE) -> str:
+    """A date as the client's language writes it in full ("December 1, 2026", "1. Dezember 2026")."""
+    return babel_format_date(value, format="long", locale=_locale(language)) if value else ""
 
 
 def _loader(override_dir: Path | None, default_dir: Path) -> BaseLoader:
@@ -105,62 +144,121 @@ class EmailTemplates:
     """Compiled templates; `check` at start so a broken template stops a run before any write."""
 
     def __init__(self, override_dir: Path | None = None, default_dir: Path = DEFAULT_TEMPLATES) -> None:
+        self.folders = [d for d in (override_dir, default_dir) if d is not None]
         loader = _loader(override_dir, default_dir)
         common: dict[str, Any] = dict(loader=loader, undefined=StrictUndefined, keep_trailing_newline=False)
         self._plain = ImmutableSandboxedEnvironment(autoescape=False, **common)
         self._html = ImmutableSandboxedEnvironment(autoescape=True, **common)
         self._cache: dict[str, tuple[_Compiled, _Compiled]] = {}
+        self._resolved: dict[tuple[str, str | None], str] = {}
 
     def _compile(self, env: Environment, filename: str) -> _Compiled:
         template = env.get_template(filename)
         return _Compiled(template, _block_chain(env, template))
 
-    def _load(self, name: str) -> tuple[_Compiled, _Compiled]:
-        if name not in self._cache:
-            filename = f"{name}.jinja"
+    def filename(self, name: str, language: str | None = None) -> str:
+        """The template file for this message and language: `<lang>/<name>.jinja` when one
+        exists in either folder, else `<name>.jinja`."""
+        key = (name, language)
+        if key not in self._resolved:
+            candidates = [f"{folder}/{name}.jinja" for folder in language_folders(language)]
+            found = next((c for c in candidates if any((d / c).is_file() for d in self.folders)), None)
+            self._resolved[key] = found or f"{name}.jinja"
+        return self._resolved[key]
+
+    def languages(self) -> list[str]:
+        """Language folders present (in the operator's folder or the shipped one)."""
+        return sorted({p.name for d in self.folders if d.is_dir() for p in d.iterdir()
+                       if p.is_dir() and language_folders(p.name) == [p.name]})
+
+    def _load(self, filename: str) -> tuple[_Compiled, _Compiled]:
+        if filename not in self._cache:
             try:
-                self._cache[name] = (self._compile(self._plain, filename), self._compile(self._html, filename))
+                self._cache[filename] = (self._compile(self._plain, filename), self._compile(self._html, filename))
             except TemplateNotFound as exc:
                 raise TemplateProblem(f"email template {exc.name} not found") from None
             except TemplateSyntaxError as exc:
                 raise TemplateProblem(f"{exc.filename or exc.name}:{exc.lineno}: {exc.message}") from None
-        return self._cache[name]
+        return self._cache[filename]
 
     def check(self, name: str, sample: Mapping[str, Any]) -> None:
-        """Parse the template and render it once with sample fields; raise TemplateProblem."""
-        self.render(name, sample)
+        """Parse the template (each language's too) and render it once with sample fields;
+        raise TemplateProblem."""
+        for language in (None, *self.languages()):
+            self.render(name, sample, language)
 
-    def render(self, name: str, fields: Mapping[str, Any]) -> RenderedEmail:
-        plain, html = self._load(name)
+    def check_all(self, company_name: str, signature: str) -> None:
+        """Every message's templates, before anything is touched."""
+        for name in TEMPLATES:
+            self.check(name, sample_fields(name, company_name, signature))
+
+    def render(self, name: str, fields: Mapping[str, Any], language: str | None = None) -> RenderedEmail:
+        filename = self.filename(name, language)
+        plain, html = self._load(filename)
         fields = {**self._plain.globals, **fields}  # both environments have the same globals
         try:
             subject, text = (part.strip() for part in plain.render_blocks(("subject", "text"), fields))
             html_body = html.render_blocks(("html",), fields)[0].strip()
         except KeyError as exc:
-            raise TemplateProblem(f"email template {name}.jinja has no block {exc.args[0]!r} (needs {', '.join(BLOCKS)})") from None
+            raise TemplateProblem(f"email template {filename} has no block {exc.args[0]!r} (needs {', '.join(BLOCKS)})") from None
         except TemplateError as exc:
-            raise TemplateProblem(f"email template {name}.jinja: {exc}") from None
+            raise TemplateProblem(f"email template {filename}{_line_of(exc)}: {exc}") from None
         if "\n" in subject or "\r" in subject:
-            raise TemplateProblem(f"email template {name}.jinja: subject renders to more than one line")
+            raise TemplateProblem(f"email template {filename}: subject renders to more than one line")
         return RenderedEmail(subject, text, html_body)
 
 
-def sample_fields(company_name: str, signature: str) -> dict[str, Any]:
-    """Merge fields with plausible values, to check templates before a run touches anything."""
-    return dict(
-        client_name="Jane Doe",
-        client_first_name="Jane",
-        client_email="jane@example.test",
-        service_product_name="VPS 4GB",
-        service_domain="vps1.example.test",
-        service_next_due_date=format_date(dt.date(2026, 12, 1)),
-        service_status="Cancelled",
-        service_billing_cycle="Monthly",
-        service_cancellation_type="End of Billing Period",
-        service_cancellation_reason="Too expensive",
-        service_is_immediate_cancellation=False,
-        company_name=company_name,
-        signature=signature,
-        date=format_date(dt.date(2026, 12, 1)),
-        request_id=1,
-    )
+def _line_of(exc: TemplateError) -> str:
+    """':LINE' of the template frame where rendering failed, when the traceback has one."""
+    tb = exc.__traceback__
+    line = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(".jinja"):
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f":{line}" if line else ""
+
+
+def sample_fields(name: str, company_name: str, signature: str) -> dict[str, Any]:
+    """Merge fields with plausible values for this message, to check templates before a
+    run touches anything."""
+    common = dict(company_name=company_name, signature=signature, date=format_date(dt.date(2026, 12, 1)))
+    if name == CRON_JOB_ACTIVITY:
+        return {**common, **SAMPLE_DIGEST}
+    return {**common, **SAMPLE_REQUEST}
+
+
+SAMPLE_REQUEST: dict[str, Any] = dict(
+    request_id=1,
+    client_name="Jane Doe",
+    client_first_name="Jane",
+    client_email="jane@example.test",
+    service_id=1,
+    service_product_name="VPS 4GB",
+    service_domain="vps1.example.test",
+    service_next_due_date=format_date(dt.date(2026, 12, 1)),
+    service_status="Active",
+    service_billing_cycle="Monthly",
+    service_cancellation_type="End of Billing Period",
+    service_cancellation_reason="Too expensive",
+    service_cancellation_reason_code="too_expensive",
+    service_cancellation_date=format_date(dt.date(2026, 12, 1)),
+    service_is_immediate_cancellation=False,
+)
+
+SAMPLE_DIGEST: dict[str, Any] = dict(
+    run_id=1, as_of=format_date(dt.date(2026, 12, 1)), status="completed with failures", trigger="cron",
+    operator="root", host="billing1", started_at="2026-12-01 02:00 UTC", finished_at="2026-12-01 02:01 UTC",
+    due=3, completed=1, noop=0, retrying=1, failed=1, vetoed=1, skipped=0, late=1, max_days_late=2,
+    late_by_days=[{"days": 2, "count": 1}],
+    emails_queued=1, emails_sent=1, emails_failed=1, emails_queued_now=0, emails_failed_total=1, delivery_error="",
+    failures=[
+        {"request_id": 7, "service_id": 7, "client_name": "Jane Doe", "domain": "vps7.example.test",
+         "error": "TerminateAccount hook failed", "attempts": 5, "gave_up": True, "vetoed": False},
+        {"request_id": 8, "service_id": 8, "client_name": "John Roe", "domain": "", "error": "vetoed by a hook",
+         "attempts": 1, "gave_up": False, "vetoed": True},
+    ],
+    failures_not_listed=0,
+    failed_emails=[{"id": 3, "template": "service_cancellation_confirmation", "to_address": "jane@example.test",
+                    "error": "550 mailbox unavailable"}],
+)

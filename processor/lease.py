@@ -21,6 +21,7 @@ from processor.errors import CancelprocError, LeaseHeld
 from processor.models import Lease, Run, RunStatus, RunTrigger
 
 LEASE_NAME = "nightly-run"
+DELIVERY_LEASE = "email-delivery"
 ABANDONED = "abandoned: its process died or stopped renewing the lease; lease taken over"
 
 
@@ -60,6 +61,28 @@ def _holder_is_dead(lease: Lease, me: Holder) -> bool:
     return lease.process_started_at is not None and abs((started - lease.process_started_at).total_seconds()) > 1
 
 
+def _locked(session: Session, name: str) -> Lease | None:
+    return session.scalars(select(Lease).where(Lease.name == name).with_for_update()).one_or_none()
+
+
+def _check_free(lease: Lease | None, *, now: dt.datetime, me: Holder, held: str) -> Lease | None:
+    """The lease row if it may be taken over (expired or its holder dead); raise LeaseHeld if
+    it is live. `held` names what holds it ("run 41", "email delivery")."""
+    if lease is not None and lease.expires_at > now and not _holder_is_dead(lease, me):
+        started = lease.acquired_at.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+        raise LeaseHeld(
+            f"{held} in progress on host {lease.host} (pid {lease.pid}) since {started}; "
+            f"its lease expires at {lease.expires_at.astimezone().strftime('%H:%M:%S %Z')}"
+        )
+    return lease
+
+
+def _grant(session: Session, name: str, *, now: dt.datetime, seconds: int, me: Holder, run_id: int | None) -> None:
+    session.add(Lease(name=name, run_id=run_id, host=me.host, pid=me.pid, process_started_at=me.started_at,
+                      acquired_at=now, expires_at=now + dt.timedelta(seconds=seconds)))
+    session.flush()
+
+
 def acquire(
     session: Session,
     *,
@@ -71,17 +94,12 @@ def acquire(
     me: Holder,
 ) -> Run:
     """Create a running Run holding the lease, or raise LeaseHeld naming the active run."""
-    lease = session.scalars(select(Lease).where(Lease.name == LEASE_NAME).with_for_update()).one_or_none()
-    # Read the clock only now: the first statement may have waited for the write lock, and a
-    # run that waited starts (and its lease runs) from when it got it.
+    # Read the clock only after the first statement: it may have waited for the write lock,
+    # and a run that waited starts (and its lease runs) from when it got it.
+    lease = _locked(session, LEASE_NAME)
     now = clock()
+    lease = _check_free(lease, now=now, me=me, held=f"run {lease.run_id}" if lease else "")
     if lease is not None:
-        if lease.expires_at > now and not _holder_is_dead(lease, me):
-            started = lease.acquired_at.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
-            raise LeaseHeld(
-                f"run {lease.run_id} in progress on host {lease.host} (pid {lease.pid}) since {started}; "
-                f"its lease expires at {lease.expires_at.astimezone().strftime('%H:%M:%S %Z')}"
-            )
         session.execute(
             update(Run)
             .where(Run.id == lease.run_id, Run.status == RunStatus.RUNNING)
@@ -97,16 +115,40 @@ def acquire(
         pid=me.pid,
         status=RunStatus.RUNNING,
         started_at=now,
-        due=0, completed=0, noop=0, retrying=0, failed=0, vetoed=0, emails_queued=0, late=0, max_days_late=0,
+        due=0, completed=0, noop=0, retrying=0, failed=0, vetoed=0, emails_queued=0, emails_sent=0,
+        emails_failed=0, late=0, max_days_late=0,
     )
     session.add(run)
     session.flush()
-    session.add(
-        Lease(name=LEASE_NAME, run_id=run.id, host=me.host, pid=me.pid, process_started_at=me.started_at,
-              acquired_at=now, expires_at=now + dt.timedelta(seconds=seconds))
-    )
-    session.flush()
+    _grant(session, LEASE_NAME, now=now, seconds=seconds, me=me, run_id=run.id)
     return run
+
+
+def acquire_delivery(session: Session, *, clock: Callable[[], dt.datetime], seconds: int, me: Holder) -> None:
+    """Take the email delivery lease (one sender at a time, so no email goes out twice by
+    two senders), or raise LeaseHeld."""
+    lease = _locked(session, DELIVERY_LEASE)
+    now = clock()
+    lease = _check_free(lease, now=now, me=me, held="email delivery")
+    if lease is not None:
+        session.delete(lease)
+        session.flush()
+    _grant(session, DELIVERY_LEASE, now=now, seconds=seconds, me=me, run_id=None)
+
+
+def renew_delivery(conn: Connection | Session, *, now: dt.datetime, seconds: int, me: Holder) -> None:
+    """Push the delivery lease's expiry forward; raise LeaseLost if another sender took it."""
+    result = conn.execute(
+        update(Lease)
+        .where(Lease.name == DELIVERY_LEASE, Lease.host == me.host, Lease.pid == me.pid)
+        .values(expires_at=now + dt.timedelta(seconds=seconds))
+    )
+    if result.rowcount != 1:
+        raise LeaseLost("email delivery stopped: its lease expired and another sender took it over")
+
+
+def release_delivery(conn: Connection | Session, me: Holder) -> None:
+    conn.execute(delete(Lease).where(Lease.name == DELIVERY_LEASE, Lease.host == me.host, Lease.pid == me.pid))
 
 
 def renew(conn: Connection | Session, run_id: int, *, now: dt.datetime, seconds: int) -> None:

@@ -119,9 +119,9 @@ class RunTrigger(enum.StrEnum):
 
 
 class EmailStatus(enum.StrEnum):
-    QUEUED = "queued"
-    SENT = "sent"
-    FAILED = "failed"
+    QUEUED = "queued"  # waiting to be sent (again, after next_attempt_at when a send failed)
+    SENT = "sent"  # handed to the mail server (or written to the outbox folder)
+    FAILED = "failed"  # given up, or refused as unsafe: never sent; `emails retry` queues it again
 
 
 class Client(Base):
@@ -256,6 +256,8 @@ class Run(Base):
     failed: Mapped[int] = mapped_column(Integer, default=0)  # gave up: manual cancellation required
     vetoed: Mapped[int] = mapped_column(Integer, default=0)  # a PreModuleTerminate hook said no (retried)
     emails_queued: Mapped[int] = mapped_column(Integer, default=0)
+    emails_sent: Mapped[int] = mapped_column(Integer, default=0)  # delivered at the end of the run
+    emails_failed: Mapped[int] = mapped_column(Integer, default=0)  # given up at the end of the run
     late: Mapped[int] = mapped_column(Integer, default=0)  # applied after the day they were due
     max_days_late: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
@@ -267,7 +269,7 @@ class Lease(Base):
     __tablename__ = "leases"
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))  # the run holding it; none for delivery
     host: Mapped[str] = mapped_column(String(255))
     pid: Mapped[int] = mapped_column(Integer)
     # The holder process's start time: tells a reused pid from the holder.
@@ -309,5 +311,6 @@ class OutboxEmail(Base):
     status: Mapped[EmailStatus] = mapped_column(_enum(EmailStatus, "email_status"), default=EmailStatus.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)  # backoff after a failed send
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

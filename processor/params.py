@@ -19,14 +19,14 @@ from processor.models import Service as S
 
 # What the run needs for every request (the due rule, the email), then what only hooks read.
 _RUN_COLUMNS = (
-    R.id, R.type, R.cancel_on, R.reason, R.created_at, R.attempts,
+    R.id, R.type, R.cancel_on, R.reason, R.reason_code, R.created_at, R.attempts,
     S.id.label("service_id"), S.status.label("service_status"), S.domain, S.next_due_date, S.billing_cycle,
-    C.first_name, C.last_name, C.email, P.name.label("product_name"),
+    C.first_name, C.last_name, C.email, C.language, P.name.label("product_name"),
 )
 _HOOK_COLUMNS = (
-    R.reason_code, R.external_id.label("request_external_id"), R.status.label("request_status"),
+    R.external_id.label("request_external_id"), R.status.label("request_status"),
     S.amount, S.external_id.label("service_external_id"),
-    C.id.label("client_id"), C.external_id.label("client_external_id"), C.company_name, C.language, C.balance,
+    C.id.label("client_id"), C.external_id.label("client_external_id"), C.company_name, C.balance,
     P.id.label("product_id"), P.module,
 )
 
@@ -46,10 +46,10 @@ def request_select(for_hooks: bool = True) -> Select[Any]:
 def request_params(row: Row[Any], **more: Any) -> dict[str, Any]:
     """The params of a per-request hook (docs/hooks.md); `more` adds the point's own."""
     # One tuple unpack instead of 27 attribute lookups: this runs for every request.
-    (request_id, type_, cancel_on, reason, created_at, attempts, service_id, service_status, domain, next_due_date,
-     billing_cycle, first_name, last_name, email, product_name,
-     reason_code, request_external_id, request_status, amount, service_external_id,
-     client_id, client_external_id, company_name, language, balance, product_id, module) = row
+    (request_id, type_, cancel_on, reason, reason_code, created_at, attempts, service_id, service_status, domain,
+     next_due_date, billing_cycle, first_name, last_name, email, language, product_name,
+     request_external_id, request_status, amount, service_external_id,
+     client_id, client_external_id, company_name, balance, product_id, module) = row
     return {
         "request_id": request_id,
         "idempotency_key": str(request_id),

@@ -18,7 +18,7 @@ import datetime as dt
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import Any
 
 import structlog
 from sqlalchemy import Connection, Row, String, case, cast, func, insert, literal, or_, select, update
@@ -26,21 +26,22 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, Stateme
 
 from processor import lease
 from processor.config import Settings
-from processor.db import Database, insert_rows
+from processor.db import Database
 from processor.due import business_today, days_late, due_clause, effective_date
-from processor.emails import SERVICE_CANCELLATION_CONFIRMATION, EmailTemplates, format_date, sample_fields
-from processor.errors import DatabaseError, InputError, one_line
+from processor.delivery import Deliverer, DeliveryReport
+from processor.digest import queue_digest
+from processor.emails import SERVICE_CANCELLATION_CONFIRMATION, EmailTemplates
+from processor.errors import DatabaseError, InputError, LeaseHeld, one_line
 from processor.hooks import HookFailed, HookRegistry
+from processor.outbox import Composer, QueuedEmail, address_problem, email_key, queue, request_fields
 from processor.params import request_params, request_select, with_params
 from processor.models import (
     CLOSED_SERVICE_STATUSES,
     AuditEntry,
     CancellationRequest,
     Client,
-    EmailStatus,
     Invoice,
     InvoiceStatus,
-    OutboxEmail,
     Product,
     RequestStatus,
     RequestType,
@@ -70,18 +71,6 @@ class Action(StrEnum):
     SKIPPED = "skipped"  # no longer pending when we came to write it (done by someone else)
 
 
-class QueuedEmail(NamedTuple):
-    """An outbox row's own columns, rendered; those shared by a chunk are bound once."""
-
-    key: str
-    template: str
-    request_id: int
-    to_address: str
-    subject: str
-    text_body: str
-    html_body: str
-
-
 @dataclass(slots=True)
 class Outcome:
     """What one request comes to, decided before anything is written."""
@@ -109,6 +98,7 @@ class RunOptions:
     limit: int | None = None
     request_ids: Sequence[int] | None = None  # `requests process`: only these
     ignore_due_date: bool = False  # `requests process --now`: apply before the due date
+    digest: bool = True  # send the staff digest (Cron Job Activity) after the run
 
 
 @dataclass
@@ -161,18 +151,36 @@ class RunSummary(Tally):
     as_of: dt.date | None = None
     status: str = ""
     failures: list[dict[str, Any]] = field(default_factory=list)
+    emails_sent: int = 0  # delivered at the end of the run (this run's and older queued ones)
+    emails_retrying: int = 0  # not sent at the end of the run; queued for a later attempt
+    emails_failed: int = 0  # given up at the end of the run (named in the digest)
+    emails_still_queued: int = 0  # in the outbox after the run's delivery
+    delivery_error: str | None = None  # why delivery stopped early (the emails stay queued)
+    failed_emails: list[dict[str, Any]] = field(default_factory=list)  # given up at the end of the run
     digest_suppressed: bool = False  # a DailyCronJobPreEmail hook asked for no staff digest
+    digest_queued: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """The summary as plain data (for --json and the hooks)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["failures"] = [dict(f) for f in self.failures]
+        data["failed_emails"] = [dict(e) for e in self.failed_emails]
         return data
 
     @property
     def exit_code(self) -> int:
-        """0 all done; 1 some requests failed or were vetoed (they stay pending, or failed for good)."""
-        return 1 if self.retrying or self.failed or self.vetoed else 0
+        """0 all done; 1 some requests failed or were vetoed (they stay pending, or failed for
+        good), or some emails could not be delivered."""
+        return 1 if (self.retrying or self.failed or self.vetoed or self.emails_retrying or self.emails_failed
+                     or self.delivery_error) else 0
+
+    def count_delivery(self, report: DeliveryReport) -> None:
+        self.emails_sent += report.sent
+        self.emails_retrying += report.retrying
+        self.emails_failed += report.failed
+        self.emails_still_queued = report.queued
+        self.failed_emails.extend(report.failed_emails)
+        self.delivery_error = self.delivery_error or report.stopped
 
     def record(self, outcomes: Sequence[Outcome]) -> Tally:
         tally = Tally.of(outcomes)
@@ -219,6 +227,7 @@ class Runner:
         clock: Clock,
         templates: EmailTemplates | None = None,
         hooks: HookRegistry | None = None,
+        deliverer: Deliverer | None = None,
         progress: Progress | None = None,
     ) -> None:
         self.db = db
@@ -230,6 +239,8 @@ class Runner:
         self.templates = templates or EmailTemplates(
             settings.path(settings.email.templates_dir) if settings.email.templates_dir else None
         )
+        self.composer = Composer(self.templates, self.hooks, settings.email)
+        self.deliverer = deliverer  # None: emails stay queued for `emails send`
         self.progress = progress
         self.retry = RetryPolicy(settings.max_attempts, settings.retry_backoff_minutes, settings.retry_backoff_max_minutes)
         self.log = structlog.get_logger("cancelproc.run")
@@ -274,30 +285,24 @@ class Runner:
 
     # --- deciding --------------------------------------------------------------------------
 
-    def run_fields(self, as_of: dt.date) -> dict[str, Any]:
-        """Merge fields that are the same for every email of a run (computed once)."""
-        email = self.settings.email
-        return dict(company_name=email.company_name, signature=email.signature, date=format_date(as_of),
-                    service_status=ServiceStatus.CANCELLED.value)
+    def run_fields(self, as_of: dt.date) -> Callable[[str | None], dict[str, Any]]:
+        """Merge fields that are the same for every confirmation of a run in one language."""
+        by_language: dict[str | None, dict[str, Any]] = {}
 
-    def merge_fields(self, row: Row[Any], run_fields: dict[str, Any]) -> dict[str, Any]:
-        """The WHMCS merge fields of the confirmation email."""
-        return {
-            **run_fields,
-            "client_name": f"{row.first_name} {row.last_name}".strip(),
-            "client_first_name": row.first_name,
-            "client_email": row.email,
-            "service_product_name": row.product_name,
-            "service_domain": row.domain,
-            "service_next_due_date": format_date(row.next_due_date),
-            "service_billing_cycle": row.billing_cycle,
-            "service_cancellation_type": row.type.value,
-            "service_cancellation_reason": row.reason,
-            "service_is_immediate_cancellation": row.type is RequestType.IMMEDIATE,
-            "request_id": row.id,
-        }
+        def fields(language: str | None) -> dict[str, Any]:
+            if language not in by_language:
+                by_language[language] = self.composer.common_fields(as_of, language)
+            return by_language[language]
+        return fields
 
-    def decide(self, row: Row[Any], as_of: dt.date, run_fields: dict[str, Any], run_id: int | None = None,
+    def merge_fields(self, row: Row[Any], run_fields: Callable[[str | None], dict[str, Any]],
+                     as_of: dt.date) -> dict[str, Any]:
+        """The WHMCS merge fields of the confirmation email (the service is now Cancelled)."""
+        return request_fields(row, common=run_fields(row.language), cancellation_date=as_of,
+                              service_status=ServiceStatus.CANCELLED.value)
+
+    def decide(self, row: Row[Any], as_of: dt.date, run_fields: Callable[[str | None], dict[str, Any]],
+               run_id: int | None = None,
                dry_run: bool = False) -> Outcome:
         """What to do with one due request: everything but the database write. Never raises.
 
@@ -318,9 +323,13 @@ class Runner:
             veto = self._pre_terminate(params) if params is not None else None
             if veto is not None:
                 return Outcome(row.id, row.service_id, Action.VETOED, late, row.attempts, error=veto, params=params)
-            if not row.email or "@" not in row.email:
+            if address_problem(row.email):
                 raise InputError(f"client of service {row.service_id} has no valid email address ({row.email!r})")
-            email, aborted_by = self._email(row, self.merge_fields(row, run_fields), run_id, dry_run)
+            composed = self.composer.compose(
+                SERVICE_CANCELLATION_CONFIRMATION, key=email_key(SERVICE_CANCELLATION_CONFIRMATION, "request", row.id),
+                to_address=row.email, fields=self.merge_fields(row, run_fields, as_of), language=row.language,
+                request_id=row.id, run_id=run_id, dry_run=dry_run)
+            email, aborted_by = composed.email, composed.aborted_by
             if params is not None and not dry_run:
                 self._terminate(params)
             return Outcome(row.id, row.service_id, Action.CANCEL, late, row.attempts, email,
@@ -338,22 +347,6 @@ class Runner:
                     return f"vetoed by {impl.label}: {result.get('reason') or 'no reason given'}"
                 params.update((k, v) for k, v in result.items() if k not in ("abortcmd", "reason", "params"))
         return None
-
-    def _email(self, row: Row[Any], fields: dict[str, Any], run_id: int | None,
-               dry_run: bool) -> tuple[QueuedEmail | None, str | None]:
-        """Render the confirmation, after EmailPreSend hooks add merge fields or abort it."""
-        if self.hooks.has("EmailPreSend"):
-            hook_params: dict[str, Any] = {"template": SERVICE_CANCELLATION_CONFIRMATION, "to_address": row.email,
-                                           "fields": fields, "request_id": row.id, "run_id": run_id, "dry_run": dry_run}
-            for impl in self.hooks.of("EmailPreSend"):
-                result = self.hooks.call_one(impl, hook_params)
-                if isinstance(result, dict):
-                    if result.get("abortsend"):
-                        return None, impl.label
-                    fields.update((k, v) for k, v in result.items() if k != "abortsend")
-        rendered = self.templates.render(SERVICE_CANCELLATION_CONFIRMATION, fields)
-        return QueuedEmail(f"{SERVICE_CANCELLATION_CONFIRMATION}:request:{row.id}", SERVICE_CANCELLATION_CONFIRMATION,
-                           row.id, row.email, rendered.subject, rendered.text, rendered.html), None
 
     def _terminate(self, params: dict[str, Any]) -> None:
         """TerminateAccount hooks: the external deprovisioning. Raising or {'error': ...} fails it."""
@@ -420,9 +413,8 @@ class Runner:
         audit = _Audit(conn, run_id, now)
         if cancels:
             self._cancel_services(conn, audit, cancels, as_of)
-            insert_rows(conn, OutboxEmail.__table__, QueuedEmail._fields, [o.email for o in cancels if o.email],
-                        dict(run_id=run_id, status=EmailStatus.QUEUED, attempts=0, created_at=now,
-                             from_address=self.settings.email.from_address))
+            queue(conn, [o.email for o in cancels if o.email], run_id=run_id, now=now,
+                  from_address=self.settings.email.from_address)
         self._complete_requests(conn, cancels + noops, run_id, now)
         audit.rows([(o.request_id, "request", o.request_id, "completed",
                      f"no-op: service already {o.service_status}; request completed without changes")
@@ -550,11 +542,8 @@ class Runner:
     # --- the run ---------------------------------------------------------------------------
 
     def check_ready(self) -> None:
-        """Fail before anything is touched: templates must parse and render."""
-        self.templates.check(
-            SERVICE_CANCELLATION_CONFIRMATION,
-            sample_fields(self.settings.email.company_name, self.settings.email.signature),
-        )
+        """Fail before anything is touched: every email template must parse and render."""
+        self.templates.check_all(self.settings.email.company_name, self.settings.email.signature)
 
     def run(self, options: RunOptions) -> RunSummary:
         """Take the lease, apply every due request, record the run. Raises LeaseHeld."""
@@ -583,6 +572,8 @@ class Runner:
                 self._after_commit(outcomes)
                 if self.progress:
                     self.progress(len(rows))
+            if self.deliverer is not None:
+                self._deliver(summary)
         except BaseException as exc:
             self._finish(run_id, RunStatus.ERROR, error=one_line(exc))
             self.log.error("run stopped", error=one_line(exc))
@@ -593,14 +584,42 @@ class Runner:
                 raise DatabaseError(f"run {run_id} stopped: database error: {exc.orig}") from exc
             raise
         summary.status = RunStatus.COMPLETED_WITH_FAILURES if summary.exit_code else RunStatus.COMPLETED
-        self._finish(run_id, summary.status)
+        self._finish(run_id, summary.status, summary=summary)
         self.log.info("run finished", status=str(summary.status), due=summary.due, completed=summary.completed,
                       noop=summary.noop, retrying=summary.retrying, failed=summary.failed, vetoed=summary.vetoed,
-                      emails_queued=summary.emails_queued, late=summary.late, max_days_late=summary.max_days_late)
+                      emails_queued=summary.emails_queued, emails_sent=summary.emails_sent,
+                      emails_failed=summary.emails_failed, late=summary.late, max_days_late=summary.max_days_late)
         self.hooks.notify("AfterCronJob", with_params({}, run_id=run_id, summary=summary.as_dict()))
         suppress = self.hooks.notify("DailyCronJobPreEmail", with_params({}, run_id=run_id, summary=summary.as_dict()))
         summary.digest_suppressed = any(suppress)
+        if options.digest and not summary.digest_suppressed and self.settings.email.staff_address:
+            self._digest(run_id, summary)
         return summary
+
+    def _deliver(self, summary: RunSummary) -> None:
+        """Send the outbox (this run's emails and any older ones due a retry)."""
+        assert self.deliverer is not None
+        try:
+            summary.count_delivery(self.deliverer.deliver())
+        except LeaseHeld as exc:
+            # Another `emails send` is at work: it sends these too.
+            self.log.info("emails left to the sender already at work", detail=str(exc))
+
+    def _digest(self, run_id: int, summary: RunSummary) -> None:
+        """Queue the staff digest and send it. A failure here is logged: the run is done."""
+        try:
+            with self.db.engine.begin() as conn:
+                summary.digest_queued = queue_digest(conn, self.composer, run_id=run_id, summary=summary.as_dict(),
+                                                     now=self.clock(), settings=self.settings)
+        except Exception as exc:  # a digest hook or template failure must not turn a done run into an error
+            self.log.error("staff digest not queued", error=one_line(exc))
+            return
+        if self.deliverer is not None and summary.digest_queued and not summary.delivery_error:
+            try:
+                self._deliver(summary)
+            except Exception as exc:  # it stays queued for the next delivery
+                summary.delivery_error = one_line(exc)
+                self.log.error("staff digest not sent", error=summary.delivery_error)
 
     def _after_commit(self, outcomes: list[Outcome]) -> None:
         """Hooks on what was just committed (or failed). Their exceptions are logged, never undo."""
@@ -639,11 +658,13 @@ class Runner:
         self.log.info("chunk written", first_request_id=outcomes[0].request_id,
                       last_request_id=outcomes[-1].request_id, **{k: v for k, v in vars(tally).items() if v})
 
-    def _finish(self, run_id: int, status: RunStatus, error: str | None = None) -> None:
+    def _finish(self, run_id: int, status: RunStatus, error: str | None = None,
+                summary: RunSummary | None = None) -> None:
+        delivered = dict(emails_sent=summary.emails_sent, emails_failed=summary.emails_failed) if summary else {}
         try:
             with self.db.session.begin() as session:
                 session.execute(update(Run).where(Run.id == run_id, Run.status == RunStatus.RUNNING)
-                                .values(status=status, finished_at=self.clock(), error=error))
+                                .values(status=status, finished_at=self.clock(), error=error, **delivered))
                 lease.release(session, run_id)
         except OperationalError as exc:
             # The database is gone; the lease will expire by itself.

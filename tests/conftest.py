@@ -15,7 +15,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(database_url=f"sqlite:///{tmp_path / 'cancelproc.db'}", app_root=tmp_path)
+    """Settings for runner-level tests. No staff digest: these tests count a run's own
+    emails and hook calls; the digest has tests of its own (test_digest.py)."""
+    return Settings(database_url=f"sqlite:///{tmp_path / 'cancelproc.db'}", app_root=tmp_path,
+                    email={"staff_address": ""})
 
 
 @pytest.fixture

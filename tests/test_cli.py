@@ -220,7 +220,7 @@ def write_config(tmp_path: Path, text: str, name: str = "processor.toml") -> Pat
 def test_init_creates_a_migrated_empty_database(invoke: Invoke, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'var' / 'c.db'}"  # the folder does not exist yet: init creates it
     result = ok(invoke("init", env={"CANCELPROC_DATABASE_URL": url}))
-    assert "ready (schema 0001)" in result.stdout
+    assert "ready (schema 0002)" in result.stdout
     db = open_database(url)
     try:
         assert count(db, Client) == 0 and count(db, Service) == 0
@@ -250,11 +250,11 @@ def test_init_demo_prints_counts_that_match_the_database(invoke: Invoke, url: st
 
 def test_db_upgrade_creates_then_is_idempotent(invoke: Invoke, url: str) -> None:
     first = ok(invoke("db", "upgrade"))
-    assert "schema empty -> 0001" in first.stdout
+    assert "schema empty -> 0002" in first.stdout
     second = ok(invoke("db", "upgrade"))
-    assert "schema already at 0001" in second.stdout
+    assert "schema already at 0002" in second.stdout
     # init on a database already migrated is fine too.
-    assert "ready (schema 0001)" in ok(invoke("init")).stdout
+    assert "ready (schema 0002)" in ok(invoke("init")).stdout
 
 
 def test_unmigrated_database_is_refused_with_a_hint(invoke: Invoke, tmp_path: Path) -> None:
@@ -266,7 +266,7 @@ def test_unmigrated_database_is_refused_with_a_hint(invoke: Invoke, tmp_path: Pa
 
 # --- run -----------------------------------------------------------------------------------
 
-def test_run_prints_summary_and_applies_due_requests(invoke: Invoke, seeded: Database) -> None:
+def test_run_prints_summary_and_applies_due_requests(invoke: Invoke, seeded: Database, tmp_path: Path) -> None:
     result = ok(invoke("run"))
     out = result.stdout
     for line in ("as of                     2026-11-26", "status                    completed",
@@ -292,9 +292,16 @@ def test_run_prints_summary_and_applies_due_requests(invoke: Invoke, seeded: Dat
     assert run.trigger is RunTrigger.CRON  # not on a terminal
     assert count(seeded, Lease) == 0
     with seeded.read_session() as s:
-        emails = s.scalars(select(OutboxEmail).order_by(OutboxEmail.request_id)).all()
-    assert [(e.request_id, e.to_address) for e in emails] == [(1, "alice@example.test"), (3, "alice@example.test"),
-                                                              (4, "alice@example.test")]
+        emails = s.scalars(select(OutboxEmail).order_by(OutboxEmail.id)).all()
+    # The confirmations, sent at the end of the run (to var/outbox), then the staff digest.
+    assert [(e.template, e.request_id, e.to_address, e.status.value) for e in emails] == [
+        ("service_cancellation_confirmation", 1, "alice@example.test", "sent"),
+        ("service_cancellation_confirmation", 3, "alice@example.test", "sent"),
+        ("service_cancellation_confirmation", 4, "alice@example.test", "sent"),
+        ("cron_job_activity", None, "support@example.test", "sent")]
+    assert sorted(p.name for p in (tmp_path / "var" / "outbox").iterdir()) == [
+        f"{e.id:08d}-{e.template}.eml" for e in emails]
+    assert "emails sent               4" in out and "staff digest              queued" in out  # 3 + the digest
     # A second run finds nothing due.
     again = as_json(invoke("run", "--json"))
     assert (again["due"], again["completed"], again["status"]) == (0, 0, "completed")
@@ -312,7 +319,8 @@ def test_run_json_counts_match_the_database(invoke: Invoke, seeded: Database) ->
         completed = s.scalar(select(func.count()).where(CancellationRequest.run_id == run.id,
                                                         CancellationRequest.status == RequestStatus.COMPLETED))
     assert completed == summary["completed"] + summary["noop"] == 4
-    assert count(seeded, OutboxEmail) == summary["emails_queued"] == 3
+    assert count(seeded, OutboxEmail) - 1 == summary["emails_queued"] == 3  # and the staff digest
+    assert summary["digest_queued"] and summary["emails_sent"] == 4
 
 
 def test_dry_run_changes_nothing(invoke: Invoke, seeded: Database) -> None:
@@ -777,7 +785,7 @@ def test_services_show(invoke: Invoke, seeded: Database) -> None:
     assert sorted((i["id"], i["status"]) for i in row["invoices"]) == [(1, "Cancelled"), (2, "Paid")]
     assert [(r["id"], r["status"]) for r in row["requests"]] == [(1, "completed")]
     assert [(e["to"], e["status"], e["template"]) for e in row["emails"]] == \
-        [("alice@example.test", "queued", "service_cancellation_confirmation")]
+        [("alice@example.test", "sent", "service_cancellation_confirmation")]
     text = ok(invoke("services", "show", "1")).stdout
     for title in ("add-ons:", "invoices:", "requests:", "emails:", "Daily Backups"):
         assert title in text

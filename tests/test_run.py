@@ -65,7 +65,7 @@ def test_a_due_request_is_applied_whole(db, settings, now):
         assert email.key == f"service_cancellation_confirmation:request:{rid}"
         assert email.to_address == svc.client.email and email.request_id == rid
         assert email.subject == f"Service Cancellation Confirmation - VPS 4GB ({svc.domain})"
-        assert "Dear Grace," in email.text_body and "26 November 2026" in email.text_body
+        assert "Dear Grace," in email.text_body and "November 26, 2026" in email.text_body
         assert "Moving <b>everything</b> elsewhere" in email.text_body
         assert "Moving &lt;b&gt;everything&lt;/b&gt; elsewhere" in email.html_body  # autoescaped
         assert email.status.value == "queued"

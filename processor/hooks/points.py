@@ -46,8 +46,9 @@ POINTS: dict[str, HookPoint] = {p.name: p for p in (
               "any other dict merges its keys into `params` for the hooks after it",
               can_fail_request=True),
     HookPoint("EmailPreSend",
-              ("params", "template", "to_address", "fields", "request_id", "run_id", "dry_run"),
-              "before the confirmation email is rendered",
+              ("params", "template", "to_address", "fields", "language", "request_id", "run_id", "dry_run"),
+              "before any email is rendered and queued: the client's confirmations, the staff notice of a new "
+              "request, the staff digest (`template` says which)",
               "a dict: its keys become merge fields; {'abortsend': True} queues no email (recorded)",
               can_fail_request=True),
     HookPoint("TerminateAccount", REQUEST,

@@ -1,0 +1,383 @@
+"""Deliver the outbox: build each queued email, hand it to a backend, record the result.
+
+At least once, never twice by design: one sender at a time (the delivery lease), and a
+batch of sends is recorded in one transaction after the sends, so a crash between a send
+and its record sends that email again (with the same Message-ID, so a mail client shows
+it once) and never loses one. A row is marked sent once (`status = 'queued'` guard).
+
+Backends: `smtp` (production), `folder` (an .eml file per email: the embedded default),
+`console` (stderr, for development).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import smtplib
+import ssl
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from email.policy import default as FILE_POLICY
+from email.utils import format_datetime
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import structlog
+from sqlalchemy import Row, func, insert, or_, select, update
+
+from processor import lease
+from processor.config import Settings, SmtpSettings
+from processor.db import Database
+from processor.errors import ConfigError, one_line
+from processor.models import AuditEntry, EmailStatus, OutboxEmail
+from processor.outbox import address_problem, header_problem
+from processor.retry import RetryPolicy
+
+Clock = Callable[[], dt.datetime]
+BATCH = 100  # emails sent per recorded batch: at most this many are sent again after a crash
+
+E = OutboxEmail
+
+
+class SendFailed(Exception):
+    """This email could not be sent. Permanent (a 5xx answer): retrying will not help."""
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class MailerDown(Exception):
+    """The backend cannot send anything now (server unreachable or stalled, login refused,
+    folder not writable): delivery stops, the rest stays queued."""
+
+
+class Mailer(Protocol):
+    description: str  # for messages: "smtp mail.example.com:587 (starttls)"
+
+    def send(self, message: EmailMessage, *, sender: str, recipient: str, name: str) -> None:
+        """Send one message or raise SendFailed / MailerDown. `name` is a file-safe id."""
+
+    def close(self) -> None: ...
+
+
+# --- messages --------------------------------------------------------------------------
+
+def message_id(email_id: int, key: str, created_at: dt.datetime, from_address: str) -> str:
+    """Deterministic per outbox row: a resend after a crash carries the same Message-ID, so
+    the receiving side can tell it is the same message."""
+    domain = from_address.rpartition("@")[2] or "localhost"
+    safe_key = re.sub(r"[^A-Za-z0-9_-]+", ".", key)
+    return f"<{email_id}.{safe_key}.{created_at:%Y%m%d%H%M%S%f}@{domain}>"
+
+
+def build_message(row: Row[Any] | Any, company_name: str) -> EmailMessage:
+    """The multipart (text + HTML) message of an outbox row."""
+    message = EmailMessage(policy=SMTP_POLICY)
+    message["From"] = Address(display_name=company_name, addr_spec=row.from_address)
+    message["To"] = row.to_address
+    message["Subject"] = row.subject
+    message["Date"] = format_datetime(row.created_at)
+    message["Message-ID"] = message_id(row.id, row.key, row.created_at, row.from_address)
+    message["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation auto-replies, please
+    message.set_content(row.text_body)
+    message.add_alternative(row.html_body, subtype="html")
+    return message
+
+
+# --- backends --------------------------------------------------------------------------
+
+class FolderMailer:
+    """An .eml file per email, named by outbox id and template; a resend overwrites it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.description = f"folder {folder}"
+
+    def send(self, message: EmailMessage, *, sender: str, recipient: str, name: str) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            # Written under a temporary name, then renamed: a reader never sees half a file.
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(message.as_bytes(policy=FILE_POLICY))
+                os.replace(tmp, self.folder / f"{name}.eml")
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            raise MailerDown(f"{self.description}: cannot write: {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        pass
+
+
+class ConsoleMailer:
+    """Prints each email (for development)."""
+
+    description = "console"
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self.stream = stream
+
+    def send(self, message: EmailMessage, *, sender: str, recipient: str, name: str) -> None:
+        stream = self.stream or sys.stderr
+        stream.write(f"----- email {name} (envelope {sender} -> {recipient}) -----\n")
+        stream.write(message.as_string(policy=FILE_POLICY))
+        stream.write("\n")
+        stream.flush()
+
+    def close(self) -> None:
+        pass
+
+
+class SmtpMailer:
+    """One connection for a whole delivery, opened at the first email."""
+
+    def __init__(self, settings: SmtpSettings, password: str | None, ca_file: Path | None) -> None:
+        self.settings = settings
+        self._password = password
+        self._ca_file = ca_file
+        self._smtp: smtplib.SMTP | None = None
+        self.description = f"smtp {settings.host}:{settings.port} ({settings.security})"
+
+    def _connect(self) -> smtplib.SMTP:
+        s = self.settings
+        context = ssl.create_default_context(cafile=str(self._ca_file) if self._ca_file else None)
+        smtp: smtplib.SMTP | None = None
+        try:
+            if s.security == "ssl":
+                smtp = smtplib.SMTP_SSL(s.host, s.port, timeout=s.timeout_seconds, context=context)
+            else:
+                smtp = smtplib.SMTP(s.host, s.port, timeout=s.timeout_seconds)
+            smtp.ehlo()
+            if s.security == "starttls":
+                smtp.starttls(context=context)
+                smtp.ehlo()
+            if s.username:
+                smtp.login(s.username, self._password or "")
+            return smtp
+        except smtplib.SMTPAuthenticationError as exc:
+            _quit(smtp)
+            raise MailerDown(f"{self.description}: login as {s.username!r} refused: {_reply(exc)}") from None
+        except smtplib.SMTPNotSupportedError as exc:
+            _quit(smtp)
+            raise MailerDown(f"{self.description}: {exc} (check email.smtp.security)") from None
+        except (smtplib.SMTPException, OSError) as exc:
+            _quit(smtp)
+            raise MailerDown(f"{self.description}: cannot connect: {_describe(exc)}") from None
+
+    def send(self, message: EmailMessage, *, sender: str, recipient: str, name: str) -> None:
+        if self._smtp is None:
+            self._smtp = self._connect()
+        try:
+            self._smtp.send_message(message, from_addr=sender, to_addrs=[recipient])
+        except smtplib.SMTPRecipientsRefused as exc:
+            code, text = next(iter(exc.recipients.values()))
+            raise SendFailed(f"recipient refused: {code} {_text(text)}", permanent=code >= 500) from None
+        except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as exc:
+            if exc.smtp_code == 421:  # the server is closing the connection
+                self.close()
+                raise MailerDown(f"{self.description}: {_reply(exc)}") from None
+            raise SendFailed(f"refused: {_reply(exc)}", permanent=exc.smtp_code >= 500) from None
+        except (smtplib.SMTPException, OSError) as exc:
+            self.close()
+            raise MailerDown(f"{self.description}: {_describe(exc)}") from None
+
+    def close(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        _quit(smtp)
+
+
+def _quit(smtp: smtplib.SMTP | None) -> None:
+    if smtp is None:
+        return
+    try:
+        smtp.quit()
+    except (smtplib.SMTPException, OSError):
+        smtp.close()
+
+
+def _text(value: bytes | str) -> str:
+    return (value.decode("utf-8", "replace") if isinstance(value, bytes) else value).replace("\n", " ").strip()
+
+
+def _reply(exc: smtplib.SMTPResponseException) -> str:
+    return f"{exc.smtp_code} {_text(exc.smtp_error)}"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "no answer (timed out; email.smtp.timeout_seconds)"
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return _reply(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return one_line(exc)
+
+
+def smtp_password(settings: SmtpSettings, app_path: Callable[[str], Path], environ: Mapping[str, str]) -> str | None:
+    """The SMTP password: from the environment variable named by password_env, else from
+    password_file. Never logged, never part of a message."""
+    if settings.password_env and environ.get(settings.password_env):
+        return environ[settings.password_env]
+    if settings.password_file:
+        path = app_path(settings.password_file)
+        try:
+            return path.read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"email.smtp.password_file: cannot read {path}: "
+                              f"{getattr(exc, 'strerror', None) or exc.__class__.__name__}") from None
+    return None
+
+
+def mailer_from_settings(settings: Settings, environ: Mapping[str, str] | None = None) -> Mailer:
+    email = settings.email
+    if email.delivery == "folder":
+        return FolderMailer(settings.path(email.outbox_dir))
+    if email.delivery == "console":
+        return ConsoleMailer()
+    smtp = email.smtp
+    password = smtp_password(smtp, settings.path, os.environ if environ is None else environ)
+    if smtp.username and password is None:
+        raise ConfigError(f"email.smtp.username is {smtp.username!r} but there is no password: set the environment "
+                          f"variable {smtp.password_env or '(email.smtp.password_env)'} or email.smtp.password_file")
+    return SmtpMailer(smtp, password, settings.path(smtp.ca_file) if smtp.ca_file else None)
+
+
+# --- delivery --------------------------------------------------------------------------
+
+@dataclass
+class DeliveryReport:
+    sent: int = 0
+    retrying: int = 0  # failed this time, queued for a later attempt
+    failed: int = 0  # given up (or refused as unsafe): named in the digest
+    queued: int = 0  # still queued after this delivery (not due yet, or delivery stopped)
+    stopped: str | None = None  # why delivery stopped early (server down, ...)
+    failed_emails: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.retrying or self.failed or self.stopped)
+
+
+_COLUMNS = (E.id, E.key, E.template, E.request_id, E.to_address, E.from_address, E.subject, E.text_body,
+            E.html_body, E.attempts, E.created_at)
+
+
+class Deliverer:
+    """Sends what the outbox holds. Everything it needs is passed in."""
+
+    def __init__(self, db: Database, mailer: Mailer, settings: Settings, *, clock: Clock,
+                 me: lease.Holder | None = None) -> None:
+        self.db = db
+        self.mailer = mailer
+        self.settings = settings
+        self.clock = clock
+        self.me = me or lease.Holder.this_process()
+        email = settings.email
+        self.retry = RetryPolicy(email.max_attempts, email.retry_backoff_minutes, email.retry_backoff_max_minutes)
+        self.log = structlog.get_logger("cancelproc.email")
+
+    def deliver(self, *, limit: int | None = None, ignore_backoff: bool = False,
+                ids: list[int] | None = None) -> DeliveryReport:
+        """Send queued emails (those whose next attempt time has come, unless ignore_backoff),
+        in id order. Raises LeaseHeld when another sender is at work."""
+        seconds = self.settings.lease_seconds
+        with self.db.session.begin() as session:
+            lease.acquire_delivery(session, clock=self.clock, seconds=seconds, me=self.me)
+        report = DeliveryReport()
+        try:
+            after_id, remaining = 0, limit
+            while remaining is None or remaining > 0:
+                size = BATCH if remaining is None else min(BATCH, remaining)
+                rows = self._due(after_id, size, ignore_backoff, ids)
+                if not rows:
+                    break
+                results = self._send_batch(rows, report)
+                self._record(results, report)
+                if report.stopped:
+                    break
+                after_id = rows[-1].id
+                if remaining is not None:
+                    remaining -= len(rows)
+        finally:
+            self.mailer.close()
+            with self.db.session.begin() as session:
+                lease.release_delivery(session, self.me)
+        with self.db.read_engine.connect() as conn:
+            report.queued = conn.scalar(select(func.count()).where(E.status == EmailStatus.QUEUED)) or 0
+        self.log.info("emails delivered", via=self.mailer.description, sent=report.sent, retrying=report.retrying,
+                      failed=report.failed, still_queued=report.queued, stopped=report.stopped)
+        return report
+
+    def _due(self, after_id: int, size: int, ignore_backoff: bool, ids: list[int] | None) -> list[Row[Any]]:
+        stmt = select(*_COLUMNS).where(E.status == EmailStatus.QUEUED, E.id > after_id).order_by(E.id).limit(size)
+        if not ignore_backoff:
+            stmt = stmt.where(or_(E.next_attempt_at.is_(None), E.next_attempt_at <= self.clock()))
+        if ids is not None:
+            stmt = stmt.where(E.id.in_(ids))
+        with self.db.read_engine.connect() as conn:
+            return list(conn.execute(stmt).all())
+
+    def _send_batch(self, rows: list[Row[Any]], report: DeliveryReport) -> list[tuple[Row[Any], str | None, bool]]:
+        """Send each row: (row, error or None, permanent). Stops at MailerDown."""
+        results: list[tuple[Row[Any], str | None, bool]] = []
+        company = self.settings.email.company_name
+        for row in rows:
+            problem = address_problem(row.to_address) or (
+                f"subject {p}" if (p := header_problem(row.subject)) else None)
+            if problem:
+                results.append((row, f"refused, never sent: {problem} (header injection)", True))
+                continue
+            try:
+                self.mailer.send(build_message(row, company), sender=row.from_address, recipient=row.to_address,
+                                 name=f"{row.id:08d}-{row.template}")
+                results.append((row, None, False))
+            except SendFailed as exc:
+                results.append((row, str(exc), exc.permanent))
+            except MailerDown as exc:
+                results.append((row, str(exc), False))
+                report.stopped = str(exc)
+                break
+        return results
+
+    def _record(self, results: list[tuple[Row[Any], str | None, bool]], report: DeliveryReport) -> None:
+        """The batch's outcomes in one transaction; renews the delivery lease."""
+        now = self.clock()
+        sent = [row.id for row, error, _ in results if error is None]
+        with self.db.engine.begin() as conn:
+            if sent:
+                conn.execute(update(E).where(self.db.in_ids(E.id, sent), E.status == EmailStatus.QUEUED).values(
+                    status=EmailStatus.SENT, sent_at=now, attempts=E.attempts + 1, last_error=None,
+                    next_attempt_at=None))
+                report.sent += len(sent)
+            for row, error, permanent in results:
+                if error is None:
+                    continue
+                decision = self.retry.after_failure(row.attempts + 1, now)
+                give_up = permanent or decision.give_up
+                conn.execute(update(E).where(E.id == row.id, E.status == EmailStatus.QUEUED).values(
+                    status=EmailStatus.FAILED if give_up else EmailStatus.QUEUED, attempts=E.attempts + 1,
+                    last_error=error, next_attempt_at=None if give_up else decision.next_attempt_at))
+                if give_up:
+                    report.failed += 1
+                    report.failed_emails.append({"id": row.id, "template": row.template, "to_address": row.to_address,
+                                                 "error": error})
+                    conn.execute(insert(AuditEntry).values(
+                        at=now, actor="cancelproc", request_id=row.request_id, entity="email", entity_id=row.id,
+                        action="failed", detail=f"{row.template} to {row.to_address}: {error}"
+                        + ("" if permanent else f"; gave up after {row.attempts + 1} attempts")))
+                    self.log.warning("email failed for good", email_id=row.id, to=row.to_address, error=error)
+                else:
+                    report.retrying += 1
+                    self.log.warning("email not sent; will retry", email_id=row.id, to=row.to_address, error=error,
+                                     next_attempt_at=str(decision.next_attempt_at))
+            lease.renew_delivery(conn, now=now, seconds=self.settings.lease_seconds, me=self.me)

@@ -1,0 +1,107 @@
+"""The staff digest (Cron Job Activity): what a run did, queued after the run for staff.
+
+It names every request that did not go through (those that need a manual cancellation
+first), how late catch-up requests were, and emails that could not be delivered.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import Connection, func, select
+
+from processor.config import Settings
+from processor.emails import CRON_JOB_ACTIVITY, format_date
+from processor.errors import NotFound
+from processor.models import AuditEntry, CancellationRequest, Client, EmailStatus, OutboxEmail, Run, Service
+from processor.outbox import Composed, Composer, email_key, queue
+
+MAX_LISTED = 200  # failures named in the digest; the rest are counted, `runs show` has them all
+
+
+def digest_fields(conn: Connection, run_id: int, summary: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The digest's merge fields: the run summary plus what it names."""
+    zone = settings.zone
+    run = conn.execute(select(Run.as_of, Run.trigger, Run.operator, Run.host, Run.started_at, Run.finished_at)
+                       .where(Run.id == run_id)).one()
+    failures = sorted(summary["failures"], key=lambda f: (not f["gave_up"], f["request_id"]))
+    listed = failures[:MAX_LISTED]
+    about = {row.id: row for row in conn.execute(
+        select(CancellationRequest.id, CancellationRequest.attempts, Service.domain, Client.first_name,
+               Client.last_name)
+        .join(Service, Service.id == CancellationRequest.service_id).join(Client, Client.id == Service.client_id)
+        .where(CancellationRequest.id.in_([f["request_id"] for f in listed])))}
+    late_by_days = [{"days": days, "count": count} for days, count in conn.execute(
+        select(CancellationRequest.days_late, func.count())
+        .where(CancellationRequest.run_id == run_id, CancellationRequest.days_late > 0)
+        .group_by(CancellationRequest.days_late).order_by(CancellationRequest.days_late.desc()))]
+    outbox = dict(conn.execute(select(OutboxEmail.status, func.count()).group_by(OutboxEmail.status)).all())
+
+    def local(moment: dt.datetime | None) -> str:
+        return moment.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z") if moment else "-"
+
+    return {
+        **{k: summary[k] for k in ("due", "completed", "noop", "retrying", "failed", "vetoed", "skipped", "late",
+                                    "max_days_late", "emails_queued", "emails_sent", "emails_failed")},
+        "run_id": run_id, "as_of": format_date(run.as_of), "status": str(summary["status"]).replace("_", " "),
+        "trigger": run.trigger.value, "operator": run.operator, "host": run.host,
+        "started_at": local(run.started_at), "finished_at": local(run.finished_at),
+        "late_by_days": late_by_days,
+        "failures": [{**f, "client_name": f"{about[f['request_id']].first_name} {about[f['request_id']].last_name}".strip(),
+                      "domain": about[f["request_id"]].domain, "attempts": about[f["request_id"]].attempts}
+                     for f in listed if f["request_id"] in about],
+        "failures_not_listed": len(failures) - len(listed),
+        "failed_emails": summary.get("failed_emails", []),
+        "emails_failed_total": outbox.get(EmailStatus.FAILED, 0),
+        "emails_queued_now": outbox.get(EmailStatus.QUEUED, 0),
+        "delivery_error": summary.get("delivery_error") or "",
+    }
+
+
+def queue_digest(conn: Connection, composer: Composer, *, run_id: int, summary: dict[str, Any], now: dt.datetime,
+                 settings: Settings) -> bool:
+    """Queue the digest of this run to staff; False when an EmailPreSend hook aborted it."""
+    fields = {**composer.common_fields(now.astimezone(settings.zone).date()),
+              **digest_fields(conn, run_id, summary, settings)}
+    composed = composer.compose(CRON_JOB_ACTIVITY, key=email_key(CRON_JOB_ACTIVITY, "run", run_id),
+                                to_address=settings.email.staff_address, fields=fields, run_id=run_id)
+    if composed.email is None:
+        return False
+    queue(conn, [composed.email], run_id=run_id, now=now, from_address=settings.email.from_address)
+    return True
+
+
+def summary_of_run(conn: Connection, run_id: int) -> dict[str, Any]:
+    """A past run's summary as the digest reads it, from its record and audit rows."""
+    run = conn.execute(select(Run).where(Run.id == run_id)).scalars().one_or_none()
+    if run is None:
+        raise NotFound(f"run {run_id} not found")
+    failures = [
+        {"request_id": a.request_id, "service_id": service_id, "error": a.detail, "gave_up": a.action == "failed",
+         "vetoed": a.action == "vetoed"}
+        for a, service_id in conn.execute(
+            select(AuditEntry, CancellationRequest.service_id)
+            .join(CancellationRequest, CancellationRequest.id == AuditEntry.request_id)
+            .where(AuditEntry.run_id == run_id, AuditEntry.entity == "request",
+                   AuditEntry.action.in_(["failed", "attempt_failed", "vetoed"]))
+            .order_by(AuditEntry.id))
+    ]
+    failed_emails = [
+        {"id": e.id, "template": e.template, "to_address": e.to_address, "error": e.last_error}
+        for e in conn.execute(select(OutboxEmail).where(OutboxEmail.run_id == run_id,
+                                                        OutboxEmail.status == EmailStatus.FAILED)).scalars()
+    ]
+    counts = {k: getattr(run, k) for k in ("due", "completed", "noop", "retrying", "failed", "vetoed", "late",
+                                           "max_days_late", "emails_queued", "emails_sent", "emails_failed")}
+    return {**counts, "skipped": 0, "status": run.status.value, "failures": failures, "failed_emails": failed_emails,
+            "delivery_error": ""}
+
+
+def preview_digest(conn: Connection, composer: Composer, run_id: int, *, now: dt.datetime,
+                   settings: Settings) -> Composed:
+    """The digest of a past run as it would be queued now; nothing is written."""
+    fields = {**composer.common_fields(now.astimezone(settings.zone).date()),
+              **digest_fields(conn, run_id, summary_of_run(conn, run_id), settings)}
+    return composer.compose(CRON_JOB_ACTIVITY, key=email_key(CRON_JOB_ACTIVITY, "run", run_id),
+                            to_address=settings.email.staff_address, fields=fields, run_id=run_id, dry_run=True)

@@ -1,0 +1,209 @@
+"""Queue emails: merge fields, EmailPreSend hooks, rendering, header checks, outbox rows.
+
+An email is rendered when it is queued and written to the outbox in the same transaction
+as the change it reports, under a unique key ("<template>:<entity>:<id>"), so it can
+never be queued twice. delivery.py sends what is queued.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from sqlalchemy import Connection, Row
+from sqlalchemy.orm import Session
+
+from processor.config import EmailSettings, Settings
+from processor.db import insert_rows
+from processor.due import business_today, effective_date
+from processor.emails import (
+    NEW_REQUEST,
+    REQUEST_CONFIRMATION,
+    SERVICE_CANCELLATION_CONFIRMATION,
+    EmailTemplates,
+    format_date,
+)
+from processor.errors import InputError, NotFound
+from processor.hooks import HookRegistry
+from processor.models import AuditEntry, CancellationRequest, EmailStatus, OutboxEmail, RequestType
+from processor.params import request_select
+
+
+class QueuedEmail(NamedTuple):
+    """An outbox row's own columns, rendered; those shared by a batch are bound once."""
+
+    key: str
+    template: str
+    request_id: int | None
+    to_address: str
+    subject: str
+    text_body: str
+    html_body: str
+
+
+class UnsafeEmail(InputError):
+    """A recipient or subject that would break the message's headers (header injection)."""
+
+
+def header_problem(value: str) -> str | None:
+    """Why this value may not go into a header, or None. A line break would let the value
+    add headers of its own (Bcc: ...); other control characters have no place there."""
+    for ch in value:
+        if ch in "\r\n":
+            return "contains a line break"
+        if ord(ch) < 32 or ord(ch) == 127:
+            return f"contains control character {ch!r}"
+    return None
+
+
+def address_problem(address: str | None) -> str | None:
+    """Why this is not one usable recipient address, or None."""
+    if not address or not address.strip():
+        return "no email address"
+    problem = header_problem(address)
+    if problem:
+        return problem
+    local, at, domain = address.partition("@")
+    if not (local and at and domain) or "@" in domain or any(ch in address for ch in " ,;<>\"()"):
+        return "not a single email address"
+    return None
+
+
+def email_key(template: str, entity: str, entity_id: int) -> str:
+    return f"{template}:{entity}:{entity_id}"
+
+
+def request_fields(row: Row[Any], *, common: dict[str, Any], cancellation_date: dt.date | None,
+                   service_status: str | None = None) -> dict[str, Any]:
+    """The WHMCS merge fields of an email about one request (a `params.request_select` row).
+
+    `common` holds the fields shared by every email (company_name, signature, date);
+    `cancellation_date` is when the service is (or was) cancelled.
+    """
+    language = row.language
+    return {
+        **common,
+        "request_id": row.id,
+        "client_name": f"{row.first_name} {row.last_name}".strip(),
+        "client_first_name": row.first_name,
+        "client_email": row.email,
+        "service_id": row.service_id,
+        "service_product_name": row.product_name,
+        "service_domain": row.domain,
+        "service_next_due_date": format_date(row.next_due_date, language),
+        "service_status": service_status or row.service_status.value,
+        "service_billing_cycle": row.billing_cycle,
+        "service_cancellation_type": row.type.value,
+        "service_cancellation_reason": row.reason,
+        "service_cancellation_reason_code": row.reason_code,
+        "service_cancellation_date": format_date(cancellation_date, language),
+        "service_is_immediate_cancellation": row.type is RequestType.IMMEDIATE,
+    }
+
+
+@dataclass(frozen=True)
+class Composed:
+    email: QueuedEmail | None  # None: an EmailPreSend hook aborted it
+    aborted_by: str | None = None  # that hook's name
+
+
+class Composer:
+    """EmailPreSend hooks, then the template, then the header checks: one email, ready to queue."""
+
+    def __init__(self, templates: EmailTemplates, hooks: HookRegistry, settings: EmailSettings) -> None:
+        self.templates = templates
+        self.hooks = hooks
+        self.settings = settings
+
+    def common_fields(self, date: dt.date, language: str | None = None) -> dict[str, Any]:
+        return dict(company_name=self.settings.company_name, signature=self.settings.signature,
+                    date=format_date(date, language))
+
+    def compose(self, template: str, *, key: str, to_address: str, fields: dict[str, Any], language: str | None = None,
+                request_id: int | None = None, run_id: int | None = None, dry_run: bool = False) -> Composed:
+        """Raise UnsafeEmail for a recipient or subject that could inject headers, a hook's
+        HookFailed, or TemplateProblem. `fields` may be changed (hooks add to it)."""
+        problem = address_problem(to_address)
+        if problem:
+            raise UnsafeEmail(f"{template} to {to_address!r} refused: recipient {problem}")
+        if self.hooks.has("EmailPreSend"):
+            params: dict[str, Any] = {"template": template, "to_address": to_address, "fields": fields,
+                                      "language": language, "request_id": request_id, "run_id": run_id,
+                                      "dry_run": dry_run}
+            for impl in self.hooks.of("EmailPreSend"):
+                result = self.hooks.call_one(impl, params)
+                if isinstance(result, dict):
+                    if result.get("abortsend"):
+                        return Composed(None, impl.label)
+                    fields.update((k, v) for k, v in result.items() if k != "abortsend")
+        rendered = self.templates.render(template, fields, language)
+        problem = header_problem(rendered.subject)
+        if problem:
+            raise UnsafeEmail(f"{template} to {to_address} refused: subject {problem}")
+        return Composed(QueuedEmail(key, template, request_id, to_address, rendered.subject, rendered.text,
+                                    rendered.html))
+
+
+def queue(conn: Connection, emails: Sequence[QueuedEmail], *, run_id: int | None, now: dt.datetime,
+          from_address: str) -> None:
+    """Insert outbox rows, queued; the caller owns the transaction (the change they report)."""
+    insert_rows(conn, OutboxEmail.__table__, QueuedEmail._fields, emails,
+                dict(run_id=run_id, status=EmailStatus.QUEUED, attempts=0, created_at=now, from_address=from_address))
+
+
+def queue_request_emails(session: Session, request_id: int, *, composer: Composer, settings: Settings,
+                         now: dt.datetime, actor: str) -> list[str]:
+    """When a request is recorded: the client's Cancellation Request Confirmation and the
+    staff's New Cancellation Request, queued in the caller's transaction. An email that a
+    hook aborted or that is refused as unsafe is not queued but audited; the request stands.
+    Returns a line for each email not queued."""
+    row = session.execute(request_select(for_hooks=False).where(CancellationRequest.id == request_id)).one()
+    created_on = business_today(row.created_at, settings.zone)
+    applied_on = effective_date(row.type, row.next_due_date, row.cancel_on, created_on)
+    email = settings.email
+    wanted = [(REQUEST_CONFIRMATION, row.email, row.language)]
+    if email.staff_address:
+        wanted.append((NEW_REQUEST, email.staff_address, None))
+    queued: list[QueuedEmail] = []
+    not_queued: list[str] = []
+    for template, to_address, language in wanted:
+        fields = request_fields(row, common=composer.common_fields(created_on, language), cancellation_date=applied_on)
+        try:
+            composed = composer.compose(template, key=email_key(template, "request", request_id), to_address=to_address,
+                                        fields=fields, language=language, request_id=request_id)
+        except UnsafeEmail as exc:
+            not_queued.append(str(exc))
+            action = "refused"
+        else:
+            if composed.email is not None:
+                queued.append(composed.email)
+                continue
+            not_queued.append(f"{template} not queued: abortsend from {composed.aborted_by}")
+            action = "aborted"
+        session.add(AuditEntry(at=now, actor=actor, request_id=request_id, entity="email", entity_id=request_id,
+                               action=action, detail=not_queued[-1]))
+    queue(session.connection(), queued, run_id=None, now=now, from_address=email.from_address)
+    return not_queued
+
+
+def preview_request_email(session: Session, template: str, request_id: int, *, composer: Composer,
+                          settings: Settings, today: dt.date, language: str | None = None) -> Composed:
+    """A request's email as it would be queued now (EmailPreSend hooks see dry_run=True).
+    Nothing is written. `language` overrides the client's."""
+    row = session.execute(request_select(for_hooks=False).where(CancellationRequest.id == request_id)).one_or_none()
+    if row is None:
+        raise NotFound(f"request {request_id} not found")
+    lang = language if language is not None else row.language
+    if template == SERVICE_CANCELLATION_CONFIRMATION:  # as the run sends it: cancelled today
+        date, applied_on, status = today, today, "Cancelled"
+    else:  # as sent when the request was made
+        date = business_today(row.created_at, settings.zone)
+        applied_on, status = effective_date(row.type, row.next_due_date, row.cancel_on, date), None
+    to_address = settings.email.staff_address if template == NEW_REQUEST else row.email
+    fields = request_fields(row, common=composer.common_fields(date, lang), cancellation_date=applied_on,
+                            service_status=status)
+    return composer.compose(template, key=email_key(template, "request", request_id), to_address=to_address,
+                            fields=fields, language=None if template == NEW_REQUEST else lang,
+                            request_id=request_id, dry_run=True)
