@@ -214,7 +214,8 @@ def _reply(exc: smtplib.SMTPResponseException) -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
+    # smtplib reports a timeout while reading a reply as a disconnection "...: timed out".
+    if isinstance(exc, TimeoutError) or (isinstance(exc, smtplib.SMTPServerDisconnected) and "timed out" in str(exc)):
         return "no answer (timed out; email.smtp.timeout_seconds)"
     if isinstance(exc, smtplib.SMTPResponseException):
         return _reply(exc)
@@ -332,7 +333,8 @@ class Deliverer:
         results: list[tuple[Row[Any], str | None, bool]] = []
         company = self.settings.email.company_name
         for row in rows:
-            problem = address_problem(row.to_address) or (
+            problem = address_problem(row.to_address)
+            problem = f"recipient {problem}" if problem else (
                 f"subject {p}" if (p := header_problem(row.subject)) else None)
             if problem:
                 results.append((row, f"refused, never sent: {problem} (header injection)", True))

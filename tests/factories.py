@@ -32,12 +32,14 @@ def service(
     status: ServiceStatus = ServiceStatus.ACTIVE,
     email: str | None = None,
     first_name: str = "Ada",
+    language: str = "en",
     addons: int = 0,
     unpaid: int = 0,
     paid: int = 0,
 ) -> Service:
     n = next(_seq)
-    client = Client(first_name=first_name, last_name=f"Client{n}", email=email if email is not None else f"c{n}@example.test")
+    client = Client(first_name=first_name, last_name=f"Client{n}", email=email if email is not None else f"c{n}@example.test",
+                    language=language)
     product = Product(name="VPS 4GB", module="proxmox")
     svc = Service(client=client, product=product, domain=f"host{n}.example.test", status=status,
                   billing_cycle="Monthly", amount=Decimal("24.00"), next_due_date=next_due_date)

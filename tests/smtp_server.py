@@ -1,0 +1,133 @@
+"""A real SMTP server for the tests: aiosmtpd on 127.0.0.1, optionally with STARTTLS,
+implicit TLS and AUTH (certificates from trustme), recording every message it accepts."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import trustme
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    message: EmailMessage
+    authenticated_as: str | None
+    tls: bool
+
+
+@dataclass
+class Handler:
+    """Accepts everything, except recipients listed in `refuse` (address -> SMTP reply)."""
+
+    received: list[Received] = field(default_factory=list)
+    refuse: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0  # seconds to wait before accepting each message
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any) -> str:
+        if address in self.refuse:
+            return self.refuse[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.delay:
+            time.sleep(self.delay)  # blocks the server's loop: a slow server, as seen from the client
+        message = email.message_from_bytes(envelope.original_content, policy=email.policy.default)
+        login = session.auth_data.login.decode() if isinstance(session.auth_data, LoginPassword) else None
+        with self.lock:
+            self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), message,  # type: ignore[arg-type]
+                                          login, server.transport.get_extra_info("ssl_object") is not None))
+        return "250 Message accepted for delivery"
+
+    def message_ids(self) -> list[str]:
+        with self.lock:
+            return [r.message["Message-ID"] for r in self.received]
+
+
+@dataclass
+class SmtpServer:
+    handler: Handler
+    port: int
+    ca_file: Path | None = None
+    username: str = ""
+    password: str = ""
+
+    @property
+    def received(self) -> list[Received]:
+        return self.handler.received
+
+
+class Certificates:
+    """A throwaway CA and a server certificate for 127.0.0.1 / localhost."""
+
+    def __init__(self, folder: Path) -> None:
+        self.ca = trustme.CA()
+        self.cert = self.ca.issue_cert(HOST, "localhost")
+        self.ca_file = folder / "test-ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_file))
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.cert.configure_cert(context)
+        return context
+
+
+@contextmanager
+def smtp_server(folder: Path, *, security: str = "none", username: str = "", password: str = "",
+                handler: Handler | None = None, port: int | None = None) -> Iterator[SmtpServer]:
+    """Run a server for the duration of the block. security: none, starttls or ssl."""
+    handler = handler or Handler()
+    port = port or free_port()
+    kwargs: dict[str, Any] = {}
+    ca_file = None
+    if security != "none":
+        certs = Certificates(folder)
+        ca_file = certs.ca_file
+        if security == "starttls":
+            kwargs.update(tls_context=certs.server_context(), require_starttls=True)
+        else:
+            kwargs.update(ssl_context=certs.server_context())
+    if username:
+        def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
+            ok = (isinstance(auth_data, LoginPassword) and auth_data.login.decode() == username
+                  and auth_data.password.decode() == password)
+            return AuthResult(success=ok, handled=False, auth_data=auth_data)
+        # Implicit TLS is TLS from the first byte; aiosmtpd's own check only knows STARTTLS.
+        kwargs.update(authenticator=authenticator, auth_required=True, auth_require_tls=security == "starttls")
+    controller = Controller(handler, hostname=HOST, port=port, server_hostname="localhost", **kwargs)
+    controller.start()
+    try:
+        yield SmtpServer(handler, port, ca_file, username, password)
+    finally:
+        controller.stop()
+
+
+def smtp_settings(server: SmtpServer, security: str = "none") -> dict[str, Any]:
+    """The [email] settings that point at this server."""
+    return {"delivery": "smtp", "smtp": {"host": HOST, "port": server.port, "security": security,
+                                         "username": server.username, "timeout_seconds": 5,
+                                         "ca_file": str(server.ca_file) if server.ca_file else ""}}
