@@ -74,7 +74,7 @@ def queue_digest(conn: Connection, composer: Composer, *, run_id: int, summary: 
 
 def summary_of_run(conn: Connection, run_id: int) -> dict[str, Any]:
     """A past run's summary as the digest reads it, from its record and audit rows."""
-    run = conn.execute(select(Run).where(Run.id == run_id)).scalars().one_or_none()
+    run = conn.execute(select(*Run.__table__.c).where(Run.id == run_id)).one_or_none()
     if run is None:
         raise NotFound(f"run {run_id} not found")
     failures = [
