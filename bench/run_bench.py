@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: `cancelproc run` on N due cancellation requests, against the floor.
 
-    python bench/run_bench.py [N] [--chunk-size K] [--keep] [--setup-only] [--profile]
+    python bench/run_bench.py [N] [--chunk-size K] [--hooks] [--skip-delivery] [--keep] [--setup-only] [--profile]
 
 1. A temp app root; `python -m processor init` there; then N clients, N services, some
    add-ons and unpaid invoices, and N pending due requests are loaded FAST with stdlib
@@ -10,8 +10,12 @@
    duration (runs.finished_at - runs.started_at) and its peak RSS (os.wait4 on that one
    child, so no other child's peak can hide in it). Then N completed requests and N
    outbox rows are checked; anything else fails loudly (exit 1).
-3. shared/bench/floor.py (next to the repo, as CI clones it) with the same N.
-4. Prints the figures; the last line is exactly `ratio: X.XX` (processor rate / floor rate).
+   The run does not deliver (email.send_after_run = false): the floor only queues.
+3. `python -m processor emails send` as a subprocess, the folder backend: the delivery of
+   the N confirmations and the staff digest, timed on its own (wall clock, peak RSS); every
+   email must end sent, one .eml file each (--skip-delivery leaves this out).
+4. shared/bench/floor.py (next to the repo, as CI clones it) with the same N.
+5. Prints the figures; the last line is exactly `ratio: X.XX` (processor rate / floor rate).
 
 --keep keeps the temp folder and prints its path. --setup-only stops after loading (implies
 --keep), leaving a database of N pending requests to profile, e.g.
@@ -78,6 +82,9 @@ def child_env(db_path: Path, chunk_size: int | None) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env["CANCELPROC_DATABASE_URL"] = f"sqlite:///{db_path}"
     env["CANCELPROC_LOG_LEVEL"] = "warning"
+    # The run is measured as the floor works: apply and queue. Delivery is measured on its
+    # own afterwards (`emails send`, folder backend), so each figure says what it costs.
+    env["CANCELPROC_EMAIL__SEND_AFTER_RUN"] = "false"
     if chunk_size:
         env["CANCELPROC_CHUNK_SIZE"] = str(chunk_size)
     return env
@@ -178,13 +185,15 @@ def load(db_path: Path, n: int, today: dt.date, now: dt.datetime) -> dict[str, i
     return counts
 
 
-def run_processor(root: Path, env: dict[str, str], profile: Path | None) -> tuple[int, float, int, str, str]:
-    """The run as a subprocess: exit code, wall seconds, peak RSS in bytes (this child only), output."""
+def run_processor(root: Path, env: dict[str, str], profile: Path | None,
+                  command: tuple[str, ...] = ("run", "--trigger", "manual")) -> tuple[int, float, int, str, str]:
+    """A processor command as a subprocess: exit code, wall seconds, peak RSS in bytes (this
+    child only), output."""
     cmd = [sys.executable]
     if profile is not None:
         cmd += ["-m", "cProfile", "-o", str(profile)]
-    cmd += ["-m", "processor", "run", "--trigger", "manual"]
-    out_path, err_path = root / "run.stdout", root / "run.stderr"
+    cmd += ["-m", "processor", *command]
+    out_path, err_path = root / f"{command[0]}.stdout", root / f"{command[0]}.stderr"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
@@ -208,7 +217,8 @@ def verify(db_path: Path, n: int) -> float:
         if status != "completed" or finished is None:
             fail(f"run {run_id} is {status!r} (error: {error})")
         done = db.execute("SELECT count(*) FROM cancellation_requests WHERE status = 'completed'").fetchone()[0]
-        outbox = db.execute("SELECT count(*) FROM email_outbox").fetchone()[0]
+        outbox = db.execute("SELECT count(*) FROM email_outbox"
+                            " WHERE template = 'service_cancellation_confirmation'").fetchone()[0]
         cancelled = db.execute("SELECT count(*) FROM services WHERE status = 'Cancelled'").fetchone()[0]
         problems = [f"{what}: {got:,} (expected {n:,})" for what, got in
                     (("completed requests", done), ("outbox rows", outbox), ("cancelled services", cancelled),
@@ -218,6 +228,18 @@ def verify(db_path: Path, n: int) -> float:
         return (dt.datetime.fromisoformat(finished) - dt.datetime.fromisoformat(started)).total_seconds()
     finally:
         db.close()
+
+
+def verify_sent(db_path: Path, root: Path, n: int) -> None:
+    """Every email sent (N confirmations and the staff digest), one .eml file each."""
+    db = sqlite3.connect(db_path)
+    try:
+        by_status = dict(db.execute("SELECT status, count(*) FROM email_outbox GROUP BY status").fetchall())
+    finally:
+        db.close()
+    files = sum(1 for p in (root / "var" / "outbox").iterdir() if p.suffix == ".eml")
+    if by_status != {"sent": n + 1} or files != n + 1:
+        fail(f"after `emails send`: outbox {by_status}, {files:,} .eml files (expected {n + 1:,} sent)")
 
 
 def run_floor(n: int, tmp: Path) -> float:
@@ -251,6 +273,7 @@ def main() -> None:
     parser.add_argument("--setup-only", action="store_true", help="load the data, print the folder, stop (implies --keep)")
     parser.add_argument("--profile", action="store_true", help="run the processor under cProfile (slower)")
     parser.add_argument("--hooks", action="store_true", help="register one trivial hook on every hook point")
+    parser.add_argument("--skip-delivery", action="store_true", help="do not measure `emails send` after the run")
     args = parser.parse_args()
     n = args.n
     if n < 1:
@@ -286,6 +309,11 @@ def main() -> None:
         if code != 0:
             fail(f"`processor run` exited {code}:\n{out}{err}")
         run_s = verify(db_path, n)
+        if not args.skip_delivery:
+            code, send_wall, send_rss, out, err = run_processor(root, env, None, ("emails", "send"))
+            if code != 0:
+                fail(f"`processor emails send` exited {code}:\n{out}{err}")
+            verify_sent(db_path, root, n)
         floor_rate = run_floor(n, root / "floor")  # after the run: never competes with it
         if profile is not None:
             print_profile(profile)
@@ -298,6 +326,9 @@ def main() -> None:
         print(f"processor: {n:,} requests in {run_s:.3f}s (run record) = {rate:,.0f} requests/s")
         print(f"processor wall clock incl. process start: {wall:.3f}s = {wall_rate:,.0f} requests/s")
         print(f"peak RSS: {rss_mb:.1f} MB")
+        if not args.skip_delivery:
+            print(f"delivery (`emails send`, folder backend): {n + 1:,} emails in {send_wall:.3f}s wall = "
+                  f"{(n + 1) / send_wall:,.0f} emails/s, peak RSS {send_rss / 2**20:.1f} MB")
         print(f"floor: {floor_rate:,.0f} requests/s")
         print(f"targets: rate >= {TARGET_RATE:,}/s {'ok' if rate >= TARGET_RATE else 'MISSED'}; "
               f"peak RSS < {TARGET_RSS_MB} MB {'ok' if rss_mb < TARGET_RSS_MB else 'MISSED'}")

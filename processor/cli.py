@@ -13,7 +13,6 @@ import getpass
 import os
 import sys
 from collections.abc import Sequence
-from email import policy as email_policy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -749,7 +748,7 @@ def emails_show(app: App, email_id: int, raw: bool, html: bool, as_json: bool) -
     if as_json:
         echo_json(row)
     elif message is not None:
-        click.echo(message.as_string(policy=email_policy.default), nl=False)
+        click.echo(message.as_string(), nl=False)
     else:
         echo_fields([(k, row[k]) for k in ("id", "key", "template", "request_id", "run_id", "from", "to", "subject",
                                            "message_id", "status", "attempts", "last_error", "next_attempt_at",

@@ -202,21 +202,24 @@ class EmailTemplates:
         except KeyError as exc:
             raise TemplateProblem(f"email template {filename} has no block {exc.args[0]!r} (needs {', '.join(BLOCKS)})") from None
         except TemplateError as exc:
-            raise TemplateProblem(f"email template {filename}{_line_of(exc)}: {exc}") from None
+            raise TemplateProblem(f"email template {_where(exc, filename)}: {exc}") from None
         if "\n" in subject or "\r" in subject:
             raise TemplateProblem(f"email template {filename}: subject renders to more than one line")
         return RenderedEmail(subject, text, html_body)
 
 
-def _line_of(exc: TemplateError) -> str:
-    """':LINE' of the template frame where rendering failed, when the traceback has one."""
+def _where(exc: TemplateError, filename: str) -> str:
+    """FILE:LINE in the template where rendering failed (the innermost template frame of
+    the traceback, its line mapped back from the compiled code as Jinja's own tracebacks
+    do), else the template's name."""
+    where = filename
     tb = exc.__traceback__
-    line = None
     while tb is not None:
-        if tb.tb_frame.f_code.co_filename.endswith(".jinja"):
-            line = tb.tb_lineno
+        template = tb.tb_frame.f_globals.get("__jinja_template__")
+        if template is not None:
+            where = f"{template.filename or template.name}:{template.get_corresponding_lineno(tb.tb_lineno)}"
         tb = tb.tb_next
-    return f":{line}" if line else ""
+    return where
 
 
 def sample_fields(name: str, company_name: str, signature: str) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from processor.digest import queue_digest
 from processor.emails import SERVICE_CANCELLATION_CONFIRMATION, EmailTemplates
 from processor.errors import DatabaseError, InputError, LeaseHeld, one_line
 from processor.hooks import HookFailed, HookRegistry
-from processor.outbox import Composer, QueuedEmail, address_problem, email_key, queue, request_fields
+from processor.outbox import Composer, QueuedEmail, UnsafeEmail, email_key, queue, request_fields
 from processor.params import request_params, request_select, with_params
 from processor.models import (
     CLOSED_SERVICE_STATUSES,
@@ -291,15 +291,14 @@ class Runner:
 
         def fields(language: str | None) -> dict[str, Any]:
             if language not in by_language:
-                by_language[language] = self.composer.common_fields(as_of, language)
+                by_language[language] = self.composer.common_fields(
+                    as_of, language, cancellation_date=as_of, service_status=ServiceStatus.CANCELLED.value)
             return by_language[language]
         return fields
 
-    def merge_fields(self, row: Row[Any], run_fields: Callable[[str | None], dict[str, Any]],
-                     as_of: dt.date) -> dict[str, Any]:
+    def merge_fields(self, row: Row[Any], run_fields: Callable[[str | None], dict[str, Any]]) -> dict[str, Any]:
         """The WHMCS merge fields of the confirmation email (the service is now Cancelled)."""
-        return request_fields(row, common=run_fields(row.language), cancellation_date=as_of,
-                              service_status=ServiceStatus.CANCELLED.value)
+        return request_fields(row, run_fields(row.language))
 
     def decide(self, row: Row[Any], as_of: dt.date, run_fields: Callable[[str | None], dict[str, Any]],
                run_id: int | None = None,
@@ -323,12 +322,17 @@ class Runner:
             veto = self._pre_terminate(params) if params is not None else None
             if veto is not None:
                 return Outcome(row.id, row.service_id, Action.VETOED, late, row.attempts, error=veto, params=params)
-            if address_problem(row.email):
-                raise InputError(f"client of service {row.service_id} has no valid email address ({row.email!r})")
-            composed = self.composer.compose(
-                SERVICE_CANCELLATION_CONFIRMATION, key=email_key(SERVICE_CANCELLATION_CONFIRMATION, "request", row.id),
-                to_address=row.email, fields=self.merge_fields(row, run_fields, as_of), language=row.language,
-                request_id=row.id, run_id=run_id, dry_run=dry_run)
+            try:
+                composed = self.composer.compose(
+                    SERVICE_CANCELLATION_CONFIRMATION,
+                    key=email_key(SERVICE_CANCELLATION_CONFIRMATION, "request", row.id), to_address=row.email,
+                    fields=self.merge_fields(row, run_fields), language=row.language, request_id=row.id,
+                    run_id=run_id, dry_run=dry_run)
+            except UnsafeEmail as exc:
+                if exc.header != "recipient":
+                    raise
+                raise InputError(f"client of service {row.service_id} has no valid email address ({row.email!r})") \
+                    from None
             email, aborted_by = composed.email, composed.aborted_by
             if params is not None and not dry_run:
                 self._terminate(params)

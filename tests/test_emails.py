@@ -116,7 +116,7 @@ def test_any_broken_template_stops_the_run_before_anything_is_written(invoke, db
     (mine / f"{name}.jinja").write_text('{% extends "_layout.jinja" %}\n'
                                         "{% block subject %}" + body + "{% endblock %}")
     line = one_line_error(invoke("run", env={"CANCELPROC_EMAIL__TEMPLATES_DIR": str(mine)}), message)
-    assert f"{name}.jinja" in line
+    assert f"{name}.jinja:2: " in line  # the file and the line of the subject block
     with db.read_session() as s:
         assert s.scalars(select(Run)).all() == [] and s.scalar(select(CancellationRequest.status)).value == "pending"
     assert outbox(db) == []
