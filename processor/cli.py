@@ -563,7 +563,8 @@ def import_command(app: App, files: tuple[Path, ...], kind: str | None, as_json:
 def _run_row(r: Run) -> dict[str, Any]:
     return {k: getattr(r, k) for k in ("id", "trigger", "operator", "as_of", "host", "pid", "status", "started_at",
                                        "finished_at", "due", "completed", "noop", "retrying", "failed",
-                                       "vetoed", "emails_queued", "late", "max_days_late", "error")}
+                                       "vetoed", "emails_queued", "emails_sent", "emails_failed", "late",
+                                       "max_days_late", "error")}
 
 
 @cli.group("runs")

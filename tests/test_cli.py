@@ -9,10 +9,8 @@ CANCELPROC_DATABASE_URL. Time is frozen at 2026-11-26T02:00Z, so "today" is
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,6 @@ from typing import Any
 import click
 import psutil
 import pytest
-from click.testing import CliRunner, Result
 from freezegun import freeze_time
 from sqlalchemy import func, select
 
@@ -30,6 +27,7 @@ from processor import lease
 from processor.cli import cli
 from processor.db import Database, open_database
 from processor.lease import LEASE_NAME
+from tests.cli_helpers import Invoke, as_json, ok, one_line_error
 from processor.models import (
     AuditEntry,
     CancellationRequest,
@@ -52,7 +50,6 @@ from processor.models import (
 NOW = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.timezone.utc)
 TODAY = dt.date(2026, 11, 26)
 
-Invoke = Callable[..., Result]
 
 
 # --- fixtures and helpers ------------------------------------------------------------------
@@ -61,53 +58,6 @@ Invoke = Callable[..., Result]
 def frozen() -> Iterator[Any]:
     with freeze_time(NOW) as frozen_time:
         yield frozen_time
-
-
-@pytest.fixture
-def url(settings: Any) -> str:
-    """The URL of conftest's `db` (tmp_path/cancelproc.db); nothing exists until a test creates it."""
-    return settings.database_url
-
-
-@pytest.fixture
-def invoke(url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Invoke:
-    """invoke(*args, env={...}) -> click Result, with the app pointed at tmp_path."""
-    monkeypatch.chdir(tmp_path)  # no ./config/processor.toml from the repo
-    base_env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("CANCELPROC_")}
-    base_env["CANCELPROC_DATABASE_URL"] = url
-
-    def _invoke(*args: Any, env: dict[str, str | None] | None = None) -> Result:
-        return CliRunner().invoke(cli, [str(a) for a in args], env={**base_env, **(env or {})})
-
-    return _invoke
-
-
-def ok(result: Result, code: int = 0) -> Result:
-    assert result.exit_code == code, (
-        f"exit {result.exit_code} (expected {code})\nstdout: {result.stdout}\nstderr: {result.stderr}\n"
-        f"exception: {result.exception!r}"
-    )
-    assert "Traceback" not in result.output
-    return result
-
-
-def as_json(result: Result, code: int = 0) -> Any:
-    return json.loads(ok(result, code).stdout)
-
-
-def one_line_error(result: Result, *fragments: str, code: int = 2) -> str:
-    """The command failed with `code` and exactly one 'error: ...' line on stderr, no traceback."""
-    assert result.exit_code == code, (
-        f"exit {result.exit_code} (expected {code})\nstdout: {result.stdout}\nstderr: {result.stderr}\n"
-        f"exception: {result.exception!r}"
-    )
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
-    assert lines[0].startswith("error: "), lines[0]
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def get(db: Database, model: type, id_: Any) -> Any:

@@ -10,13 +10,15 @@ import datetime as dt
 import email
 import email.policy
 import io
-from pathlib import Path
+import os
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import func, select, update
 
 from processor import lease
+from processor.cli import cli
 from processor.config import Settings
 from processor.db import Database
 from processor.delivery import ConsoleMailer, Deliverer, FolderMailer, message_id, mailer_from_settings
@@ -287,3 +289,28 @@ def test_one_sender_at_a_time(db, settings, now, tmp_path):
     assert later.deliver().sent == 1
     with db.read_session() as s:
         assert s.scalar(select(func.count()).select_from(Lease)) == 0
+
+
+def test_at_the_cli_an_outage_exits_1_and_emails_send_delivers_each_once_later(db, settings, tmp_path, monkeypatch):
+    """The operator's view: `cancelproc run` with the mail server down, then `emails send`."""
+    seed(db, 3)
+    with smtp_server(tmp_path) as server:
+        port = server.port
+    monkeypatch.chdir(tmp_path)
+    env = {k: None for k in os.environ if k.startswith("CANCELPROC_")}
+    env.update(CANCELPROC_DATABASE_URL=settings.database_url, CANCELPROC_EMAIL__DELIVERY="smtp",
+               CANCELPROC_EMAIL__SMTP__HOST="127.0.0.1", CANCELPROC_EMAIL__SMTP__PORT=str(port),
+               CANCELPROC_EMAIL__SMTP__SECURITY="none", CANCELPROC_EMAIL__SMTP__USERNAME="mailer",
+               CANCELPROC_SMTP_PASSWORD=PASSWORD)
+    down = CliRunner().invoke(cli, ["run", "--as-of", str(D)], env=env)
+    assert down.exit_code == 1, down.output
+    assert "cancelled                 3" in down.stdout
+    assert f"email delivery stopped: smtp 127.0.0.1:{port} (none): cannot connect" in down.stdout
+    assert PASSWORD not in down.output
+    with smtp_server(tmp_path, port=port, username="mailer", password=PASSWORD) as back:
+        sent = CliRunner().invoke(cli, ["emails", "send", "--now"], env=env)
+        assert sent.exit_code == 0, sent.output
+        assert "4 sent, 0 will be retried, 0 failed for good, 0 still queued" in sent.stdout  # 3 and the digest
+        assert CliRunner().invoke(cli, ["emails", "send", "--now"], env=env).stdout.startswith("0 sent")
+    assert sorted(r.rcpt_tos[0] for r in back.received)[-1] == "support@example.test"
+    assert len(back.handler.message_ids()) == len(set(back.handler.message_ids())) == 4

@@ -3,23 +3,32 @@ listed, shown, retried; templates checked before anything is touched; the sandbo
 
 from __future__ import annotations
 
+import datetime as dt
 import email
 import email.policy
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from freezegun import freeze_time
 from sqlalchemy import select, update
 
 from processor.db import Database
 from processor.models import AuditEntry, CancellationRequest, EmailStatus, OutboxEmail, Run
 from tests import factories
-from tests.test_cli import Invoke, as_json, frozen, invoke, ok, one_line_error, url  # noqa: F401 (fixtures)
+from tests.cli_helpers import as_json, ok, one_line_error
 
 CLIENT = "cancellation_request_confirmation"
 STAFF = "new_cancellation_request"
 DONE = "service_cancellation_confirmation"
 DIGEST = "cron_job_activity"
+
+
+@pytest.fixture(autouse=True)
+def frozen() -> Iterator[None]:
+    """2026-11-26T02:00Z: the dates in the emails are known."""
+    with freeze_time(dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.timezone.utc)):
+        yield
 
 
 def outbox(db: Database) -> list[OutboxEmail]:

@@ -1,0 +1,39 @@
+"""Checking `cancelproc` results from click's CliRunner (the `invoke` fixture is in conftest)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from click.testing import Result
+
+Invoke = Callable[..., Result]
+
+
+def ok(result: Result, code: int = 0) -> Result:
+    assert result.exit_code == code, (
+        f"exit {result.exit_code} (expected {code})\nstdout: {result.stdout}\nstderr: {result.stderr}\n"
+        f"exception: {result.exception!r}"
+    )
+    assert "Traceback" not in result.output
+    return result
+
+
+def as_json(result: Result, code: int = 0) -> Any:
+    return json.loads(ok(result, code).stdout)
+
+
+def one_line_error(result: Result, *fragments: str, code: int = 2) -> str:
+    """The command failed with `code` and exactly one 'error: ...' line on stderr, no traceback."""
+    assert result.exit_code == code, (
+        f"exit {result.exit_code} (expected {code})\nstdout: {result.stdout}\nstderr: {result.stderr}\n"
+        f"exception: {result.exception!r}"
+    )
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    assert lines[0].startswith("error: "), lines[0]
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
