@@ -69,6 +69,7 @@ class App:
     _settings: Settings | None = None
     _db: Database | None = None
     _hooks: HookRegistry | None = None
+    _templates: EmailTemplates | None = None
     operator: str = field(default_factory=lambda: os.environ.get("SUDO_USER") or getpass.getuser())
 
     @property
@@ -95,8 +96,10 @@ class App:
 
     @property
     def templates(self) -> EmailTemplates:
-        email = self.settings.email
-        return EmailTemplates(self.settings.path(email.templates_dir) if email.templates_dir else None)
+        if self._templates is None:
+            email = self.settings.email
+            self._templates = EmailTemplates(self.settings.path(email.templates_dir) if email.templates_dir else None)
+        return self._templates
 
     def composer(self) -> outbox.Composer:
         return outbox.Composer(self.templates, self.hooks, self.settings.email)
@@ -238,7 +241,7 @@ def _echo_summary(summary: RunSummary) -> None:
                             if summary.emails_retrying or summary.emails_failed or summary.delivery_error else 0),
         ("applied late", f"{summary.late} (up to {summary.max_days_late} days)" if summary.late else 0),
         ("staff digest", "queued" if summary.digest_queued else "suppressed by a hook" if summary.digest_suppressed
-         else "not sent"),
+         else "none"),
     ])
     for f in summary.failures:
         what = "MANUAL CANCELLATION REQUIRED" if f["gave_up"] else "vetoed, will retry" if f["vetoed"] else "will retry"
@@ -784,8 +787,9 @@ def emails_preview(app: App, template: str, request_id: int | None, run_id: int 
         if request_id is None or run_id is not None:
             raise click.UsageError(f"{template} needs --request REQUEST_ID (and no --run)")
         with app.database().read_session() as session:
-            composed = outbox.preview_request_email(session, template, request_id, composer=composer,
-                                                    settings=app.settings, today=app.today(), language=language)
+            composed, language = outbox.preview_request_email(session, template, request_id, composer=composer,
+                                                              settings=app.settings, today=app.today(),
+                                                              language=language)
     email = composed.email
     if email is None:
         raise InputError(f"{template}: an EmailPreSend hook ({composed.aborted_by}) would abort this email")

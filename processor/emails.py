@@ -169,7 +169,7 @@ class EmailTemplates:
     def languages(self) -> list[str]:
         """Language folders present (in the operator's folder or the shipped one)."""
         return sorted({p.name for d in self.folders if d.is_dir() for p in d.iterdir()
-                       if p.is_dir() and language_folders(p.name) == [p.name]})
+                       if p.is_dir() and language_folders(p.name)[:1] == [p.name]})
 
     def _load(self, filename: str) -> tuple[_Compiled, _Compiled]:
         if filename not in self._cache:

@@ -199,9 +199,10 @@ def queue_request_emails(session: Session, request_id: int, *, composer: Compose
 
 
 def preview_request_email(session: Session, template: str, request_id: int, *, composer: Composer,
-                          settings: Settings, today: dt.date, language: str | None = None) -> Composed:
-    """A request's email as it would be queued now (EmailPreSend hooks see dry_run=True).
-    Nothing is written. `language` overrides the client's."""
+                          settings: Settings, today: dt.date,
+                          language: str | None = None) -> tuple[Composed, str | None]:
+    """A request's email as it would be queued now (EmailPreSend hooks see dry_run=True),
+    and the language it was rendered in. Nothing is written. `language` overrides the client's."""
     row = session.execute(request_select(for_hooks=False).where(CancellationRequest.id == request_id)).one_or_none()
     if row is None:
         raise NotFound(f"request {request_id} not found")
@@ -214,6 +215,6 @@ def preview_request_email(session: Session, template: str, request_id: int, *, c
     to_address = settings.email.staff_address if template == NEW_REQUEST else row.email
     more = {"service_status": status} if status else {}
     fields = request_fields(row, composer.common_fields(date, lang, cancellation_date=applied_on, **more))
+    lang = None if template == NEW_REQUEST else lang
     return composer.compose(template, key=email_key(template, "request", request_id), to_address=to_address,
-                            fields=fields, language=None if template == NEW_REQUEST else lang,
-                            request_id=request_id, dry_run=True)
+                            fields=fields, language=lang, request_id=request_id, dry_run=True), lang

@@ -301,8 +301,7 @@ class Runner:
         return request_fields(row, run_fields(row.language))
 
     def decide(self, row: Row[Any], as_of: dt.date, run_fields: Callable[[str | None], dict[str, Any]],
-               run_id: int | None = None,
-               dry_run: bool = False) -> Outcome:
+               run_id: int | None = None, dry_run: bool = False) -> Outcome:
         """What to do with one due request: everything but the database write. Never raises.
 
         Order matters: every step that can fail (vetoes, bad data, rendering) comes before
@@ -608,6 +607,10 @@ class Runner:
         except LeaseHeld as exc:
             # Another `emails send` is at work: it sends these too.
             self.log.info("emails left to the sender already at work", detail=str(exc))
+        except lease.LeaseLost as exc:
+            # Delivery stalled past its lease and another sender took over: the run itself is done.
+            summary.delivery_error = str(exc)
+            self.log.error("email delivery stopped", error=str(exc))
 
     def _digest(self, run_id: int, summary: RunSummary) -> None:
         """Queue the staff digest and send it. A failure here is logged: the run is done."""

@@ -108,7 +108,7 @@ def test_an_email_pre_send_hook_that_raises_at_request_time_records_nothing(invo
 
 # --- templates checked first; the sandbox -------------------------------------------------------
 
-@pytest.mark.parametrize("name", [CLIENT, STAFF, DONE, DIGEST, f"de/{DONE}"])
+@pytest.mark.parametrize("name", [CLIENT, STAFF, DONE, DIGEST, f"de/{DONE}", f"pt_br/{CLIENT}"])
 @pytest.mark.parametrize(("body", "message"), [
     ("{{ oops }", "unexpected '}'"),
     ("{{ no_such_field }}", "'no_such_field' is undefined"),
