@@ -180,8 +180,9 @@ def cli(ctx: click.Context, config_path: Path | None, debug: bool) -> None:
     """Apply due service cancellation requests: the nightly job and the staff tools.
 
     \b
-    Exit codes: 0 all done, 1 some requests failed (see the summary),
-    2 usage, config or data error, 75 another run holds the lease.
+    Exit codes: 0 all done, 1 some requests failed or some emails could not
+    be sent (see the summary), 2 usage, config or data error, 75 another run
+    (or email sender) holds the lease.
     """
     app = App(config_path=config_path, debug=debug)
     ctx.obj = app

@@ -7,6 +7,8 @@ whether it fires in a run or at the CLI.
 
 from __future__ import annotations
 
+from collections import namedtuple
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import Row, Select, select
@@ -29,6 +31,22 @@ _HOOK_COLUMNS = (
     C.id.label("client_id"), C.external_id.label("client_external_id"), C.company_name, C.balance,
     P.id.label("product_id"), P.module,
 )
+
+
+def _row_type(*columns: Any) -> Any:
+    return namedtuple("RequestRow", [c.key for c in select(*columns).selected_columns])  # type: ignore[misc]
+
+
+_RUN_ROW = _row_type(*_RUN_COLUMNS)
+_HOOKED_ROW = _row_type(*_RUN_COLUMNS, *_HOOK_COLUMNS)
+
+
+def plain_rows(rows: Iterable[Row[Any]], for_hooks: bool) -> list[Any]:
+    """`request_select` rows as named tuples, same names. For the run's hot path: reading a
+    field of a SQLAlchemy Row by name costs about 0.2 µs, of a named tuple next to nothing,
+    and a request's fields are read some thirty times."""
+    make = (_HOOKED_ROW if for_hooks else _RUN_ROW)._make
+    return [make(row) for row in rows]
 
 
 def request_select(for_hooks: bool = True) -> Select[Any]:
@@ -73,4 +91,4 @@ def with_params(params: dict[str, Any], **more: Any) -> dict[str, Any]:
     return {**params, **more}
 
 
-__all__ = ["request_params", "request_select", "with_params"]
+__all__ = ["plain_rows", "request_params", "request_select", "with_params"]

@@ -34,7 +34,7 @@ from processor.emails import SERVICE_CANCELLATION_CONFIRMATION, EmailTemplates
 from processor.errors import DatabaseError, InputError, LeaseHeld, one_line
 from processor.hooks import HookFailed, HookRegistry
 from processor.outbox import Composer, QueuedEmail, UnsafeEmail, email_key, queue, request_fields
-from processor.params import request_params, request_select, with_params
+from processor.params import plain_rows, request_params, request_select, with_params
 from processor.models import (
     CLOSED_SERVICE_STATUSES,
     AuditEntry,
@@ -269,7 +269,7 @@ class Runner:
         while remaining is None or remaining > 0:
             size = self.settings.chunk_size if remaining is None else min(self.settings.chunk_size, remaining)
             with self.db.read_engine.connect() as conn:
-                rows = conn.execute(self._due_query(options, now, after_id).limit(size)).all()
+                rows = plain_rows(conn.execute(self._due_query(options, now, after_id).limit(size)), self._hooked)
             if not rows:
                 return
             yield rows
