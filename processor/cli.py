@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+import structlog
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import joinedload
 
-from processor import __version__, cancellations, db as dbmod, importer, outbox
+from processor import __version__, cancellations, db as dbmod, importer, monitoring, outbox
 from processor.config import Settings, load_settings
 from processor.db import Database, open_database
 from processor.delivery import Deliverer, DeliveryReport, build_message, mailer_from_settings, message_id
@@ -49,7 +50,7 @@ from processor.models import (
     ServiceAddon,
     ServiceStatus,
 )
-from processor.output import dumps, echo_fields, echo_json, echo_rows, echo_table
+from processor.output import cell, dumps, echo_fields, echo_json, echo_rows, echo_table
 from processor.runner import RunOptions, Runner, RunSummary
 
 PROGRESS_THRESHOLD = 300  # a manual run on a terminal shows a bar above this many requests
@@ -109,6 +110,18 @@ class App:
 
     def today(self) -> dt.date:
         return business_today(utc_now(), self.settings.zone)
+
+    def write_metrics(self) -> None:
+        """The Prometheus file, when one is configured. A failure to write it is logged,
+        never fails the command: the run's work is done."""
+        if not self.settings.metrics_file or self._db is None:
+            return
+        path = self.settings.path(self.settings.metrics_file)
+        try:
+            monitoring.write_metrics(path, monitoring.health(self._db, self.settings, now=utc_now(),
+                                                             max_age_hours=self.settings.status_max_age_hours))
+        except (OSError, SQLAlchemyError) as exc:
+            structlog.get_logger("cancelproc").error("metrics file not written", path=str(path), error=one_line(exc))
 
     def close(self) -> None:
         if self._db is not None:
@@ -331,7 +344,10 @@ def run(app: App, as_of: dt.date | None, dry_run: bool, as_json: bool, limit: in
     gc.set_threshold(50_000, 20, 100)
     if dry_run:
         return _echo_preview(runner, options, as_json)
-    summary = _run_with_progress(runner, options, show_progress=on_terminal and not as_json)
+    try:
+        summary = _run_with_progress(runner, options, show_progress=on_terminal and not as_json)
+    finally:  # also after a run that stopped on an error: the metrics show it
+        app.write_metrics()
     if as_json:
         echo_json(summary.as_dict())
     else:
@@ -824,7 +840,10 @@ def emails_send(app: App, limit: int | None, ignore_backoff: bool, as_json: bool
     with their error, or failed for good after max_attempts), 75 when another sender
     is at work.
     """
-    report = app.deliverer().deliver(limit=limit, ignore_backoff=ignore_backoff)
+    try:
+        report = app.deliverer().deliver(limit=limit, ignore_backoff=ignore_backoff)
+    finally:
+        app.write_metrics()
     if as_json:
         echo_json({k: getattr(report, k) for k in ("sent", "retrying", "failed", "queued", "stopped", "failed_emails")})
     else:
@@ -854,6 +873,54 @@ def emails_retry(app: App, email_ids: tuple[int, ...], all_failed: bool) -> None
                                    action="retry", detail=f"was failed: {e.last_error or '-'}"))
             e.status, e.attempts, e.next_attempt_at = EmailStatus.QUEUED, 0, None
     click.echo(f"{len(emails)} email(s) queued again; `cancelproc emails send` sends them now")
+
+
+# --- monitoring --------------------------------------------------------------------------
+
+def _echo_health(h: monitoring.Health) -> None:
+    def ago(seconds: float | None) -> str:
+        if seconds is None:
+            return "-"
+        return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+    last, ok = h.last_run, h.last_successful_run
+    echo_fields([
+        ("health", "OK" if h.healthy else f"{len(h.problems)} problem(s)"),
+        ("last run", f"{last.id} {last.status}, started {cell(last.started_at)}" if last else "none yet"),
+        ("last successful run", f"{ok.id}, finished {cell(ok.finished_at)} ({h.last_success_age_hours} h ago)"
+         if ok else "none yet"),
+        ("requests pending", f"{h.requests_pending} ({h.requests_due} due now, the longest waiting for "
+                             f"{ago(h.oldest_due_request_age_seconds)})"),
+        ("requests failed", f"{h.requests_failed} (manual cancellation required)"),
+        ("emails queued", f"{h.emails_queued} (the oldest for {ago(h.oldest_queued_email_age_seconds)})"),
+        ("emails failed", h.emails_failed),
+        ("leases", ", ".join(f"{le.name}: {'run ' + str(le.run_id) if le.run_id else 'sender'} on {le.host} "
+                             f"pid {le.pid}{' (STALE)' if le.stale else ''}" for le in h.leases) or "none held"),
+    ])
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--max-age-hours", type=click.FloatRange(min=0, min_open=True),
+              help="A successful run must have finished within this many hours (default: status_max_age_hours).")
+@pass_app
+def status(app: App, as_json: bool, max_age_hours: float | None) -> int:
+    """Is the processor healthy? One screen for the operator on call.
+
+    \b
+    Exit 0 when healthy; 1 with one line per problem on stderr when the last
+    successful run is too old, the last run ended in error, requests need a
+    manual cancellation, emails failed, or a lease went stale.
+    """
+    h = monitoring.health(app.database(), app.settings, now=utc_now(),
+                          max_age_hours=max_age_hours or app.settings.status_max_age_hours)
+    if as_json:
+        echo_json(h.as_dict())
+    else:
+        _echo_health(h)
+    for problem in h.problems:
+        click.echo(f"problem: {problem}", err=True)
+    return 0 if h.healthy else 1
 
 
 # --- hooks -------------------------------------------------------------------------------

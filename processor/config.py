@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     )
     # Operator hook files (hooks/*.py, `_`-prefixed skipped), loaded at the start of each command.
     hooks_dir: str = "hooks"
+    # Prometheus text file written after each run and `emails send` ("" = none).
+    metrics_file: str = ""
+    # `cancelproc status` is unhealthy when the last successful run is older than this.
+    status_max_age_hours: float = Field(26, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     email: EmailSettings = Field(default_factory=EmailSettings)

@@ -1,0 +1,211 @@
+"""Health of the processor, for the on-call operator and for Prometheus.
+
+`health()` reads the database once: the last runs, the requests and emails that need
+attention, the lease. `cancelproc status` prints it (exit non-zero with one line per
+problem), and `write_metrics()` writes it after each run as a Prometheus text file for
+node_exporter's textfile collector (written atomically by prometheus_client).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+from sqlalchemy import func, select
+
+from processor.config import Settings
+from processor.db import Database
+from processor.due import business_today, due_clause, start_of_day
+from processor.models import (
+    CancellationRequest,
+    EmailStatus,
+    Lease,
+    OutboxEmail,
+    RequestStatus,
+    RequestType,
+    Run,
+    RunStatus,
+    Service,
+)
+
+SUCCESSFUL = (RunStatus.COMPLETED, RunStatus.COMPLETED_WITH_FAILURES)
+R = CancellationRequest
+
+
+@dataclass
+class RunInfo:
+    id: int
+    status: str
+    started_at: dt.datetime
+    finished_at: dt.datetime | None
+    duration_seconds: float | None
+    due: int
+    completed: int
+    noop: int
+    retrying: int
+    failed: int
+    vetoed: int
+    emails_sent: int
+    emails_failed: int
+    error: str | None
+
+    @classmethod
+    def of(cls, run: Run) -> RunInfo:
+        duration = (run.finished_at - run.started_at).total_seconds() if run.finished_at else None
+        return cls(run.id, run.status.value, run.started_at, run.finished_at, duration, run.due, run.completed,
+                   run.noop, run.retrying, run.failed, run.vetoed, run.emails_sent, run.emails_failed, run.error)
+
+
+@dataclass
+class LeaseInfo:
+    name: str
+    run_id: int | None
+    host: str
+    pid: int
+    acquired_at: dt.datetime
+    expires_at: dt.datetime
+    stale: bool  # expired: its holder stopped renewing it (died, or hung)
+
+
+@dataclass
+class Health:
+    checked_at: dt.datetime
+    last_run: RunInfo | None
+    last_successful_run: RunInfo | None
+    last_success_age_hours: float | None
+    requests_pending: int
+    requests_due: int  # pending and due today (what the next run would take, backoff aside)
+    requests_failed: int  # manual cancellation required
+    oldest_due_request_age_seconds: float | None
+    emails_queued: int
+    emails_failed: int
+    oldest_queued_email_age_seconds: float | None
+    leases: list[LeaseInfo] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "healthy": self.healthy}
+
+
+def _age(now: dt.datetime, then: dt.datetime | None) -> float | None:
+    return max(0.0, (now - then).total_seconds()) if then else None
+
+
+def _oldest_due(session: Any, settings: Settings, now: dt.datetime) -> dt.datetime | None:
+    """When the longest-waiting due request became due: an Immediate (or undated) one when
+    it was made, a dated one at the start of its date in the business time zone."""
+    zone = settings.zone
+    due = session.query(R).join(Service, Service.id == R.service_id).filter(
+        R.status == RequestStatus.PENDING, due_clause(business_today(now, zone), zone))
+    undated = (R.type == RequestType.IMMEDIATE) | ((R.type == RequestType.END_OF_BILLING_PERIOD)
+                                                   & Service.next_due_date.is_(None))
+    made = due.filter(undated).with_entities(func.min(R.created_at)).scalar()
+    on_date = due.filter(R.type == RequestType.ON_DATE).with_entities(func.min(R.cancel_on)).scalar()
+    period = due.filter(R.type == RequestType.END_OF_BILLING_PERIOD, Service.next_due_date.is_not(None)) \
+        .with_entities(func.min(Service.next_due_date)).scalar()
+    moments = [made] + [start_of_day(day, zone) for day in (on_date, period) if day is not None]
+    return min((m for m in moments if m is not None), default=None)
+
+
+def health(db: Database, settings: Settings, *, now: dt.datetime, max_age_hours: float) -> Health:
+    """The processor's state, and the problems an operator must look at."""
+    with db.read_session() as s:
+        last = s.scalars(select(Run).order_by(Run.id.desc()).limit(1)).one_or_none()
+        success = s.scalars(select(Run).where(Run.status.in_(SUCCESSFUL)).order_by(Run.id.desc()).limit(1)).one_or_none()
+        requests = dict(s.execute(select(R.status, func.count()).group_by(R.status)).all())
+        due = s.scalar(select(func.count()).select_from(R).join(Service, Service.id == R.service_id).where(
+            R.status == RequestStatus.PENDING, due_clause(business_today(now, settings.zone), settings.zone))) or 0
+        emails = dict(s.execute(select(OutboxEmail.status, func.count()).group_by(OutboxEmail.status)).all())
+        oldest_email = s.scalar(select(func.min(OutboxEmail.created_at)).where(OutboxEmail.status == EmailStatus.QUEUED))
+        oldest_due = _oldest_due(s, settings, now)
+        leases = [LeaseInfo(le.name, le.run_id, le.host, le.pid, le.acquired_at, le.expires_at, le.expires_at <= now)
+                  for le in s.scalars(select(Lease).order_by(Lease.name))]
+        h = Health(
+            checked_at=now,
+            last_run=RunInfo.of(last) if last else None,
+            last_successful_run=RunInfo.of(success) if success else None,
+            last_success_age_hours=round(_age(now, success.finished_at) / 3600, 2)
+            if success and success.finished_at else None,
+            requests_pending=requests.get(RequestStatus.PENDING, 0),
+            requests_due=due,
+            requests_failed=requests.get(RequestStatus.FAILED, 0),
+            oldest_due_request_age_seconds=_age(now, oldest_due),
+            emails_queued=emails.get(EmailStatus.QUEUED, 0),
+            emails_failed=emails.get(EmailStatus.FAILED, 0),
+            oldest_queued_email_age_seconds=_age(now, oldest_email),
+            leases=leases,
+        )
+    h.problems = _problems(h, max_age_hours)
+    return h
+
+
+def _problems(h: Health, max_age_hours: float) -> list[str]:
+    """One line per thing to look at (WHMCS mails 'Daily System Cron Attention Needed')."""
+    problems = []
+    if h.last_successful_run is None:
+        problems.append("no run has completed yet: is `cancelproc run` in the crontab?")
+    elif h.last_success_age_hours is not None and h.last_success_age_hours > max_age_hours:
+        problems.append(f"the last successful run ({h.last_successful_run.id}) finished "
+                        f"{h.last_success_age_hours:.1f} hours ago (more than {max_age_hours:g}): is cron running it?")
+    if h.last_run is not None and h.last_run.status in (RunStatus.ERROR, RunStatus.ABANDONED):
+        problems.append(f"the last run ({h.last_run.id}) ended {h.last_run.status}: {h.last_run.error or '-'}")
+    if h.requests_failed:
+        problems.append(f"{h.requests_failed} request(s) need a manual cancellation: "
+                        "cancelproc requests list --status failed")
+    if h.emails_failed:
+        problems.append(f"{h.emails_failed} email(s) failed: cancelproc emails list --status failed")
+    for lease in h.leases:
+        if lease.stale:
+            holder = f"run {lease.run_id}" if lease.run_id else "email delivery"
+            problems.append(f"{holder} on host {lease.host} (pid {lease.pid}) stopped renewing its lease at "
+                            f"{lease.expires_at:%Y-%m-%d %H:%M} UTC: it died or hangs (the next run takes over)")
+    return problems
+
+
+def write_metrics(path: Path, h: Health) -> None:
+    """The health as Prometheus gauges, written atomically (a temp file renamed)."""
+    registry = CollectorRegistry()
+
+    def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+        return Gauge(name, doc, labels, registry=registry)
+
+    gauge("cancelproc_metrics_timestamp_seconds", "When these metrics were written").set(h.checked_at.timestamp())
+    last, success = h.last_run, h.last_successful_run
+    if last is not None:
+        gauge("cancelproc_last_run_id", "The last run's id").set(last.id)
+        gauge("cancelproc_last_run_start_timestamp_seconds", "When the last run started").set(
+            last.started_at.timestamp())
+        if last.duration_seconds is not None:
+            gauge("cancelproc_last_run_duration_seconds", "How long the last run took").set(last.duration_seconds)
+        gauge("cancelproc_last_run_error", "1 if the last run ended in error or was abandoned").set(
+            float(last.status in (RunStatus.ERROR, RunStatus.ABANDONED)))
+        by_outcome = gauge("cancelproc_last_run_requests", "Requests of the last run by outcome", ("outcome",))
+        for outcome in ("due", "completed", "noop", "retrying", "failed", "vetoed"):
+            by_outcome.labels(outcome).set(getattr(last, outcome))
+        emails = gauge("cancelproc_last_run_emails", "Emails delivered at the end of the last run", ("outcome",))
+        emails.labels("sent").set(last.emails_sent)
+        emails.labels("failed").set(last.emails_failed)
+    if success is not None and success.finished_at is not None:
+        gauge("cancelproc_last_success_timestamp_seconds", "When the last successful run finished").set(
+            success.finished_at.timestamp())
+    requests = gauge("cancelproc_requests", "Requests by status", ("status",))
+    requests.labels("pending").set(h.requests_pending)
+    requests.labels("failed").set(h.requests_failed)
+    gauge("cancelproc_requests_due", "Pending requests due today").set(h.requests_due)
+    gauge("cancelproc_oldest_due_request_age_seconds",
+          "How long the longest-waiting due request has been due (0: none)").set(h.oldest_due_request_age_seconds or 0)
+    outbox = gauge("cancelproc_emails", "Emails in the outbox by status", ("status",))
+    outbox.labels("queued").set(h.emails_queued)
+    outbox.labels("failed").set(h.emails_failed)
+    gauge("cancelproc_oldest_queued_email_age_seconds",
+          "How long the oldest queued email has waited (0: none)").set(h.oldest_queued_email_age_seconds or 0)
+    gauge("cancelproc_problems", "Problems `cancelproc status` reports").set(len(h.problems))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_to_textfile(str(path), registry)

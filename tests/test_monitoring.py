@@ -1,0 +1,106 @@
+"""`cancelproc status` for each unhealthy condition, and the Prometheus metrics file."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from freezegun import freeze_time
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import update
+
+from processor.db import Database
+from processor.models import CancellationRequest, EmailStatus, Lease, OutboxEmail, RequestStatus, Run, RunStatus
+from tests import factories
+from tests.cli_helpers import as_json, ok
+
+NIGHT = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.timezone.utc)
+
+
+def seed(db: Database, n: int = 2) -> None:
+    with db.session.begin() as s:
+        for _ in range(n):
+            factories.request(s, factories.service(s))
+
+
+def status(invoke, when: dt.datetime = NIGHT, *args: str):
+    with freeze_time(when):
+        return invoke("status", *args)
+
+
+def problems(result) -> list[str]:
+    return [line.removeprefix("problem: ") for line in result.stderr.splitlines() if line.startswith("problem: ")]
+
+
+def test_healthy_after_a_run_and_the_metrics_file_parses(invoke, db, tmp_path):
+    seed(db, 3)
+    with freeze_time(NIGHT):
+        ok(invoke("run", env={"CANCELPROC_METRICS_FILE": "metrics/cancelproc.prom"}))
+    result = ok(status(invoke, NIGHT + dt.timedelta(hours=1)))
+    assert "health               OK" in result.stdout and problems(result) == []
+    text = (tmp_path / "metrics" / "cancelproc.prom").read_text()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("cancelproc_last_run_id", ())] == 1
+    assert samples[("cancelproc_last_run_requests", (("outcome", "completed"),))] == 3
+    assert samples[("cancelproc_last_run_emails", (("outcome", "sent"),))] == 3
+    assert samples[("cancelproc_last_success_timestamp_seconds", ())] == NIGHT.timestamp()
+    assert samples[("cancelproc_requests", (("status", "pending"),))] == 0
+    assert samples[("cancelproc_emails", (("status", "queued"),))] == 0
+    assert samples[("cancelproc_last_run_error", ())] == 0 and samples[("cancelproc_problems", ())] == 0
+    assert samples[("cancelproc_last_run_duration_seconds", ())] >= 0
+    assert not list((tmp_path / "metrics").glob("*.tmp*"))  # written atomically: no temp file left
+
+
+def test_no_run_yet_and_a_due_request_waiting(invoke, db):
+    seed(db, 1)
+    result = ok(status(invoke), code=1)
+    assert problems(result) == ["no run has completed yet: is `cancelproc run` in the crontab?"]
+    health = as_json(status(invoke, NIGHT, "--json"), code=1)
+    assert (health["healthy"], health["requests_due"], health["requests_pending"]) == (False, 1, 1)
+    assert health["oldest_due_request_age_seconds"] == 2 * 3600  # due since midnight of its next due date
+
+
+def test_the_last_successful_run_is_too_old(invoke, db):
+    with freeze_time(NIGHT):
+        ok(invoke("run"))
+    assert ok(status(invoke, NIGHT + dt.timedelta(hours=25))).exit_code == 0
+    late = ok(status(invoke, NIGHT + dt.timedelta(hours=30)), code=1)
+    assert problems(late) == ["the last successful run (1) finished 30.0 hours ago (more than 26): is cron running it?"]
+    assert ok(status(invoke, NIGHT + dt.timedelta(hours=30), "--max-age-hours", "48")).exit_code == 0
+
+
+def test_failed_requests_failed_emails_an_error_run_and_a_stale_lease_each_say_so(invoke, db):
+    seed(db, 2)
+    with freeze_time(NIGHT):
+        ok(invoke("run"))
+    with db.engine.begin() as conn:
+        conn.execute(update(CancellationRequest).where(CancellationRequest.id == 1).values(status=RequestStatus.FAILED))
+        conn.execute(update(OutboxEmail).where(OutboxEmail.id == 1).values(status=EmailStatus.FAILED))
+    with db.session.begin() as s:  # a later run that died holding its lease, then one that hit an error
+        dead = Run(trigger="cron", operator="", as_of=NIGHT.date(), host="billing1", pid=4242,
+                   status=RunStatus.RUNNING, started_at=NIGHT + dt.timedelta(hours=1))
+        s.add(dead)
+        s.flush()
+        s.add(Lease(name="nightly-run", run_id=dead.id, host="billing1", pid=4242, acquired_at=dead.started_at,
+                    expires_at=dead.started_at + dt.timedelta(minutes=10)))
+        s.add(Run(trigger="cron", operator="", as_of=NIGHT.date(), host="billing1", pid=4243,
+                  status=RunStatus.ERROR, started_at=NIGHT + dt.timedelta(hours=2),
+                  finished_at=NIGHT + dt.timedelta(hours=2), error="database error: disk I/O error"))
+    result = ok(status(invoke, NIGHT + dt.timedelta(hours=3)), code=1)
+    assert problems(result) == [
+        "the last run (3) ended error: database error: disk I/O error",
+        "1 request(s) need a manual cancellation: cancelproc requests list --status failed",
+        "1 email(s) failed: cancelproc emails list --status failed",
+        "run 2 on host billing1 (pid 4242) stopped renewing its lease at 2026-11-26 03:10 UTC: it died or hangs "
+        "(the next run takes over)",
+    ]
+    assert "leases               nightly-run: run 2 on billing1 pid 4242 (STALE)" in result.stdout
+
+
+def test_a_metrics_file_that_cannot_be_written_does_not_fail_the_run(invoke, db, tmp_path: Path):
+    seed(db, 1)
+    (tmp_path / "blocked").write_text("a file, not a folder")
+    with freeze_time(NIGHT):
+        result = ok(invoke("run", env={"CANCELPROC_METRICS_FILE": "blocked/cancelproc.prom"}))
+    assert "metrics file not written" in result.stderr
