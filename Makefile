@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DEMO_DB := var/demo.db
 DEMO := CANCELPROC_DATABASE_URL=sqlite:///$(DEMO_DB) $(BIN)/cancelproc
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean postgresql-binaries
 
 define SHOW_EML
 import email, email.policy, sys
@@ -48,7 +48,19 @@ demo: install
 	@echo; echo "== the staff digest: var/outbox/*-cron_job_activity.eml, its headers and text part"
 	@$(BIN)/python -c "$$SHOW_EML" var/outbox/*-cron_job_activity.eml
 
-test: install
+# The tests start a throwaway PostgreSQL server themselves (tests/pg_server.py); they
+# need its binaries: Debian's postgresql package, installed here when they are missing.
+postgresql-binaries:
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian's postgresql (the tests start their own server)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	elif command -v sudo >/dev/null 2>&1; then \
+	  echo "installing Debian's postgresql with sudo (the tests start their own server)"; \
+	  sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else echo "warning: no PostgreSQL binaries and no way to install them: the PostgreSQL tests will be skipped"; fi
+
+test: install postgresql-binaries
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Integer,
     String,
     Table,
+    any_,
     bindparam,
     column,
     create_engine,
@@ -29,6 +30,7 @@ from sqlalchemy import (
     select,
     values,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import sessionmaker
@@ -78,6 +80,10 @@ class Database:
     def is_sqlite(self) -> bool:
         return self.engine.dialect.name == "sqlite"
 
+    @property
+    def is_postgresql(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
     def in_ids(self, column: Any, ids: Sequence[int]) -> ColumnElement[bool]:
         """`column IN ids` for a chunk's worth of ids.
 
@@ -89,6 +95,8 @@ class Database:
             values = select(literal_column("value")).select_from(
                 func.json_each(bindparam(None, json.dumps(list(ids)), type_=String)))
             return column.in_(values.scalar_subquery())
+        if self.is_postgresql:  # one array parameter: = ANY(%s)
+            return column == any_(bindparam(None, list(ids), type_=postgresql.ARRAY(Integer)))
         return column.in_(ids)
 
     def id_values(self, pairs: Sequence[tuple[int, int]]) -> Any:
@@ -100,6 +108,11 @@ class Database:
             rows = func.json_each(bindparam(None, json.dumps(list(pairs)), type_=String)).table_valued("value")
             return select(func.json_extract(rows.c.value, "$[0]").label("id"),
                           func.json_extract(rows.c.value, "$[1]").label("value")).subquery()
+        if self.is_postgresql:  # two array parameters: unnest(%s, %s) AS (id, value)
+            array = postgresql.ARRAY(Integer)
+            return func.unnest(bindparam(None, [p[0] for p in pairs], type_=array),
+                               bindparam(None, [p[1] for p in pairs], type_=array)
+                               ).table_valued("id", "value").render_derived(name="id_values")
         return values(column("id", Integer), column("value", Integer), name="id_values").data(list(pairs))
 
     @property
@@ -138,11 +151,16 @@ def insert_rows(
 
 
 def open_database(url: str, *, create: bool = False) -> Database:
-    """Open the database at url; unless create, it must exist already."""
+    """Open the database at url; unless create, it must exist already (a PostgreSQL
+    database is always created by its administrator: see docs/deploy.md)."""
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise DatabaseError(f"database_url: cannot parse {url!r} (e.g. sqlite:///var/cancelproc.db)") from None
+        raise DatabaseError(f"database_url: cannot parse it (e.g. sqlite:///var/cancelproc.db or "
+                            "postgresql://user@host/dbname)") from None
+    if parsed.drivername in ("postgresql", "postgres"):  # psycopg 3 is the driver we ship
+        parsed = parsed.set(drivername="postgresql+psycopg")
+        url = parsed.render_as_string(hide_password=False)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         path = Path(parsed.database)
         if create:

@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 from sqlalchemy import Connection, Row, String, case, cast, func, insert, literal, or_, select, update
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, StatementError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, ProgrammingError, StatementError
 
 from processor import lease
 from processor.config import Settings
@@ -679,5 +679,6 @@ class Runner:
 
 
 def _is_row_error(exc: BaseException) -> bool:
-    """A failure caused by one row's data (isolate it), not by the database being unusable."""
-    return not isinstance(exc, (OperationalError, InterfaceError))
+    """A failure caused by one row's data (isolate it), not by the database being unusable
+    or by a statement that is wrong for every row (a bug)."""
+    return not isinstance(exc, (OperationalError, InterfaceError, ProgrammingError))

@@ -1,4 +1,10 @@
-"""Shared fixtures: every test gets its own app root and migrated SQLite database."""
+"""Shared fixtures: every test gets its own app root and its own database.
+
+Every test that uses a database runs twice: on SQLite (a file in tmp_path) and on
+PostgreSQL (a fresh database on a throwaway server the session starts: tests/pg_server.py).
+A test about SQLite itself is marked `sqlite_only`. Without PostgreSQL binaries the
+PostgreSQL half is skipped with the reason shown, except in CI (CI=1), where it fails.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import shutil
+from collections.abc import Iterator
+
 import pytest
 from click.testing import CliRunner, Result
 
@@ -14,16 +23,57 @@ from processor.cli import cli
 from processor.config import Settings
 from processor.db import Database, open_database, upgrade
 from tests.cli_helpers import Invoke
+from tests.pg_server import TEMPLATE, PgServer, start_server
 
 REPO = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
+BACKENDS = ("sqlite", "postgresql")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "sqlite_only: a test of SQLite's own behaviour; not run on PostgreSQL")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        only = metafunc.definition.get_closest_marker("sqlite_only")
+        metafunc.parametrize("backend", BACKENDS[:1] if only else BACKENDS)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One PostgreSQL server for the session, with a migrated template database."""
+    try:
+        server = start_server()
+    except Exception as exc:  # noqa: BLE001 - whatever stops it, say so
+        if IN_CI:
+            pytest.fail(f"PostgreSQL test server did not start (CI needs it): {exc}")
+        pytest.skip(f"no PostgreSQL test server: {exc}")
+    try:
+        server.admin(f"CREATE DATABASE {TEMPLATE}")
+        template = open_database(server.url(TEMPLATE))
+        upgrade(template)
+        template.dispose()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.folder, ignore_errors=True)
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def database_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A database of its own for this test: a SQLite file (not created yet), or a fresh
+    migrated PostgreSQL database."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'cancelproc.db'}"
+    return request.getfixturevalue("pg_server").new_database()
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
     """Settings for runner-level tests. No staff digest: these tests count a run's own
     emails and hook calls; the digest has tests of its own (test_digest.py)."""
-    return Settings(database_url=f"sqlite:///{tmp_path / 'cancelproc.db'}", app_root=tmp_path,
-                    email={"staff_address": ""})
+    return Settings(database_url=database_url, app_root=tmp_path, email={"staff_address": ""})
 
 
 @pytest.fixture
@@ -41,7 +91,7 @@ def now() -> dt.datetime:
 
 @pytest.fixture
 def url(settings: Settings) -> str:
-    """The URL of the `db` fixture (tmp_path/cancelproc.db); nothing exists until a test creates it."""
+    """The URL of the `db` fixture (on SQLite nothing exists until a test creates it)."""
     return settings.database_url
 
 
