@@ -52,6 +52,7 @@ from processor.models import (
 )
 from processor.output import cell, dumps, echo_fields, echo_json, echo_rows, echo_table
 from processor.runner import RunOptions, Runner, RunSummary
+from processor.workers import run_with_workers
 
 PROGRESS_THRESHOLD = 300  # a manual run on a terminal shows a bar above this many requests
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug, not the operator's input
@@ -316,15 +317,28 @@ PREVIEW_COLUMNS = ["request_id", "service_id", "client", "product", "domain", "t
 @click.option("--limit", type=click.IntRange(min=1), help="Process at most N due requests.")
 @click.option("--trigger", type=click.Choice([t.value for t in RunTrigger]),
               help="Recorded in the run (default: manual on a terminal, cron otherwise).")
+@click.option("--workers", type=click.IntRange(min=1, max=64), default=1, show_default=True,
+              help="Worker processes sharing the run (PostgreSQL).")
+@click.option("--join", is_flag=True, help="Work on the run in progress (from another host; PostgreSQL).")
 @pass_app
-def run(app: App, as_of: dt.date | None, dry_run: bool, as_json: bool, limit: int | None, trigger: str | None) -> int:
+def run(app: App, as_of: dt.date | None, dry_run: bool, as_json: bool, limit: int | None, trigger: str | None,
+        workers: int, join: bool) -> int:
     """Apply every due cancellation request (the nightly job).
 
     A request is due when it is pending and it is Immediate, or its service's next
     due date (End of Billing Period) or its chosen date (On Date) is on or before
     the as-of date, or the service has no next due date. Missed nights catch up.
+
+    \b
+    On PostgreSQL a run can be shared: --workers N starts N worker processes on
+    this host, and `cancelproc run --join` on another host works on the run in
+    progress until nothing is left (docs/deploy.md).
     """
     settings = app.settings
+    if join:
+        if as_of or dry_run or limit or trigger or workers > 1:
+            raise click.UsageError("--join takes no other option: it works on the run in progress as it is")
+        return _join(app, as_json)
     today = app.today()
     as_of = as_of or today
     if as_of > today and not dry_run:
@@ -338,14 +352,17 @@ def run(app: App, as_of: dt.date | None, dry_run: bool, as_json: bool, limit: in
     )
     deliverer = app.deliverer() if settings.email.send_after_run and not dry_run else None
     runner = Runner(database, settings, clock=utc_now, templates=app.templates, hooks=app.hooks, deliverer=deliverer)
-    # A run allocates many short-lived objects; the long-lived ones (modules, compiled
-    # templates, SQLAlchemy's caches) need not be scanned by every full collection.
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    _tune_gc()
     if dry_run:
         return _echo_preview(runner, options, as_json)
+    if workers > 1 and not database.is_postgresql:
+        raise InputError(f"--workers {workers}: parallel workers need PostgreSQL (database_url); "
+                         "SQLite lets one process write at a time")
     try:
-        summary = _run_with_progress(runner, options, show_progress=on_terminal and not as_json)
+        if workers > 1:
+            summary = run_with_workers(runner, options, workers=workers, worker_command=_worker_command(app))
+        else:
+            summary = _run_with_progress(runner, options, show_progress=on_terminal and not as_json)
     finally:  # also after a run that stopped on an error: the metrics show it
         app.write_metrics()
     if as_json:
@@ -353,6 +370,32 @@ def run(app: App, as_of: dt.date | None, dry_run: bool, as_json: bool, limit: in
     else:
         _echo_summary(summary)
     return summary.exit_code
+
+
+def _tune_gc() -> None:
+    # A run allocates many short-lived objects; the long-lived ones (modules, compiled
+    # templates, SQLAlchemy's caches) need not be scanned by every full collection.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
+def _worker_command(app: App) -> list[str]:
+    """`cancelproc run --join` as this process was started (same interpreter, same config)."""
+    config = ["--config", str(app.config_path)] if app.config_path else []
+    return [sys.executable, "-m", "processor", *config, "run", "--join"]
+
+
+def _join(app: App, as_json: bool) -> int:
+    """A worker: this process's share of the run in progress."""
+    runner = Runner(app.database(), app.settings, clock=utc_now, templates=app.templates, hooks=app.hooks)
+    _tune_gc()
+    summary = runner.join()
+    if as_json:
+        echo_json(summary.as_dict())
+    else:
+        click.echo(f"worker {os.getpid()} on run {summary.run_id}: {summary.due} due, {summary.completed} cancelled, "
+                   f"{summary.noop} no-op, {summary.retrying + summary.vetoed} to retry, {summary.failed} failed")
+    return 1 if summary.retrying or summary.failed or summary.vetoed else 0
 
 
 # --- requests ----------------------------------------------------------------------------

@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     business_timezone: str = "UTC"
     chunk_size: int = Field(2000, ge=1, le=50_000)
     lease_seconds: int = Field(600, ge=10)
+    # Per-request hooks (PreModuleTerminate, EmailPreSend, TerminateAccount) of different
+    # requests of a chunk run in up to this many threads at once: slow network calls wait
+    # side by side. 1: one request at a time.
+    hook_concurrency: int = Field(8, ge=1, le=256)
     max_attempts: int = Field(5, ge=1, le=100)
     retry_backoff_minutes: int = Field(60, ge=0)
     retry_backoff_max_minutes: int = Field(1440, ge=0)

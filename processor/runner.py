@@ -15,7 +15,10 @@ chunk in flight, whose transaction never committed; the next run picks it up.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
@@ -31,7 +34,7 @@ from processor.due import business_today, days_late, due_clause, effective_date
 from processor.delivery import Deliverer, DeliveryReport
 from processor.digest import queue_digest
 from processor.emails import SERVICE_CANCELLATION_CONFIRMATION, EmailTemplates
-from processor.errors import DatabaseError, InputError, LeaseHeld, one_line
+from processor.errors import DatabaseError, InputError, LeaseHeld, StateError, one_line
 from processor.hooks import HookFailed, HookRegistry
 from processor.outbox import Composer, QueuedEmail, UnsafeEmail, email_key, queue, request_fields
 from processor.params import plain_rows, request_params, request_select, with_params
@@ -57,6 +60,8 @@ from processor.retry import RetryPolicy
 
 Clock = Callable[[], dt.datetime]
 Progress = Callable[[int], None]
+RunFields = Callable[[str | None], dict[str, Any]]
+DecideAll = Callable[[list[Any]], "list[Outcome]"]
 
 R, S, C, P = CancellationRequest, Service, Client, Product
 PER_REQUEST_POINTS = ("PreModuleTerminate", "EmailPreSend", "TerminateAccount", "AfterModuleTerminate",
@@ -514,17 +519,46 @@ class Runner:
                 raise
             self.log.warning("chunk write failed; isolating rows", error=one_line(exc), requests=len(outcomes))
         with self.db.engine.begin() as conn:
-            for o in outcomes:
-                try:
-                    with conn.begin_nested():
-                        self._write(conn, [o], run_id, as_of, now)
-                except (DBAPIError, StatementError) as exc:
-                    if not _is_row_error(exc):
-                        raise
-                    o.action, o.email, o.error = Action.ERROR, None, one_line(exc)
-                    with conn.begin_nested():
-                        self._write(conn, [o], run_id, as_of, now)
+            self._write_rows_alone(conn, outcomes, run_id, as_of, now)
             return self._close_chunk(conn, run_id, outcomes, summary, now)
+
+    def _write_rows_alone(self, conn: Connection, outcomes: list[Outcome], run_id: int, as_of: dt.date,
+                          now: dt.datetime) -> None:
+        """Each outcome in its own savepoint: a row the database refuses fails alone."""
+        for o in outcomes:
+            try:
+                with conn.begin_nested():
+                    self._write(conn, [o], run_id, as_of, now)
+            except (DBAPIError, StatementError) as exc:
+                if not _is_row_error(exc):
+                    raise
+                o.action, o.email, o.error = Action.ERROR, None, one_line(exc)
+                with conn.begin_nested():
+                    self._write(conn, [o], run_id, as_of, now)
+
+    def _claim_and_apply(self, options: RunOptions, run_id: int, size: int, summary: RunSummary,
+                         decide_all: DecideAll) -> tuple[list[Outcome], Tally] | None:
+        """PostgreSQL: claim a chunk (FOR UPDATE SKIP LOCKED), decide and write it in one
+        transaction. Another process working on the same run skips the rows this one holds;
+        if this process dies, its transaction rolls back and the rows are claimable again."""
+        with self.db.engine.begin() as conn:
+            claim = (self._due_query(options, self.clock())
+                     .where(or_(R.run_id.is_(None), R.run_id != run_id))  # not tried by this run yet
+                     .limit(size).with_for_update(skip_locked=True, of=R))
+            rows = plain_rows(conn.execute(claim), self._hooked)
+            if not rows:
+                return None
+            outcomes = decide_all(rows)
+            now = self.clock()
+            try:
+                with conn.begin_nested():
+                    self._write(conn, outcomes, run_id, options.as_of, now)
+            except (DBAPIError, StatementError) as exc:
+                if not _is_row_error(exc):
+                    raise
+                self.log.warning("chunk write failed; isolating rows", error=one_line(exc), requests=len(outcomes))
+                self._write_rows_alone(conn, outcomes, run_id, options.as_of, now)
+            return outcomes, self._close_chunk(conn, run_id, outcomes, summary, now)
 
     def _close_chunk(self, conn: Connection, run_id: int, outcomes: list[Outcome], summary: RunSummary,
                      now: dt.datetime) -> Tally:
@@ -548,55 +582,138 @@ class Runner:
         """Fail before anything is touched: every email template must parse and render."""
         self.templates.check_all(self.settings.email.company_name, self.settings.email.signature)
 
-    def run(self, options: RunOptions) -> RunSummary:
-        """Take the lease, apply every due request, record the run. Raises LeaseHeld."""
+    def start(self, options: RunOptions) -> int:
+        """Check the templates, take the lease (creating the run record), fire PreCronJob.
+        Raises LeaseHeld."""
         self.check_ready()
         with self.db.session.begin() as session:
             run = lease.acquire(session, clock=self.clock, seconds=self.settings.lease_seconds,
                                 trigger=options.trigger, operator=options.operator, as_of=options.as_of,
                                 me=lease.Holder.this_process())
-            run_id, started_at = run.id, run.started_at
-        with structlog.contextvars.bound_contextvars(run_id=run_id):
-            return self._apply(options, run_id, started_at)
+            run_id = run.id
+        self.log.info("run started", run_id=run_id, as_of=str(options.as_of), trigger=str(options.trigger),
+                      operator=options.operator)
+        self.hooks.notify("PreCronJob", with_params({}, run_id=run_id, as_of=options.as_of,
+                                                    trigger=options.trigger.value, operator=options.operator))
+        return run_id
 
-    def _apply(self, options: RunOptions, run_id: int, now: dt.datetime) -> RunSummary:
-        """The chunk loop of a run that holds the lease; closes the run record whatever happens."""
-        summary = RunSummary(run_id=run_id, as_of=options.as_of, status=RunStatus.RUNNING)
-        self.log.info("run started", as_of=str(options.as_of), trigger=str(options.trigger), operator=options.operator)
-        self.hooks.notify("PreCronJob", with_params({}, run_id=run_id, as_of=options.as_of, trigger=options.trigger.value,
-                                              operator=options.operator))
-        try:
-            fields = self.run_fields(options.as_of)
-            for rows in self._chunks(options, now):
-                now = self.clock()
-                outcomes = [self.decide(row, options.as_of, fields, run_id) for row in rows]
-                tally = self._write_chunk(outcomes, run_id, options.as_of, now, summary)
+    def run(self, options: RunOptions) -> RunSummary:
+        """Take the lease, apply every due request, record the run. Raises LeaseHeld."""
+        run_id = self.start(options)
+        return self.complete(run_id, options, lambda summary: self.work(run_id, options, summary))
+
+    def work(self, run_id: int, options: RunOptions, summary: RunSummary) -> None:
+        """Apply due requests of this run, chunk by chunk (on PostgreSQL, the share this
+        process claims while others may work on the same run)."""
+        fields = self.run_fields(options.as_of)
+        threads = self.settings.hook_concurrency if self._hooked else 1
+        with ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
+            def decide_all(rows: list[Any]) -> list[Outcome]:
+                if pool is None:
+                    return [self.decide(row, options.as_of, fields, run_id) for row in rows]
+                # Slow hooks (network calls) of different requests wait side by side.
+                return list(pool.map(lambda row: self.decide(row, options.as_of, fields, run_id), rows))
+            chunks = (self._claimed(options, run_id, summary, decide_all) if self.db.is_postgresql
+                      else self._keyset(options, run_id, summary, decide_all))
+            for outcomes, tally in chunks:
                 self._log_chunk(outcomes, tally)
                 self._after_commit(outcomes)
                 if self.progress:
-                    self.progress(len(rows))
-            if self.deliverer is not None:
-                self._deliver(summary)
-        except BaseException as exc:
-            self._finish(run_id, RunStatus.ERROR, error=one_line(exc))
-            self.log.error("run stopped", error=one_line(exc))
-            if isinstance(exc, Exception):  # not on Ctrl-C: an alerting hook wants to hear of this
-                summary.status = RunStatus.ERROR
-                self.hooks.notify("AfterCronJob", with_params({}, run_id=run_id, summary=summary.as_dict()))
-            if isinstance(exc, OperationalError):
-                raise DatabaseError(f"run {run_id} stopped: database error: {exc.orig}") from exc
-            raise
-        summary.status = RunStatus.COMPLETED_WITH_FAILURES if summary.exit_code else RunStatus.COMPLETED
-        self._finish(run_id, summary.status, summary=summary)
-        self.log.info("run finished", status=str(summary.status), due=summary.due, completed=summary.completed,
-                      noop=summary.noop, retrying=summary.retrying, failed=summary.failed, vetoed=summary.vetoed,
-                      emails_queued=summary.emails_queued, emails_sent=summary.emails_sent,
-                      emails_failed=summary.emails_failed, late=summary.late, max_days_late=summary.max_days_late)
-        self.hooks.notify("AfterCronJob", with_params({}, run_id=run_id, summary=summary.as_dict()))
-        suppress = self.hooks.notify("DailyCronJobPreEmail", with_params({}, run_id=run_id, summary=summary.as_dict()))
-        summary.digest_suppressed = any(suppress)
-        if options.digest and not summary.digest_suppressed and self.settings.email.staff_address:
-            self._digest(run_id, summary)
+                    self.progress(len(outcomes))
+
+    def _keyset(self, options: RunOptions, run_id: int, summary: RunSummary,
+                decide_all: DecideAll) -> Iterator[tuple[list[Outcome], Tally]]:
+        """SQLite: read a chunk, decide it, write it (the write claims each request again)."""
+        for rows in self._chunks(options, self.clock()):
+            outcomes = decide_all(rows)
+            yield outcomes, self._write_chunk(outcomes, run_id, options.as_of, self.clock(), summary)
+
+    def _claimed(self, options: RunOptions, run_id: int, summary: RunSummary,
+                 decide_all: DecideAll) -> Iterator[tuple[list[Outcome], Tally]]:
+        """PostgreSQL: claim, decide and write chunk after chunk until nothing is left."""
+        remaining = options.limit
+        while remaining is None or remaining > 0:
+            size = self.settings.chunk_size if remaining is None else min(self.settings.chunk_size, remaining)
+            chunk = self._claim_and_apply(options, run_id, size, summary, decide_all)
+            if chunk is None:
+                return
+            yield chunk
+            if remaining is not None:
+                remaining -= len(chunk[0])
+
+    def join(self) -> RunSummary:
+        """Work on the run in progress (a worker of `run --workers`, or another host):
+        PostgreSQL only. The run's own process closes it. Raises StateError if none runs."""
+        if not self.db.is_postgresql:
+            raise StateError("only a run on PostgreSQL can be joined (SQLite runs one writer at a time)")
+        self.check_ready()
+        with self.db.read_session() as session:
+            run = session.execute(select(Run).join(lease.Lease, lease.Lease.run_id == Run.id)
+                                  .where(lease.Lease.name == lease.LEASE_NAME, Run.status == RunStatus.RUNNING)
+                                  ).scalar_one_or_none()
+            if run is None:
+                raise StateError("no run in progress to join")
+            options = RunOptions(as_of=run.as_of, trigger=run.trigger, operator=run.operator)
+            run_id = run.id
+        summary = RunSummary(run_id=run_id, as_of=options.as_of, status=RunStatus.RUNNING)
+        with structlog.contextvars.bound_contextvars(run_id=run_id, worker=os.getpid()):
+            self.log.info("joined the run")
+            self.work(run_id, options, summary)
+            self.log.info("worker done", due=summary.due, completed=summary.completed, retrying=summary.retrying,
+                          failed=summary.failed, vetoed=summary.vetoed)
+        return summary
+
+    def reload_counts(self, run_id: int, summary: RunSummary) -> None:
+        """The run's counts and failures as recorded (by every process that worked on it)."""
+        with self.db.read_session() as session:
+            run = session.get(Run, run_id)
+            assert run is not None
+            for name in ("due", "completed", "noop", "retrying", "failed", "vetoed", "emails_queued", "late",
+                         "max_days_late"):
+                setattr(summary, name, getattr(run, name))
+            summary.failures = [
+                {"request_id": a.request_id, "service_id": service_id, "error": a.detail,
+                 "gave_up": a.action == "failed", "vetoed": a.action == "vetoed"}
+                for a, service_id in session.execute(
+                    select(AuditEntry, R.service_id).join(R, R.id == AuditEntry.request_id)
+                    .where(AuditEntry.run_id == run_id, AuditEntry.entity == "request",
+                           AuditEntry.action.in_(["failed", "attempt_failed", "vetoed"])).order_by(AuditEntry.id))]
+
+    def renew_lease(self, run_id: int) -> None:
+        with self.db.engine.begin() as conn:
+            lease.renew(conn, run_id, now=self.clock(), seconds=self.settings.lease_seconds)
+
+    def complete(self, run_id: int, options: RunOptions, work: Callable[[RunSummary], None]) -> RunSummary:
+        """Do the run's work, deliver the outbox, close the run record, fire AfterCronJob,
+        send the digest. Closes the record (as error) whatever happens."""
+        summary = RunSummary(run_id=run_id, as_of=options.as_of, status=RunStatus.RUNNING)
+        with structlog.contextvars.bound_contextvars(run_id=run_id):
+            try:
+                work(summary)
+                if self.deliverer is not None:
+                    self._deliver(summary)
+            except BaseException as exc:
+                self._finish(run_id, RunStatus.ERROR, error=one_line(exc))
+                self.log.error("run stopped", error=one_line(exc))
+                if isinstance(exc, Exception):  # not on Ctrl-C: an alerting hook wants to hear of this
+                    summary.status = RunStatus.ERROR
+                    self.hooks.notify("AfterCronJob", with_params({}, run_id=run_id, summary=summary.as_dict()))
+                if isinstance(exc, OperationalError):
+                    raise DatabaseError(f"run {run_id} stopped: database error: {exc.orig}") from exc
+                raise
+            summary.status = RunStatus.COMPLETED_WITH_FAILURES if summary.exit_code else RunStatus.COMPLETED
+            self._finish(run_id, summary.status, summary=summary)
+            self.log.info("run finished", status=str(summary.status), due=summary.due, completed=summary.completed,
+                          noop=summary.noop, retrying=summary.retrying, failed=summary.failed,
+                          vetoed=summary.vetoed, emails_queued=summary.emails_queued,
+                          emails_sent=summary.emails_sent, emails_failed=summary.emails_failed, late=summary.late,
+                          max_days_late=summary.max_days_late)
+            self.hooks.notify("AfterCronJob", with_params({}, run_id=run_id, summary=summary.as_dict()))
+            suppress = self.hooks.notify("DailyCronJobPreEmail",
+                                         with_params({}, run_id=run_id, summary=summary.as_dict()))
+            summary.digest_suppressed = any(suppress)
+            if options.digest and not summary.digest_suppressed and self.settings.email.staff_address:
+                self._digest(run_id, summary)
         return summary
 
     def _deliver(self, summary: RunSummary) -> None:
