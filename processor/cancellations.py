@@ -37,6 +37,18 @@ def get_request(session: Session, request_id: int) -> CancellationRequest:
     return request
 
 
+def lock_request(session: Session, request_id: int) -> CancellationRequest:
+    """The request, locked for this transaction (SELECT ... FOR UPDATE). On PostgreSQL a run
+    may hold the row while it applies the request: we wait for its chunk to commit, then
+    decide on what it did, never on what we read before (a lost update). On SQLite the
+    write transaction is exclusive already."""
+    request = session.scalars(select(CancellationRequest).where(CancellationRequest.id == request_id)
+                              .with_for_update().execution_options(populate_existing=True)).one_or_none()
+    if request is None:
+        raise NotFound(f"request {request_id} not found")
+    return request
+
+
 def open_request_for(session: Session, service_id: int) -> CancellationRequest | None:
     return session.scalars(
         select(CancellationRequest).where(
@@ -91,7 +103,7 @@ def create_request(
 
 def withdraw_request(session: Session, request_id: int, *, actor: str, now: dt.datetime, note: str = "") -> CancellationRequest:
     """Staff withdraw a request that has not been applied."""
-    request = get_request(session, request_id)
+    request = lock_request(session, request_id)
     if request.status not in OPEN_REQUEST_STATUSES:
         when = f" on {request.processed_at:%Y-%m-%d}" if request.processed_at else ""
         raise StateError(f"request {request_id} is {request.status.value}{when}; only a pending or failed request can be withdrawn")
@@ -104,7 +116,7 @@ def withdraw_request(session: Session, request_id: int, *, actor: str, now: dt.d
 
 def retry_request(session: Session, request_id: int, *, actor: str, now: dt.datetime) -> CancellationRequest:
     """A failed request (or one waiting for its backoff) goes back to pending, tried at the next run."""
-    request = get_request(session, request_id)
+    request = lock_request(session, request_id)
     if request.status is RequestStatus.PENDING and request.next_attempt_at is None:
         raise StateError(f"request {request_id} is already pending and will be tried at the next run that finds it due")
     if request.status not in OPEN_REQUEST_STATUSES:
@@ -119,7 +131,7 @@ def retry_request(session: Session, request_id: int, *, actor: str, now: dt.date
 
 def resolve_request(session: Session, request_id: int, *, actor: str, now: dt.datetime, note: str) -> CancellationRequest:
     """Staff cancelled the service by hand: close the failed request without touching the service."""
-    request = get_request(session, request_id)
+    request = lock_request(session, request_id)
     if request.status is not RequestStatus.FAILED:
         raise StateError(f"request {request_id} is {request.status.value}; only a failed request can be resolved by hand")
     if not note.strip():

@@ -32,12 +32,17 @@ BACKENDS = ("sqlite", "postgresql")
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "sqlite_only: a test of SQLite's own behaviour; not run on PostgreSQL")
+    config.addinivalue_line("markers", "postgresql_only: a test of PostgreSQL's own behaviour (row locks)")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" in metafunc.fixturenames:
-        only = metafunc.definition.get_closest_marker("sqlite_only")
-        metafunc.parametrize("backend", BACKENDS[:1] if only else BACKENDS)
+        if metafunc.definition.get_closest_marker("sqlite_only"):
+            metafunc.parametrize("backend", ["sqlite"])
+        elif metafunc.definition.get_closest_marker("postgresql_only"):
+            metafunc.parametrize("backend", ["postgresql"])
+        else:
+            metafunc.parametrize("backend", BACKENDS)
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 
 import pytest
 from sqlalchemy import func, insert, select
 
-from processor import lease
+from processor import cancellations, lease
 from processor.errors import LeaseHeld
 from processor.models import (
     AuditEntry,
@@ -172,6 +174,7 @@ def test_a_row_the_database_rejects_is_isolated_by_savepoints(db, settings, now)
     assert count(db, OutboxEmail) == 5  # 4 new + the one that was there
 
 
+@pytest.mark.sqlite_only  # on PostgreSQL the chunk's rows are locked from the start: see the next test
 def test_a_request_done_elsewhere_meanwhile_is_skipped(db, settings, now):
     """Read as due, then completed by someone else before the chunk is written: not applied twice."""
     with db.session.begin() as s:
@@ -193,6 +196,38 @@ def test_a_request_done_elsewhere_meanwhile_is_skipped(db, settings, now):
         assert s.get(CancellationRequest, ids[0]).status is RequestStatus.WITHDRAWN
         assert s.get(CancellationRequest, ids[0]).service.status is ServiceStatus.ACTIVE
     assert count(db, OutboxEmail) == 1
+
+
+@pytest.mark.postgresql_only
+def test_a_claimed_request_is_locked_until_its_chunk_commits(db, settings, now):
+    """PostgreSQL: the run claims a chunk's rows (FOR UPDATE SKIP LOCKED) before deciding
+    them; a staff withdrawal meanwhile waits for the chunk, then finds the request done."""
+    with db.session.begin() as s:
+        ids = [factories.request(s, factories.service(s)).id for _ in range(2)]
+    runner = Runner(db, settings, clock=lambda: now)
+    decide = runner.decide
+    staff: dict[str, object] = {}
+
+    def withdraw() -> None:
+        try:
+            with db.session.begin() as s:
+                cancellations.withdraw_request(s, ids[0], actor="staff", now=now)
+        except Exception as exc:  # noqa: BLE001 - what the staff command would print
+            staff["error"] = exc
+
+    def decide_then_race(row, *args):
+        if row.id == ids[0]:
+            staff["thread"] = threading.Thread(target=withdraw)
+            staff["thread"].start()
+            time.sleep(0.2)  # the withdrawal is now waiting on the row lock
+            assert staff["thread"].is_alive()
+        return decide(row, *args)
+
+    runner.decide = decide_then_race
+    summary = runner.run(RunOptions(as_of=D))
+    staff["thread"].join(timeout=30)
+    assert (summary.completed, summary.skipped) == (2, 0)
+    assert str(staff["error"]).startswith(f"request {ids[0]} is completed")
 
 
 def test_preview_changes_nothing(db, settings, now):
