@@ -537,14 +537,15 @@ class Runner:
                     self._write(conn, [o], run_id, as_of, now)
 
     def _claim_and_apply(self, options: RunOptions, run_id: int, size: int, summary: RunSummary,
-                         decide_all: DecideAll) -> tuple[list[Outcome], Tally] | None:
+                         decide_all: DecideAll, *, wait: bool = False) -> tuple[list[Outcome], Tally] | None:
         """PostgreSQL: claim a chunk (FOR UPDATE SKIP LOCKED), decide and write it in one
         transaction. Another process working on the same run skips the rows this one holds;
-        if this process dies, its transaction rolls back and the rows are claimable again."""
+        if this process dies, its transaction rolls back and the rows are claimable again.
+        With `wait`, wait for rows other processes hold instead of skipping them."""
         with self.db.engine.begin() as conn:
             claim = (self._due_query(options, self.clock())
                      .where(or_(R.run_id.is_(None), R.run_id != run_id))  # not tried by this run yet
-                     .limit(size).with_for_update(skip_locked=True, of=R))
+                     .limit(size).with_for_update(skip_locked=not wait, of=R))
             rows = plain_rows(conn.execute(claim), self._hooked)
             if not rows:
                 return None
@@ -635,6 +636,10 @@ class Runner:
         while remaining is None or remaining > 0:
             size = self.settings.chunk_size if remaining is None else min(self.settings.chunk_size, remaining)
             chunk = self._claim_and_apply(options, run_id, size, summary, decide_all)
+            if chunk is None:
+                # Nothing free: wait for chunks other processes still hold. What they commit is
+                # no longer due; what a dead one held is free again, and taken here.
+                chunk = self._claim_and_apply(options, run_id, size, summary, decide_all, wait=True)
             if chunk is None:
                 return
             yield chunk

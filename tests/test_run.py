@@ -349,7 +349,7 @@ def test_after_cron_job_hears_of_a_run_that_stopped_on_an_error(db, settings, no
     def broken_write(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    runner._write_chunk = broken_write  # a failure in the middle of the run
+    runner._write = broken_write  # a failure in the middle of the run
     with pytest.raises(RuntimeError, match="disk on fire"):
         runner.run(RunOptions(as_of=D))
     assert [(s["status"], s["run_id"]) for s in seen] == [("error", 1)]
