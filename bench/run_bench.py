@@ -2,6 +2,7 @@
 """Benchmark: `cancelproc run` on N due cancellation requests, against the floor.
 
     python bench/run_bench.py [N] [--chunk-size K] [--hooks] [--skip-delivery] [--keep] [--setup-only] [--profile]
+                              [--postgresql] [--workers W] [--io-bound] [--hook-concurrency K]
 
 1. A temp app root; `python -m processor init` there; then N clients, N services, some
    add-ons and unpaid invoices, and N pending due requests are loaded FAST with stdlib
@@ -23,6 +24,22 @@
         PYTHONPATH=<repo> python -m cProfile -o run.prof -m processor run --trigger manual
 --profile runs the processor under cProfile itself (rates are then inflated by the
 profiler) and prints the top functions.
+
+--postgresql does the same on a throwaway PostgreSQL server started here with the tests'
+tests/pg_server.py (initdb + pg_ctl, as the `postgres` OS user under root; fsync,
+synchronous_commit and full_page_writes off, as for the tests): the data goes in with
+psycopg COPY (one transaction, in this process), `run` gets `--workers W` when --workers is
+given, the result is checked with psycopg, and the floor is shared/bench/floor_pg.py on its
+own database of the same server. With --workers the `run` process's children are the
+workers: their peak RSS is each one's VmHWM (the kernel's own high-water mark) read from
+/proc every 50 ms while they live (psutil finds them). The server is stopped and its
+folder removed at the end, also on failure (--setup-only leaves it running, and says how
+to stop it).
+
+--io-bound (implies --postgresql; N = 2000 by default) adds a hook file whose
+TerminateAccount sleeps 200 ms, as a call to a provisioning API would, runs with the
+default settings (--hook-concurrency K and --workers W change them) and reports the wall
+time against the target of 30 s; there is no floor comparison (the floor has no hooks).
 """
 
 from __future__ import annotations
@@ -37,14 +54,23 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 FLOOR = REPO.parent / "shared" / "bench" / "floor.py"
+FLOOR_PG = REPO.parent / "shared" / "bench" / "floor_pg.py"
 
 TARGET_RATE = 15_000  # requests/s at N = 100,000
 TARGET_RSS_MB = 150
+TARGET_RATE_PG = 6_000  # requests/s on PostgreSQL, one worker
+IO_BOUND_N = 2_000  # requests in the I/O-bound case
+IO_BOUND_SLEEP_S = 0.2  # what its TerminateAccount hook waits, per request
+TARGET_IO_WALL_S = 30  # the I/O-bound case's wall time, run process start to exit
+SAMPLE_EVERY_S = 0.05  # how often the workers' peak RSS is read
 
 # Kept in step with processor/config.py's default reason_codes.
 REASONS = [

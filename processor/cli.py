@@ -11,7 +11,9 @@ import datetime as dt
 import gc
 import getpass
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import joinedload
 
 from processor import __version__, cancellations, db as dbmod, importer, monitoring, outbox
-from processor.config import Settings, load_settings
+from processor.config import Settings, clock_time_problem, load_settings
 from processor.db import Database, open_database
 from processor.delivery import Deliverer, DeliveryReport, build_message, mailer_from_settings, message_id
 from processor.digest import preview_digest
@@ -51,7 +53,8 @@ from processor.models import (
     ServiceStatus,
 )
 from processor.output import cell, dumps, echo_fields, echo_json, echo_rows, echo_table
-from processor.runner import RunOptions, Runner, RunSummary
+from processor.runner import RunOptions, Runner, RunStopped, RunSummary
+from processor.scheduler import nightly, serve
 from processor.workers import run_with_workers
 
 PROGRESS_THRESHOLD = 300  # a manual run on a terminal shows a bar above this many requests
@@ -127,6 +130,36 @@ class App:
     def close(self) -> None:
         if self._db is not None:
             self._db.dispose()
+
+
+class StopOnSignal:
+    """SIGTERM or SIGINT asks the work to stop after its current chunk (the run is recorded
+    as stopped, its lease released); a second signal stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+        structlog.get_logger("cancelproc").warning(
+            "stopping after the current chunk (signal again to stop at once)", signal=signal.Signals(signum).name)
+
+    def __call__(self) -> bool:
+        return self.event.is_set()
 
 
 class DateType(click.ParamType):
@@ -351,7 +384,9 @@ def run(app: App, as_of: dt.date | None, dry_run: bool, as_json: bool, limit: in
         trigger=RunTrigger(trigger) if trigger else (RunTrigger.MANUAL if on_terminal else RunTrigger.CRON),
     )
     deliverer = app.deliverer() if settings.email.send_after_run and not dry_run else None
-    runner = Runner(database, settings, clock=utc_now, templates=app.templates, hooks=app.hooks, deliverer=deliverer)
+    stop = StopOnSignal()
+    runner = Runner(database, settings, clock=utc_now, templates=app.templates, hooks=app.hooks, deliverer=deliverer,
+                    should_stop=stop)
     _tune_gc()
     if dry_run:
         return _echo_preview(runner, options, as_json)
@@ -359,10 +394,11 @@ def run(app: App, as_of: dt.date | None, dry_run: bool, as_json: bool, limit: in
         raise InputError(f"--workers {workers}: parallel workers need PostgreSQL (database_url); "
                          "SQLite lets one process write at a time")
     try:
-        if workers > 1:
-            summary = run_with_workers(runner, options, workers=workers, worker_command=_worker_command(app))
-        else:
-            summary = _run_with_progress(runner, options, show_progress=on_terminal and not as_json)
+        with stop:
+            if workers > 1:
+                summary = run_with_workers(runner, options, workers=workers, worker_command=_worker_command(app))
+            else:
+                summary = _run_with_progress(runner, options, show_progress=on_terminal and not as_json)
     finally:  # also after a run that stopped on an error: the metrics show it
         app.write_metrics()
     if as_json:
@@ -387,15 +423,67 @@ def _worker_command(app: App) -> list[str]:
 
 def _join(app: App, as_json: bool) -> int:
     """A worker: this process's share of the run in progress."""
-    runner = Runner(app.database(), app.settings, clock=utc_now, templates=app.templates, hooks=app.hooks)
+    stop = StopOnSignal()
+    runner = Runner(app.database(), app.settings, clock=utc_now, templates=app.templates, hooks=app.hooks,
+                    should_stop=stop)
     _tune_gc()
-    summary = runner.join()
+    with stop:
+        try:
+            summary = runner.join()
+        except RunStopped as exc:
+            click.echo(f"worker {os.getpid()}: {exc}")
+            return 1
     if as_json:
         echo_json(summary.as_dict())
     else:
         click.echo(f"worker {os.getpid()} on run {summary.run_id}: {summary.due} due, {summary.completed} cancelled, "
                    f"{summary.noop} no-op, {summary.retrying + summary.vetoed} to retry, {summary.failed} failed")
     return 1 if summary.retrying or summary.failed or summary.vetoed else 0
+
+
+@cli.command("schedule")
+@click.option("--at", "times", multiple=True, metavar="HH:MM",
+              help="Run daily at this local time (business_timezone); repeatable. Default: schedule_times.")
+@pass_app
+def schedule_command(app: App, times: tuple[str, ...]) -> None:
+    """Run the nightly job daily in the foreground, for hosts without cron.
+
+    Logs the next run time; SIGTERM or SIGINT stops it (a run in progress first
+    finishes its chunk and releases the lease). A run that fails is logged and the
+    scheduler goes on; one that finds another run holding the lease waits for the
+    next time.
+    """
+    settings = app.settings
+    for at in times:
+        problem = clock_time_problem(at)
+        if problem:
+            raise InputError(f"--at: {problem}")
+    if times:
+        settings = settings.model_copy(update={"schedule_times": list(times)})
+    database = app.database()
+    log = structlog.get_logger("cancelproc.schedule")
+    stop = StopOnSignal()
+
+    def nightly_run() -> None:
+        options = RunOptions(as_of=app.today(), trigger=RunTrigger.SCHEDULE, operator=app.operator)
+        deliverer = app.deliverer() if settings.email.send_after_run else None
+        runner = Runner(database, settings, clock=utc_now, templates=app.templates, hooks=app.hooks,
+                        deliverer=deliverer, should_stop=stop)
+        try:
+            summary = runner.run(options)
+            log.info("scheduled run done", run_id=summary.run_id, status=str(summary.status), due=summary.due,
+                     completed=summary.completed, failed=summary.failed)
+        except CancelprocError as exc:  # another run holds the lease, a bad template, the database: try next time
+            log.error("scheduled run did not complete", error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug must not stop the nightly schedule; it is logged
+            log.exception("scheduled run failed", error=one_line(exc))
+        finally:
+            app.write_metrics()
+
+    scheduler = nightly(settings.schedule_times, settings.business_timezone, nightly_run)
+    log.info("scheduler started", times=settings.schedule_times, zone=settings.business_timezone)
+    with stop:
+        serve(scheduler, stop.event, settings.zone)
 
 
 # --- requests ----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Paths in the file are relative to the app root, the folder holding config/
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import tomllib
 from pathlib import Path
@@ -34,6 +35,15 @@ def _address(value: str) -> str:
     if not (local and at and domain) or " " in value or "@" in domain:
         raise ValueError(f"{value!r} is not an email address (name@example.com)")
     return value
+
+
+def clock_time_problem(at: str) -> str | None:
+    """Why `at` is not a time of day as HH:MM (24-hour), or None."""
+    try:
+        dt.time.fromisoformat(at)
+    except ValueError:
+        return f"{at!r} is not a time of day; use HH:MM (24-hour), e.g. 02:05"
+    return None if len(at) == 5 else f"{at!r}: use HH:MM (24-hour), e.g. 02:05"
 
 
 class SmtpSettings(BaseModel):
@@ -95,7 +105,7 @@ class Settings(BaseSettings):
     # Per-request hooks (PreModuleTerminate, EmailPreSend, TerminateAccount) of different
     # requests of a chunk run in up to this many threads at once: slow network calls wait
     # side by side. 1: one request at a time.
-    hook_concurrency: int = Field(8, ge=1, le=256)
+    hook_concurrency: int = Field(16, ge=1, le=256)
     max_attempts: int = Field(5, ge=1, le=100)
     retry_backoff_minutes: int = Field(60, ge=0)
     retry_backoff_max_minutes: int = Field(1440, ge=0)
@@ -113,6 +123,8 @@ class Settings(BaseSettings):
     )
     # Operator hook files (hooks/*.py, `_`-prefixed skipped), loaded at the start of each command.
     hooks_dir: str = "hooks"
+    # `cancelproc schedule` (hosts without cron): run daily at these local times (HH:MM, business_timezone).
+    schedule_times: list[str] = Field(default_factory=lambda: ["02:05"], min_length=1)
     # Prometheus text file written after each run and `emails send` ("" = none).
     metrics_file: str = ""
     # `cancelproc status` is unhealthy when the last successful run is older than this.
@@ -133,6 +145,15 @@ class Settings(BaseSettings):
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"unknown time zone {value!r}; use an IANA name such as Europe/London")
         return value
+
+    @field_validator("schedule_times")
+    @classmethod
+    def _clock_times(cls, times: list[str]) -> list[str]:
+        for at in times:
+            problem = clock_time_problem(at)
+            if problem:
+                raise ValueError(problem)
+        return times
 
     @field_validator("reason_codes")
     @classmethod

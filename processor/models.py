@@ -110,6 +110,7 @@ class RunStatus(enum.StrEnum):
     COMPLETED_WITH_FAILURES = "completed_with_failures"  # some requests failed or were vetoed
     ERROR = "error"  # stopped by an error (database, bad data); see the error column
     ABANDONED = "abandoned"  # its process died; a later run took the lease over
+    STOPPED = "stopped"  # asked to stop (SIGTERM, SIGINT) and did, after a chunk; the next run does the rest
 
 
 class RunTrigger(enum.StrEnum):

@@ -68,6 +68,10 @@ PER_REQUEST_POINTS = ("PreModuleTerminate", "EmailPreSend", "TerminateAccount", 
                       "AfterModuleTerminateFailed", "AddonCancelled", "InvoiceCancelled", "ServiceCancelled")
 
 
+class RunStopped(Exception):
+    """Asked to stop (SIGTERM, SIGINT): raised between chunks, never inside one."""
+
+
 class Action(StrEnum):
     CANCEL = "cancel"  # cancel the service, its add-ons and unpaid invoices; queue the email
     NOOP = "no-op"  # the service is already Cancelled or Terminated: complete the request only
@@ -175,8 +179,8 @@ class RunSummary(Tally):
     @property
     def exit_code(self) -> int:
         """0 all done; 1 some requests failed or were vetoed (they stay pending, or failed for
-        good), or some emails could not be delivered."""
-        return 1 if (self.retrying or self.failed or self.vetoed or self.emails_retrying or self.emails_failed
+        good), or some emails could not be delivered, or the run was stopped before the end."""
+        return 1 if (self.status == RunStatus.STOPPED or self.retrying or self.failed or self.vetoed or self.emails_retrying or self.emails_failed
                      or self.delivery_error) else 0
 
     def count_delivery(self, report: DeliveryReport) -> None:
@@ -234,6 +238,7 @@ class Runner:
         hooks: HookRegistry | None = None,
         deliverer: Deliverer | None = None,
         progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self.db = db
         self.hooks = hooks or HookRegistry()
@@ -247,6 +252,7 @@ class Runner:
         self.composer = Composer(self.templates, self.hooks, settings.email)
         self.deliverer = deliverer  # None: emails stay queued for `emails send`
         self.progress = progress
+        self.should_stop = should_stop or (lambda: False)  # checked between chunks
         self.retry = RetryPolicy(settings.max_attempts, settings.retry_backoff_minutes, settings.retry_backoff_max_minutes)
         self.log = structlog.get_logger("cancelproc.run")
 
@@ -621,6 +627,8 @@ class Runner:
                 self._after_commit(outcomes)
                 if self.progress:
                     self.progress(len(outcomes))
+                if self.should_stop():
+                    raise RunStopped(f"stopped on request after {summary.due} requests; the next run does the rest")
 
     def _keyset(self, options: RunOptions, run_id: int, summary: RunSummary,
                 decide_all: DecideAll) -> Iterator[tuple[list[Outcome], Tally]]:
@@ -697,6 +705,13 @@ class Runner:
                 work(summary)
                 if self.deliverer is not None:
                     self._deliver(summary)
+            except RunStopped as exc:
+                # A clean stop between chunks: what is committed stays, the rest waits for the next run.
+                summary.status = RunStatus.STOPPED
+                self._finish(run_id, RunStatus.STOPPED, error=str(exc), summary=summary)
+                self.log.warning("run stopped", reason=str(exc), due=summary.due, completed=summary.completed)
+                self.hooks.notify("AfterCronJob", with_params({}, run_id=run_id, summary=summary.as_dict()))
+                return summary
             except BaseException as exc:
                 self._finish(run_id, RunStatus.ERROR, error=one_line(exc))
                 self.log.error("run stopped", error=one_line(exc))

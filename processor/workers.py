@@ -10,13 +10,14 @@ A worker on another host joins the same run with `cancelproc run --join`.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
 
 import structlog
 
-from processor.runner import RunOptions, Runner, RunSummary
+from processor.runner import RunOptions, Runner, RunStopped, RunSummary
 
 RENEW_EVERY_SECONDS = 5.0
 
@@ -31,10 +32,16 @@ def run_with_workers(runner: Runner, options: RunOptions, *, workers: int, worke
         procs = [subprocess.Popen(list(worker_command), env=dict(env) if env is not None else None,
                                   stdin=subprocess.DEVNULL) for _ in range(workers)]
         log.info("workers started", pids=[p.pid for p in procs])
+        stopping = False
         try:
             last_renewal = time.monotonic()
             while any(p.poll() is None for p in procs):
                 time.sleep(0.2)
+                if not stopping and runner.should_stop():
+                    stopping = True  # each worker finishes its chunk and stops
+                    for p in procs:
+                        if p.poll() is None:
+                            p.send_signal(signal.SIGTERM)
                 if time.monotonic() - last_renewal >= RENEW_EVERY_SECONDS:
                     runner.renew_lease(run_id)  # workers renew it after each chunk; this covers slow chunks
                     last_renewal = time.monotonic()
@@ -48,7 +55,10 @@ def run_with_workers(runner: Runner, options: RunOptions, *, workers: int, worke
         died = [(p.pid, p.returncode) for p in procs if p.returncode not in (0, 1)]
         if died:
             log.warning("workers ended abnormally; their unfinished chunks are taken up again", workers=died)
-        runner.work(run_id, options, summary)  # what dead workers left (usually nothing)
+        if not stopping:
+            runner.work(run_id, options, summary)  # what dead workers left (usually nothing)
         runner.reload_counts(run_id, summary)
+        if stopping:
+            raise RunStopped(f"stopped on request after {summary.due} requests; the next run does the rest")
 
     return runner.complete(run_id, options, work)
