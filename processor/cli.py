@@ -7,8 +7,11 @@ with --debug.
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import enum
 import gc
+import io
 import getpass
 import os
 import signal
@@ -16,6 +19,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -25,7 +29,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import joinedload
 
-from processor import __version__, cancellations, db as dbmod, importer, monitoring, outbox
+from processor import __version__, cancellations, db as dbmod, importer, monitoring, outbox, reports
 from processor.config import Settings, clock_time_problem, load_settings
 from processor.db import Database, open_database
 from processor.delivery import Deliverer, DeliveryReport, build_message, mailer_from_settings, message_id
@@ -52,7 +56,7 @@ from processor.models import (
     ServiceAddon,
     ServiceStatus,
 )
-from processor.output import cell, dumps, echo_fields, echo_json, echo_rows, echo_table
+from processor.output import cell, dumps, echo_fields, echo_json, echo_rows, echo_table, to_jsonable
 from processor.runner import RunOptions, Runner, RunStopped, RunSummary
 from processor.scheduler import nightly, serve
 from processor.workers import run_with_workers
@@ -1004,6 +1008,68 @@ def emails_retry(app: App, email_ids: tuple[int, ...], all_failed: bool) -> None
                                    action="retry", detail=f"was failed: {e.last_error or '-'}"))
             e.status, e.attempts, e.next_attempt_at = EmailStatus.QUEUED, 0, None
     click.echo(f"{len(emails)} email(s) queued again; `cancelproc emails send` sends them now")
+
+
+# --- reports -----------------------------------------------------------------------------
+
+REPORT_FORMATS = click.Choice(["table", "json", "csv"])
+
+
+def _report_window(app: App, since: dt.date | None, until: dt.date | None) -> tuple[dt.date, dt.date]:
+    until = until or app.today()
+    since = since or until - dt.timedelta(days=30)
+    if since > until:
+        raise InputError(f"--since {since} is after --until {until}")
+    return since, until
+
+
+def _echo_report(rows: list[dict[str, Any]], columns: list[str], fmt: str, empty: str) -> None:
+    if fmt == "json":
+        echo_json(rows)
+    elif fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([[to_jsonable(v) if isinstance(v, (dt.date, Decimal, enum.Enum)) else v
+                           for v in (row[c] for c in columns)] for row in rows])
+        click.echo(out.getvalue(), nl=False)
+    else:
+        echo_table(rows, columns, empty=empty)
+
+
+@cli.group("report")
+def report_group() -> None:
+    """Reports: why clients cancel, and the runs."""
+
+
+@report_group.command("reasons")
+@click.option("--since", type=DATE, help="First day (default: 30 days before --until).")
+@click.option("--until", type=DATE, help="Last day, included (default: today).")
+@click.option("--format", "fmt", type=REPORT_FORMATS, default="table", show_default=True)
+@pass_app
+def report_reasons(app: App, since: dt.date | None, until: dt.date | None, fmt: str) -> None:
+    """Cancellations applied in the window, by reason code and product (churn analysis)."""
+    since, until = _report_window(app, since, until)
+    with app.database().read_session() as session:
+        rows = reports.cancellations_by_reason(session, since=since, until=until, zone=app.settings.zone)
+    _echo_report(rows, ["reason_code", "product", "cancellations", "share_percent", "recurring_amount"], fmt,
+                 empty=f"no cancellations from {since} to {until}")
+
+
+@report_group.command("runs")
+@click.option("--since", type=DATE, help="First day (default: 30 days before --until).")
+@click.option("--until", type=DATE, help="Last day, included (default: today).")
+@click.option("--format", "fmt", type=REPORT_FORMATS, default="table", show_default=True)
+@pass_app
+def report_runs(app: App, since: dt.date | None, until: dt.date | None, fmt: str) -> None:
+    """Runs started in the window: status, duration, counts, lateness, emails."""
+    since, until = _report_window(app, since, until)
+    with app.database().read_session() as session:
+        rows = reports.runs_between(session, since=since, until=until, zone=app.settings.zone)
+    columns = ["id", "started_at", "trigger", "status", "duration_seconds", "due", "completed", "noop", "retrying",
+               "failed", "vetoed", "late", "max_days_late", "emails_sent", "emails_failed"]
+    _echo_report(rows, columns if fmt == "table" else list(rows[0]) if rows else columns, fmt,
+                 empty=f"no runs from {since} to {until}")
 
 
 # --- monitoring --------------------------------------------------------------------------
