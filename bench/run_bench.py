@@ -50,6 +50,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -102,17 +103,19 @@ def fail(message: str) -> None:
     raise SystemExit(1)
 
 
-def child_env(db_path: Path, chunk_size: int | None) -> dict[str, str]:
+def child_env(database_url: str, chunk_size: int | None, hook_concurrency: int | None = None) -> dict[str, str]:
     # Only our CANCELPROC_* settings: an operator's own must not change what is measured.
     env = {k: v for k, v in os.environ.items() if not k.startswith("CANCELPROC_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env["CANCELPROC_DATABASE_URL"] = f"sqlite:///{db_path}"
+    env["CANCELPROC_DATABASE_URL"] = database_url
     env["CANCELPROC_LOG_LEVEL"] = "warning"
     # The run is measured as the floor works: apply and queue. Delivery is measured on its
     # own afterwards (`emails send`, folder backend), so each figure says what it costs.
     env["CANCELPROC_EMAIL__SEND_AFTER_RUN"] = "false"
     if chunk_size:
         env["CANCELPROC_CHUNK_SIZE"] = str(chunk_size)
+    if hook_concurrency:
+        env["CANCELPROC_HOOK_CONCURRENCY"] = str(hook_concurrency)
     return env
 
 
@@ -124,11 +127,31 @@ for _point in POINTS:
     add_hook(_point, 0, lambda params: None)
 """
 
+# The I/O-bound case: TerminateAccount waits as a call to a provisioning API would. Each
+# call also appends one byte to a counter file (O_APPEND: safe from threads and processes),
+# so the bench can check that every request's hook ran.
+SLOW_TERMINATE_HOOK = """\
+# Written by bench/run_bench.py --io-bound: TerminateAccount sleeps {sleep} s per request.
+import os
+import time
 
-def write_trivial_hooks(root: Path) -> Path:
+from processor.hooks import add_hook
+
+_CALLS = os.open({counter!r}, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+
+@add_hook("TerminateAccount")
+def slow_terminate(params):
+    time.sleep({sleep})
+    os.write(_CALLS, b".")
+"""
+
+
+def write_hooks(root: Path, files: dict[str, str]) -> Path:
     hooks_dir = root / "bench-hooks"
-    hooks_dir.mkdir()
-    (hooks_dir / "trivial.py").write_text(TRIVIAL_HOOKS)
+    hooks_dir.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (hooks_dir / name).write_text(text)
     return hooks_dir
 
 
@@ -136,17 +159,12 @@ def ts(value: dt.datetime) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
-def load(db_path: Path, n: int, today: dt.date, now: dt.datetime) -> dict[str, int]:
-    """Fill the migrated database with realistic data, in this process (not a child)."""
+def dataset(n: int, today: dt.date, now: dt.datetime) -> Iterator[tuple[str, tuple[str, ...], Iterator[tuple]]]:
+    """The bench's data, table by table in foreign-key order: (table, columns, rows). The
+    same rows go into SQLite and PostgreSQL (dates, amounts and timestamps as text)."""
     rnd = random.Random(1234)
-    db = sqlite3.connect(db_path, isolation_level=None)
-    db.execute("PRAGMA synchronous=OFF")
-    db.execute("PRAGMA foreign_keys=OFF")
-    db.execute("BEGIN")
-    db.executemany(
-        "INSERT INTO products(id, external_id, name, module) VALUES (?,?,?,?)",
-        ((i, f"P{i}", name, module) for i, (name, module, _, _) in enumerate(PRODUCTS, 1)),
-    )
+    yield ("products", ("id", "external_id", "name", "module"),
+           ((i, f"P{i}", name, module) for i, (name, module, _, _) in enumerate(PRODUCTS, 1)))
 
     def clients():
         for i in range(1, n + 1):
@@ -156,9 +174,8 @@ def load(db_path: Path, n: int, today: dt.date, now: dt.datetime) -> dict[str, i
             balance = "48.00" if i % 50 == 0 else "0.00"
             yield (i, f"C{i}", first, last, company, email, "en", balance)
 
-    db.executemany(
-        "INSERT INTO clients(id, external_id, first_name, last_name, company_name, email, language, balance)"
-        " VALUES (?,?,?,?,?,?,?,?)", clients())
+    yield ("clients", ("id", "external_id", "first_name", "last_name", "company_name", "email", "language",
+                       "balance"), clients())
 
     def services():
         for i in range(1, n + 1):
@@ -168,27 +185,22 @@ def load(db_path: Path, n: int, today: dt.date, now: dt.datetime) -> dict[str, i
             due = today - dt.timedelta(days=i % 30)  # due today or up to 29 days ago: all due
             yield (i, f"S{i}", i, p, domain, "Active", cycle, amount, due.isoformat(), None)
 
-    db.executemany(
-        "INSERT INTO services(id, external_id, client_id, product_id, domain, status, billing_cycle, amount,"
-        " next_due_date, termination_date) VALUES (?,?,?,?,?,?,?,?,?,?)", services())
+    yield ("services", ("id", "external_id", "client_id", "product_id", "domain", "status", "billing_cycle",
+                        "amount", "next_due_date", "termination_date"), services())
 
     def addons():
         for k, i in enumerate(range(4, n + 1, 4), 1):
             name, amount = ADDONS[k % len(ADDONS)]
             yield (k, f"A{k}", i, name, "Active", amount)
 
-    db.executemany(
-        "INSERT INTO service_addons(id, external_id, service_id, name, status, amount) VALUES (?,?,?,?,?,?)",
-        addons())
+    yield ("service_addons", ("id", "external_id", "service_id", "name", "status", "amount"), addons())
 
     def invoices():
         for k, i in enumerate(range(3, n + 1, 3), 1):
             due = today - dt.timedelta(days=i % 30)
             yield (k, f"INV{k}", i, PRODUCTS[i % len(PRODUCTS)][3], "Unpaid", due.isoformat())
 
-    db.executemany(
-        "INSERT INTO invoices(id, external_id, service_id, amount, status, due_date) VALUES (?,?,?,?,?,?)",
-        invoices())
+    yield ("invoices", ("id", "external_id", "service_id", "amount", "status", "due_date"), invoices())
 
     def requests():
         for i in range(1, n + 1):
@@ -198,42 +210,164 @@ def load(db_path: Path, n: int, today: dt.date, now: dt.datetime) -> dict[str, i
             yield (i, f"R{i}", i, kind, None, code, text, "pending", ts(created), "client", 0, None, None,
                    None, None, None, "")
 
-    db.executemany(
-        "INSERT INTO cancellation_requests(id, external_id, service_id, type, cancel_on, reason_code, reason,"
-        " status, created_at, created_by, attempts, last_error, next_attempt_at, processed_at, run_id, days_late,"
-        " note) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", requests())
+    yield ("cancellation_requests", ("id", "external_id", "service_id", "type", "cancel_on", "reason_code",
+                                     "reason", "status", "created_at", "created_by", "attempts", "last_error",
+                                     "next_attempt_at", "processed_at", "run_id", "days_late", "note"),
+           requests())
+
+
+LOADED = ("clients", "products", "services", "service_addons", "invoices", "cancellation_requests")
+
+
+def load(db_path: Path, n: int, today: dt.date, now: dt.datetime) -> dict[str, int]:
+    """Fill the migrated database with realistic data, in this process (not a child)."""
+    db = sqlite3.connect(db_path, isolation_level=None)
+    db.execute("PRAGMA synchronous=OFF")
+    db.execute("PRAGMA foreign_keys=OFF")
+    db.execute("BEGIN")
+    for table, columns, rows in dataset(n, today, now):
+        db.executemany(f"INSERT INTO {table}({', '.join(columns)}) VALUES ({','.join('?' * len(columns))})", rows)
     db.execute("COMMIT")
     db.execute("ANALYZE")
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    counts = {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-              for t in ("clients", "products", "services", "service_addons", "invoices", "cancellation_requests")}
+    counts = {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in LOADED}
     db.close()
     return counts
 
 
+def load_postgresql(dsn: str, n: int, today: dt.date, now: dt.datetime) -> dict[str, int]:
+    """The same data into PostgreSQL with COPY, one transaction, in this process (not a child)."""
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:  # commits at the end of the block
+        with conn.cursor() as cur:
+            for table, columns, rows in dataset(n, today, now):
+                with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row(row)
+            # The ids were given: move each serial on past them, as an insert by the app expects.
+            for table in LOADED:
+                cur.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), max(id)) FROM {table}")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ANALYZE")
+        return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in LOADED}
+
+
+def _proc_status(pid: int) -> tuple[int, int] | None:
+    """(VmHWM, VmRSS) in bytes from /proc/PID/status; None once the process is gone (or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            fields = dict(line.split(b":", 1) for line in f if line.startswith((b"VmHWM", b"VmRSS")))
+        return int(fields[b"VmHWM"].split()[0]) * 1024, int(fields[b"VmRSS"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+class TreePeaks:
+    """The peak RSS of a process's descendants (the workers of `run --workers`), while they live.
+
+    Every SAMPLE_EVERY_S, psutil lists the process tree and each process's VmHWM (the
+    kernel's own high-water mark of its RSS) is read from /proc: the peak is exact except for
+    growth in a process's last interval before it exits. The sum of the tree's current RSS
+    is sampled as well (a lower bound of the tree's true combined peak). Without /proc (not
+    Linux), psutil's current RSS stands in for VmHWM: a sampled figure.
+    """
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.peaks: dict[int, int] = {}  # pid -> peak RSS in bytes
+        self.tree_peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="tree-peaks", daemon=True)
+
+    def __enter__(self) -> TreePeaks:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        import psutil
+
+        try:
+            top = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self._stop.is_set():
+            try:
+                pids = [self.pid, *(c.pid for c in top.children(recursive=True))]
+            except psutil.NoSuchProcess:
+                return
+            total = 0
+            for pid in pids:
+                status = _proc_status(pid)
+                if status is None and not os.path.exists("/proc/self/status"):
+                    try:
+                        rss = psutil.Process(pid).memory_info().rss
+                    except psutil.Error:
+                        continue
+                    status = (rss, rss)
+                if status is None:
+                    continue
+                self.peaks[pid] = max(self.peaks.get(pid, 0), status[0])
+                total += status[1]
+            self.tree_peak = max(self.tree_peak, total)
+            self.samples += 1
+            self._stop.wait(SAMPLE_EVERY_S)
+
+    def workers(self) -> list[int]:
+        return [peak for pid, peak in self.peaks.items() if pid != self.pid]
+
+
 def run_processor(root: Path, env: dict[str, str], profile: Path | None,
-                  command: tuple[str, ...] = ("run", "--trigger", "manual")) -> tuple[int, float, int, str, str]:
+                  command: tuple[str, ...] = ("run", "--trigger", "manual"),
+                  tree: bool = False) -> tuple[int, float, int, str, str, TreePeaks | None]:
     """A processor command as a subprocess: exit code, wall seconds, peak RSS in bytes (this
-    child only), output."""
+    child; Linux folds into it the peaks of the children it waited for, i.e. run --workers'
+    workers), output, and with tree=True the peaks of its own process tree (TreePeaks)."""
     cmd = [sys.executable]
     if profile is not None:
         cmd += ["-m", "cProfile", "-o", str(profile)]
     cmd += ["-m", "processor", *command]
     out_path, err_path = root / f"{command[0]}.stdout", root / f"{command[0]}.stderr"
+    peaks = None
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
-        # wait4: the resource usage of this one child (RUSAGE_CHILDREN would be the max of all).
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
+        try:
+            if tree:
+                peaks = TreePeaks(proc.pid)
+                peaks.__enter__()
+            # wait4: the resource usage of this one child (RUSAGE_CHILDREN would be the max of all).
+            _, status, usage = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - t0
+        except BaseException:
+            if proc.poll() is None:  # Ctrl-C, a signal: do not leave it behind
+                proc.kill()
+                proc.wait()
+            raise
+        finally:
+            if peaks is not None:
+                peaks.__exit__()
     proc.returncode = os.waitstatus_to_exitcode(status)
     rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux: KiB
-    return proc.returncode, wall, rss, out_path.read_text(errors="replace"), err_path.read_text(errors="replace")
+    return (proc.returncode, wall, rss, out_path.read_text(errors="replace"), err_path.read_text(errors="replace"),
+            peaks)
 
 
-def verify(db_path: Path, n: int) -> float:
+def _seconds(started: Any, finished: Any) -> float:
+    """finished - started: ISO text from SQLite, datetimes from psycopg."""
+    if isinstance(started, str):
+        started, finished = dt.datetime.fromisoformat(started), dt.datetime.fromisoformat(finished)
+    return (finished - started).total_seconds()
+
+
+def verify(connect: Callable[[], Any], n: int) -> float:
     """N completed requests and N outbox rows, or fail. Returns the run's own duration in seconds."""
-    db = sqlite3.connect(db_path)
+    db = connect()
     try:
         runs = db.execute("SELECT id, status, started_at, finished_at, due, completed, error FROM runs"
                           " ORDER BY id").fetchall()
@@ -251,14 +385,14 @@ def verify(db_path: Path, n: int) -> float:
                      ("run.due", due), ("run.completed", completed)) if got != n]
         if problems:
             fail("; ".join(problems))
-        return (dt.datetime.fromisoformat(finished) - dt.datetime.fromisoformat(started)).total_seconds()
+        return _seconds(started, finished)
     finally:
         db.close()
 
 
-def verify_sent(db_path: Path, root: Path, n: int) -> None:
+def verify_sent(connect: Callable[[], Any], root: Path, n: int) -> None:
     """Every email sent (N confirmations and the staff digest), one .eml file each."""
-    db = sqlite3.connect(db_path)
+    db = connect()
     try:
         by_status = dict(db.execute("SELECT status, count(*) FROM email_outbox GROUP BY status").fetchall())
     finally:
@@ -268,12 +402,11 @@ def verify_sent(db_path: Path, root: Path, n: int) -> None:
         fail(f"after `emails send`: outbox {by_status}, {files:,} .eml files (expected {n + 1:,} sent)")
 
 
-def run_floor(n: int, tmp: Path) -> float:
-    if not FLOOR.is_file():
-        fail(f"floor not found at {FLOOR} (the shared/ folder is expected next to the repo)")
-    tmp.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, TMPDIR=str(tmp))  # the floor's own database goes into our temp folder
-    proc = subprocess.run([sys.executable, str(FLOOR), str(n)], env=env, capture_output=True, text=True)
+def run_floor(cmd: list[str], env: dict[str, str]) -> float:
+    """A floor script; prints its output and returns its rate."""
+    if not Path(cmd[1]).is_file():
+        fail(f"floor not found at {cmd[1]} (the shared/ folder is expected next to the repo)")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         fail(f"floor exited {proc.returncode}:\n{proc.stderr}")
     match = re.search(r"=\s*([\d,]+(?:\.\d+)?)/s", proc.stdout)
@@ -281,6 +414,12 @@ def run_floor(n: int, tmp: Path) -> float:
         fail(f"cannot find the rate in the floor's output: {proc.stdout!r}")
     print(proc.stdout.strip())
     return float(match.group(1).replace(",", ""))
+
+
+def run_sqlite_floor(n: int, tmp: Path) -> float:
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, TMPDIR=str(tmp))  # the floor's own database goes into our temp folder
+    return run_floor([sys.executable, str(FLOOR), str(n)], env)
 
 
 def print_profile(path: Path, top: int = 30) -> None:
@@ -291,28 +430,102 @@ def print_profile(path: Path, top: int = 30) -> None:
         pstats.Stats(str(path)).sort_stats(key).print_stats(top)
 
 
+def start_postgresql() -> Any:
+    """A throwaway server, started as the tests start theirs (tests/pg_server.py)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    try:
+        from tests.pg_server import start_server
+    except ImportError as exc:  # tests/pg_server.py needs the test extras (pip install -e '.[test]')
+        fail(f"--postgresql uses tests/pg_server.py, which cannot be imported: {exc} "
+             "(install the test extras: pip install -e '.[test]')")
+    try:
+        return start_server()
+    except RuntimeError as exc:
+        fail(f"cannot start a PostgreSQL server: {exc} (`make postgresql-binaries` installs Debian's postgresql)")
+
+
+def libpq_dsn(server: Any, database: str) -> str:
+    return f"host=127.0.0.1 port={server.port} user=postgres dbname={database}"
+
+
+def setting_in(root: Path, env: dict[str, str], name: str) -> str:
+    """A setting as the processor sees it with this env in this app root (a tiny child)."""
+    proc = subprocess.run([sys.executable, "-c", f"from processor.config import load_settings; "
+                           f"print(load_settings().{name})"], cwd=root, env=env, capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else f"? ({proc.stderr.strip().splitlines()[-1:]})"
+
+
+def mb(value: int) -> str:
+    return f"{value / 2**20:.1f} MB"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("n", nargs="?", type=int, default=100_000, help="due requests (default 100000)")
+    parser.add_argument("n", nargs="?", type=int,
+                        help=f"due requests (default 100000; {IO_BOUND_N} with --io-bound)")
     parser.add_argument("--chunk-size", type=int, help="CANCELPROC_CHUNK_SIZE for the run (default: the setting's)")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder and print its path")
     parser.add_argument("--setup-only", action="store_true", help="load the data, print the folder, stop (implies --keep)")
     parser.add_argument("--profile", action="store_true", help="run the processor under cProfile (slower)")
     parser.add_argument("--hooks", action="store_true", help="register one trivial hook on every hook point")
     parser.add_argument("--skip-delivery", action="store_true", help="do not measure `emails send` after the run")
+    parser.add_argument("--postgresql", action="store_true",
+                        help="on a throwaway PostgreSQL server (tests/pg_server.py) instead of SQLite; "
+                             "floor: shared/bench/floor_pg.py")
+    parser.add_argument("--workers", type=int, metavar="W",
+                        help="`run --workers W` (PostgreSQL); the workers' peak RSS is reported too")
+    parser.add_argument("--io-bound", action="store_true",
+                        help=f"TerminateAccount sleeps {IO_BOUND_SLEEP_S * 1000:.0f} ms per request; N = {IO_BOUND_N} "
+                             f"by default; target: wall < {TARGET_IO_WALL_S} s; no floor (implies --postgresql)")
+    parser.add_argument("--hook-concurrency", type=int, metavar="K",
+                        help="CANCELPROC_HOOK_CONCURRENCY for the run (default: the setting's)")
     args = parser.parse_args()
-    n = args.n
+    postgresql = args.postgresql or args.io_bound
+    n = args.n if args.n is not None else (IO_BOUND_N if args.io_bound else 100_000)
     if n < 1:
         parser.error("N must be at least 1")
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.workers is not None and not postgresql:
+        parser.error("--workers needs --postgresql (parallel workers need PostgreSQL)")
+    if args.hook_concurrency is not None and args.hook_concurrency < 1:
+        parser.error("--hook-concurrency must be at least 1")
+    workers = args.workers or 1
     keep = args.keep or args.setup_only
 
     root = Path(tempfile.mkdtemp(prefix="cancelproc-bench-"))
-    db_path = root / "bench.db"
-    env = child_env(db_path, args.chunk_size)
-    if args.hooks:
-        env["CANCELPROC_HOOKS_DIR"] = str(write_trivial_hooks(root))
+    server = None
+    leave_server_running = False
     ok = False
     try:
+        if postgresql:
+            # A SIGTERM (a CI timeout, kill) must still stop the server: make it an exit.
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+            server = start_postgresql()
+            server.admin("CREATE DATABASE bench")
+            database_url, dsn = server.url("bench"), libpq_dsn(server, "bench")
+
+            def connect() -> Any:
+                import psycopg
+                return psycopg.connect(dsn)
+        else:
+            db_path = root / "bench.db"
+            database_url = f"sqlite:///{db_path}"
+
+            def connect() -> Any:
+                return sqlite3.connect(db_path)
+        env = child_env(database_url, args.chunk_size, args.hook_concurrency)
+        hook_files = {}
+        if args.hooks:
+            hook_files["trivial.py"] = TRIVIAL_HOOKS
+        calls_file = root / "terminate-calls"
+        if args.io_bound:
+            hook_files["slow_terminate.py"] = SLOW_TERMINATE_HOOK.format(sleep=IO_BOUND_SLEEP_S,
+                                                                         counter=str(calls_file))
+        if hook_files:
+            env["CANCELPROC_HOOKS_DIR"] = str(write_hooks(root, hook_files))
+
         init = subprocess.run([sys.executable, "-m", "processor", "init"], cwd=root, env=env,
                               stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if init.returncode != 0:
@@ -320,50 +533,113 @@ def main() -> None:
 
         now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
         t0 = time.perf_counter()
-        counts = load(db_path, n, now.date(), now)
+        counts = load_postgresql(dsn, n, now.date(), now) if postgresql else load(db_path, n, now.date(), now)
         load_s = time.perf_counter() - t0
         print(f"loaded in {load_s:.1f}s: " + ", ".join(f"{v:,} {k}" for k, v in counts.items()))
+        run_command = ("run", "--trigger", "manual") + (("--workers", str(workers)) if workers > 1 else ())
         if args.setup_only:
-            print(f"database ready (N={n:,} pending due requests): {db_path}")
-            print(f"run it with: cd {root} && CANCELPROC_DATABASE_URL=sqlite:///{db_path} "
-                  f"CANCELPROC_LOG_LEVEL=warning PYTHONPATH={REPO} {sys.executable} -m processor run --trigger manual")
+            print(f"database ready (N={n:,} pending due requests): {database_url if postgresql else db_path}")
+            settings = " ".join(f"{k}={v}" for k, v in env.items()
+                                if k.startswith("CANCELPROC_") and k != "CANCELPROC_EMAIL__SEND_AFTER_RUN")
+            print(f"run it with: cd {root} && {settings} "
+                  f"PYTHONPATH={REPO} {sys.executable} -m processor {' '.join(run_command)}")
+            if server is not None:
+                leave_server_running = True
+                runuser = f"runuser -u {server._user} -- " if server._user else ""
+                print(f"the PostgreSQL server is left running; stop it with: "
+                      f"{runuser}pg_ctl -D {server.folder / 'data'} -m immediate stop && rm -rf {server.folder}")
             ok = True
             return
 
+        if args.io_bound:
+            concurrency = setting_in(root, env, "hook_concurrency")
+            chunk = setting_in(root, env, "chunk_size")
         profile = root / "run.prof" if args.profile else None
-        code, wall, rss, out, err = run_processor(root, env, profile)
+        code, wall, rss, out, err, peaks = run_processor(root, env, profile, run_command, tree=workers > 1)
         if code != 0:
             fail(f"`processor run` exited {code}:\n{out}{err}")
-        run_s = verify(db_path, n)
+        run_s = verify(connect, n)
+        if args.io_bound:
+            calls = calls_file.stat().st_size if calls_file.exists() else 0
+            if calls < n:
+                fail(f"TerminateAccount ran {calls:,} times for {n:,} requests")
         if not args.skip_delivery:
-            code, send_wall, send_rss, out, err = run_processor(root, env, None, ("emails", "send"))
+            code, send_wall, send_rss, out, err, _ = run_processor(root, env, None, ("emails", "send"))
             if code != 0:
                 fail(f"`processor emails send` exited {code}:\n{out}{err}")
-            verify_sent(db_path, root, n)
-        floor_rate = run_floor(n, root / "floor")  # after the run: never competes with it
+            verify_sent(connect, root, n)
+        floor_rate = None
+        if postgresql and not args.io_bound:
+            server.admin("CREATE DATABASE bench_floor")
+            floor_env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}  # only our DSN counts
+            floor_rate = run_floor([sys.executable, str(FLOOR_PG), libpq_dsn(server, "bench_floor"), str(n)],
+                                   floor_env)  # after the run: never competes with it
+        elif not postgresql:
+            floor_rate = run_sqlite_floor(n, root / "floor")  # after the run: never competes with it
         if profile is not None:
             print_profile(profile)
 
         rate, wall_rate, rss_mb = n / run_s, n / wall, rss / 2**20
-        ratio = rate / floor_rate
-        print(f"N: {n:,}" + (f" (chunk size {args.chunk_size})" if args.chunk_size else "")
-              + (" with a trivial hook on every point" if args.hooks else "")
-              + (" [under cProfile]" if profile else ""))
+        if postgresql:
+            with connect() as conn:
+                version = conn.execute("SHOW server_version").fetchone()[0]
+            print(f"N: {n:,} on PostgreSQL {version} (throwaway server from tests/pg_server.py: fsync, "
+                  "synchronous_commit and full_page_writes off)"
+                  + (f", {workers} workers" if workers > 1 else ", one worker")
+                  + (f" (chunk size {args.chunk_size})" if args.chunk_size else "")
+                  + (" with a trivial hook on every point" if args.hooks else "")
+                  + (f"; TerminateAccount sleeps {IO_BOUND_SLEEP_S * 1000:.0f} ms, hook_concurrency "
+                     f"{concurrency}, chunk_size {chunk}" if args.io_bound else "")
+                  + (" [under cProfile]" if profile else ""))
+        else:
+            print(f"N: {n:,}" + (f" (chunk size {args.chunk_size})" if args.chunk_size else "")
+                  + (" with a trivial hook on every point" if args.hooks else "")
+                  + (" [under cProfile]" if profile else ""))
         print(f"processor: {n:,} requests in {run_s:.3f}s (run record) = {rate:,.0f} requests/s")
         print(f"processor wall clock incl. process start: {wall:.3f}s = {wall_rate:,.0f} requests/s")
-        print(f"peak RSS: {rss_mb:.1f} MB")
+        rss_peaks = [rss]
+        if peaks is None:
+            print(f"peak RSS: {rss_mb:.1f} MB")
+        else:
+            each = sorted(peaks.workers(), reverse=True)
+            rss_peaks += each
+            print(f"peak RSS: {rss_mb:.1f} MB (os.wait4 on `run`: Linux folds the peaks of the workers it waited "
+                  "for into this figure, so it is the largest of all)")
+            print(f"peak RSS per process (VmHWM from /proc, read every {SAMPLE_EVERY_S * 1000:.0f} ms, "
+                  f"{peaks.samples:,} reads): `run` {mb(peaks.peaks.get(peaks.pid, 0))}; "
+                  f"{len(each)} workers: " + (", ".join(mb(p) for p in each) if each else "none seen")
+                  + f"; whole tree at once (sampled): {mb(peaks.tree_peak)}")
+            if len(each) != workers:
+                print(f"  (saw {len(each)} worker processes, expected {workers})")
+        if args.io_bound:
+            print(f"TerminateAccount calls: {calls:,} (each sleeps {IO_BOUND_SLEEP_S * 1000:.0f} ms: "
+                  f"{calls * IO_BOUND_SLEEP_S:,.0f} s if one at a time)")
         if not args.skip_delivery:
             print(f"delivery (`emails send`, folder backend): {n + 1:,} emails in {send_wall:.3f}s wall = "
                   f"{(n + 1) / send_wall:,.0f} emails/s, peak RSS {send_rss / 2**20:.1f} MB")
+        if args.io_bound:
+            if keep:
+                print(f"kept: {root}")
+            print("no ratio: the floor has no hooks, so an I/O-bound run (the hook's waits) is not compared with it")
+            ok = True
+            print(f"target: wall < {TARGET_IO_WALL_S} s {'ok' if wall < TARGET_IO_WALL_S else 'MISSED'}")
+            return
         print(f"floor: {floor_rate:,.0f} requests/s")
-        print(f"targets: rate >= {TARGET_RATE:,}/s {'ok' if rate >= TARGET_RATE else 'MISSED'}; "
-              f"peak RSS < {TARGET_RSS_MB} MB {'ok' if rss_mb < TARGET_RSS_MB else 'MISSED'}")
+        target_rate = TARGET_RATE_PG if postgresql else TARGET_RATE
+        rss_ok = max(rss_peaks) / 2**20 < TARGET_RSS_MB
+        print(f"targets: rate >= {target_rate:,}/s{' (one worker)' if postgresql else ''} "
+              f"{'ok' if rate >= target_rate else 'MISSED'}; "
+              f"peak RSS < {TARGET_RSS_MB} MB{' (each process)' if peaks is not None else ''} "
+              f"{'ok' if rss_ok else 'MISSED'}")
         if keep:
             print(f"kept: {root}")
         ok = True
-        print(f"ratio: {ratio:.2f}")
+        print(f"ratio: {rate / floor_rate:.2f}")
     finally:
         shutil.rmtree(root / "floor", ignore_errors=True)
+        if server is not None and not leave_server_running:
+            server.stop()
+            shutil.rmtree(server.folder, ignore_errors=True)
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
         elif not ok:
