@@ -322,6 +322,23 @@ class TreePeaks:
         return [peak for pid, peak in self.peaks.items() if pid != self.pid]
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a child of ours and the processes it started (run --workers' workers)."""
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    proc.kill()
+    proc.wait()
+
+
 def run_processor(root: Path, env: dict[str, str], profile: Path | None,
                   command: tuple[str, ...] = ("run", "--trigger", "manual"),
                   tree: bool = False) -> tuple[int, float, int, str, str, TreePeaks | None]:
@@ -345,9 +362,8 @@ def run_processor(root: Path, env: dict[str, str], profile: Path | None,
             _, status, usage = os.wait4(proc.pid, 0)
             wall = time.perf_counter() - t0
         except BaseException:
-            if proc.poll() is None:  # Ctrl-C, a signal: do not leave it behind
-                proc.kill()
-                proc.wait()
+            if proc.poll() is None:  # Ctrl-C, a signal: leave neither it nor its workers behind
+                kill_tree(proc)
             raise
         finally:
             if peaks is not None:
@@ -539,15 +555,21 @@ def main() -> None:
         run_command = ("run", "--trigger", "manual") + (("--workers", str(workers)) if workers > 1 else ())
         if args.setup_only:
             print(f"database ready (N={n:,} pending due requests): {database_url if postgresql else db_path}")
-            settings = " ".join(f"{k}={v}" for k, v in env.items()
-                                if k.startswith("CANCELPROC_") and k != "CANCELPROC_EMAIL__SEND_AFTER_RUN")
-            print(f"run it with: cd {root} && {settings} "
-                  f"PYTHONPATH={REPO} {sys.executable} -m processor {' '.join(run_command)}")
-            if server is not None:
+            if server is None:
+                print(f"run it with: cd {root} && CANCELPROC_DATABASE_URL=sqlite:///{db_path} "
+                      f"CANCELPROC_LOG_LEVEL=warning PYTHONPATH={REPO} {sys.executable} "
+                      "-m processor run --trigger manual")
+            else:
+                settings = " ".join(f"{k}={v}" for k, v in env.items()
+                                    if k.startswith("CANCELPROC_") and k != "CANCELPROC_EMAIL__SEND_AFTER_RUN")
+                print(f"run it with: cd {root} && {settings} "
+                      f"PYTHONPATH={REPO} {sys.executable} -m processor {' '.join(run_command)}")
+                from tests.pg_server import find_bin
+
                 leave_server_running = True
                 runuser = f"runuser -u {server._user} -- " if server._user else ""
-                print(f"the PostgreSQL server is left running; stop it with: "
-                      f"{runuser}pg_ctl -D {server.folder / 'data'} -m immediate stop && rm -rf {server.folder}")
+                print(f"the PostgreSQL server is left running; stop it with: {runuser}{find_bin('pg_ctl')} "
+                      f"-D {server.folder / 'data'} -m immediate stop && rm -rf {server.folder} {root}")
             ok = True
             return
 
@@ -586,7 +608,7 @@ def main() -> None:
             print(f"N: {n:,} on PostgreSQL {version} (throwaway server from tests/pg_server.py: fsync, "
                   "synchronous_commit and full_page_writes off)"
                   + (f", {workers} workers" if workers > 1 else ", one worker")
-                  + (f" (chunk size {args.chunk_size})" if args.chunk_size else "")
+                  + (f" (chunk size {args.chunk_size})" if args.chunk_size and not args.io_bound else "")
                   + (" with a trivial hook on every point" if args.hooks else "")
                   + (f"; TerminateAccount sleeps {IO_BOUND_SLEEP_S * 1000:.0f} ms, hook_concurrency "
                      f"{concurrency}, chunk_size {chunk}" if args.io_bound else "")
@@ -603,8 +625,8 @@ def main() -> None:
         else:
             each = sorted(peaks.workers(), reverse=True)
             rss_peaks += each
-            print(f"peak RSS: {rss_mb:.1f} MB (os.wait4 on `run`: Linux folds the peaks of the workers it waited "
-                  "for into this figure, so it is the largest of all)")
+            print(f"peak RSS: {rss_mb:.1f} MB (os.wait4 on `run`: Linux folds into it the peaks of the workers it "
+                  "waited for, so it stands for the largest process, not `run` alone)")
             print(f"peak RSS per process (VmHWM from /proc, read every {SAMPLE_EVERY_S * 1000:.0f} ms, "
                   f"{peaks.samples:,} reads): `run` {mb(peaks.peaks.get(peaks.pid, 0))}; "
                   f"{len(each)} workers: " + (", ".join(mb(p) for p in each) if each else "none seen")
