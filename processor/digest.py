@@ -10,6 +10,7 @@ import datetime as dt
 from typing import Any
 
 from sqlalchemy import Connection, func, select
+from sqlalchemy.orm import Session
 
 from processor.config import Settings
 from processor.emails import CRON_JOB_ACTIVITY, format_date
@@ -72,21 +73,27 @@ def queue_digest(conn: Connection, composer: Composer, *, run_id: int, summary: 
     return True
 
 
-def summary_of_run(conn: Connection, run_id: int) -> dict[str, Any]:
-    """A past run's summary as the digest reads it, from its record and audit rows."""
-    run = conn.execute(select(*Run.__table__.c).where(Run.id == run_id)).one_or_none()
-    if run is None:
-        raise NotFound(f"run {run_id} not found")
-    failures = [
-        {"request_id": a.request_id, "service_id": service_id, "error": a.detail, "gave_up": a.action == "failed",
-         "vetoed": a.action == "vetoed"}
-        for a, service_id in conn.execute(
-            select(AuditEntry, CancellationRequest.service_id)
+def recorded_failures(conn: Connection | Session, run_id: int) -> list[dict[str, Any]]:
+    """The requests of a run that did not go through, as its audit rows record them (every
+    process that worked on the run wrote its own)."""
+    return [
+        {"request_id": request_id, "service_id": service_id, "error": detail, "gave_up": action == "failed",
+         "vetoed": action == "vetoed"}
+        for request_id, service_id, detail, action in conn.execute(
+            select(AuditEntry.request_id, CancellationRequest.service_id, AuditEntry.detail, AuditEntry.action)
             .join(CancellationRequest, CancellationRequest.id == AuditEntry.request_id)
             .where(AuditEntry.run_id == run_id, AuditEntry.entity == "request",
                    AuditEntry.action.in_(["failed", "attempt_failed", "vetoed"]))
             .order_by(AuditEntry.id))
     ]
+
+
+def summary_of_run(conn: Connection, run_id: int) -> dict[str, Any]:
+    """A past run's summary as the digest reads it, from its record and audit rows."""
+    run = conn.execute(select(*Run.__table__.c).where(Run.id == run_id)).one_or_none()
+    if run is None:
+        raise NotFound(f"run {run_id} not found")
+    failures = recorded_failures(conn, run_id)
     failed_emails = [
         {"id": e.id, "template": e.template, "to_address": e.to_address, "error": e.last_error}
         for e in conn.execute(select(OutboxEmail).where(OutboxEmail.run_id == run_id,
