@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -1042,10 +1042,17 @@ def report_group() -> None:
     """Reports: why clients cancel, and the runs."""
 
 
+def _report_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--since, --until and --format, shared by the reports."""
+    for option in (click.option("--format", "fmt", type=REPORT_FORMATS, default="table", show_default=True),
+                   click.option("--until", type=DATE, help="Last day, included (default: today)."),
+                   click.option("--since", type=DATE, help="First day (default: 30 days before --until).")):
+        command = option(command)
+    return command
+
+
 @report_group.command("reasons")
-@click.option("--since", type=DATE, help="First day (default: 30 days before --until).")
-@click.option("--until", type=DATE, help="Last day, included (default: today).")
-@click.option("--format", "fmt", type=REPORT_FORMATS, default="table", show_default=True)
+@_report_options
 @pass_app
 def report_reasons(app: App, since: dt.date | None, until: dt.date | None, fmt: str) -> None:
     """Cancellations applied in the window, by reason code and product (churn analysis)."""
@@ -1057,9 +1064,7 @@ def report_reasons(app: App, since: dt.date | None, until: dt.date | None, fmt: 
 
 
 @report_group.command("runs")
-@click.option("--since", type=DATE, help="First day (default: 30 days before --until).")
-@click.option("--until", type=DATE, help="Last day, included (default: today).")
-@click.option("--format", "fmt", type=REPORT_FORMATS, default="table", show_default=True)
+@_report_options
 @pass_app
 def report_runs(app: App, since: dt.date | None, until: dt.date | None, fmt: str) -> None:
     """Runs started in the window: status, duration, counts, lateness, emails."""
