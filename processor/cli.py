@@ -394,6 +394,8 @@ def run(app: App, as_of: dt.date | None, dry_run: bool, as_json: bool, limit: in
     _tune_gc()
     if dry_run:
         return _echo_preview(runner, options, as_json)
+    if workers > 1 and limit:
+        raise click.UsageError("--limit works with one process, not with --workers")
     if workers > 1 and not database.is_postgresql:
         raise InputError(f"--workers {workers}: parallel workers need PostgreSQL (database_url); "
                          "SQLite lets one process write at a time")

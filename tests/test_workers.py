@@ -178,3 +178,12 @@ def test_workers_need_postgresql_and_join_needs_a_run(pg, tmp_path):
     nothing = subprocess.run([sys.executable, "-m", "processor", "run", "--join"], cwd=tmp_path, env=env(url, tmp_path),
                              capture_output=True, text=True)
     assert nothing.returncode == 2 and nothing.stderr.strip().endswith("error: no run in progress to join")
+
+
+def test_limit_and_join_take_no_other_options(pg, tmp_path):
+    url, _ = pg
+    for args, fragment in ((["--workers", "2", "--limit", "5"], "--limit works with one process, not with --workers"),
+                           (["--join", "--workers", "2"], "--join takes no other option")):
+        result = subprocess.run([sys.executable, "-m", "processor", "run", *args], cwd=tmp_path,
+                                env=env(url, tmp_path), capture_output=True, text=True)
+        assert result.returncode == 2 and fragment in result.stderr.strip().splitlines()[-1]
