@@ -100,7 +100,8 @@ class App:
         """Hook files and plugins, loaded once; a failure stops the command before any write."""
         if self._hooks is None:
             self._hooks = load_hooks(self.settings.path(self.settings.hooks_dir),
-                                     trace=os.environ.get("CANCELPROC_TRACE_HOOKS") == "1")
+                                     trace=os.environ.get("CANCELPROC_TRACE_HOOKS") == "1",
+                                     check_permissions=not self.settings.hooks_allow_unsafe_permissions)
         return self._hooks
 
     @property

@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     )
     # Operator hook files (hooks/*.py, `_`-prefixed skipped), loaded at the start of each command.
     hooks_dir: str = "hooks"
+    # Load hook files (and their folder) that users other than the owner may write. Off:
+    # such a file is refused with one line naming it (hook files are code).
+    hooks_allow_unsafe_permissions: bool = False
     # `cancelproc schedule` (hosts without cron): run daily at these local times (HH:MM, business_timezone).
     schedule_times: list[str] = Field(default_factory=lambda: ["02:05"], min_length=1)
     # Prometheus text file written after each run and `emails send` ("" = none).

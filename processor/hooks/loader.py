@@ -9,6 +9,8 @@ hook that did not load must not let a run cancel services.
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import stat
 import sys
 import traceback
 import types
@@ -107,15 +109,42 @@ def load_entry_point(registry: HookRegistry, entry_point: importlib.metadata.Ent
     _register_module(registry, vars(module), source)
 
 
-def load_hooks(hooks_dir: Path | None, *, entry_points: bool = True, trace: bool = False) -> HookRegistry:
-    """Every hooks_dir/*.py not starting with '_' (sorted by name), then installed plugins."""
+def unsafe_permissions(path: Path) -> str | None:
+    """Why someone other than its owner (or root) could change this file or folder, or None.
+
+    As sshd's StrictModes: a hook file is code that cancelproc runs against the billing
+    data, so a file or folder that other users can write is a way in for them.
+    """
+    st = path.stat()
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        who = "group and others" if st.st_mode & stat.S_IWGRP and st.st_mode & stat.S_IWOTH else (
+            "its group" if st.st_mode & stat.S_IWGRP else "others")
+        return f"writable by {who} (mode {stat.S_IMODE(st.st_mode):04o}; chmod go-w {path})"
+    if st.st_uid not in (0, os.geteuid()):
+        return f"owned by another user (uid {st.st_uid}); only root or the user running cancelproc may own it"
+    return None
+
+
+def load_hooks(hooks_dir: Path | None, *, entry_points: bool = True, trace: bool = False,
+               check_permissions: bool = True) -> HookRegistry:
+    """Every hooks_dir/*.py not starting with '_' (sorted by name), then installed plugins.
+
+    With `check_permissions`, a hooks folder or hook file that users other than its owner
+    can write is refused (HookLoadError naming the path): nothing is loaded.
+    """
     registry = HookRegistry(trace=trace)
     if hooks_dir is not None:
         if hooks_dir.exists() and not hooks_dir.is_dir():
             raise HookLoadError(f"{hooks_dir}: hooks_dir is not a folder")
-        for path in sorted(hooks_dir.glob("*.py")) if hooks_dir.is_dir() else []:
-            if not path.name.startswith("_"):
-                load_file(registry, path)
+        paths = [p for p in sorted(hooks_dir.glob("*.py")) if not p.name.startswith("_")] if hooks_dir.is_dir() else []
+        if check_permissions:
+            for path in ([hooks_dir] if paths else []) + paths:
+                problem = unsafe_permissions(path)
+                if problem:
+                    raise HookLoadError(f"{path}: hook {'folder' if path == hooks_dir else 'file'} refused: {problem}"
+                                        " (or set hooks_allow_unsafe_permissions = true)")
+        for path in paths:
+            load_file(registry, path)
     if entry_points:
         for entry_point in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             load_entry_point(registry, entry_point)
