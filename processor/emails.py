@@ -12,8 +12,12 @@ else `<name>.jinja`; dates are formatted for that language (Babel).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,9 +38,10 @@ from babel import Locale, UnknownLocaleError
 from babel.dates import format_date as babel_format_date
 from jinja2 import nodes
 from jinja2.runtime import Context
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from processor.errors import InputError
+from processor.errors import InputError, one_line
 
 DEFAULT_TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "emails"
 BLOCKS = ("subject", "text", "html")
@@ -140,15 +145,59 @@ class _Compiled:
         return ["".join(self.blocks[name][0](ctx)) for name in names]
 
 
+MAX_SEQUENCE = 100_000  # the longest string or list a template may build with `*`
+MAX_EXPONENT = 1_000
+CHECK_SECONDS = 5.0  # a template that takes longer to render once at start is refused
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox, and bounds on what it leaves open: `*` and `**` could
+    build a string of gigabytes or a number with millions of digits (`range` is bounded
+    by Jinja already; loops are bounded by the time check at start)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int) and abs(right) > MAX_EXPONENT:
+            raise SecurityError(f"exponent {right} is larger than {MAX_EXPONENT}")
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > MAX_SEQUENCE:
+                    raise SecurityError(f"'*' would build a sequence longer than {MAX_SEQUENCE}")
+        return super().call_binop(context, operator, left, right)
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float, what: str) -> Iterator[None]:
+    """Raise TemplateProblem if the block takes longer (a loop without end). Only in the
+    main thread, where a timer signal can interrupt Python code; elsewhere unbounded."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expired(signum: int, frame: Any) -> None:
+        raise TemplateProblem(f"{what} took longer than {seconds:g} s to render once: a loop without end?")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 class EmailTemplates:
     """Compiled templates; `check` at start so a broken template stops a run before any write."""
 
-    def __init__(self, override_dir: Path | None = None, default_dir: Path = DEFAULT_TEMPLATES) -> None:
+    def __init__(self, override_dir: Path | None = None, default_dir: Path = DEFAULT_TEMPLATES, *,
+                 check_seconds: float = CHECK_SECONDS) -> None:
+        self.check_seconds = check_seconds
         self.folders = [d for d in (override_dir, default_dir) if d is not None]
         loader = _loader(override_dir, default_dir)
         common: dict[str, Any] = dict(loader=loader, undefined=StrictUndefined, keep_trailing_newline=False)
-        self._plain = ImmutableSandboxedEnvironment(autoescape=False, **common)
-        self._html = ImmutableSandboxedEnvironment(autoescape=True, **common)
+        self._plain = _Sandbox(autoescape=False, **common)
+        self._html = _Sandbox(autoescape=True, **common)
         self._cache: dict[str, tuple[_Compiled, _Compiled]] = {}
         self._resolved: dict[tuple[str, str | None], str] = {}
 
@@ -185,7 +234,8 @@ class EmailTemplates:
         """Parse the template (each language's too) and render it once with sample fields;
         raise TemplateProblem."""
         for language in (None, *self.languages()):
-            self.render(name, sample, language)
+            with _time_limit(self.check_seconds, f"email template {self.filename(name, language)}"):
+                self.render(name, sample, language)
 
     def check_all(self, company_name: str, signature: str) -> None:
         """Every message's templates, before anything is touched."""
@@ -201,14 +251,17 @@ class EmailTemplates:
             html_body = html.render_blocks(("html",), fields)[0].strip()
         except KeyError as exc:
             raise TemplateProblem(f"email template {filename} has no block {exc.args[0]!r} (needs {', '.join(BLOCKS)})") from None
-        except TemplateError as exc:
-            raise TemplateProblem(f"email template {_where(exc, filename)}: {exc}") from None
+        except TemplateProblem:
+            raise  # the time limit at start
+        except Exception as exc:  # noqa: BLE001 - whatever a template does wrong (1/0, a range too big) is its problem
+            message = str(exc) if isinstance(exc, TemplateError) else one_line(exc)
+            raise TemplateProblem(f"email template {_where(exc, filename)}: {message}") from None
         if "\n" in subject or "\r" in subject:
             raise TemplateProblem(f"email template {filename}: subject renders to more than one line")
         return RenderedEmail(subject, text, html_body)
 
 
-def _where(exc: TemplateError, filename: str) -> str:
+def _where(exc: BaseException, filename: str) -> str:
     """FILE:LINE in the template where rendering failed (the innermost template frame of
     the traceback, its line mapped back from the compiled code as Jinja's own tracebacks
     do), else the template's name."""

@@ -115,6 +115,10 @@ def test_an_email_pre_send_hook_that_raises_at_request_time_records_nothing(invo
     ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "unsafe"),
     ("{{ cycler.__init__.__globals__.os }}", "unsafe"),
     ("{{ self.__init__.__globals__ }}", "unsafe"),
+    ("{{ 'x' * 1000000000 }}", "'*' would build a sequence longer than 100000"),
+    ("{{ range(1000000000)|list }}", "OverflowError: Range too big"),
+    ("{{ 1 / 0 }}", "ZeroDivisionError: division by zero"),
+    ('{% include "../../../../../etc/passwd" %}', "../../../../../etc/passwd"),
 ])
 def test_any_broken_template_stops_the_run_before_anything_is_written(invoke, db, service, tmp_path, name, body,
                                                                       message):
@@ -206,3 +210,14 @@ def test_send_exits_1_and_says_why_when_delivery_stops(invoke, db, service, tmp_
     assert "0 sent, 1 will be retried" in result.stdout
     assert result.stderr.splitlines()[-1].startswith(  # after the log lines
         f"error: delivery stopped: folder {tmp_path / 'var' / 'outbox'}: cannot write")
+
+
+def test_a_template_that_loops_without_end_is_refused_at_start(tmp_path):
+    from processor.emails import EmailTemplates, TemplateProblem, sample_fields
+
+    (tmp_path / f"{DONE}.jinja").write_text(
+        '{% extends "default:' + DONE + '.jinja" %}{% block subject %}'
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{% endblock %}")
+    templates = EmailTemplates(tmp_path, check_seconds=0.5)
+    with pytest.raises(TemplateProblem, match=f"email template {DONE}.jinja took longer than 0.5 s to render once"):
+        templates.check(DONE, sample_fields(DONE, "Example", "Team"))
