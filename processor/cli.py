@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 import click
 import structlog
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import joinedload
 
 from processor import __version__, cancellations, db as dbmod, importer, monitoring, outbox, reports
@@ -37,7 +37,15 @@ from processor.digest import preview_digest
 from processor.demo import load_demo
 from processor.due import business_today, effective_date, is_due
 from processor.emails import CRON_JOB_ACTIVITY, TEMPLATES, EmailTemplates
-from processor.errors import CancelprocError, InputError, NotFound, StateError, one_line
+from processor.errors import (
+    CancelprocError,
+    DatabaseUnavailable,
+    InputError,
+    NotFound,
+    StateError,
+    database_trouble,
+    one_line,
+)
 from processor.hooks import POINTS, HookFailed, HookRegistry, load_hooks
 from processor.params import request_params, request_select
 from processor.logs import configure_logging
@@ -90,7 +98,8 @@ class App:
 
     def database(self, *, create: bool = False, migrated: bool = True) -> Database:
         if self._db is None:
-            self._db = open_database(self.settings.resolved_database_url(), create=create)
+            self._db = open_database(self.settings.resolved_database_url(), create=create,
+                                     busy_timeout_seconds=self.settings.sqlite_busy_timeout_seconds)
             if migrated:
                 dbmod.require_current(self._db)
         return self._db
@@ -211,6 +220,11 @@ class CancelprocGroup(click.Group):
                 raise
             click.echo(f"error: {exc}", err=True)
             code = exc.exit_code
+        except OperationalError as exc:  # the database went away, or is locked: not a bug
+            if debug:
+                raise
+            click.echo(f"error: {database_trouble(exc)}", err=True)
+            code = DatabaseUnavailable.exit_code
         except Exception as exc:
             if debug:
                 raise
@@ -234,7 +248,8 @@ def cli(ctx: click.Context, config_path: Path | None, debug: bool) -> None:
     \b
     Exit codes: 0 all done, 1 some requests failed or some emails could not
     be sent (see the summary), 2 usage, config or data error, 75 another run
-    (or email sender) holds the lease.
+    (or email sender) holds the lease, or the database is locked or
+    unreachable: try again later.
     """
     app = App(config_path=config_path, debug=debug)
     ctx.obj = app

@@ -100,6 +100,8 @@ class Settings(BaseSettings):
 
     database_url: str = "sqlite:///var/cancelproc.db"
     business_timezone: str = "UTC"
+    # SQLite: how long to wait for a database file locked by another program (or writer).
+    sqlite_busy_timeout_seconds: float = Field(30, ge=0, le=3600)
     chunk_size: int = Field(2000, ge=1, le=50_000)
     lease_seconds: int = Field(600, ge=10)
     # Per-request hooks (PreModuleTerminate, EmailPreSend, TerminateAccount) of different

@@ -41,7 +41,7 @@ READONLY = "cancelproc_readonly"
 MIGRATIONS = str(Path(__file__).parent / "migrations")
 
 
-def _sqlite_setup(engine: Engine) -> None:
+def _sqlite_setup(engine: Engine, busy_timeout_seconds: float) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the driver, decide when transactions begin (savepoints need it).
@@ -53,7 +53,8 @@ def _sqlite_setup(engine: Engine) -> None:
         # Checkpoint (and fsync) every ~40 MB of WAL rather than every 4 MB: a run writes
         # several MB per chunk, and syncing at each chunk cost ~8% of a run.
         cur.execute("PRAGMA wal_autocheckpoint=10000")
-        cur.execute("PRAGMA busy_timeout=30000")  # a second writer waits instead of failing
+        # A second writer (or another program holding the file) is waited for, then an error.
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_seconds * 1000)}")
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -150,7 +151,7 @@ def insert_rows(
     conn.exec_driver_sql(sql, [(*row, *fixed) for row in rows])
 
 
-def open_database(url: str, *, create: bool = False) -> Database:
+def open_database(url: str, *, create: bool = False, busy_timeout_seconds: float = 30.0) -> Database:
     """Open the database at url; unless create, it must exist already (a PostgreSQL
     database is always created by its administrator: see docs/deploy.md)."""
     try:
@@ -172,7 +173,7 @@ def open_database(url: str, *, create: bool = False) -> Database:
     except (NoSuchModuleError, ImportError, ArgumentError) as exc:
         raise DatabaseError(f"database_url {parsed.render_as_string(hide_password=True)}: {exc}") from None
     if engine.dialect.name == "sqlite":
-        _sqlite_setup(engine)
+        _sqlite_setup(engine, busy_timeout_seconds)
     db = Database(url, engine)
     try:
         with engine.connect():

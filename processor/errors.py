@@ -27,6 +27,13 @@ class DatabaseError(CancelprocError):
     """The database cannot be opened or is not migrated."""
 
 
+class DatabaseUnavailable(DatabaseError):
+    """The database failed during the command (locked, restarted, unreachable). Exit code
+    75 (EX_TEMPFAIL): what was committed stays; a later run finishes the work."""
+
+    exit_code = 75
+
+
 class LeaseHeld(CancelprocError):
     """Another run holds the lease. Exit code 75 (EX_TEMPFAIL): cron may simply try later."""
 
@@ -41,3 +48,13 @@ def one_line(exc: BaseException) -> str:
     if not lines:
         return exc.__class__.__name__
     return lines[0] if isinstance(exc, CancelprocError) else f"{exc.__class__.__name__}: {lines[0]}"
+
+
+def database_trouble(exc: BaseException) -> str:
+    """A database failure during a command, on one line, for the operator."""
+    orig = getattr(exc, "orig", None)
+    text = one_line(orig) if orig is not None else one_line(exc)
+    if "database is locked" in text:
+        return ("the database is locked by another program or writer (waited sqlite_busy_timeout_seconds); "
+                "what was committed before stays; try again later")
+    return f"database error: {text}; what was committed stays; try again later"

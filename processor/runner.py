@@ -36,7 +36,7 @@ from processor.due import business_today, days_late, due_clause, effective_date
 from processor.delivery import Deliverer, DeliveryReport
 from processor.digest import queue_digest, recorded_failures
 from processor.emails import SERVICE_CANCELLATION_CONFIRMATION, EmailTemplates
-from processor.errors import DatabaseError, InputError, LeaseHeld, StateError, one_line
+from processor.errors import DatabaseUnavailable, InputError, LeaseHeld, StateError, database_trouble, one_line
 from processor.hooks import HookFailed, HookRegistry
 from processor.outbox import Composer, QueuedEmail, UnsafeEmail, email_key, queue, request_fields
 from processor.params import plain_rows, request_params, request_select, with_params
@@ -711,7 +711,7 @@ class Runner:
                     summary.status = RunStatus.ERROR
                     self.hooks.notify("AfterCronJob", with_params({}, run_id=run_id, summary=summary.as_dict()))
                 if isinstance(exc, OperationalError):
-                    raise DatabaseError(f"run {run_id} stopped: database error: {exc.orig}") from exc
+                    raise DatabaseUnavailable(f"run {run_id} stopped: {database_trouble(exc)}") from exc
                 raise
             summary.status = RunStatus.COMPLETED_WITH_FAILURES if summary.exit_code else RunStatus.COMPLETED
             self._finish(run_id, summary.status, summary=summary)
