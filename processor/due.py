@@ -80,8 +80,12 @@ def days_late(
     """Days between the night a request should have been applied and as_of (catch-up).
 
     An Immediate request is for the first nightly run after it was made, the next day;
-    an undated one is never late.
+    an undated one is never late; nor is any request before the day it was made (one
+    made after its date had passed is late from that day, not from the date).
     """
-    due_on = created_on + ONE_DAY if type_ == RequestType.IMMEDIATE else effective_date(
-        type_, next_due_date, cancel_on, created_on)
+    if type_ == RequestType.IMMEDIATE:
+        due_on: dt.date | None = created_on + ONE_DAY
+    else:
+        due_on = effective_date(type_, next_due_date, cancel_on, created_on)
+        due_on = max(due_on, created_on) if due_on else None
     return max(0, (as_of - due_on).days) if due_on else 0

@@ -49,7 +49,6 @@ from processor.models import (
     InvoiceStatus,
     Product,
     RequestStatus,
-    RequestType,
     Run,
     RunStatus,
     RunTrigger,
@@ -322,11 +321,9 @@ class Runner:
         """
         params = None
         try:
-            # Only an Immediate request's lateness depends on the day it was made; the time zone
-            # conversion is skipped for the others (days_late does not read created_on for them).
-            immediate = row.type is RequestType.IMMEDIATE
-            created_on = business_today(row.created_at, self.settings.zone) if immediate else as_of
-            late = days_late(row.type, row.next_due_date, row.cancel_on, created_on, as_of)
+            # Lateness counts from the due date, but never from before the request was made.
+            late = days_late(row.type, row.next_due_date, row.cancel_on,
+                             business_today(row.created_at, self.settings.zone), as_of)
             if row.service_status in CLOSED_SERVICE_STATUSES:
                 return Outcome(row.id, row.service_id, Action.NOOP, late, row.attempts,
                                service_status=row.service_status.value)
