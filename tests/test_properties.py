@@ -54,3 +54,117 @@ def test_the_due_rule_in_sql_agrees_with_python(db, type_, next_due, cancel_on, 
         in_sql = s.scalar(select(CancellationRequest.id).join(Service).where(due_clause(as_of, ZoneInfo(zone))))
     in_python = is_due(type_, next_due, cancel_on, business_today(created_at, ZoneInfo(zone)), as_of)
     assert (in_sql is not None) == in_python
+
+
+# --- the request state machine -------------------------------------------------------------
+
+import tempfile  # noqa: E402 - the state machine's own imports, kept with it
+from pathlib import Path  # noqa: E402
+
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402
+from sqlalchemy import func  # noqa: E402
+
+from processor import cancellations  # noqa: E402
+from processor.config import Settings  # noqa: E402
+from processor.db import open_database, upgrade  # noqa: E402
+from processor.errors import CancelprocError  # noqa: E402
+from processor.models import AuditEntry, OutboxEmail  # noqa: E402
+from processor.runner import RunOptions, Runner  # noqa: E402
+from tests import factories  # noqa: E402
+
+SERVICES = 4
+
+
+class RequestLife(RuleBasedStateMachine):
+    """Staff create, withdraw, retry and process requests while nightly runs apply them;
+    whatever the order, nothing impossible happens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        folder = Path(tempfile.mkdtemp())
+        self.settings = Settings(database_url=f"sqlite:///{folder / 'c.db'}", app_root=folder,
+                                 email={"staff_address": ""}, retry_backoff_minutes=0)
+        self.db = open_database(self.settings.database_url, create=True)
+        upgrade(self.db)
+        self.now = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.timezone.utc)
+        with self.db.session.begin() as s:
+            self.services = [factories.service(s, next_due_date=self.now.date() + dt.timedelta(days=i)).id
+                             for i in range(SERVICES)]
+            # One client with no usable address: its requests fail and are retried.
+            self.services.append(factories.service(s, email="").id)
+        self.requests: list[int] = []
+
+    def teardown(self) -> None:
+        self.db.dispose()
+
+    def _staff(self, action, *args, **kwargs) -> None:
+        try:
+            with self.db.session.begin() as s:
+                action(s, *args, actor="staff", now=self.now, **kwargs)
+        except CancelprocError:
+            pass  # refused (a closed request, an open one already): refusing is allowed, breaking is not
+
+    @rule(service=st.integers(0, SERVICES), type_=st.sampled_from(list(RequestType)))
+    def create(self, service: int, type_: RequestType) -> None:
+        try:
+            with self.db.session.begin() as s:
+                request = cancellations.create_request(
+                    s, service_id=self.services[service], type_=type_, reason_code="other", reason="",
+                    allowed_reasons=["other"], cancel_on=self.now.date() + dt.timedelta(days=1)
+                    if type_ is RequestType.ON_DATE else None, actor="staff", now=self.now, today=self.now.date())
+                self.requests.append(request.id)
+        except CancelprocError:
+            pass
+
+    @precondition(lambda self: self.requests)
+    @rule(data=st.data())
+    def withdraw(self, data) -> None:
+        self._staff(cancellations.withdraw_request, data.draw(st.sampled_from(self.requests)))
+
+    @precondition(lambda self: self.requests)
+    @rule(data=st.data())
+    def retry(self, data) -> None:
+        self._staff(cancellations.retry_request, data.draw(st.sampled_from(self.requests)))
+
+    @precondition(lambda self: self.requests)
+    @rule(data=st.data())
+    def process(self, data) -> None:
+        request_id = data.draw(st.sampled_from(self.requests))
+        with self.db.read_session() as s:
+            if s.get(CancellationRequest, request_id).status is not RequestStatus.PENDING:
+                return  # the CLI refuses this before a run starts
+        Runner(self.db, self.settings, clock=lambda: self.now).run(
+            RunOptions(as_of=self.now.date(), request_ids=[request_id], ignore_due_date=True, digest=False))
+
+    @rule(days=st.integers(0, 3))
+    def nightly_run(self, days: int) -> None:
+        self.now += dt.timedelta(days=days)
+        Runner(self.db, self.settings, clock=lambda: self.now).run(RunOptions(as_of=self.now.date()))
+
+    @invariant()
+    def nothing_impossible(self) -> None:
+        with self.db.read_session() as s:
+            requests = s.scalars(select(CancellationRequest)).all()
+            open_per_service: dict[int, int] = {}
+            for r in requests:
+                if r.status in (RequestStatus.PENDING, RequestStatus.FAILED):
+                    open_per_service[r.service_id] = open_per_service.get(r.service_id, 0) + 1
+                cancelled_by_it = s.scalar(select(func.count()).select_from(AuditEntry).where(
+                    AuditEntry.request_id == r.id, AuditEntry.entity == "service", AuditEntry.action == "cancelled"))
+                emails = s.scalar(select(func.count()).select_from(OutboxEmail).where(
+                    OutboxEmail.request_id == r.id, OutboxEmail.template == "service_cancellation_confirmation"))
+                if r.status is RequestStatus.WITHDRAWN:
+                    assert cancelled_by_it == 0 and emails == 0, f"withdrawn request {r.id} cancelled its service"
+                    assert r.processed_at is None
+                if r.status is RequestStatus.COMPLETED:
+                    assert r.service.status in (ServiceStatus.CANCELLED, ServiceStatus.TERMINATED)
+                assert cancelled_by_it <= 1 and emails == cancelled_by_it  # once, with its one email
+            assert all(n == 1 for n in open_per_service.values()), open_per_service
+            for service_id in self.services:  # a service is cancelled once at most
+                assert s.scalar(select(func.count()).select_from(AuditEntry).where(
+                    AuditEntry.entity == "service", AuditEntry.entity_id == service_id,
+                    AuditEntry.action == "cancelled")) <= 1
+
+
+RequestLife.TestCase.settings = hsettings(max_examples=25, stateful_step_count=15, deadline=None)
+test_the_request_state_machine = RequestLife.TestCase
