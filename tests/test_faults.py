@@ -40,3 +40,32 @@ def test_a_locked_sqlite_file_is_waited_for_then_a_clear_line_and_nothing_writte
         ok(invoke("run"))  # the lock is gone: the rerun does the work
     with db.read_session() as s:
         assert s.scalar(select(CancellationRequest.status)) is RequestStatus.COMPLETED
+
+
+def test_wrong_but_well_formed_data_ends_in_recorded_outcomes(db, settings, now):
+    """Dates far in the past or the future, a product whose module no hook handles, a
+    client without an address: each ends explained, and none stops the others."""
+    import datetime as dt
+
+    from processor.models import Product
+    from processor.runner import RunOptions, Runner
+
+    with db.session.begin() as s:
+        ancient = factories.request(s, factories.service(s, next_due_date=dt.date(1970, 1, 1)))
+        far = factories.request(s, factories.service(s, next_due_date=dt.date(9999, 12, 31)))
+        unknown_module = factories.service(s)
+        s.get(Product, unknown_module.product_id).module = "no-such-module"
+        module = factories.request(s, unknown_module)
+        no_address = factories.request(s, factories.service(s, email=""))
+        ids = (ancient.id, far.id, module.id, no_address.id)
+    summary = Runner(db, settings, clock=lambda: now).run(RunOptions(as_of=now.date()))
+    with db.read_session() as s:
+        got = {i: s.get(CancellationRequest, i) for i in ids}
+    # Long overdue: applied, and how late is recorded (from the day it was made, not 1970).
+    assert got[ancient.id].status is RequestStatus.COMPLETED and got[ancient.id].days_late == 6
+    assert got[far.id].status is RequestStatus.PENDING  # not due until 9999: left alone
+    # No hook handles its module: nothing external to do, so it is cancelled (docs/hooks.md).
+    assert got[module.id].status is RequestStatus.COMPLETED
+    assert got[no_address.id].status is RequestStatus.PENDING
+    assert "has no valid email address" in got[no_address.id].last_error
+    assert (summary.due, summary.completed, summary.retrying) == (3, 2, 1)
