@@ -31,6 +31,9 @@ BACKENDS = ("sqlite", "postgresql")
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Hook files the tests write must be writable by their owner only (group- or
+    # world-writable ones are refused), whatever umask the machine running them has.
+    os.umask(0o022)
     config.addinivalue_line("markers", "sqlite_only: a test of SQLite's own behaviour; not run on PostgreSQL")
     config.addinivalue_line("markers", "postgresql_only: a test of PostgreSQL's own behaviour (row locks)")
 
