@@ -514,18 +514,23 @@ class Runner:
 
     def _write_chunk(self, outcomes: list[Outcome], run_id: int, as_of: dt.date, now: dt.datetime,
                      summary: RunSummary) -> Tally:
-        """Write a chunk in one transaction; if a row's data breaks it, row by row in savepoints."""
+        """Write a chunk in one transaction (see `_write_isolating`) and count it."""
+        with self.db.engine.begin() as conn:
+            self._write_isolating(conn, outcomes, run_id, as_of, now)
+            return self._close_chunk(conn, run_id, outcomes, summary, now)
+
+    def _write_isolating(self, conn: Connection, outcomes: list[Outcome], run_id: int, as_of: dt.date,
+                         now: dt.datetime) -> None:
+        """The chunk's set-based write in a savepoint; if a row's data breaks it, the rows
+        again one by one, each in its own savepoint, so that row fails alone."""
         try:
-            with self.db.engine.begin() as conn:
+            with conn.begin_nested():
                 self._write(conn, outcomes, run_id, as_of, now)
-                return self._close_chunk(conn, run_id, outcomes, summary, now)
         except (DBAPIError, StatementError) as exc:
             if not _is_row_error(exc):
                 raise
             self.log.warning("chunk write failed; isolating rows", error=one_line(exc), requests=len(outcomes))
-        with self.db.engine.begin() as conn:
             self._write_rows_alone(conn, outcomes, run_id, as_of, now)
-            return self._close_chunk(conn, run_id, outcomes, summary, now)
 
     def _write_rows_alone(self, conn: Connection, outcomes: list[Outcome], run_id: int, as_of: dt.date,
                           now: dt.datetime) -> None:
@@ -556,14 +561,7 @@ class Runner:
                 return None
             outcomes = decide_all(rows)
             now = self.clock()
-            try:
-                with conn.begin_nested():
-                    self._write(conn, outcomes, run_id, options.as_of, now)
-            except (DBAPIError, StatementError) as exc:
-                if not _is_row_error(exc):
-                    raise
-                self.log.warning("chunk write failed; isolating rows", error=one_line(exc), requests=len(outcomes))
-                self._write_rows_alone(conn, outcomes, run_id, options.as_of, now)
+            self._write_isolating(conn, outcomes, run_id, options.as_of, now)
             return outcomes, self._close_chunk(conn, run_id, outcomes, summary, now)
 
     def _close_chunk(self, conn: Connection, run_id: int, outcomes: list[Outcome], summary: RunSummary,

@@ -15,6 +15,7 @@ from typing import Any
 
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from click.testing import CliRunner, Result
@@ -48,9 +49,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             metafunc.parametrize("backend", BACKENDS)
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
-    """One PostgreSQL server for the session, with a migrated template database."""
+@contextmanager
+def throwaway_pg() -> Iterator[PgServer]:
+    """A PostgreSQL server for the block, stopped and removed after it. Without one: a
+    visible skip, or in CI a failure."""
     try:
         server = start_server()
     except Exception as exc:  # noqa: BLE001 - whatever stops it, say so
@@ -58,14 +60,21 @@ def pg_server() -> Iterator[PgServer]:
             pytest.fail(f"PostgreSQL test server did not start (CI needs it): {exc}")
         pytest.skip(f"no PostgreSQL test server: {exc}")
     try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One PostgreSQL server for the session, with a migrated template database."""
+    with throwaway_pg() as server:
         server.admin(f"CREATE DATABASE {TEMPLATE}")
         template = open_database(server.url(TEMPLATE))
         upgrade(template)
         template.dispose()
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(server.folder, ignore_errors=True)
 
 
 @pytest.fixture

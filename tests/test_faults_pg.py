@@ -4,7 +4,6 @@ work with every request applied once."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from sqlalchemy import func, select
 
 from processor.db import open_database, upgrade
 from processor.models import AuditEntry, CancellationRequest, OutboxEmail, RequestStatus
-from tests.pg_server import start_server
+from tests.conftest import throwaway_pg
 from tests.test_workers import env, seed  # the workers' data and slow TerminateAccount hook
 
 pytestmark = pytest.mark.slow
@@ -25,13 +24,8 @@ N = 2000
 @pytest.fixture
 def own_server():
     """A server of its own: this test restarts it."""
-    try:
-        server = start_server()
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"no PostgreSQL test server: {exc}")
-    yield server
-    server.stop()
-    shutil.rmtree(server.folder, ignore_errors=True)
+    with throwaway_pg() as server:
+        yield server
 
 
 def test_a_server_restart_mid_run_loses_nothing_and_a_rerun_finishes(own_server, tmp_path: Path) -> None:
