@@ -533,7 +533,12 @@ def _notify_request_hook(database: Database, hooks: HookRegistry, point: str, re
     if not hooks.has(point):
         return
     with database.read_engine.connect() as conn:
-        row = conn.execute(request_select().where(CancellationRequest.id == request_id)).one()
+        row = conn.execute(request_select().where(CancellationRequest.id == request_id)).one_or_none()
+    if row is None:  # its service, client or product was deleted outside cancelproc: no params to give
+        structlog.get_logger("cancelproc").warning(
+            "hook not called: the request's service, client or product no longer exists", point=point,
+            request_id=request_id)
+        return
     hooks.notify(point, request_params(row, **more))
 
 
@@ -604,14 +609,16 @@ def requests_show(app: App, request_id: int, as_json: bool) -> None:
     """One request, whether it is due, and its audit trail."""
     with app.database().read_session() as session:
         request = cancellations.get_request(session, request_id)
-        service = request.service
+        service = request.service  # None if deleted outside cancelproc (foreign keys off)
         row = _request_row(request)
         created_on = business_today(request.created_at, app.settings.zone)
-        row["due_on"] = effective_date(request.type, service.next_due_date, request.cancel_on, created_on)
-        row["due_now"] = request.status is RequestStatus.PENDING and is_due(
-            request.type, service.next_due_date, request.cancel_on, created_on, app.today())
-        row["service"] = {"id": service.id, "status": service.status, "domain": service.domain,
-                          "next_due_date": service.next_due_date, "termination_date": service.termination_date}
+        due_date = service.next_due_date if service else None
+        row["due_on"] = effective_date(request.type, due_date, request.cancel_on, created_on) if service else None
+        row["due_now"] = service is not None and request.status is RequestStatus.PENDING and is_due(
+            request.type, due_date, request.cancel_on, created_on, app.today())
+        row["service"] = service and {"id": service.id, "status": service.status, "domain": service.domain,
+                                      "next_due_date": service.next_due_date,
+                                      "termination_date": service.termination_date}
         row["audit"] = _audit_rows(session.scalars(
             select(AuditEntry).where(AuditEntry.request_id == request_id).order_by(AuditEntry.id)).all())
     if as_json:
@@ -620,7 +627,8 @@ def requests_show(app: App, request_id: int, as_json: bool) -> None:
     echo_fields([(k, row[k]) for k in ("id", "external_id", "service_id", "type", "cancel_on", "due_on", "due_now",
                                        "status", "reason_code", "reason", "attempts", "last_error", "next_attempt_at",
                                        "created_at", "created_by", "processed_at", "run_id", "days_late", "note")])
-    click.echo(f"service     {service.id} {service.domain} ({service.status.value}, next due {service.next_due_date or '-'})")
+    click.echo(f"service     {service.id} {service.domain} ({service.status.value}, next due {service.next_due_date or '-'})"
+               if service else f"service     {row['service_id']} no longer exists (deleted outside cancelproc)")
     click.echo("audit trail:")
     echo_table(row["audit"], ["at", "actor", "run_id", "entity", "entity_id", "action", "detail"], empty="  (none)")
 
@@ -673,9 +681,9 @@ def requests_process(app: App, request_ids: tuple[int, ...], ignore_due_date: bo
             request = cancellations.get_request(session, rid)
             if request.status is not RequestStatus.PENDING:
                 raise InputError(f"request {rid} is {request.status.value}; only a pending request can be processed")
-            service = request.service
+            service = request.service  # None if deleted behind our back: the run fails it, saying so
             created_on = business_today(request.created_at, app.settings.zone)
-            if not ignore_due_date and not is_due(request.type, service.next_due_date, request.cancel_on,
+            if service and not ignore_due_date and not is_due(request.type, service.next_due_date, request.cancel_on,
                                                   created_on, today):
                 due_on = effective_date(request.type, service.next_due_date, request.cancel_on, created_on)
                 raise InputError(f"request {rid} is not due until {due_on}; add --now to apply it before its due date")

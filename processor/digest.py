@@ -31,7 +31,9 @@ def digest_fields(conn: Connection, run_id: int, summary: dict[str, Any], settin
     about = {row.id: row for row in conn.execute(
         select(CancellationRequest.id, CancellationRequest.attempts, Service.domain, Client.first_name,
                Client.last_name)
-        .join(Service, Service.id == CancellationRequest.service_id).join(Client, Client.id == Service.client_id)
+        # Outer joins: a failure may be that the service or its client is gone.
+        .outerjoin(Service, Service.id == CancellationRequest.service_id)
+        .outerjoin(Client, Client.id == Service.client_id)
         .where(CancellationRequest.id.in_([f["request_id"] for f in listed])))}
     late_by_days = [{"days": days, "count": count} for days, count in conn.execute(
         select(CancellationRequest.days_late, func.count())
@@ -49,8 +51,8 @@ def digest_fields(conn: Connection, run_id: int, summary: dict[str, Any], settin
         "trigger": run.trigger.value, "operator": run.operator, "host": run.host,
         "started_at": local(run.started_at), "finished_at": local(run.finished_at),
         "late_by_days": late_by_days,
-        "failures": [{**f, "client_name": f"{about[f['request_id']].first_name} {about[f['request_id']].last_name}".strip(),
-                      "domain": about[f["request_id"]].domain, "attempts": about[f["request_id"]].attempts}
+        "failures": [{**f, "client_name": _name(about[f["request_id"]]), "domain": about[f["request_id"]].domain,
+                      "attempts": about[f["request_id"]].attempts}
                      for f in listed if f["request_id"] in about],
         "failures_not_listed": len(failures) - len(listed),
         "failed_emails": summary.get("failed_emails", []),
@@ -71,6 +73,10 @@ def queue_digest(conn: Connection, composer: Composer, *, run_id: int, summary: 
         return False
     queue(conn, [composed.email], run_id=run_id, now=now, from_address=settings.email.from_address)
     return True
+
+
+def _name(row: Any) -> str:
+    return f"{row.first_name or ''} {row.last_name or ''}".strip() or "(client unknown)"
 
 
 def recorded_failures(conn: Connection | Session, run_id: int) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from processor.emails import (
     EmailTemplates,
     format_date,
 )
-from processor.errors import InputError, NotFound
+from processor.errors import InputError, NotFound, StateError
 from processor.hooks import HookRegistry
 from processor.models import AuditEntry, CancellationRequest, EmailStatus, OutboxEmail, RequestType
 from processor.params import request_select
@@ -205,7 +205,10 @@ def preview_request_email(session: Session, template: str, request_id: int, *, c
     and the language it was rendered in. Nothing is written. `language` overrides the client's."""
     row = session.execute(request_select(for_hooks=False).where(CancellationRequest.id == request_id)).one_or_none()
     if row is None:
-        raise NotFound(f"request {request_id} not found")
+        if session.get(CancellationRequest, request_id) is None:
+            raise NotFound(f"request {request_id} not found")
+        raise StateError(f"request {request_id}: its service, client or product no longer exists "
+                         "(deleted outside cancelproc); there is no email to preview")
     lang = language if language is not None else row.language
     if template == SERVICE_CANCELLATION_CONFIRMATION:  # as the run sends it: cancelled today
         date, applied_on, status = today, today, "Cancelled"

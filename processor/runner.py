@@ -289,6 +289,54 @@ class Runner:
             if remaining is not None:
                 remaining -= len(rows)
 
+    def orphans(self, options: RunOptions, limit: int | None = None) -> list[Outcome]:
+        """Pending requests whose service, or that service's client or product, is gone:
+        deleted outside cancelproc with the foreign keys off. They never join to the due
+        query, so without this they would wait, unseen, for ever. Each comes out as a
+        failure that gives up at once: nothing can be cancelled for it, and staff must look."""
+        query = (select(R.id, R.service_id, R.attempts, S.id, S.client_id, C.id, S.product_id, P.id)
+                 .select_from(R).outerjoin(S, S.id == R.service_id).outerjoin(C, C.id == S.client_id)
+                 .outerjoin(P, P.id == S.product_id)
+                 .where(R.status == RequestStatus.PENDING, or_(S.id.is_(None), C.id.is_(None), P.id.is_(None)))
+                 .order_by(R.id).limit(limit))
+        if options.request_ids is not None:
+            query = query.where(R.id.in_(options.request_ids))
+        with self.db.read_engine.connect() as conn:
+            rows = conn.execute(query).all()
+        outcomes = []
+        for request_id, service_id, attempts, found_service, client_id, found_client, product_id, _ in rows:
+            missing = (f"service #{service_id}" if found_service is None
+                       else f"client #{client_id} of service #{service_id}" if found_client is None
+                       else f"product #{product_id} of service #{service_id}")
+            outcomes.append(Outcome(request_id, service_id, Action.ERROR, attempts=attempts, gave_up=True,
+                                    error=f"{missing} no longer exists (deleted outside cancelproc); "
+                                          "nothing was cancelled"))
+        return outcomes
+
+    def _fail_orphans(self, options: RunOptions, run_id: int, summary: RunSummary) -> None:
+        """Record each orphan (see `orphans`) as failed in this run: the digest, the exit
+        code and `status` then show it. Another process of the run may fail it first."""
+        limit = None if options.limit is None else options.limit - summary.due
+        if limit is not None and limit <= 0:
+            return
+        orphans = self.orphans(options, limit)
+        if not orphans:
+            return
+        now = self.clock()
+        with self.db.engine.begin() as conn:
+            audit = _Audit(conn, run_id, now)
+            failed = []
+            for o in orphans:
+                if conn.execute(update(R).where(R.id == o.request_id, R.status == RequestStatus.PENDING).values(
+                        status=RequestStatus.FAILED, attempts=R.attempts + 1, last_error=o.error, run_id=run_id,
+                        next_attempt_at=None)).rowcount:
+                    audit.rows([(o.request_id, "request", o.request_id, "failed",
+                                 f"{o.error}: manual cancellation required")])
+                    failed.append(o)
+            tally = self._close_chunk(conn, run_id, failed, summary, now)
+        if failed:
+            self._log_chunk(failed, tally)
+
     def count_due(self, options: RunOptions) -> int:
         query = self._due_query(options, self.clock()).with_only_columns(R.id).order_by(None)
         with self.db.read_engine.connect() as conn:
@@ -373,7 +421,9 @@ class Runner:
         self.check_ready()
         now = self.clock()
         fields = self.run_fields(options.as_of)
+        shown = 0
         for rows in self._chunks(options, now):
+            shown += len(rows)
             service_ids = [row.service_id for row in rows]
             with self.db.read_engine.connect() as conn:
                 addons = conn.execute(select(ServiceAddon.service_id, ServiceAddon.name).where(
@@ -404,6 +454,11 @@ class Runner:
                                           f"email aborted by {o.email_aborted_by}" if o.email_aborted_by else
                                           f"service already {row.service_status.value}"),
                 }
+        limit = None if options.limit is None else options.limit - shown
+        for o in self.orphans(options, limit) if limit is None or limit > 0 else ():
+            yield {"request_id": o.request_id, "service_id": o.service_id, "client": "", "product": "", "domain": "",
+                   "type": "", "due_on": None, "days_late": 0, "action": str(Action.ERROR), "addons": "", "unpaid_invoices": "",
+                   "email_to": "", "detail": o.error}
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -622,6 +677,7 @@ class Runner:
                     self.progress(len(outcomes))
                 if self.should_stop():
                     raise RunStopped(f"stopped on request after {summary.due} requests; the next run does the rest")
+        self._fail_orphans(options, run_id, summary)
 
     def _keyset(self, options: RunOptions, run_id: int, summary: RunSummary,
                 decide_all: DecideAll) -> Iterator[tuple[list[Outcome], Tally]]:
