@@ -13,7 +13,9 @@ import enum
 import gc
 import io
 import getpass
+import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -36,7 +38,7 @@ from processor.delivery import Deliverer, DeliveryReport, build_message, mailer_
 from processor.digest import preview_digest
 from processor.demo import load_demo
 from processor.due import business_today, effective_date, is_due
-from processor.emails import CRON_JOB_ACTIVITY, TEMPLATES, EmailTemplates
+from processor.emails import CRON_JOB_ACTIVITY, TEMPLATES, EmailTemplates, language_folders
 from processor.errors import (
     CancelprocError,
     DatabaseUnavailable,
@@ -68,6 +70,7 @@ from processor.output import cell, dumps, echo_fields, echo_json, echo_rows, ech
 from processor.runner import RunOptions, Runner, RunStopped, RunSummary
 from processor.scheduler import nightly, serve
 from processor.workers import run_with_workers
+from processor.text import MAX_NOTE, MAX_REASON, text_problem
 
 PROGRESS_THRESHOLD = 300  # a manual run on a terminal shows a bar above this many requests
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug, not the operator's input
@@ -189,8 +192,82 @@ class DateType(click.ParamType):
 
 
 DATE = DateType()
+# Ids are 32-bit integer columns (PostgreSQL's `integer`): a bigger number names nothing,
+# and past 2**63 SQLite's driver cannot even bind it.
+MAX_ID = 2**31 - 1
+ID = click.IntRange(1, MAX_ID)
+COUNT = click.IntRange(1, MAX_ID)  # --limit
+
+
+class HoursType(click.FloatRange):
+    """More than 0 and at most ten years; not nan (which no range check catches)."""
+
+    def __init__(self) -> None:
+        super().__init__(min=0, min_open=True, max=24 * 366 * 10)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        hours = super().convert(value, param, ctx)
+        if math.isnan(hours):
+            self.fail(f"{value!r} is not a number of hours", param, ctx)
+        return hours
+
+
+HOURS = HoursType()
+
+
+class RunRefType(click.ParamType):
+    """A run id, or `last`."""
+
+    name = "run"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if value == "last" or isinstance(value, int):
+            return value
+        try:
+            return ID.convert(value, param, ctx)
+        except click.BadParameter:
+            self.fail(f"{value!r} is not a run id (1 to {MAX_ID}) or 'last'", param, ctx)
+
+
+class LanguageType(click.ParamType):
+    """A language code as clients have them (de, de_AT, pt-BR)."""
+
+    name = "language"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        if not language_folders(value):
+            self.fail(f"{value!r} is not a language code (like de or de_AT)", param, ctx)
+        return value
+
+
+class FreeTextType(click.ParamType):
+    """Text from a person (a reason, a note): bounded, valid UTF-8, no control characters."""
+
+    name = "text"
+
+    def __init__(self, max_length: int) -> None:
+        self.max_length = max_length
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        problem = text_problem(value, self.max_length)
+        if problem:
+            self.fail(f"the text {problem}", param, ctx)
+        return value
 REQUEST_TYPES = {"immediate": RequestType.IMMEDIATE, "end-of-period": RequestType.END_OF_BILLING_PERIOD,
                  "on-date": RequestType.ON_DATE}
+
+
+_LONG_WORD = re.compile(r"\S{200,}")
+
+
+def _echo_error(line: str) -> None:
+    """An error line as the operator reads it: one line, whatever value it quotes. A value
+    with control characters or bytes that are not UTF-8 is shown escaped (it would break
+    the line, or the terminal's encoding), and a very long one is cut, with its length."""
+    line = "".join(ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for ch in line)
+    line = _LONG_WORD.sub(lambda m: f"{m.group()[:100]}...[{len(m.group())} characters]", line)
+    click.echo(line, err=True)
 
 
 class CancelprocGroup(click.Group):
@@ -210,7 +287,7 @@ class CancelprocGroup(click.Group):
             code = 0
         except click.UsageError as exc:
             where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
-            click.echo(f"error: {exc.format_message()}{where}", err=True)
+            _echo_error(f"error: {exc.format_message()}{where}")
             code = 2
         except click.exceptions.Abort:
             click.echo("aborted", err=True)
@@ -218,17 +295,17 @@ class CancelprocGroup(click.Group):
         except CancelprocError as exc:
             if debug:
                 raise
-            click.echo(f"error: {exc}", err=True)
+            _echo_error(f"error: {exc}")
             code = exc.exit_code
         except OperationalError as exc:  # the database went away, or is locked: not a bug
             if debug:
                 raise
-            click.echo(f"error: {database_trouble(exc)}", err=True)
+            _echo_error(f"error: {database_trouble(exc)}")
             code = DatabaseUnavailable.exit_code
         except Exception as exc:
             if debug:
                 raise
-            click.echo(f"internal error: {one_line(exc)} (run with --debug for the traceback)", err=True)
+            _echo_error(f"internal error: {one_line(exc)} (run with --debug for the traceback)")
             code = EXIT_INTERNAL
         code = 0 if code is None else code
         if standalone_mode:
@@ -367,7 +444,7 @@ PREVIEW_COLUMNS = ["request_id", "service_id", "client", "product", "domain", "t
 @click.option("--as-of", type=DATE, help="Apply requests due on or before this date (default: today in business_timezone).")
 @click.option("--dry-run", is_flag=True, help="Show what would be done; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (or the preview) as JSON.")
-@click.option("--limit", type=click.IntRange(min=1), help="Process at most N due requests.")
+@click.option("--limit", type=COUNT, help="Process at most N due requests.")
 @click.option("--trigger", type=click.Choice([t.value for t in RunTrigger]),
               help="Recorded in the run (default: manual on a terminal, cron otherwise).")
 @click.option("--workers", type=click.IntRange(min=1, max=64), default=1, show_default=True,
@@ -543,10 +620,11 @@ def _notify_request_hook(database: Database, hooks: HookRegistry, point: str, re
 
 
 @requests_group.command("create")
-@click.argument("service_id", type=int)
+@click.argument("service_id", type=ID)
 @click.option("--type", "type_name", type=click.Choice(list(REQUEST_TYPES)), default="end-of-period", show_default=True)
 @click.option("--reason-code", required=True, help="One of the configured reason_codes.")
-@click.option("--reason", default="", help="Free text from the client.")
+@click.option("--reason", default="", type=FreeTextType(MAX_REASON),
+              help=f"Free text from the client (at most {MAX_REASON} characters).")
 @click.option("--on", "cancel_on", type=DATE, help="The date, for --type on-date.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
@@ -584,8 +662,8 @@ def requests_create(app: App, service_id: int, type_name: str, reason_code: str,
 
 @requests_group.command("list")
 @click.option("--status", type=click.Choice([s.value for s in RequestStatus]), help="Only requests in this state.")
-@click.option("--service", "service_id", type=int, help="Only requests for this service.")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--service", "service_id", type=ID, help="Only requests for this service.")
+@click.option("--limit", type=COUNT, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def requests_list(app: App, status: str | None, service_id: int | None, limit: int, as_json: bool) -> None:
@@ -602,7 +680,7 @@ def requests_list(app: App, status: str | None, service_id: int | None, limit: i
 
 
 @requests_group.command("show")
-@click.argument("request_id", type=int)
+@click.argument("request_id", type=ID)
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def requests_show(app: App, request_id: int, as_json: bool) -> None:
@@ -634,8 +712,8 @@ def requests_show(app: App, request_id: int, as_json: bool) -> None:
 
 
 @requests_group.command("withdraw")
-@click.argument("request_id", type=int)
-@click.option("--note", default="", help="Why (goes into the audit log).")
+@click.argument("request_id", type=ID)
+@click.option("--note", default="", type=FreeTextType(MAX_NOTE), help="Why (goes into the audit log).")
 @pass_app
 def requests_withdraw(app: App, request_id: int, note: str) -> None:
     """Withdraw a pending (or failed) request: the service stays as it is."""
@@ -647,7 +725,7 @@ def requests_withdraw(app: App, request_id: int, note: str) -> None:
 
 
 @requests_group.command("retry")
-@click.argument("request_id", type=int)
+@click.argument("request_id", type=ID)
 @pass_app
 def requests_retry(app: App, request_id: int) -> None:
     """Put a failed request (or one waiting for its next attempt) back in line for the next run."""
@@ -657,8 +735,9 @@ def requests_retry(app: App, request_id: int) -> None:
 
 
 @requests_group.command("resolve")
-@click.argument("request_id", type=int)
-@click.option("--note", required=True, help="What was done by hand (goes into the audit log).")
+@click.argument("request_id", type=ID)
+@click.option("--note", required=True, type=FreeTextType(MAX_NOTE),
+              help="What was done by hand (goes into the audit log).")
 @pass_app
 def requests_resolve(app: App, request_id: int, note: str) -> None:
     """Close a failed request that staff cancelled by hand (the service is not touched)."""
@@ -668,7 +747,7 @@ def requests_resolve(app: App, request_id: int, note: str) -> None:
 
 
 @requests_group.command("process")
-@click.argument("request_ids", type=int, nargs=-1, required=True)
+@click.argument("request_ids", type=ID, nargs=-1, required=True)
 @click.option("--now", "ignore_due_date", is_flag=True, help="Apply even if the request is not due yet.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
@@ -754,7 +833,7 @@ def runs_group() -> None:
 
 
 @runs_group.command("list")
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--limit", type=COUNT, default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def runs_list(app: App, limit: int, as_json: bool) -> None:
@@ -766,10 +845,10 @@ def runs_list(app: App, limit: int, as_json: bool) -> None:
 
 
 @runs_group.command("show")
-@click.argument("run_ref", metavar="RUN_ID|last")
+@click.argument("run_ref", metavar="RUN_ID|last", type=RunRefType())
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
-def runs_show(app: App, run_ref: str, as_json: bool) -> None:
+def runs_show(app: App, run_ref: int | str, as_json: bool) -> None:
     """One run: counts, lateness and each failure."""
     with app.database().read_session() as session:
         if run_ref == "last":
@@ -777,9 +856,7 @@ def runs_show(app: App, run_ref: str, as_json: bool) -> None:
             if run_obj is None:
                 raise NotFound("no runs yet")
         else:
-            if not run_ref.isdigit():
-                raise InputError(f"RUN_ID: {run_ref!r} is not a run id (a number, or 'last')")
-            run_obj = session.get(Run, int(run_ref))
+            run_obj = session.get(Run, run_ref)
             if run_obj is None:
                 raise NotFound(f"run {run_ref} not found")
         row = _run_row(run_obj)
@@ -818,8 +895,8 @@ def services_group() -> None:
 
 @services_group.command("list")
 @click.option("--status", type=click.Choice([s.value for s in ServiceStatus], case_sensitive=False))
-@click.option("--client", "client_id", type=int, help="Only this client's services.")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--client", "client_id", type=ID, help="Only this client's services.")
+@click.option("--limit", type=COUNT, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def services_list(app: App, status: str | None, client_id: int | None, limit: int, as_json: bool) -> None:
@@ -837,7 +914,7 @@ def services_list(app: App, status: str | None, client_id: int | None, limit: in
 
 
 @services_group.command("show")
-@click.argument("service_id", type=int)
+@click.argument("service_id", type=ID)
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def services_show(app: App, service_id: int, as_json: bool) -> None:
@@ -893,9 +970,9 @@ def emails_group() -> None:
 
 @emails_group.command("list")
 @click.option("--status", type=click.Choice([s.value for s in EmailStatus]), help="Only emails in this state.")
-@click.option("--request", "request_id", type=int, help="Only emails about this request.")
+@click.option("--request", "request_id", type=ID, help="Only emails about this request.")
 @click.option("--template", type=click.Choice(list(TEMPLATES)), help="Only this message.")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--limit", type=COUNT, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def emails_list(app: App, status: str | None, request_id: int | None, template: str | None, limit: int,
@@ -915,7 +992,7 @@ def emails_list(app: App, status: str | None, request_id: int | None, template: 
 
 
 @emails_group.command("show")
-@click.argument("email_id", type=int)
+@click.argument("email_id", type=ID)
 @click.option("--raw", is_flag=True, help="The whole message as it is sent (headers, text and HTML parts).")
 @click.option("--html", is_flag=True, help="The HTML part instead of the text.")
 @click.option("--json", "as_json", is_flag=True)
@@ -940,10 +1017,11 @@ def emails_show(app: App, email_id: int, raw: bool, html: bool, as_json: bool) -
 
 
 @emails_group.command("preview")
-@click.argument("template", type=click.Choice(list(TEMPLATES)))
-@click.option("--request", "request_id", type=int, help="Render it for this request (client and request emails).")
-@click.option("--run", "run_id", type=int, help="Render it for this run (cron_job_activity).")
-@click.option("--language", help="Use this language's templates and dates instead of the client's (e.g. de).")
+@click.argument("template", type=click.Choice(list(TEMPLATES)), metavar="TEMPLATE")
+@click.option("--request", "request_id", type=ID, help="Render it for this request (client and request emails).")
+@click.option("--run", "run_id", type=ID, help="Render it for this run (cron_job_activity).")
+@click.option("--language", type=LanguageType(),
+              help="Use this language's templates and dates instead of the client's (e.g. de, de_AT).")
 @click.option("--html", is_flag=True, help="Print the HTML part instead of the text.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
@@ -989,7 +1067,7 @@ def _echo_delivery(report: DeliveryReport) -> None:
 
 
 @emails_group.command("send")
-@click.option("--limit", type=click.IntRange(min=1), help="Send at most N emails.")
+@click.option("--limit", type=COUNT, help="Send at most N emails.")
 @click.option("--now", "ignore_backoff", is_flag=True,
               help="Also send emails waiting for their next attempt after a failed send.")
 @click.option("--json", "as_json", is_flag=True)
@@ -1013,7 +1091,7 @@ def emails_send(app: App, limit: int | None, ignore_backoff: bool, as_json: bool
 
 
 @emails_group.command("retry")
-@click.argument("email_ids", type=int, nargs=-1)
+@click.argument("email_ids", type=ID, nargs=-1)
 @click.option("--all-failed", is_flag=True, help="Every failed email.")
 @pass_app
 def emails_retry(app: App, email_ids: tuple[int, ...], all_failed: bool) -> None:
@@ -1129,7 +1207,7 @@ def _echo_health(h: monitoring.Health) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--max-age-hours", type=click.FloatRange(min=0, min_open=True),
+@click.option("--max-age-hours", type=HOURS,
               help="A successful run must have finished within this many hours (default: status_max_age_hours).")
 @pass_app
 def status(app: App, as_json: bool, max_age_hours: float | None) -> int:

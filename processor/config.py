@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from processor.errors import ConfigError
+from processor.text import text_problem
 
 ENV_PREFIX = "CANCELPROC_"
 DEFAULT_CONFIG = Path("config") / "processor.toml"
@@ -46,11 +50,32 @@ def clock_time_problem(at: str) -> str | None:
     return None if len(at) == 5 else f"{at!r}: use HH:MM (24-hour), e.g. 02:05"
 
 
+def _plain_text(value: Any) -> Any:
+    """Every text setting: no control characters but line breaks and tabs, valid UTF-8."""
+    if isinstance(value, str):
+        problem = text_problem(value)
+        if problem:
+            raise ValueError(f"the text {problem}")
+    return value
+
+
+def _path(value: str) -> str:
+    """A path the operating system can take (checked here, not when a command first opens it)."""
+    if len(value.encode("utf-8")) > 4095 or any(len(part.encode("utf-8")) > 255 for part in value.split("/")):
+        raise ValueError("path too long (at most 255 bytes per name, 4095 in all)")
+    return value
+
+
+# Shared by the three models: unknown keys are errors; floats are finite; text is bounded.
+_MODEL = dict(extra="forbid", allow_inf_nan=False, str_max_length=4095)
+A_YEAR_OF_MINUTES = 366 * 24 * 60
+
+
 class SmtpSettings(BaseModel):
     """The `smtp` delivery backend. The password is never in this file: it is read from the
     environment variable named by password_env, or from password_file."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(**_MODEL)  # type: ignore[typeddict-item]
 
     host: str = "localhost"
     port: int = Field(587, ge=1, le=65535)
@@ -65,10 +90,19 @@ class SmtpSettings(BaseModel):
     ca_file: str = ""
 
     _check_host = field_validator("host", "username")(_header_safe)
+    _check_text = field_validator("*")(_plain_text)
+    _check_paths = field_validator("password_file", "ca_file")(_path)
+
+    @field_validator("password_env")
+    @classmethod
+    def _variable_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(f"{value!r} is not an environment variable name (letters, digits, '_')")
+        return value
 
 
 class EmailSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(**_MODEL)  # type: ignore[typeddict-item]
 
     company_name: str = "Example Hosting"
     from_address: str = "billing@example.test"
@@ -80,9 +114,12 @@ class EmailSettings(BaseModel):
     outbox_dir: str = "var/outbox"
     send_after_run: bool = True
     max_attempts: int = Field(10, ge=1, le=100)
-    retry_backoff_minutes: int = Field(5, ge=0)
-    retry_backoff_max_minutes: int = Field(720, ge=0)
+    retry_backoff_minutes: int = Field(5, ge=0, le=A_YEAR_OF_MINUTES)
+    retry_backoff_max_minutes: int = Field(720, ge=0, le=A_YEAR_OF_MINUTES)
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
+
+    _check_text = field_validator("*")(_plain_text)
+    _check_paths = field_validator("templates_dir", "outbox_dir")(_path)
 
     _check_from = field_validator("from_address")(_address)
     _check_company = field_validator("company_name")(_header_safe)
@@ -95,7 +132,7 @@ class EmailSettings(BaseModel):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", case_sensitive=False
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False, **_MODEL  # type: ignore[typeddict-item]
     )
 
     database_url: str = "sqlite:///var/cancelproc.db"
@@ -103,14 +140,14 @@ class Settings(BaseSettings):
     # SQLite: how long to wait for a database file locked by another program (or writer).
     sqlite_busy_timeout_seconds: float = Field(30, ge=0, le=3600)
     chunk_size: int = Field(2000, ge=1, le=50_000)
-    lease_seconds: int = Field(600, ge=10)
+    lease_seconds: int = Field(600, ge=10, le=7 * 24 * 3600)
     # Per-request hooks (PreModuleTerminate, EmailPreSend, TerminateAccount) of different
     # requests of a chunk run in up to this many threads at once: slow network calls wait
     # side by side. 1: one request at a time.
     hook_concurrency: int = Field(16, ge=1, le=256)
     max_attempts: int = Field(5, ge=1, le=100)
-    retry_backoff_minutes: int = Field(60, ge=0)
-    retry_backoff_max_minutes: int = Field(1440, ge=0)
+    retry_backoff_minutes: int = Field(60, ge=0, le=A_YEAR_OF_MINUTES)
+    retry_backoff_max_minutes: int = Field(1440, ge=0, le=A_YEAR_OF_MINUTES)
     cancel_unpaid_invoices: bool = True
     reason_codes: list[str] = Field(
         default_factory=lambda: [
@@ -133,7 +170,7 @@ class Settings(BaseSettings):
     # Prometheus text file written after each run and `emails send` ("" = none).
     metrics_file: str = ""
     # `cancelproc status` is unhealthy when the last successful run is older than this.
-    status_max_age_hours: float = Field(26, gt=0)
+    status_max_age_hours: float = Field(26, gt=0, le=366 * 24)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     email: EmailSettings = Field(default_factory=EmailSettings)
@@ -141,6 +178,26 @@ class Settings(BaseSettings):
     # Not settings: where they came from, so relative paths and errors can name them.
     app_root: Path = Field(default=Path("."), exclude=True)
     config_file: Path | None = Field(default=None, exclude=True)
+
+    _check_text = field_validator("*")(_plain_text)
+    _check_paths = field_validator("hooks_dir", "metrics_file")(_path)
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, value: str) -> str:
+        # Checked here so that the error names the file or variable; the messages never
+        # quote the URL (it may hold a password).
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError("cannot parse it (e.g. sqlite:///var/cancelproc.db or postgresql://user@host/dbname)")
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError(f"{url.get_backend_name()!r} is not supported (sqlite:///PATH or postgresql://...)")
+        if url.get_backend_name() == "sqlite":
+            if not url.database or url.database == ":memory:":
+                raise ValueError("a SQLite database needs a file: sqlite:///var/cancelproc.db")
+            _path(url.database)
+        return value
 
     @field_validator("business_timezone")
     @classmethod
@@ -221,20 +278,30 @@ def load_settings(config_path: Path | None = None) -> Settings:
         return Settings(**data, app_root=app_root, config_file=path if path.is_file() else None)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path if path.is_file() else None, environ)) from None
+    except SettingsError as exc:  # a list or table in a variable that is not JSON
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = field.group(1) if field else "?"
+        raise ConfigError(f"environment variable {ENV_PREFIX}{name.upper()}: {name}: not valid JSON "
+                          '(a list is written ["a", "b"])') from None
+
+
+_SECRET_KEYS = {"database_url"}  # may hold a password: never quoted in an error
 
 
 def _describe(exc: ValidationError, path: Path | None, environ: Mapping[str, str]) -> str:
     """One line for the first error: where the value came from, the key, what is allowed."""
     err = exc.errors()[0]
     key = ".".join(str(part) for part in err["loc"])
-    env_name = ENV_PREFIX + "__".join(str(part) for part in err["loc"]).upper()
-    source = f"environment variable {env_name}" if env_name in environ else str(path or "settings")
+    # The variable that set the key, or a table around it (CANCELPROC_REASON_CODES for reason_codes.0).
+    names = [ENV_PREFIX + "__".join(str(part) for part in err["loc"][:n]).upper() for n in range(len(err["loc"]), 0, -1)]
+    env_name = next((name for name in names if name in environ), None)
+    source = f"environment variable {env_name}" if env_name else str(path or "settings")
     if err["type"] == "extra_forbidden":
         allowed = ", ".join(sorted(name for name in Settings.model_fields if name not in ("app_root", "config_file")))
         message = f"unknown setting (allowed: {allowed})"
     else:
         message = err["msg"].removeprefix("Value error, ")
-        if "input" in err and not isinstance(err["input"], (dict, list)):
+        if "input" in err and not isinstance(err["input"], (dict, list)) and key not in _SECRET_KEYS:
             message += f" (got {err['input']!r})"
     more = len(exc.errors()) - 1
     return f"{source}: {key}: {message}" + (f" (and {more} more)" if more else "")

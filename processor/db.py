@@ -164,10 +164,13 @@ def open_database(url: str, *, create: bool = False, busy_timeout_seconds: float
         url = parsed.render_as_string(hide_password=False)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         path = Path(parsed.database)
-        if create:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        elif not path.exists():
-            raise DatabaseError(f"database {path} does not exist: run `cancelproc init` first")
+        try:
+            if create:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            elif not path.exists():
+                raise DatabaseError(f"database {path} does not exist: run `cancelproc init` first")
+        except OSError as exc:
+            raise DatabaseError(f"database {path}: {exc.strerror}") from None
     try:
         engine = create_engine(url)
     except (NoSuchModuleError, ImportError, ArgumentError) as exc:

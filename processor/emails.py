@@ -75,7 +75,7 @@ def language_folders(language: str | None) -> list[str]:
     """Template sub-folders to try for a client's language, most specific first:
     "de_AT" -> ["de_at", "de"]. Anything that is not a plain language code gives none."""
     code = (language or "").strip().lower().replace("-", "_")
-    if not code or not code.replace("_", "").isalnum() or not code.isascii():
+    if not code or len(code) > 16 or not code.replace("_", "").isalnum() or not code.isascii():
         return []
     primary = code.split("_")[0]
     return [code] if code == primary else [code, primary]

@@ -43,6 +43,7 @@ from sqlalchemy.orm import Session
 from processor.config import Settings
 from processor.db import Database
 from processor.errors import InputError
+from processor.text import MAX_REASON, text_problem
 from processor.models import (
     OPEN_REQUEST_STATUSES,
     AuditEntry,
@@ -204,6 +205,17 @@ class _Row(BaseModel):
             out[key] = value
         return out
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _plain_text(cls, value: Any) -> Any:
+        """No NUL, control characters or undecodable bytes in any text (PostgreSQL refuses
+        NUL; the others would end up in emails and logs)."""
+        if isinstance(value, str):
+            problem = text_problem(value)
+            if problem:
+                raise ValueError(f"the text {problem}")
+        return value
+
     @classmethod
     def required_columns(cls) -> tuple[str, ...]:
         return tuple(name for name, default in _defaults(cls).items() if default is _REQUIRED)
@@ -292,7 +304,7 @@ class RequestRow(_Row):
     service_external_id: ExternalId
     type: RequestTypeWord
     reason_code: str = Field(min_length=1, max_length=64)
-    reason: str = ""
+    reason: str = Field("", max_length=MAX_REASON)
     # Declared after `type` so its validator sees it; validated even when absent (required iff On Date).
     cancel_on: OptionalDate = Field(None, validate_default=True)
     status: ImportedRequestStatus = RequestStatus.PENDING
