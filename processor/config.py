@@ -96,7 +96,7 @@ class SmtpSettings(BaseModel):
     @field_validator("password_env")
     @classmethod
     def _variable_name(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        if value and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):  # "": no password from the environment
             raise ValueError(f"{value!r} is not an environment variable name (letters, digits, '_')")
         return value
 
@@ -263,21 +263,25 @@ def load_settings(config_path: Path | None = None) -> Settings:
     environ = os.environ
     explicit = config_path or (Path(environ[ENV_PREFIX + "CONFIG"]) if environ.get(ENV_PREFIX + "CONFIG") else None)
     path = explicit or DEFAULT_CONFIG
-    if explicit is not None and not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as exc:  # a name too long, say
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from None
+    if explicit is not None and not found:
         raise ConfigError(f"{path}: config file not found")
     data: dict[str, Any] = {}
-    if path.is_file():
+    if found:
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: cannot be read: {exc}") from None
-    app_root = path.resolve().parent.parent if path.is_file() else Path.cwd()
+    app_root = path.resolve().parent.parent if found else Path.cwd()
     try:
-        return Settings(**data, app_root=app_root, config_file=path if path.is_file() else None)
+        return Settings(**data, app_root=app_root, config_file=path if found else None)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path if path.is_file() else None, environ)) from None
+        raise ConfigError(_describe(exc, path if found else None, environ)) from None
     except SettingsError as exc:  # a list or table in a variable that is not JSON
         field = re.search(r'field "(\w+)"', str(exc))
         name = field.group(1) if field else "?"

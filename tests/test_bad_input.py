@@ -158,10 +158,11 @@ def bad_values(path: str, param: click.Parameter) -> st.SearchStrategy[str]:
     if name == "language":
         return st.one_of(free_text, st.sampled_from(["../../etc", "de/../..", "", " ", "x" * 40, "en_US.UTF-8/x"]))
     if name == "files":
-        return st.sampled_from(["missing.csv", "folder", "latin1.csv", "binary.csv", "empty.csv", "no_header.csv",
+        return st.sampled_from(["missing.csv", "x" * 300 + ".csv", f"{NOT_UTF8}.csv", "folder", "latin1.csv", "binary.csv", "empty.csv", "no_header.csv",
                                 "unknown_columns.csv", "nul.csv"])
     if name == "config_path":
-        return st.sampled_from(["missing.toml", "folder", "latin1.toml", "binary.toml"])
+        return st.sampled_from(["missing.toml", "folder", "latin1.toml", "binary.toml", "x" * 300 + ".toml",
+                                f"{NOT_UTF8}.toml", "folder/" * 700 + "x.toml"])
     raise AssertionError(f"no bad values for {path} {name}: add them to tests/test_bad_input.py")
 
 
@@ -300,8 +301,10 @@ def test_a_bad_argument_is_refused_in_one_line_and_changes_nothing(app_root, pat
     line = refused(app_root, invocation(path, param, value))
     if value.startswith("-") and "No such option" in line:
         return  # `requests show -10`: a value that looks like an option is taken for one (click)
+    escaped = "".join(ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode()
+                      for ch in value)  # as the error line shows it
     where = [*getattr(param, "opts", []), param.human_readable_name, (param.metavar or "").split("|")[0], param.name,
-             value[:20]]
+             escaped[:20]]
     assert any(w and w in line for w in where) or "not found" in line, f"{line!r} does not say where"
 
 
@@ -456,3 +459,45 @@ def test_an_unknown_config_key_is_refused_with_the_allowed_ones(app_root, name):
     path = write_config(app_root, name, "1")
     line = refused(app_root, ["--config", str(path), "run"], env=FROM_THE_FILE)
     assert line.startswith(f"error: {path}: {name}: unknown setting (allowed: business_timezone, ")
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.parametrize("argv", [
+    [b"requests", b"show", b"caf\xe9"],
+    [b"requests", b"withdraw", b"1", b"--note", b"caf\xe9"],
+    [b"requests", b"create", b"2", b"--reason-code", b"too_expensive", b"--reason", b"\xff\xfe"],
+    [b"--config", b"caf\xe9.toml", b"status"],
+    [b"import", b"caf\xe9.csv"],
+    [b"emails", b"preview", b"cancellation_request_confirmation", b"--request", b"1", b"--language", b"d\xe9"],
+])
+def test_bytes_that_are_not_utf8_in_a_real_process_are_refused_in_one_line(app_root, argv):
+    """As the shell passes them: bytes, not text. Python decodes them with surrogates, and
+    printing one back on a UTF-8 terminal would raise instead of showing the error."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANCELPROC_")}
+    env.update(CANCELPROC_DATABASE_URL=f"sqlite:///{app_root}/var/cancelproc.db", LC_ALL="C.UTF-8",
+               PYTHONIOENCODING="")
+    before = snapshot(app_root)
+    done = subprocess.run([sys.executable, "-m", "processor", *argv], cwd=app_root, env=env, capture_output=True,
+                          timeout=60)
+    stderr = done.stderr.decode("utf-8")  # itself valid UTF-8
+    assert done.returncode == 2, stderr
+    assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: "), stderr
+    assert "\\udc" in stderr or "\\x" in stderr or "UTF-8" in stderr, stderr  # the bad byte, shown escaped
+    assert snapshot(app_root) == before
+
+
+@pytest.mark.sqlite_only
+def test_an_environment_variable_that_is_not_utf8_is_refused_naming_it(app_root):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANCELPROC_")}
+    env = {k.encode(): v.encode() for k, v in env.items()}
+    env[b"CANCELPROC_DATABASE_URL"] = f"sqlite:///{app_root}/var/cancelproc.db".encode()
+    env[b"CANCELPROC_EMAIL__COMPANY_NAME"] = b"Soci\xe9t\xe9"
+    before = snapshot(app_root)
+    done = subprocess.run([sys.executable, "-m", "processor", "run"], cwd=app_root, env=env, capture_output=True,
+                          timeout=60)
+    stderr = done.stderr.decode("utf-8")
+    assert done.returncode == 2, stderr
+    assert stderr.startswith("error: environment variable CANCELPROC_EMAIL__COMPANY_NAME: email.company_name: "
+                             "Input should be a valid string, unable to parse raw data as a unicode string "
+                             "(got 'Soci\\udce9t\\udce9')"), stderr
+    assert snapshot(app_root) == before
