@@ -159,6 +159,10 @@ def _problems(h: Health, max_age_hours: float) -> list[str]:
     if h.requests_failed:
         problems.append(f"{h.requests_failed} request(s) need a manual cancellation: "
                         "cancelproc requests list --status failed")
+    queued_hours = (h.oldest_queued_email_age_seconds or 0) / 3600
+    if queued_hours > max_age_hours:  # a day's runs and sends have not got them out
+        problems.append(f"{h.emails_queued} email(s) queued, the oldest for {queued_hours:.1f} hours (more than "
+                        f"{max_age_hours:g}): is delivery working? cancelproc emails send")
     if h.emails_failed:
         problems.append(f"{h.emails_failed} email(s) failed: cancelproc emails list --status failed")
     for lease in h.leases:

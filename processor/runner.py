@@ -848,6 +848,8 @@ class Runner:
     def _finish(self, run_id: int, status: RunStatus, error: str | None = None,
                 summary: RunSummary | None = None) -> None:
         delivered = dict(emails_sent=summary.emails_sent, emails_failed=summary.emails_failed) if summary else {}
+        if error is None and summary is not None and summary.delivery_error:  # `runs show` and `status` name it
+            error = f"email delivery stopped: {summary.delivery_error}"
         try:
             with self.db.session.begin() as session:
                 session.execute(update(Run).where(Run.id == run_id, Run.status == RunStatus.RUNNING)

@@ -104,3 +104,19 @@ def test_a_metrics_file_that_cannot_be_written_does_not_fail_the_run(invoke, db,
     with freeze_time(NIGHT):
         result = ok(invoke("run", env={"CANCELPROC_METRICS_FILE": "blocked/cancelproc.prom"}))
     assert "metrics file not written" in result.stderr
+
+
+def test_emails_stuck_in_the_outbox_say_so(invoke, db):
+    """Delivery broken for a day (a relay down, the outbox folder unwritable): the runs still
+    succeed and the digest cannot get out, so `status` must say it."""
+    seed(db, 2)
+    with freeze_time(NIGHT):
+        ok(invoke("run", env={"CANCELPROC_EMAIL__OUTBOX_DIR": "/dev/null/outbox"}), code=1)
+        run = as_json(invoke("runs", "show", "1", "--json"))
+    assert run["error"] == "email delivery stopped: folder /dev/null/outbox: cannot write: Not a directory"
+    with freeze_time(NIGHT + dt.timedelta(hours=25)):
+        ok(invoke("run", env={"CANCELPROC_EMAIL__SEND_AFTER_RUN": "false"}))  # a later run that succeeds
+    assert problems(ok(status(invoke, NIGHT + dt.timedelta(hours=25)))) == []
+    stuck = ok(status(invoke, NIGHT + dt.timedelta(hours=27)), code=1)
+    assert problems(stuck) == ["4 email(s) queued, the oldest for 27.0 hours (more than 26): is delivery working? "
+                               "cancelproc emails send"]
