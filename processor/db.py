@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import sessionmaker
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from processor.errors import DatabaseError
 
@@ -122,6 +123,27 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+# PostgreSQL's serialization_failure and deadlock_detected: it rolled the transaction back,
+# and running the whole transaction again is the documented answer.
+_TRANSIENT_SQLSTATES = ("40001", "40P01")
+TRANSACTION_ATTEMPTS = 5
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A transaction that lost a deadlock or a serialization conflict, nothing worse."""
+    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in _TRANSIENT_SQLSTATES
+
+
+def retrying_transaction(before_again: Callable[[RetryCallState], None] | None = None) -> Retrying:
+    """Attempts of a transaction that may lose a deadlock: `for attempt in retrying_transaction():
+    with attempt: ...` runs the block again (after a short random wait, so two processes
+    that collided do not collide again) up to TRANSACTION_ATTEMPTS times, calling
+    `before_again` before each new attempt. Any other error goes straight through."""
+    return Retrying(retry=retry_if_exception(is_transient), stop=stop_after_attempt(TRANSACTION_ATTEMPTS),
+                    wait=wait_random_exponential(multiplier=0.05, max=2), reraise=True,
+                    before_sleep=before_again)
 
 
 _PLACEHOLDER = {"qmark": "?", "format": "%s", "pyformat": "%s"}

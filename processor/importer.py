@@ -41,9 +41,8 @@ from sqlalchemy import Row, Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from processor.config import Settings
-from processor.db import Database
+from processor.db import Database, retrying_transaction
 from processor.errors import InputError
-from processor.text import MAX_REASON, text_problem
 from processor.models import (
     OPEN_REQUEST_STATUSES,
     AuditEntry,
@@ -59,6 +58,7 @@ from processor.models import (
     ServiceAddon,
     ServiceStatus,
 )
+from processor.text import MAX_REASON, text_problem
 
 KINDS = ("clients", "products", "services", "addons", "invoices", "requests")
 
@@ -561,11 +561,18 @@ def _ids_by_external_id(s: Session, model: Any, external_ids: set[str]) -> dict[
 
 
 def _rows_by_external_id(s: Session, model: Any, external_ids: set[str]) -> dict[str, Row[Any]]:
-    """The existing rows, as plain column rows: comparing values needs no ORM objects."""
+    """The existing rows, as plain column rows (comparing values needs no ORM objects),
+    locked until the import commits (PostgreSQL; SQLite's write transaction is exclusive).
+
+    Without the lock, a run could cancel a service between this read and the import's
+    write, and the import would write its stale status over Cancelled. With it, the read
+    waits for the run's chunk to commit and sees Cancelled (a conflict, reported).
+    """
     out: dict[str, Row[Any]] = {}
     table = model.__table__
     for chunk in _chunks(sorted(external_ids)):
-        out.update((row.external_id, row) for row in s.execute(select(table).where(table.c.external_id.in_(chunk))))
+        query = select(table).where(table.c.external_id.in_(chunk)).order_by(table.c.id).with_for_update()
+        out.update((row.external_id, row) for row in s.execute(query))
     return out
 
 
@@ -898,9 +905,13 @@ def import_file(
     _check_columns(path, kind_name, parsed.columns, jsonl=parsed.jsonl)
     rows, errors = _validate(path, spec, parsed, settings)
     del parsed  # the raw rows: only the validated ones are needed from here on
-    with db.session.begin() as s:
-        plan = _plan(s, path, spec, rows, errors)
-        if plan.errors:
-            raise ImportRejected(plan.errors)  # leaving the block rolls the transaction back
-        _write(s, path, spec, plan, actor=actor, now=now)
+    # The rows it updates are locked (see `_rows_by_external_id`): one that a run's chunk
+    # also wants can deadlock, and the loser is rolled back. If that is the import, it is
+    # planned and written again, from what is committed by then.
+    for attempt in retrying_transaction():
+        with attempt, db.session.begin() as s:
+            plan = _plan(s, path, spec, rows, list(errors))
+            if plan.errors:
+                raise ImportRejected(plan.errors)  # leaving the block rolls the transaction back
+            _write(s, path, spec, plan, actor=actor, now=now)
     return FileReport(path, kind_name, len(plan.inserts), len(plan.updates), plan.unchanged, plan.conflicts)

@@ -28,10 +28,11 @@ from typing import Any
 import structlog
 from sqlalchemy import Connection, Row, String, case, cast, func, insert, literal, or_, select, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, ProgrammingError, StatementError
+from tenacity import RetryCallState
 
 from processor import lease
 from processor.config import Settings
-from processor.db import Database
+from processor.db import Database, retrying_transaction
 from processor.due import business_today, days_late, due_clause, effective_date
 from processor.delivery import Deliverer, DeliveryReport
 from processor.digest import queue_digest, recorded_failures
@@ -192,15 +193,14 @@ class RunSummary(Tally):
         self.failed_emails.extend(report.failed_emails)
         self.delivery_error = self.delivery_error or report.stopped
 
-    def record(self, outcomes: Sequence[Outcome]) -> Tally:
-        tally = Tally.of(outcomes)
+    def record(self, outcomes: Sequence[Outcome], tally: Tally) -> None:
+        """Count a committed chunk (its `Tally.of(outcomes)`) and keep its failures."""
         self.add(tally)
         self.failures.extend(
             {"request_id": o.request_id, "service_id": o.service_id, "error": o.error, "gave_up": o.gave_up,
              "vetoed": o.action is Action.VETOED}
             for o in outcomes if o.action in (Action.ERROR, Action.VETOED)
         )
-        return tally
 
 
 class _Audit:
@@ -333,7 +333,8 @@ class Runner:
                     audit.rows([(o.request_id, "request", o.request_id, "failed",
                                  f"{o.error}: manual cancellation required")])
                     failed.append(o)
-            tally = self._close_chunk(conn, run_id, failed, summary, now)
+            tally = self._close_chunk(conn, run_id, failed, now)
+        summary.record(failed, tally)
         if failed:
             self._log_chunk(failed, tally)
 
@@ -572,7 +573,9 @@ class Runner:
         """Write a chunk in one transaction (see `_write_isolating`) and count it."""
         with self.db.engine.begin() as conn:
             self._write_isolating(conn, outcomes, run_id, as_of, now)
-            return self._close_chunk(conn, run_id, outcomes, summary, now)
+            tally = self._close_chunk(conn, run_id, outcomes, now)
+        summary.record(outcomes, tally)
+        return tally
 
     def _write_isolating(self, conn: Connection, outcomes: list[Outcome], run_id: int, as_of: dt.date,
                          now: dt.datetime) -> None:
@@ -606,23 +609,35 @@ class Runner:
         """PostgreSQL: claim a chunk (FOR UPDATE SKIP LOCKED), decide and write it in one
         transaction. Another process working on the same run skips the rows this one holds;
         if this process dies, its transaction rolls back and the rows are claimable again.
-        With `wait`, wait for rows other processes hold instead of skipping them."""
-        with self.db.engine.begin() as conn:
-            claim = (self._due_query(options, self.clock())
-                     .where(or_(R.run_id.is_(None), R.run_id != run_id))  # not tried by this run yet
-                     .limit(size).with_for_update(skip_locked=not wait, of=R))
-            rows = plain_rows(conn.execute(claim), self._hooked)
-            if not rows:
-                return None
-            outcomes = decide_all(rows)
-            now = self.clock()
-            self._write_isolating(conn, outcomes, run_id, options.as_of, now)
-            return outcomes, self._close_chunk(conn, run_id, outcomes, summary, now)
+        With `wait`, wait for rows other processes hold instead of skipping them.
 
-    def _close_chunk(self, conn: Connection, run_id: int, outcomes: list[Outcome], summary: RunSummary,
-                     now: dt.datetime) -> Tally:
-        """Count the chunk into the run record and renew the lease, in the chunk's transaction."""
-        t = summary.record(outcomes)
+        A chunk that loses a deadlock (to an import, say) is rolled back whole and done
+        again: claimed, decided (its hooks called again, as after a crash: they get the
+        request's idempotency_key) and written."""
+        for attempt in retrying_transaction(self._rolled_back):
+            with attempt, self.db.engine.begin() as conn:
+                claim = (self._due_query(options, self.clock())
+                         .where(or_(R.run_id.is_(None), R.run_id != run_id))  # not tried by this run yet
+                         .limit(size).with_for_update(skip_locked=not wait, of=R))
+                rows = plain_rows(conn.execute(claim), self._hooked)
+                if not rows:
+                    return None
+                outcomes = decide_all(rows)
+                now = self.clock()
+                self._write_isolating(conn, outcomes, run_id, options.as_of, now)
+                tally = self._close_chunk(conn, run_id, outcomes, now)
+        summary.record(outcomes, tally)
+        return outcomes, tally
+
+    def _rolled_back(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        self.log.warning("chunk rolled back by the database; doing it again", error=one_line(exc) if exc else "",
+                         attempt=state.attempt_number)
+
+    def _close_chunk(self, conn: Connection, run_id: int, outcomes: list[Outcome], now: dt.datetime) -> Tally:
+        """Count the chunk into the run record and renew the lease, in the chunk's transaction.
+        The caller counts it into the summary once the transaction has committed."""
+        t = Tally.of(outcomes)
         conn.execute(
             update(Run).where(Run.id == run_id).values(
                 due=Run.due + t.due, completed=Run.completed + t.completed, noop=Run.noop + t.noop,
