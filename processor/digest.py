@@ -114,6 +114,7 @@ def summary_of_run(conn: Connection, run_id: int) -> dict[str, Any]:
 def preview_digest(conn: Connection, composer: Composer, run_id: int, *, now: dt.datetime,
                    settings: Settings) -> Composed:
     """The digest of a past run as it would be queued now; nothing is written."""
+    composer.check(CRON_JOB_ACTIVITY)
     fields = {**composer.common_fields(now.astimezone(settings.zone).date()),
               **digest_fields(conn, run_id, summary_of_run(conn, run_id), settings)}
     return composer.compose(CRON_JOB_ACTIVITY, key=email_key(CRON_JOB_ACTIVITY, "run", run_id),

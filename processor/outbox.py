@@ -24,6 +24,7 @@ from processor.emails import (
     SERVICE_CANCELLATION_CONFIRMATION,
     EmailTemplates,
     format_date,
+    sample_fields,
 )
 from processor.errors import InputError, NotFound, StateError
 from processor.hooks import HookRegistry
@@ -123,6 +124,13 @@ class Composer:
         self.hooks = hooks
         self.settings = settings
 
+    def check(self, *templates: str) -> None:
+        """Render these templates (each language's too) once with sample fields, under the
+        time limit: what a run does for all of them at its start, for a command that renders
+        just these (a template that loops for ever stops it with one line, not a hang)."""
+        for name in templates:
+            self.templates.check(name, sample_fields(name, self.settings.company_name, self.settings.signature))
+
     def common_fields(self, date: dt.date, language: str | None = None, *,
                       cancellation_date: dt.date | None = None, **more: Any) -> dict[str, Any]:
         """The merge fields not read from a request: the company's, and dates in `language`."""
@@ -169,6 +177,7 @@ def queue_request_emails(session: Session, request_id: int, *, composer: Compose
     staff's New Cancellation Request, queued in the caller's transaction. An email that a
     hook aborted or that is refused as unsafe is not queued but audited; the request stands.
     Returns a line for each email not queued."""
+    composer.check(REQUEST_CONFIRMATION, NEW_REQUEST)
     row = session.execute(request_select(for_hooks=False).where(CancellationRequest.id == request_id)).one()
     created_on = business_today(row.created_at, settings.zone)
     applied_on = effective_date(row.type, row.next_due_date, row.cancel_on, created_on)
@@ -203,6 +212,7 @@ def preview_request_email(session: Session, template: str, request_id: int, *, c
                           language: str | None = None) -> tuple[Composed, str | None]:
     """A request's email as it would be queued now (EmailPreSend hooks see dry_run=True),
     and the language it was rendered in. Nothing is written. `language` overrides the client's."""
+    composer.check(template)
     row = session.execute(request_select(for_hooks=False).where(CancellationRequest.id == request_id)).one_or_none()
     if row is None:
         if session.get(CancellationRequest, request_id) is None:

@@ -221,3 +221,19 @@ def test_a_template_that_loops_without_end_is_refused_at_start(tmp_path):
     templates = EmailTemplates(tmp_path, check_seconds=0.5)
     with pytest.raises(TemplateProblem, match=f"email template {DONE}.jinja took longer than 0.5 s to render once"):
         templates.check(DONE, sample_fields(DONE, "Example", "Team"))
+
+
+def test_a_template_that_loops_without_end_stops_requests_create_in_one_line(invoke, db, service, tmp_path):
+    """`requests create` renders its two emails itself: their templates get the same
+    start-time check as a run's (5 s), so the command ends with one line instead of hanging."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / f"{CLIENT}.jinja").write_text(
+        '{% extends "default:' + CLIENT + '.jinja" %}{% block subject %}'
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{% endblock %}")
+    result = invoke("requests", "create", service, "--reason-code", "other",
+                    env={"CANCELPROC_EMAIL__TEMPLATES_DIR": str(mine)})
+    one_line_error(result, f"email template {CLIENT}.jinja took longer than 5 s to render once: a loop without end?")
+    with db.read_session() as s:
+        assert s.scalars(select(CancellationRequest)).all() == []  # no request without its confirmation
+    assert outbox(db) == []
