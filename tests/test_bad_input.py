@@ -229,7 +229,18 @@ def invocation(path: str, param: click.Parameter, value: str) -> list[str]:
 @pytest.fixture(scope="module")
 def app_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An app folder with demo data, a run and some emails: every id in VALID exists."""
-    root = tmp_path_factory.mktemp("bad-input")
+    return seeded(tmp_path_factory.mktemp("bad-input"))
+
+
+@pytest.fixture(scope="module")
+def pg_app_root(tmp_path_factory: pytest.TempPathFactory, pg_server) -> Path:
+    """The same, with its database on PostgreSQL."""
+    root = tmp_path_factory.mktemp("bad-input-pg")
+    _URLS[root] = pg_server.new_database()
+    return seeded(root)
+
+
+def seeded(root: Path) -> Path:
     env = _env(root)
     cwd = os.getcwd()
     os.chdir(root)
@@ -251,19 +262,38 @@ def app_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+_URLS: dict[Path, str] = {}  # an app folder whose database is not its own SQLite file
+
+
+def _url(root: Path) -> str:
+    return _URLS.get(root, f"sqlite:///{root}/var/cancelproc.db")
+
+
 def _env(root: Path) -> dict[str, str | None]:
     env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("CANCELPROC_")}
-    env["CANCELPROC_DATABASE_URL"] = f"sqlite:///{root}/var/cancelproc.db"
+    env["CANCELPROC_DATABASE_URL"] = _url(root)
     return env
+
+
+def dump(url: str) -> str:
+    """The whole database as text: SQLite's .dump, or pg_dump's (schema, rows, sequences)."""
+    if url.startswith("sqlite:///"):
+        with sqlite3.connect(f"file:{url.removeprefix('sqlite:///')}?mode=ro", uri=True) as conn:
+            return "\n".join(conn.iterdump())
+    pg_dump = find_bin("pg_dump")
+    assert pg_dump, "pg_dump not found"
+    done = subprocess.run([pg_dump, "--no-owner", "--dbname", url.replace("+psycopg", "")], capture_output=True,
+                          text=True, timeout=60, check=True)
+    # pg_dump puts a random key in its \restrict lines, a new one each time.
+    return "\n".join(line for line in done.stdout.splitlines() if not line.startswith(("\\restrict", "\\unrestrict")))
 
 
 def snapshot(root: Path) -> tuple[str, dict[str, int]]:
     """The database's dump and the app folder's files (name and size)."""
-    with sqlite3.connect(f"file:{root}/var/cancelproc.db?mode=ro", uri=True) as conn:
-        dump = "\n".join(conn.iterdump())
+    text = dump(_url(root))
     files = {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*")
              if p.is_file() and not p.name.endswith(("-wal", "-shm"))}
-    return dump, files
+    return text, files
 
 
 def refused(root: Path, args: list[str], env: dict[str, str | None] | None = None) -> str:
@@ -306,6 +336,26 @@ def test_a_bad_argument_is_refused_in_one_line_and_changes_nothing(app_root, pat
     where = [*getattr(param, "opts", []), param.human_readable_name, (param.metavar or "").split("|")[0], param.name,
              escaped[:20]]
     assert any(w and w in line for w in where) or "not found" in line, f"{line!r} does not say where"
+
+
+@pytest.mark.postgresql_only
+@pytest.mark.parametrize(("path", "param"), PARAMS, ids=[f"{p}:{q.name}" for p, q in PARAMS])
+@hsettings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+@example(data=None)  # first, a value PostgreSQL itself would refuse (see `refused_by_postgresql`)
+def test_on_postgresql_a_bad_argument_is_refused_before_the_database_sees_it(pg_app_root, path, param, data):
+    value = refused_by_postgresql(param) if data is None else data.draw(bad_values(path, param), label=param.name)
+    refused(pg_app_root, invocation(path, param, value))
+
+
+def refused_by_postgresql(param: click.Parameter) -> str:
+    """A value the database would fail on if it got that far: an id past its integer
+    column, text with NUL (PostgreSQL's text cannot hold it)."""
+    if param.name in ("reason", "note", "language"):
+        return "a\x00b"
+    if param.type in (click.INT,) or isinstance(param.type, click.IntRange) or param.name in ("run_ref",):
+        return str(2**31)
+    return "x" * 10_000
 
 
 @pytest.mark.sqlite_only
