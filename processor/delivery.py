@@ -65,6 +65,10 @@ class Mailer(Protocol):
     def send(self, message: Message, *, sender: str, recipient: str, name: str) -> None:
         """Send one message or raise SendFailed / MailerDown. `name` is a file-safe id."""
 
+    def flush(self) -> None:
+        """Make what was sent so far durable, or raise MailerDown: called before a batch is
+        recorded as sent (an SMTP server's 250 already is)."""
+
     def close(self) -> None: ...
 
 
@@ -106,7 +110,9 @@ def build_message(row: Row[Any] | Any, company_name: str) -> Message:
 # --- backends --------------------------------------------------------------------------
 
 class FolderMailer:
-    """An .eml file per email, named by outbox id and template; a resend overwrites it."""
+    """An .eml file per email, named by outbox id and template; a resend overwrites it.
+    Each file is synced to disk, and the folder before its batch is recorded as sent: a
+    power cut after the record must not lose the email."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -120,12 +126,27 @@ class FolderMailer:
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(message.as_bytes())
+                    f.flush()
+                    os.fsync(f.fileno())
                 os.replace(tmp, self.folder / f"{name}.eml")
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
         except OSError as exc:
             raise MailerDown(f"{self.description}: cannot write: {exc.strerror or exc}") from None
+
+    def flush(self) -> None:
+        """The renames of the batch are entries of the folder: sync it."""
+        try:
+            fd = os.open(self.folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            pass  # nothing was written: the folder is created by the first send
+        except OSError as exc:
+            raise MailerDown(f"{self.description}: cannot sync: {exc.strerror or exc}") from None
 
     def close(self) -> None:
         pass
@@ -145,6 +166,9 @@ class ConsoleMailer:
         stream.write(message.as_string())
         stream.write("\n")
         stream.flush()
+
+    def flush(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -202,6 +226,9 @@ class SmtpMailer:
         except (smtplib.SMTPException, OSError) as exc:
             self.close()
             raise MailerDown(f"{self.description}: {_describe(exc)}") from None
+
+    def flush(self) -> None:
+        pass  # the server's 250 after each message: it has it
 
     def close(self) -> None:
         smtp, self._smtp = self._smtp, None
@@ -314,7 +341,7 @@ class Deliverer:
                 rows = self._due(after_id, size, ignore_backoff, ids)
                 if not rows:
                     break
-                results = self._send_batch(rows, report)
+                results = self._durable(self._send_batch(rows, report), report)
                 self._record(results, report)
                 if report.stopped:
                     break
@@ -361,6 +388,17 @@ class Deliverer:
                 results.append((row, str(exc), False))
                 report.stopped = str(exc)
                 break
+        return results
+
+    def _durable(self, results: list[tuple[Row[Any], str | None, bool]],
+                 report: DeliveryReport) -> list[tuple[Row[Any], str | None, bool]]:
+        """Recorded as sent only once the mailer has it for good: if it cannot sync the
+        batch, the whole batch counts as not sent (and is sent again later)."""
+        try:
+            self.mailer.flush()
+        except MailerDown as exc:
+            report.stopped = report.stopped or str(exc)
+            return [(row, error or str(exc), permanent) for row, error, permanent in results]
         return results
 
     def _record(self, results: list[tuple[Row[Any], str | None, bool]], report: DeliveryReport) -> None:

@@ -21,7 +21,7 @@ from processor import lease
 from processor.cli import cli
 from processor.config import Settings
 from processor.db import Database
-from processor.delivery import ConsoleMailer, Deliverer, FolderMailer, message_id, mailer_from_settings
+from processor.delivery import ConsoleMailer, Deliverer, FolderMailer, MailerDown, mailer_from_settings, message_id
 from processor.errors import ConfigError, LeaseHeld
 from processor.models import AuditEntry, EmailStatus, Lease, OutboxEmail, Run
 from processor.outbox import QueuedEmail, queue
@@ -263,6 +263,24 @@ def test_a_folder_that_cannot_be_written_stops_delivery_and_keeps_the_emails(db,
     report = deliverer(db, make_settings(settings, delivery="folder", outbox_dir="blocked/out"), now).deliver()
     assert report.sent == 0 and report.stopped.startswith(f"folder {tmp_path / 'blocked' / 'out'}: cannot write")
     assert outbox(db)[0].status is EmailStatus.QUEUED
+
+
+def test_a_batch_the_folder_cannot_sync_is_not_recorded_as_sent(db, settings, now, tmp_path):
+    """Sent means on disk for good: the files are written, but if the folder cannot be
+    synced (a disk error), the batch stays queued and goes again (same file names)."""
+
+    class UnsyncableFolder(FolderMailer):  # the real folder backend, with a failing disk sync
+        def flush(self) -> None:
+            raise MailerDown(f"{self.description}: cannot sync: Input/output error")
+
+    queue_rows(db, now, ["a@example.test", "b@example.test"])
+    folder = tmp_path / "out"
+    report = Deliverer(db, UnsyncableFolder(folder), make_settings(settings), clock=lambda: now).deliver()
+    assert (report.sent, report.stopped) == (0, f"folder {folder}: cannot sync: Input/output error")
+    assert [(e.status, e.attempts) for e in outbox(db)] == [(EmailStatus.QUEUED, 1)] * 2
+    report = Deliverer(db, FolderMailer(folder), make_settings(settings), clock=lambda: now).deliver(
+        ignore_backoff=True)
+    assert report.sent == 2 and len(list(folder.glob("*.eml"))) == 2
 
 
 def test_console_backend_prints_the_message(db, settings, now):
