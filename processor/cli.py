@@ -13,7 +13,6 @@ import enum
 import gc
 import io
 import getpass
-import math
 import os
 import re
 import signal
@@ -32,13 +31,14 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import joinedload
 
 from processor import __version__, cancellations, db as dbmod, importer, monitoring, outbox, reports
+from processor.arguments import COUNT, DATE, HOURS, ID, FreeTextType, LanguageType, RunRefType
 from processor.config import Settings, clock_time_problem, load_settings
 from processor.db import Database, open_database
 from processor.delivery import Deliverer, DeliveryReport, build_message, mailer_from_settings, message_id
 from processor.digest import preview_digest
 from processor.demo import load_demo
 from processor.due import business_today, effective_date, is_due
-from processor.emails import CRON_JOB_ACTIVITY, TEMPLATES, EmailTemplates, language_folders
+from processor.emails import CRON_JOB_ACTIVITY, TEMPLATES, EmailTemplates
 from processor.errors import (
     CancelprocError,
     DatabaseUnavailable,
@@ -69,8 +69,8 @@ from processor.models import (
 from processor.output import cell, dumps, echo_fields, echo_json, echo_rows, echo_table, to_jsonable
 from processor.runner import RunOptions, Runner, RunStopped, RunSummary
 from processor.scheduler import nightly, serve
+from processor.text import MAX_NOTE, MAX_REASON
 from processor.workers import run_with_workers
-from processor.text import MAX_NOTE, MAX_REASON, text_problem
 
 PROGRESS_THRESHOLD = 300  # a manual run on a terminal shows a bar above this many requests
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug, not the operator's input
@@ -179,80 +179,6 @@ class StopOnSignal:
         return self.event.is_set()
 
 
-class DateType(click.ParamType):
-    name = "DATE"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> dt.date:
-        if isinstance(value, dt.date):
-            return value
-        try:
-            return dt.date.fromisoformat(value)
-        except ValueError:
-            self.fail(f"{value!r} is not a date; use YYYY-MM-DD", param, ctx)
-
-
-DATE = DateType()
-# Ids are 32-bit integer columns (PostgreSQL's `integer`): a bigger number names nothing,
-# and past 2**63 SQLite's driver cannot even bind it.
-MAX_ID = 2**31 - 1
-ID = click.IntRange(1, MAX_ID)
-COUNT = click.IntRange(1, MAX_ID)  # --limit
-
-
-class HoursType(click.FloatRange):
-    """More than 0 and at most ten years; not nan (which no range check catches)."""
-
-    def __init__(self) -> None:
-        super().__init__(min=0, min_open=True, max=24 * 366 * 10)
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        hours = super().convert(value, param, ctx)
-        if math.isnan(hours):
-            self.fail(f"{value!r} is not a number of hours", param, ctx)
-        return hours
-
-
-HOURS = HoursType()
-
-
-class RunRefType(click.ParamType):
-    """A run id, or `last`."""
-
-    name = "run"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
-        if value == "last" or isinstance(value, int):
-            return value
-        try:
-            return ID.convert(value, param, ctx)
-        except click.BadParameter:
-            self.fail(f"{value!r} is not a run id (1 to {MAX_ID}) or 'last'", param, ctx)
-
-
-class LanguageType(click.ParamType):
-    """A language code as clients have them (de, de_AT, pt-BR)."""
-
-    name = "language"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        if not language_folders(value):
-            self.fail(f"{value!r} is not a language code (like de or de_AT)", param, ctx)
-        return value
-
-
-class FreeTextType(click.ParamType):
-    """Text from a person (a reason, a note): bounded, valid UTF-8, no control characters."""
-
-    name = "text"
-
-    def __init__(self, max_length: int) -> None:
-        self.max_length = max_length
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        problem = text_problem(value, self.max_length)
-        if problem:
-            self.fail(f"the text {problem}", param, ctx)
-        return value
 REQUEST_TYPES = {"immediate": RequestType.IMMEDIATE, "end-of-period": RequestType.END_OF_BILLING_PERIOD,
                  "on-date": RequestType.ON_DATE}
 

@@ -333,10 +333,11 @@ class Runner:
                     audit.rows([(o.request_id, "request", o.request_id, "failed",
                                  f"{o.error}: manual cancellation required")])
                     failed.append(o)
+            if not failed:
+                return
             tally = self._close_chunk(conn, run_id, failed, now)
         summary.record(failed, tally)
-        if failed:
-            self._log_chunk(failed, tally)
+        self._log_chunk(failed, tally)
 
     def count_due(self, options: RunOptions) -> int:
         query = self._due_query(options, self.clock()).with_only_columns(R.id).order_by(None)
@@ -457,9 +458,9 @@ class Runner:
                 }
         limit = None if options.limit is None else options.limit - shown
         for o in self.orphans(options, limit) if limit is None or limit > 0 else ():
-            yield {"request_id": o.request_id, "service_id": o.service_id, "client": "", "product": "", "domain": "",
-                   "type": "", "due_on": None, "days_late": 0, "action": str(Action.ERROR), "addons": "", "unpaid_invoices": "",
-                   "email_to": "", "detail": o.error}
+            yield {"request_id": o.request_id, "service_id": o.service_id, "client": "", "product": "",
+                   "domain": "", "type": "", "due_on": None, "days_late": 0, "action": str(Action.ERROR),
+                   "addons": "", "unpaid_invoices": "", "email_to": "", "detail": o.error}
 
     # --- writing ---------------------------------------------------------------------------
 
