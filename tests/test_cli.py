@@ -22,7 +22,7 @@ from freezegun import freeze_time
 from sqlalchemy import func, select
 
 import processor
-from processor import cli as cli_module
+from processor.cli import requests as cli_module  # `requests list` prints with its echo_rows
 from processor import lease
 from processor.cli import cli
 from processor.db import Database, open_database

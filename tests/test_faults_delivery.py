@@ -55,7 +55,7 @@ MORNING = "2026-11-26T08:30:00Z"  # the operator has read cron's mail and fixed 
 NIGHT_2 = "2026-11-27T02:00:00Z"  # the next night's run
 REQUESTS = 3
 DIGEST, CONFIRMATION = "cron_job_activity", "service_cancellation_confirmation"
-STOPPED = "  email delivery stopped: {}; the emails stay queued (cancelproc emails send)"
+STOPPED = "  email delivery stopped: {}; the emails stay queued (once fixed: cancelproc emails send --now)"
 
 
 # --- helpers -------------------------------------------------------------------------------

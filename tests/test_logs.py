@@ -8,7 +8,7 @@ import json
 
 import structlog
 
-from processor.cli import _run_with_progress
+from processor.cli.run import _run_with_progress
 from processor.logs import configure_logging
 from processor.runner import RunOptions, Runner
 from tests import factories

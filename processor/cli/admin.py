@@ -1,0 +1,117 @@
+"""Setting up and feeding the processor: `db upgrade`, `init`, `import`, `hooks list`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from sqlalchemy import func, select
+
+from processor import db as dbmod
+from processor import importer
+from processor.cli.app import App, cli, pass_app, utc_now
+from processor.demo import load_demo
+from processor.errors import (
+    InputError,
+)
+from processor.hooks import POINTS
+from processor.models import (
+    Client,
+)
+from processor.output import echo_json, echo_table
+
+# --- database ---------------------------------------------------------------------------
+
+@cli.group("db")
+def db_group() -> None:
+    """Database schema (Alembic migrations)."""
+
+
+@db_group.command("upgrade")
+@pass_app
+def db_upgrade(app: App) -> None:
+    """Create or upgrade the database schema to this version."""
+    database = app.database(create=True, migrated=False)
+    before = dbmod.current_revision(database)
+    dbmod.upgrade(database)
+    after = dbmod.current_revision(database)
+    click.echo(f"database {database.display_url}: schema {before or 'empty'} -> {after}"
+               if before != after else f"database {database.display_url}: schema already at {after}")
+
+
+@cli.command()
+@click.option("--demo", is_flag=True, help="Also load a demo company (clients, services, requests).")
+@pass_app
+def init(app: App, demo: bool) -> None:
+    """Create the database (through the migrations), optionally with demo data."""
+    database = app.database(create=True, migrated=False)
+    dbmod.upgrade(database)
+    click.echo(f"database {database.display_url} ready (schema {dbmod.current_revision(database)})")
+    if demo:
+        with database.session.begin() as session:
+            if session.scalar(select(func.count()).select_from(Client)):
+                raise InputError(f"database {database.display_url} already has clients; demo data goes into an empty database")
+            counts = load_demo(session, today=app.today(), now=utc_now())
+        click.echo("demo data: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+
+
+# --- import ------------------------------------------------------------------------------
+
+@cli.command("import")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--kind", type=click.Choice(importer.KINDS), help="What the rows are (default: from the columns).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def import_command(app: App, files: tuple[Path, ...], kind: str | None, as_json: bool) -> int:
+    """Import clients, products, services, add-ons, invoices or requests (CSV or JSON Lines).
+
+    \b
+    Rows are matched by external_id (the billing system's id); each file is all or
+    nothing. Files are imported in the order given (clients before services before
+    requests); the first rejected file stops the import. Exit 1 if some rows were
+    conflicts (they would undo a cancellation the processor applied; not applied).
+    """
+    database = app.database()
+    reports: list[importer.FileReport] = []
+    for position, path in enumerate(files):
+        try:
+            report = importer.import_file(database, path, settings=app.settings, now=utc_now(), kind=kind,
+                                          actor=f"import:{app.operator}")
+        except importer.ImportRejected as exc:
+            for error in exc.errors:
+                click.echo(f"error: {error}", err=True)
+            skipped = [str(p) for p in files[position + 1:]]
+            raise InputError(f"{path}: rejected, {len(exc.errors)} bad row(s); nothing of it was imported"
+                             + (f"; not attempted: {', '.join(skipped)}" if skipped else "")) from None
+        reports.append(report)
+        if not as_json:
+            click.echo(f"{report.path} ({report.kind}): {report.inserted} inserted, {report.updated} updated, "
+                       f"{report.unchanged} unchanged, {len(report.conflicts)} conflict(s)")
+            for c in report.conflicts:
+                click.echo(f"  conflict {report.path}:{c.line} ({c.external_id}): {c.message}")
+    if as_json:
+        echo_json([{"path": str(r.path), "kind": r.kind, "inserted": r.inserted, "updated": r.updated,
+                    "unchanged": r.unchanged, "conflicts": [vars(c) for c in r.conflicts]} for r in reports])
+    return 1 if any(r.conflicts for r in reports) else 0
+
+
+# --- hooks -------------------------------------------------------------------------------
+
+@cli.group("hooks")
+def hooks_group() -> None:
+    """Operator hooks (hooks/*.py and installed plugins)."""
+
+
+@hooks_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def hooks_list(app: App, as_json: bool) -> None:
+    """Every loaded hook, in the order it runs at each point."""
+    rows = [{"point": i.point, "priority": i.priority, "function": i.fn.__qualname__, "file": f"{i.source}:{i.line}",
+             "arguments": "**kwargs" if i.wants is None else ", ".join(i.wants)} for i in app.hooks.impls()]
+    if as_json:
+        echo_json(rows)
+    else:
+        echo_table(rows, ["point", "priority", "function", "file", "arguments"],
+                   empty=f"no hooks loaded (hooks_dir: {app.settings.path(app.settings.hooks_dir)}; "
+                         f"points: {', '.join(POINTS)})")

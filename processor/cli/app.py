@@ -1,0 +1,211 @@
+"""The `cancelproc` group: the App the commands share, and the one place errors become
+one line and an exit code (0 all done, 1 some requests failed, 2 usage/config/data error,
+75 try again later, 70 a bug). A traceback only with --debug."""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import structlog
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from processor import __version__, monitoring, outbox
+from processor import db as dbmod
+from processor.config import Settings, load_settings
+from processor.db import Database, open_database
+from processor.delivery import Deliverer, mailer_from_settings
+from processor.due import business_today
+from processor.emails import EmailTemplates
+from processor.errors import (
+    CancelprocError,
+    DatabaseUnavailable,
+    database_trouble,
+    one_line,
+)
+from processor.hooks import HookRegistry, load_hooks
+from processor.logs import configure_logging
+from processor.models import (
+    AuditEntry,
+    CancellationRequest,
+)
+
+EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug, not the operator's input
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@dataclass
+class App:
+    """What the commands share: settings and database, opened on first use."""
+
+    config_path: Path | None
+    debug: bool
+    _settings: Settings | None = None
+    _db: Database | None = None
+    _hooks: HookRegistry | None = None
+    _templates: EmailTemplates | None = None
+    operator: str = field(default_factory=lambda: os.environ.get("SUDO_USER") or getpass.getuser())
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.config_path)
+            configure_logging("debug" if self.debug else self._settings.log_level, self._settings.log_format)
+        return self._settings
+
+    def database(self, *, create: bool = False, migrated: bool = True) -> Database:
+        if self._db is None:
+            self._db = open_database(self.settings.resolved_database_url(), create=create,
+                                     busy_timeout_seconds=self.settings.sqlite_busy_timeout_seconds)
+            if migrated:
+                dbmod.require_current(self._db)
+        return self._db
+
+    @property
+    def hooks(self) -> HookRegistry:
+        """Hook files and plugins, loaded once; a failure stops the command before any write."""
+        if self._hooks is None:
+            self._hooks = load_hooks(self.settings.path(self.settings.hooks_dir),
+                                     trace=os.environ.get("CANCELPROC_TRACE_HOOKS") == "1",
+                                     check_permissions=not self.settings.hooks_allow_unsafe_permissions)
+        return self._hooks
+
+    @property
+    def templates(self) -> EmailTemplates:
+        if self._templates is None:
+            email = self.settings.email
+            self._templates = EmailTemplates(self.settings.path(email.templates_dir) if email.templates_dir else None)
+        return self._templates
+
+    def composer(self) -> outbox.Composer:
+        return outbox.Composer(self.templates, self.hooks, self.settings.email)
+
+    def deliverer(self) -> Deliverer:
+        return Deliverer(self.database(), mailer_from_settings(self.settings), self.settings, clock=utc_now)
+
+    def today(self) -> dt.date:
+        return business_today(utc_now(), self.settings.zone)
+
+    def write_metrics(self) -> None:
+        """The Prometheus file, when one is configured. A failure to write it is logged,
+        never fails the command: the run's work is done."""
+        if not self.settings.metrics_file or self._db is None:
+            return
+        path = self.settings.path(self.settings.metrics_file)
+        try:
+            monitoring.write_metrics(path, monitoring.health(self._db, self.settings, now=utc_now(),
+                                                             max_age_hours=self.settings.status_max_age_hours))
+        except (OSError, SQLAlchemyError) as exc:
+            structlog.get_logger("cancelproc").error("metrics file not written", path=str(path), error=one_line(exc))
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.dispose()
+
+
+_LONG_WORD = re.compile(r"\S{200,}")
+
+
+def _echo_error(line: str) -> None:
+    """An error line as the operator reads it: one line, whatever value it quotes. A value
+    with control characters or bytes that are not UTF-8 is shown escaped (it would break
+    the line, or the terminal's encoding), and a very long one is cut, with its length."""
+    line = "".join(ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for ch in line)
+    line = _LONG_WORD.sub(lambda m: f"{m.group()[:100]}...[{len(m.group())} characters]", line)
+    click.echo(line, err=True)
+
+
+class CancelprocGroup(click.Group):
+    """Runs a command and turns every error into one line and an exit code."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        debug = "--debug" in argv or os.environ.get("CANCELPROC_DEBUG") == "1"
+        try:
+            code = super().main(argv, prog_name or "cancelproc", complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as exc:
+            code = exc.exit_code
+        except click.exceptions.NoArgsIsHelpError as exc:
+            # A bare group (`cancelproc requests`) is a request for its help, not a mistake.
+            click.echo(exc.ctx.get_help())
+            code = 0
+        except click.UsageError as exc:
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            _echo_error(f"error: {exc.format_message()}{where}")
+            code = 2
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            code = 130
+        except CancelprocError as exc:
+            if debug:
+                raise
+            _echo_error(f"error: {exc}")
+            code = exc.exit_code
+        except OperationalError as exc:  # the database went away, or is locked: not a bug
+            if debug:
+                raise
+            _echo_error(f"error: {database_trouble(exc)}")
+            code = DatabaseUnavailable.exit_code
+        except Exception as exc:
+            if debug:
+                raise
+            _echo_error(f"internal error: {one_line(exc)} (run with --debug for the traceback)")
+            code = EXIT_INTERNAL
+        code = 0 if code is None else code
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+@click.group(cls=CancelprocGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), envvar="CANCELPROC_CONFIG",
+              help="Config file (default: ./config/processor.toml; env CANCELPROC_CONFIG).")
+@click.option("--debug", is_flag=True, help="Debug logging, and a traceback on errors.")
+@click.version_option(version=__version__, prog_name="cancelproc")
+@click.pass_context
+def cli(ctx: click.Context, config_path: Path | None, debug: bool) -> None:
+    """Apply due service cancellation requests: the nightly job and the staff tools.
+
+    \b
+    Exit codes: 0 all done, 1 some requests failed or some emails could not
+    be sent (see the summary), 2 usage, config or data error, 75 another run
+    (or email sender) holds the lease, or the database is locked or
+    unreachable: try again later.
+    """
+    app = App(config_path=config_path, debug=debug)
+    ctx.obj = app
+    ctx.call_on_close(app.close)
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+def request_row(r: CancellationRequest) -> dict[str, Any]:
+    return {"id": r.id, "service_id": r.service_id, "type": r.type, "cancel_on": r.cancel_on,
+            "reason_code": r.reason_code, "reason": r.reason, "status": r.status, "attempts": r.attempts,
+            "last_error": r.last_error, "next_attempt_at": r.next_attempt_at, "created_at": r.created_at,
+            "created_by": r.created_by, "processed_at": r.processed_at, "run_id": r.run_id,
+            "days_late": r.days_late, "external_id": r.external_id, "note": r.note}
+
+
+def audit_rows(entries: Sequence[AuditEntry]) -> list[dict[str, Any]]:
+    return [{"at": a.at, "actor": a.actor, "run_id": a.run_id, "entity": a.entity, "entity_id": a.entity_id,
+             "action": a.action, "detail": a.detail} for a in entries]
+
+
+def main() -> NoReturn:
+    cli.main()
+    raise SystemExit(0)  # pragma: no cover - CancelprocGroup.main exits

@@ -1,0 +1,192 @@
+"""`cancelproc emails ...`: the outbox, previews and delivery."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from sqlalchemy import select
+
+from processor import outbox
+from processor.arguments import COUNT, ID, LanguageType
+from processor.cli.app import App, cli, pass_app, utc_now
+from processor.delivery import DeliveryReport, build_message, message_id
+from processor.digest import preview_digest
+from processor.emails import CRON_JOB_ACTIVITY, TEMPLATES
+from processor.errors import (
+    InputError,
+    NotFound,
+    StateError,
+)
+from processor.models import (
+    AuditEntry,
+    EmailStatus,
+    OutboxEmail,
+)
+from processor.output import echo_fields, echo_json, echo_rows
+
+
+def _email_row(e: OutboxEmail) -> dict[str, Any]:
+    return {"id": e.id, "key": e.key, "template": e.template, "request_id": e.request_id, "run_id": e.run_id,
+            "to": e.to_address, "from": e.from_address, "subject": e.subject, "status": e.status,
+            "attempts": e.attempts, "last_error": e.last_error, "next_attempt_at": e.next_attempt_at,
+            "created_at": e.created_at, "sent_at": e.sent_at,
+            "message_id": message_id(e.id, e.key, e.created_at, e.from_address)}
+
+
+def _get_email(session: Any, email_id: int) -> OutboxEmail:
+    email = session.get(OutboxEmail, email_id)
+    if email is None:
+        raise NotFound(f"email {email_id} not found")
+    return email
+
+
+@cli.group("emails")
+def emails_group() -> None:
+    """The email outbox: list, show, preview, send and retry emails."""
+
+
+@emails_group.command("list")
+@click.option("--status", type=click.Choice([s.value for s in EmailStatus]), help="Only emails in this state.")
+@click.option("--request", "request_id", type=ID, help="Only emails about this request.")
+@click.option("--template", type=click.Choice(list(TEMPLATES)), help="Only this message.")
+@click.option("--limit", type=COUNT, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def emails_list(app: App, status: str | None, request_id: int | None, template: str | None, limit: int,
+                as_json: bool) -> None:
+    """List emails, newest first."""
+    query = select(OutboxEmail).order_by(OutboxEmail.id.desc()).limit(limit)
+    if status:
+        query = query.where(OutboxEmail.status == EmailStatus(status))
+    if request_id is not None:
+        query = query.where(OutboxEmail.request_id == request_id)
+    if template:
+        query = query.where(OutboxEmail.template == template)
+    with app.database().read_session() as session:
+        rows = [_email_row(e) for e in session.scalars(query)]
+    echo_rows(rows, ["id", "template", "request_id", "to", "status", "attempts", "created_at", "sent_at",
+                     "last_error"], as_json=as_json, empty="no emails")
+
+
+@emails_group.command("show")
+@click.argument("email_id", type=ID)
+@click.option("--raw", is_flag=True, help="The whole message as it is sent (headers, text and HTML parts).")
+@click.option("--html", is_flag=True, help="The HTML part instead of the text.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def emails_show(app: App, email_id: int, raw: bool, html: bool, as_json: bool) -> None:
+    """One email: its state and its text (or HTML, or the raw message)."""
+    with app.database().read_session() as session:
+        email = _get_email(session, email_id)
+        row = _email_row(email)
+        row.update(text=email.text_body, html=email.html_body)
+        message = build_message(email, app.settings.email.company_name) if raw else None
+    if as_json:
+        echo_json(row)
+    elif message is not None:
+        click.echo(message.as_string(), nl=False)
+    else:
+        echo_fields([(k, row[k]) for k in ("id", "key", "template", "request_id", "run_id", "from", "to", "subject",
+                                           "message_id", "status", "attempts", "last_error", "next_attempt_at",
+                                           "created_at", "sent_at")])
+        click.echo()
+        click.echo(row["html"] if html else row["text"])
+
+
+@emails_group.command("preview")
+@click.argument("template", type=click.Choice(list(TEMPLATES)), metavar="TEMPLATE")
+@click.option("--request", "request_id", type=ID, help="Render it for this request (client and request emails).")
+@click.option("--run", "run_id", type=ID, help="Render it for this run (cron_job_activity).")
+@click.option("--language", type=LanguageType(),
+              help="Use this language's templates and dates instead of the client's (e.g. de, de_AT).")
+@click.option("--html", is_flag=True, help="Print the HTML part instead of the text.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def emails_preview(app: App, template: str, request_id: int | None, run_id: int | None, language: str | None,
+                   html: bool, as_json: bool) -> None:
+    """Render TEMPLATE with real data, as it would be queued now; nothing is written.
+
+    \b
+    Templates: cancellation_request_confirmation, new_cancellation_request,
+    service_cancellation_confirmation (each --request ID), cron_job_activity (--run ID).
+    """
+    composer = app.composer()
+    if template == CRON_JOB_ACTIVITY:
+        if run_id is None or request_id is not None:
+            raise click.UsageError(f"{template} needs --run RUN_ID (and no --request)")
+        with app.database().read_engine.connect() as conn:
+            composed = preview_digest(conn, composer, run_id, now=utc_now(), settings=app.settings)
+    else:
+        if request_id is None or run_id is not None:
+            raise click.UsageError(f"{template} needs --request REQUEST_ID (and no --run)")
+        with app.database().read_session() as session:
+            composed, language = outbox.preview_request_email(session, template, request_id, composer=composer,
+                                                              settings=app.settings, today=app.today(),
+                                                              language=language)
+    email = composed.email
+    if email is None:
+        raise InputError(f"{template}: an EmailPreSend hook ({composed.aborted_by}) would abort this email")
+    if as_json:
+        echo_json({"template": template, "file": app.templates.filename(template, language), "to": email.to_address,
+                   "subject": email.subject, "text": email.text_body, "html": email.html_body})
+        return
+    click.echo(f"To: {email.to_address}\nSubject: {email.subject}\n")
+    click.echo(email.html_body if html else email.text_body)
+
+
+def _echo_delivery(report: DeliveryReport) -> None:
+    click.echo(f"{report.sent} sent, {report.retrying} will be retried, {report.failed} failed for good, "
+               f"{report.queued} still queued")
+    for e in report.failed_emails:
+        click.echo(f"  email {e['id']} ({e['template']}) to {e['to_address']}: {e['error']} [FAILED]")
+    if report.stopped:
+        click.echo(f"error: delivery stopped: {report.stopped}; the rest stays queued", err=True)
+
+
+@emails_group.command("send")
+@click.option("--limit", type=COUNT, help="Send at most N emails.")
+@click.option("--now", "ignore_backoff", is_flag=True,
+              help="Also send emails waiting for their next attempt after a failed send.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def emails_send(app: App, limit: int | None, ignore_backoff: bool, as_json: bool) -> int:
+    """Send queued emails now (a run also sends them at its end).
+
+    Exit 0 when everything due was sent, 1 when some could not be (they stay queued
+    with their error, or failed for good after max_attempts), 75 when another sender
+    is at work.
+    """
+    try:
+        report = app.deliverer().deliver(limit=limit, ignore_backoff=ignore_backoff)
+    finally:
+        app.write_metrics()
+    if as_json:
+        echo_json({k: getattr(report, k) for k in ("sent", "retrying", "failed", "queued", "stopped", "failed_emails")})
+    else:
+        _echo_delivery(report)
+    return 0 if report.ok else 1
+
+
+@emails_group.command("retry")
+@click.argument("email_ids", type=ID, nargs=-1)
+@click.option("--all-failed", is_flag=True, help="Every failed email.")
+@pass_app
+def emails_retry(app: App, email_ids: tuple[int, ...], all_failed: bool) -> None:
+    """Queue failed emails again (attempts reset); the next run or `emails send` sends them."""
+    if bool(email_ids) == all_failed:
+        raise click.UsageError("give EMAIL_IDS or --all-failed (not both)")
+    with app.database().session.begin() as session:
+        if all_failed:
+            emails = list(session.scalars(select(OutboxEmail).where(OutboxEmail.status == EmailStatus.FAILED)))
+        else:
+            emails = [_get_email(session, i) for i in email_ids]
+            for e in emails:
+                if e.status is not EmailStatus.FAILED:
+                    raise StateError(f"email {e.id} is {e.status.value}; only a failed email can be retried")
+        now = utc_now()
+        for e in emails:
+            session.add(AuditEntry(at=now, actor=app.operator, request_id=e.request_id, entity="email", entity_id=e.id,
+                                   action="retry", detail=f"was failed: {e.last_error or '-'}"))
+            e.status, e.attempts, e.next_attempt_at = EmailStatus.QUEUED, 0, None
+    click.echo(f"{len(emails)} email(s) queued again; `cancelproc emails send` sends them now")

@@ -1,0 +1,283 @@
+"""Looking at what happened: `runs`, `services`, `report` and `status`."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import enum
+import io
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import click
+from sqlalchemy import select
+from sqlalchemy.orm import joinedload
+
+from processor import cancellations, monitoring, reports
+from processor.arguments import COUNT, DATE, HOURS, ID, RunRefType
+from processor.cli.app import App, audit_rows, cli, pass_app, request_row, utc_now
+from processor.errors import (
+    InputError,
+    NotFound,
+)
+from processor.models import (
+    AuditEntry,
+    CancellationRequest,
+    Invoice,
+    OutboxEmail,
+    Run,
+    Service,
+    ServiceAddon,
+    ServiceStatus,
+)
+from processor.output import (
+    cell,
+    echo_fields,
+    echo_json,
+    echo_rows,
+    echo_table,
+    to_jsonable,
+)
+
+# --- runs --------------------------------------------------------------------------------
+
+def _run_row(r: Run) -> dict[str, Any]:
+    return {k: getattr(r, k) for k in ("id", "trigger", "operator", "as_of", "host", "pid", "status", "started_at",
+                                       "finished_at", "due", "completed", "noop", "retrying", "failed",
+                                       "vetoed", "emails_queued", "emails_sent", "emails_failed", "late",
+                                       "max_days_late", "error")}
+
+
+@cli.group("runs")
+def runs_group() -> None:
+    """Inspect past runs."""
+
+
+@runs_group.command("list")
+@click.option("--limit", type=COUNT, default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def runs_list(app: App, limit: int, as_json: bool) -> None:
+    """Recent runs, newest first."""
+    with app.database().read_session() as session:
+        rows = [_run_row(r) for r in session.scalars(select(Run).order_by(Run.id.desc()).limit(limit))]
+    echo_rows(rows, ["id", "started_at", "trigger", "operator", "as_of", "status", "due", "completed", "noop",
+                     "retrying", "failed", "vetoed", "late", "max_days_late"], as_json=as_json, empty="no runs yet")
+
+
+@runs_group.command("show")
+@click.argument("run_ref", metavar="RUN_ID|last", type=RunRefType())
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def runs_show(app: App, run_ref: int | str, as_json: bool) -> None:
+    """One run: counts, lateness and each failure."""
+    with app.database().read_session() as session:
+        if run_ref == "last":
+            run_obj = session.scalars(select(Run).order_by(Run.id.desc()).limit(1)).one_or_none()
+            if run_obj is None:
+                raise NotFound("no runs yet")
+        else:
+            run_obj = session.get(Run, run_ref)
+            if run_obj is None:
+                raise NotFound(f"run {run_ref} not found")
+        row = _run_row(run_obj)
+        row["failures"] = audit_rows(session.scalars(
+            select(AuditEntry).where(AuditEntry.run_id == run_obj.id,
+                                     AuditEntry.action.in_(["failed", "attempt_failed"])).order_by(AuditEntry.id)).all())
+        row["late_requests"] = [
+            {"request_id": r.id, "service_id": r.service_id, "days_late": r.days_late}
+            for r in session.scalars(select(CancellationRequest).where(
+                CancellationRequest.run_id == run_obj.id, CancellationRequest.days_late > 0)
+                .order_by(CancellationRequest.days_late.desc()).limit(20))
+        ]
+    if as_json:
+        echo_json(row)
+        return
+    echo_fields([(k, row[k]) for k in _run_row(run_obj)])
+    if row["late_requests"]:
+        click.echo("latest applied (catch-up):")
+        echo_table(row["late_requests"], ["request_id", "service_id", "days_late"])
+    click.echo("failures:")
+    echo_table(row["failures"], ["at", "entity_id", "action", "detail"], empty="  (none)")
+
+
+# --- services ----------------------------------------------------------------------------
+
+def _service_row(s: Service) -> dict[str, Any]:
+    return {"id": s.id, "external_id": s.external_id, "client_id": s.client_id, "client": s.client.name,
+            "product": s.product.name, "domain": s.domain, "status": s.status, "billing_cycle": s.billing_cycle,
+            "amount": s.amount, "next_due_date": s.next_due_date, "termination_date": s.termination_date}
+
+
+@cli.group("services")
+def services_group() -> None:
+    """Inspect services."""
+
+
+@services_group.command("list")
+@click.option("--status", type=click.Choice([s.value for s in ServiceStatus], case_sensitive=False))
+@click.option("--client", "client_id", type=ID, help="Only this client's services.")
+@click.option("--limit", type=COUNT, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def services_list(app: App, status: str | None, client_id: int | None, limit: int, as_json: bool) -> None:
+    """List services."""
+    query = (select(Service).options(joinedload(Service.client), joinedload(Service.product))
+             .order_by(Service.id).limit(limit))
+    if status:
+        query = query.where(Service.status == ServiceStatus(status.capitalize()))
+    if client_id is not None:
+        query = query.where(Service.client_id == client_id)
+    with app.database().read_session() as session:
+        rows = [_service_row(s) for s in session.scalars(query)]
+    echo_rows(rows, ["id", "client", "product", "domain", "status", "billing_cycle", "next_due_date",
+                     "termination_date"], as_json=as_json, empty="no services")
+
+
+@services_group.command("show")
+@click.argument("service_id", type=ID)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def services_show(app: App, service_id: int, as_json: bool) -> None:
+    """One service with its add-ons, invoices, requests and emails."""
+    with app.database().read_session() as session:
+        service = cancellations.get_service(session, service_id)
+        row = _service_row(service)
+        row["client_email"] = service.client.email
+        row["addons"] = [{"id": a.id, "name": a.name, "status": a.status, "amount": a.amount}
+                         for a in session.scalars(select(ServiceAddon).where(ServiceAddon.service_id == service_id))]
+        row["invoices"] = [{"id": i.id, "amount": i.amount, "status": i.status, "due_date": i.due_date}
+                           for i in session.scalars(select(Invoice).where(Invoice.service_id == service_id))]
+        requests = session.scalars(select(CancellationRequest).where(CancellationRequest.service_id == service_id)
+                                   .order_by(CancellationRequest.id)).all()
+        row["requests"] = [request_row(r) for r in requests]
+        row["emails"] = [{"id": e.id, "template": e.template, "to": e.to_address, "subject": e.subject,
+                          "status": e.status} for e in session.scalars(
+                              select(OutboxEmail).where(OutboxEmail.request_id.in_([r.id for r in requests])))]
+    if as_json:
+        echo_json(row)
+        return
+    echo_fields([(k, row[k]) for k in ("id", "external_id", "client", "client_email", "product", "domain", "status",
+                                       "billing_cycle", "amount", "next_due_date", "termination_date")])
+    for title, key, cols in (("add-ons", "addons", ["id", "name", "status", "amount"]),
+                             ("invoices", "invoices", ["id", "amount", "status", "due_date"]),
+                             ("requests", "requests", ["id", "type", "status", "created_at", "processed_at"]),
+                             ("emails", "emails", ["id", "template", "to", "status"])):
+        click.echo(f"{title}:")
+        echo_table(row[key], cols, empty="  (none)")
+
+
+# --- reports -----------------------------------------------------------------------------
+
+REPORT_FORMATS = click.Choice(["table", "json", "csv"])
+
+
+def _report_window(app: App, since: dt.date | None, until: dt.date | None) -> tuple[dt.date, dt.date]:
+    until = until or app.today()
+    since = since or until - dt.timedelta(days=30)
+    if since > until:
+        raise InputError(f"--since {since} is after --until {until}")
+    return since, until
+
+
+def _echo_report(rows: list[dict[str, Any]], columns: list[str], fmt: str, empty: str) -> None:
+    if fmt == "json":
+        echo_json(rows)
+    elif fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([[to_jsonable(v) if isinstance(v, (dt.date, Decimal, enum.Enum)) else v
+                           for v in (row[c] for c in columns)] for row in rows])
+        click.echo(out.getvalue(), nl=False)
+    else:
+        echo_table(rows, columns, empty=empty)
+
+
+@cli.group("report")
+def report_group() -> None:
+    """Reports: why clients cancel, and the runs."""
+
+
+def _report_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--since, --until and --format, shared by the reports."""
+    for option in (click.option("--format", "fmt", type=REPORT_FORMATS, default="table", show_default=True),
+                   click.option("--until", type=DATE, help="Last day, included (default: today)."),
+                   click.option("--since", type=DATE, help="First day (default: 30 days before --until).")):
+        command = option(command)
+    return command
+
+
+@report_group.command("reasons")
+@_report_options
+@pass_app
+def report_reasons(app: App, since: dt.date | None, until: dt.date | None, fmt: str) -> None:
+    """Cancellations applied in the window, by reason code and product (churn analysis)."""
+    since, until = _report_window(app, since, until)
+    with app.database().read_session() as session:
+        rows = reports.cancellations_by_reason(session, since=since, until=until, zone=app.settings.zone)
+    _echo_report(rows, ["reason_code", "product", "cancellations", "share_percent", "recurring_amount"], fmt,
+                 empty=f"no cancellations from {since} to {until}")
+
+
+@report_group.command("runs")
+@_report_options
+@pass_app
+def report_runs(app: App, since: dt.date | None, until: dt.date | None, fmt: str) -> None:
+    """Runs started in the window: status, duration, counts, lateness, emails."""
+    since, until = _report_window(app, since, until)
+    with app.database().read_session() as session:
+        rows = reports.runs_between(session, since=since, until=until, zone=app.settings.zone)
+    columns = ["id", "started_at", "trigger", "status", "duration_seconds", "due", "completed", "noop", "retrying",
+               "failed", "vetoed", "late", "max_days_late", "emails_sent", "emails_failed"]
+    _echo_report(rows, columns if fmt == "table" else list(rows[0]) if rows else columns, fmt,
+                 empty=f"no runs from {since} to {until}")
+
+
+# --- monitoring --------------------------------------------------------------------------
+
+def _echo_health(h: monitoring.Health) -> None:
+    def ago(seconds: float | None) -> str:
+        if seconds is None:
+            return "-"
+        return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+    last, ok = h.last_run, h.last_successful_run
+    echo_fields([
+        ("health", "OK" if h.healthy else f"{len(h.problems)} problem(s)"),
+        ("last run", f"{last.id} {last.status}, started {cell(last.started_at)}" if last else "none yet"),
+        ("last successful run", f"{ok.id}, finished {cell(ok.finished_at)} ({h.last_success_age_hours} h ago)"
+         if ok else "none yet"),
+        ("requests pending", f"{h.requests_pending} ({h.requests_due} due now, the longest waiting for "
+                             f"{ago(h.oldest_due_request_age_seconds)})"),
+        ("requests failed", f"{h.requests_failed} (manual cancellation required)"),
+        ("emails queued", f"{h.emails_queued} (the oldest for {ago(h.oldest_queued_email_age_seconds)})"),
+        ("emails failed", h.emails_failed),
+        ("leases", ", ".join(f"{le.name}: {'run ' + str(le.run_id) if le.run_id else 'sender'} on {le.host} "
+                             f"pid {le.pid}{' (STALE)' if le.stale else ''}" for le in h.leases) or "none held"),
+    ])
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--max-age-hours", type=HOURS,
+              help="A successful run must have finished within this many hours (default: status_max_age_hours).")
+@pass_app
+def status(app: App, as_json: bool, max_age_hours: float | None) -> int:
+    """Is the processor healthy? One screen for the operator on call.
+
+    \b
+    Exit 0 when healthy; 1 with one line per problem on stderr when the last
+    successful run is too old, the last run ended in error, requests need a
+    manual cancellation, emails failed, or a lease went stale.
+    """
+    h = monitoring.health(app.database(), app.settings, now=utc_now(),
+                          max_age_hours=max_age_hours or app.settings.status_max_age_hours)
+    if as_json:
+        echo_json(h.as_dict())
+    else:
+        _echo_health(h)
+    for problem in h.problems:
+        click.echo(f"problem: {problem}", err=True)
+    return 0 if h.healthy else 1

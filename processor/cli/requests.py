@@ -1,0 +1,215 @@
+"""`cancelproc requests ...`: what support staff do with cancellation requests."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import click
+import structlog
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from processor import cancellations, outbox
+from processor.arguments import COUNT, DATE, ID, FreeTextType
+from processor.cli.app import App, audit_rows, cli, pass_app, request_row, utc_now
+from processor.cli.run import echo_summary
+from processor.db import Database
+from processor.due import business_today, effective_date, is_due
+from processor.errors import (
+    CancelprocError,
+    InputError,
+)
+from processor.hooks import HookFailed, HookRegistry
+from processor.models import (
+    AuditEntry,
+    CancellationRequest,
+    RequestStatus,
+    RequestType,
+    RunTrigger,
+)
+from processor.output import echo_fields, echo_json, echo_rows, echo_table
+from processor.params import request_params, request_select
+from processor.runner import Runner, RunOptions
+from processor.text import MAX_NOTE, MAX_REASON
+
+REQUEST_TYPES = {"immediate": RequestType.IMMEDIATE, "end-of-period": RequestType.END_OF_BILLING_PERIOD,
+                 "on-date": RequestType.ON_DATE}
+
+
+@cli.group("requests")
+def requests_group() -> None:
+    """Create, inspect, withdraw, retry and process cancellation requests."""
+
+
+def _notify_request_hook(database: Database, hooks: HookRegistry, point: str, request_id: int, **more: Any) -> None:
+    """Fire a staff-command hook after the change is committed (its failure is logged, not raised)."""
+    if not hooks.has(point):
+        return
+    with database.read_engine.connect() as conn:
+        row = conn.execute(request_select().where(CancellationRequest.id == request_id)).one_or_none()
+    if row is None:  # its service, client or product was deleted outside cancelproc: no params to give
+        structlog.get_logger("cancelproc").warning(
+            "hook not called: the request's service, client or product no longer exists", point=point,
+            request_id=request_id)
+        return
+    hooks.notify(point, request_params(row, **more))
+
+
+@requests_group.command("create")
+@click.argument("service_id", type=ID)
+@click.option("--type", "type_name", type=click.Choice(list(REQUEST_TYPES)), default="end-of-period", show_default=True)
+@click.option("--reason-code", required=True, help="One of the configured reason_codes.")
+@click.option("--reason", default="", type=FreeTextType(MAX_REASON),
+              help=f"Free text from the client (at most {MAX_REASON} characters).")
+@click.option("--on", "cancel_on", type=DATE, help="The date, for --type on-date.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def requests_create(app: App, service_id: int, type_name: str, reason_code: str, reason: str,
+                    cancel_on: dt.date | None, as_json: bool) -> None:
+    """Record a cancellation request for SERVICE_ID."""
+    database = app.database()
+    hooks = app.hooks
+    composer = app.composer()
+    now = utc_now()
+    try:
+        with database.session.begin() as session:
+            request = cancellations.create_request(
+                session, service_id=service_id, type_=REQUEST_TYPES[type_name], reason_code=reason_code,
+                reason=reason, allowed_reasons=app.settings.reason_codes, cancel_on=cancel_on,
+                actor=app.operator, now=now, today=app.today(),
+            )
+            not_queued = outbox.queue_request_emails(session, request.id, composer=composer, settings=app.settings,
+                                                     now=now, actor=app.operator)
+            row = request_row(request)
+    except IntegrityError:
+        # Another writer created an open request between our check and our insert.
+        raise InputError(f"service {service_id} already has an open request") from None
+    except HookFailed as exc:  # fail closed: no request without its confirmation email
+        raise CancelprocError(f"request not created: {exc}") from None
+    _notify_request_hook(database, hooks, "CancellationRequest", row["id"], actor=app.operator)
+    row["emails_not_queued"] = not_queued
+    if as_json:
+        echo_json(row)
+    else:
+        click.echo(f"request {row['id']} created for service {service_id} ({row['type'].value})")
+        for line in not_queued:
+            click.echo(f"warning: {line}", err=True)
+
+
+@requests_group.command("list")
+@click.option("--status", type=click.Choice([s.value for s in RequestStatus]), help="Only requests in this state.")
+@click.option("--service", "service_id", type=ID, help="Only requests for this service.")
+@click.option("--limit", type=COUNT, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def requests_list(app: App, status: str | None, service_id: int | None, limit: int, as_json: bool) -> None:
+    """List requests, newest first."""
+    query = select(CancellationRequest).order_by(CancellationRequest.id.desc()).limit(limit)
+    if status:
+        query = query.where(CancellationRequest.status == RequestStatus(status))
+    if service_id is not None:
+        query = query.where(CancellationRequest.service_id == service_id)
+    with app.database().read_session() as session:
+        rows = [request_row(r) for r in session.scalars(query)]
+    echo_rows(rows, ["id", "service_id", "type", "cancel_on", "status", "attempts", "reason_code",
+                     "created_at", "processed_at", "last_error"], as_json=as_json, empty="no requests")
+
+
+@requests_group.command("show")
+@click.argument("request_id", type=ID)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def requests_show(app: App, request_id: int, as_json: bool) -> None:
+    """One request, whether it is due, and its audit trail."""
+    with app.database().read_session() as session:
+        request = cancellations.get_request(session, request_id)
+        service = request.service  # None if deleted outside cancelproc (foreign keys off)
+        row = request_row(request)
+        created_on = business_today(request.created_at, app.settings.zone)
+        due_date = service.next_due_date if service else None
+        row["due_on"] = effective_date(request.type, due_date, request.cancel_on, created_on) if service else None
+        row["due_now"] = service is not None and request.status is RequestStatus.PENDING and is_due(
+            request.type, due_date, request.cancel_on, created_on, app.today())
+        row["service"] = service and {"id": service.id, "status": service.status, "domain": service.domain,
+                                      "next_due_date": service.next_due_date,
+                                      "termination_date": service.termination_date}
+        row["audit"] = audit_rows(session.scalars(
+            select(AuditEntry).where(AuditEntry.request_id == request_id).order_by(AuditEntry.id)).all())
+    if as_json:
+        echo_json(row)
+        return
+    echo_fields([(k, row[k]) for k in ("id", "external_id", "service_id", "type", "cancel_on", "due_on", "due_now",
+                                       "status", "reason_code", "reason", "attempts", "last_error", "next_attempt_at",
+                                       "created_at", "created_by", "processed_at", "run_id", "days_late", "note")])
+    click.echo(f"service     {service.id} {service.domain} ({service.status.value}, next due {service.next_due_date or '-'})"
+               if service else f"service     {row['service_id']} no longer exists (deleted outside cancelproc)")
+    click.echo("audit trail:")
+    echo_table(row["audit"], ["at", "actor", "run_id", "entity", "entity_id", "action", "detail"], empty="  (none)")
+
+
+@requests_group.command("withdraw")
+@click.argument("request_id", type=ID)
+@click.option("--note", default="", type=FreeTextType(MAX_NOTE), help="Why (goes into the audit log).")
+@pass_app
+def requests_withdraw(app: App, request_id: int, note: str) -> None:
+    """Withdraw a pending (or failed) request: the service stays as it is."""
+    database, hooks = app.database(), app.hooks
+    with database.session.begin() as session:
+        cancellations.withdraw_request(session, request_id, actor=app.operator, now=utc_now(), note=note)
+    _notify_request_hook(database, hooks, "CancellationRequestWithdrawn", request_id, actor=app.operator, note=note)
+    click.echo(f"request {request_id} withdrawn")
+
+
+@requests_group.command("retry")
+@click.argument("request_id", type=ID)
+@pass_app
+def requests_retry(app: App, request_id: int) -> None:
+    """Put a failed request (or one waiting for its next attempt) back in line for the next run."""
+    with app.database().session.begin() as session:
+        cancellations.retry_request(session, request_id, actor=app.operator, now=utc_now())
+    click.echo(f"request {request_id} is pending again (attempts reset); the next run applies it when due")
+
+
+@requests_group.command("resolve")
+@click.argument("request_id", type=ID)
+@click.option("--note", required=True, type=FreeTextType(MAX_NOTE),
+              help="What was done by hand (goes into the audit log).")
+@pass_app
+def requests_resolve(app: App, request_id: int, note: str) -> None:
+    """Close a failed request that staff cancelled by hand (the service is not touched)."""
+    with app.database().session.begin() as session:
+        cancellations.resolve_request(session, request_id, actor=app.operator, now=utc_now(), note=note)
+    click.echo(f"request {request_id} resolved by hand")
+
+
+@requests_group.command("process")
+@click.argument("request_ids", type=ID, nargs=-1, required=True)
+@click.option("--now", "ignore_due_date", is_flag=True, help="Apply even if the request is not due yet.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def requests_process(app: App, request_ids: tuple[int, ...], ignore_due_date: bool, as_json: bool) -> int:
+    """Apply these requests at once, as a run limited to them."""
+    database = app.database()
+    today = app.today()
+    with database.read_session() as session:
+        for rid in request_ids:
+            request = cancellations.get_request(session, rid)
+            if request.status is not RequestStatus.PENDING:
+                raise InputError(f"request {rid} is {request.status.value}; only a pending request can be processed")
+            service = request.service  # None if deleted behind our back: the run fails it, saying so
+            created_on = business_today(request.created_at, app.settings.zone)
+            if service and not ignore_due_date and not is_due(request.type, service.next_due_date, request.cancel_on,
+                                                  created_on, today):
+                due_on = effective_date(request.type, service.next_due_date, request.cancel_on, created_on)
+                raise InputError(f"request {rid} is not due until {due_on}; add --now to apply it before its due date")
+    options = RunOptions(as_of=today, trigger=RunTrigger.MANUAL, operator=app.operator,
+                         request_ids=list(request_ids), ignore_due_date=ignore_due_date, digest=False)
+    deliverer = app.deliverer() if app.settings.email.send_after_run else None
+    summary = Runner(database, app.settings, clock=utc_now, templates=app.templates, hooks=app.hooks,
+                     deliverer=deliverer).run(options)
+    if as_json:
+        echo_json(summary.as_dict())
+    else:
+        echo_summary(summary)
+    return summary.exit_code
