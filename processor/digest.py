@@ -105,8 +105,7 @@ def summary_of_run(conn: Connection, run_id: int) -> dict[str, Any]:
         for e in conn.execute(select(OutboxEmail).where(OutboxEmail.run_id == run_id,
                                                         OutboxEmail.status == EmailStatus.FAILED)).scalars()
     ]
-    counts = {k: getattr(run, k) for k in ("due", "completed", "noop", "retrying", "failed", "vetoed", "late",
-                                           "max_days_late", "emails_queued", "emails_sent", "emails_failed")}
+    counts = {k: getattr(run, k) for k in (*Run.CHUNK_COUNTS, *Run.DELIVERY_COUNTS)}
     return {**counts, "skipped": 0, "status": run.status.value, "failures": failures, "failed_emails": failed_emails,
             "delivery_error": ""}
 

@@ -263,6 +263,12 @@ class Run(Base):
     max_days_late: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
 
+    # The counts each chunk adds to (every process that works on the run), then those
+    # of the delivery at its end.
+    CHUNK_COUNTS = ("due", "completed", "noop", "retrying", "failed", "vetoed", "emails_queued", "late",
+                    "max_days_late")
+    DELIVERY_COUNTS = ("emails_sent", "emails_failed")
+
 
 class Lease(Base):
     """Who may run now. A row per lease name; expires unless its holder renews it."""

@@ -746,8 +746,7 @@ class Runner:
         with self.db.read_session() as session:
             run = session.get(Run, run_id)
             assert run is not None
-            for name in ("due", "completed", "noop", "retrying", "failed", "vetoed", "emails_queued", "late",
-                         "max_days_late"):
+            for name in Run.CHUNK_COUNTS:
                 setattr(summary, name, getattr(run, name))
             summary.failures = recorded_failures(session, run_id)
 
