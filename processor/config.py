@@ -191,7 +191,8 @@ class Settings(BaseSettings):
             url = make_url(value)
         except ArgumentError:
             raise ValueError("cannot parse it (e.g. sqlite:///var/cancelproc.db or postgresql://user@host/dbname)")
-        if url.get_backend_name() not in ("sqlite", "postgresql"):
+        # postgres:// is how many hosts hand out the URL; open_database reads it as postgresql.
+        if url.get_backend_name() not in ("sqlite", "postgresql", "postgres"):
             raise ValueError(f"{url.get_backend_name()!r} is not supported (sqlite:///PATH or postgresql://...)")
         if url.get_backend_name() == "sqlite":
             if not url.database or url.database == ":memory:":

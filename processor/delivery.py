@@ -12,6 +12,7 @@ Backends: `smtp` (production), `folder` (an .eml file per email: the embedded de
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import os
 import smtplib
@@ -146,6 +147,8 @@ class FolderMailer:
         except FileNotFoundError:
             pass  # nothing was written: the folder is created by the first send
         except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOTSUP):
+                return  # a file system that cannot sync a folder (some network mounts): the files are synced
             raise MailerDown(f"{self.description}: cannot sync: {exc.strerror or exc}") from None
 
     def close(self) -> None:
@@ -392,13 +395,19 @@ class Deliverer:
 
     def _durable(self, results: list[tuple[Row[Any], str | None, bool]],
                  report: DeliveryReport) -> list[tuple[Row[Any], str | None, bool]]:
-        """Recorded as sent only once the mailer has it for good: if it cannot sync the
-        batch, the whole batch counts as not sent (and is sent again later)."""
+        """Recorded as sent only once the mailer has it for good. If it cannot sync the
+        batch, its sent emails are not recorded: they stay queued as they were (no attempt
+        counted: they are not at fault) and go again next time. Its failures stand."""
+        sent = sum(error is None for _, error, _ in results)
+        if not sent:
+            return results
         try:
             self.mailer.flush()
         except MailerDown as exc:
             report.stopped = report.stopped or str(exc)
-            return [(row, error or str(exc), permanent) for row, error, permanent in results]
+            self.log.error("email delivery stopped: sent emails could not be made durable; they stay queued",
+                           error=str(exc), emails=sent)
+            return [result for result in results if result[1] is not None]
         return results
 
     def _record(self, results: list[tuple[Row[Any], str | None, bool]], report: DeliveryReport) -> None:

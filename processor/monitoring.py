@@ -83,6 +83,8 @@ class Health:
     emails_queued: int
     emails_failed: int
     oldest_queued_email_age_seconds: float | None
+    emails_untried: int  # queued and not tried once
+    oldest_untried_email_age_seconds: float | None
     leases: list[LeaseInfo] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -124,6 +126,8 @@ def health(db: Database, settings: Settings, *, now: dt.datetime, max_age_hours:
             R.status == RequestStatus.PENDING, due_clause(business_today(now, settings.zone), settings.zone))) or 0
         emails = dict(s.execute(select(OutboxEmail.status, func.count()).group_by(OutboxEmail.status)).all())
         oldest_email = s.scalar(select(func.min(OutboxEmail.created_at)).where(OutboxEmail.status == EmailStatus.QUEUED))
+        untried, oldest_untried = s.execute(select(func.count(), func.min(OutboxEmail.created_at)).where(
+            OutboxEmail.status == EmailStatus.QUEUED, OutboxEmail.attempts == 0)).one()
         oldest_due = _oldest_due(s, settings, now)
         leases = [LeaseInfo(le.name, le.run_id, le.host, le.pid, le.acquired_at, le.expires_at, le.expires_at <= now)
                   for le in s.scalars(select(Lease).order_by(Lease.name))]
@@ -140,6 +144,8 @@ def health(db: Database, settings: Settings, *, now: dt.datetime, max_age_hours:
             emails_queued=emails.get(EmailStatus.QUEUED, 0),
             emails_failed=emails.get(EmailStatus.FAILED, 0),
             oldest_queued_email_age_seconds=_age(now, oldest_email),
+            emails_untried=untried,
+            oldest_untried_email_age_seconds=_age(now, oldest_untried),
             leases=leases,
         )
     h.problems = _problems(h, max_age_hours)
@@ -159,10 +165,13 @@ def _problems(h: Health, max_age_hours: float) -> list[str]:
     if h.requests_failed:
         problems.append(f"{h.requests_failed} request(s) need a manual cancellation: "
                         "cancelproc requests list --status failed")
-    queued_hours = (h.oldest_queued_email_age_seconds or 0) / 3600
-    if queued_hours > max_age_hours:  # a day's runs and sends have not got them out
-        problems.append(f"{h.emails_queued} email(s) queued, the oldest for {queued_hours:.1f} hours (more than "
-                        f"{max_age_hours:g}): is delivery working? cancelproc emails send")
+    # Emails never even tried for that long: delivery is not running, or it stops at the
+    # first email (a relay down, an unwritable folder). One that is tried and waits out its
+    # backoff (a greylisting recipient) is no sign of that; it ends sent or failed.
+    untried_hours = (h.oldest_untried_email_age_seconds or 0) / 3600
+    if untried_hours > max_age_hours:
+        problems.append(f"{h.emails_untried} queued email(s) never tried, the oldest queued {untried_hours:.1f} hours "
+                        f"ago (more than {max_age_hours:g}): is delivery working? cancelproc emails send")
     if h.emails_failed:
         problems.append(f"{h.emails_failed} email(s) failed: cancelproc emails list --status failed")
     for lease in h.leases:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 
-MAX_REASON = 2000  # a client's reason, as WHMCS's cancellation form takes it
+# A client's reason: WHMCS keeps it in a TEXT column (65,535 bytes), so no reason an
+# import brings from there is refused; a bound still, for the emails and the logs.
+MAX_REASON = 65_535
 MAX_NOTE = 1000  # a staff note in the audit log
 
 # Control characters other than tab and line breaks; lone surrogates (bytes that were not

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from click.testing import Result
 
 Invoke = Callable[..., Result]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def process_env(database_url: str, **settings: str) -> dict[str, str]:
+    """The environment of a real `python -m processor` process: the test runner's own
+    CANCELPROC_* variables dropped, this database, JSON logs, this checkout importable,
+    then `settings` (CANCELPROC_... variables, or any other)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANCELPROC_")}
+    env.update(CANCELPROC_DATABASE_URL=database_url, CANCELPROC_LOG_FORMAT="json",
+               PYTHONPATH=str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""))
+    env.update(settings)
+    return env
 
 
 def ok(result: Result, code: int = 0) -> Result:

@@ -15,7 +15,6 @@ own reports):
 from __future__ import annotations
 
 import datetime as dt
-import os
 import random
 import re
 import shutil
@@ -31,8 +30,8 @@ from pathlib import Path
 import pytest
 
 from processor import lease
+from tests.cli_helpers import process_env
 
-REPO = Path(__file__).resolve().parent.parent
 CHUNK_SIZE = 50
 EXIT_LEASE_HELD = 75
 CONFIRMATION = "service_cancellation_confirmation"
@@ -45,15 +44,7 @@ pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs PO
 
 
 def cli_env(db_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CANCELPROC_")}
-    env.update(
-        CANCELPROC_DATABASE_URL=f"sqlite:///{db_path}",
-        CANCELPROC_CHUNK_SIZE=str(CHUNK_SIZE),
-        CANCELPROC_LOG_LEVEL="warning",
-        CANCELPROC_LOG_FORMAT="json",
-        PYTHONPATH=str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""),
-    )
-    return env
+    return process_env(f"sqlite:///{db_path}", CANCELPROC_CHUNK_SIZE=str(CHUNK_SIZE), CANCELPROC_LOG_LEVEL="warning")
 
 
 def start(app_root: Path, db_path: Path, *args: str) -> subprocess.Popen[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
-import os
 import signal
 import subprocess
 import sys
@@ -20,21 +19,18 @@ from processor.db import open_database, upgrade
 from processor.delivery import BATCH, message_id
 from processor.models import EmailStatus, OutboxEmail
 from processor.outbox import QueuedEmail, queue
+from tests.cli_helpers import process_env
 from tests.smtp_server import HOST, Handler, smtp_server
 
-REPO = Path(__file__).resolve().parent.parent
 N = 600
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")]
 
 
 def env(db_path: Path, port: int) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("CANCELPROC_")}
-    e.update(CANCELPROC_DATABASE_URL=f"sqlite:///{db_path}", CANCELPROC_LOG_LEVEL="warning",
-             CANCELPROC_LOG_FORMAT="json", CANCELPROC_EMAIL__DELIVERY="smtp", CANCELPROC_EMAIL__SMTP__HOST=HOST,
-             CANCELPROC_EMAIL__SMTP__PORT=str(port), CANCELPROC_EMAIL__SMTP__SECURITY="none",
-             PYTHONPATH=str(REPO) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else ""))
-    return e
+    return process_env(f"sqlite:///{db_path}", CANCELPROC_LOG_LEVEL="warning", CANCELPROC_EMAIL__DELIVERY="smtp",
+                       CANCELPROC_EMAIL__SMTP__HOST=HOST, CANCELPROC_EMAIL__SMTP__PORT=str(port),
+                       CANCELPROC_EMAIL__SMTP__SECURITY="none")
 
 
 def test_kill_9_during_delivery_delivers_every_email_and_marks_each_sent_once(tmp_path: Path) -> None:

@@ -128,6 +128,10 @@ def test_a_request_whose_service_client_or_product_was_deleted_fails_explained(i
     assert f"service     {gone_service} no longer exists" in ok(invoke("requests", "show", ids[0])).stdout
     one_line_error(invoke("emails", "preview", "cancellation_request_confirmation", "--request", ids[0]),
                    f"request {ids[0]}: its service, client or product no longer exists")
+    # The service whose client was deleted can still be looked at.
+    shown = ok(invoke("services", "show", got[ids[1]].service_id)).stdout
+    assert f"#{gone_client} (deleted outside cancelproc)" in shown
+    assert "(deleted outside cancelproc)" in ok(invoke("services", "list")).stdout
     # Staff may retry it (the service restored from a backup, say); until then it fails again, saying why.
     ok(invoke("requests", "retry", ids[0]))
     with freeze_time(NOW, tick=True):

@@ -118,5 +118,24 @@ def test_emails_stuck_in_the_outbox_say_so(invoke, db):
         ok(invoke("run", env={"CANCELPROC_EMAIL__SEND_AFTER_RUN": "false"}))  # a later run that succeeds
     assert problems(ok(status(invoke, NIGHT + dt.timedelta(hours=25)))) == []
     stuck = ok(status(invoke, NIGHT + dt.timedelta(hours=27)), code=1)
-    assert problems(stuck) == ["4 email(s) queued, the oldest for 27.0 hours (more than 26): is delivery working? "
-                               "cancelproc emails send"]
+    # Delivery stopped at the first confirmation (tried, waiting out a backoff); the other
+    # and both digests were never tried.
+    assert problems(stuck) == ["3 queued email(s) never tried, the oldest queued 27.0 hours ago (more than 26): "
+                               "is delivery working? cancelproc emails send"]
+
+
+def test_an_email_that_is_tried_and_waits_out_its_backoff_is_no_problem(invoke, db):
+    """A greylisting recipient: tried, refused for now, tried again later. Not a broken
+    delivery, however long it takes (it ends sent, or failed and then named)."""
+    seed(db, 1)
+    with freeze_time(NIGHT):
+        ok(invoke("run", env={"CANCELPROC_EMAIL__SEND_AFTER_RUN": "false"}))
+    with db.engine.begin() as conn:
+        conn.execute(update(OutboxEmail).values(attempts=4, next_attempt_at=NIGHT + dt.timedelta(hours=40),
+                                                last_error="recipient refused: 450 greylisted"))
+    with freeze_time(NIGHT + dt.timedelta(hours=25)):
+        ok(invoke("run", env={"CANCELPROC_EMAIL__SEND_AFTER_RUN": "false"}))
+        ok(invoke("emails", "send"))  # the new digest goes; the greylisted one waits its turn
+    health = as_json(status(invoke, NIGHT + dt.timedelta(hours=30), "--json"))
+    # The first night's confirmation and digest, both tried and waiting; the second digest went.
+    assert (health["healthy"], health["emails_queued"], health["emails_untried"]) == (True, 2, 0)

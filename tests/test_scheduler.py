@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import signal
 import sqlite3
 import subprocess
@@ -17,7 +16,7 @@ import pytest
 from freezegun import freeze_time
 
 from processor.scheduler import next_run, nightly, serve
-from tests.conftest import REPO
+from tests.cli_helpers import process_env
 
 LONDON = ZoneInfo("Europe/London")
 
@@ -50,10 +49,7 @@ def test_serve_runs_until_asked_to_stop() -> None:
 
 
 def env_for(db_path: Path, tmp_path: Path, **more: str) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("CANCELPROC_")}
-    e.update(CANCELPROC_DATABASE_URL=f"sqlite:///{db_path}", CANCELPROC_LOG_FORMAT="json",
-             PYTHONPATH=str(REPO) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else ""), **more)
-    return e
+    return process_env(f"sqlite:///{db_path}", **more)
 
 
 def cancelproc(tmp_path: Path, environ: dict[str, str], *args: str, **kwargs) -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
-import os
 import signal
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from processor.models import (
     Service,
     ServiceStatus,
 )
-from tests.conftest import REPO
+from tests.cli_helpers import process_env
 
 pytestmark = pytest.mark.slow
 N = 3000
@@ -80,12 +79,9 @@ def env(url: str, tmp_path: Path) -> dict[str, str]:
     hooks = tmp_path / "hooks"
     hooks.mkdir(exist_ok=True)
     (hooks / "terminate.py").write_text(HOOK)
-    e = {k: v for k, v in os.environ.items() if not k.startswith("CANCELPROC_")}
-    e.update(CANCELPROC_DATABASE_URL=url, CANCELPROC_CHUNK_SIZE="50", CANCELPROC_LOG_LEVEL="warning",
-             CANCELPROC_LOG_FORMAT="json", CANCELPROC_HOOKS_DIR=str(hooks), CANCELPROC_HOOK_CONCURRENCY="1",
-             CANCELPROC_EMAIL__SEND_AFTER_RUN="false", TERMINATED_LOG=str(tmp_path / "terminated.log"),
-             PYTHONPATH=str(REPO) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else ""))
-    return e
+    return process_env(url, CANCELPROC_CHUNK_SIZE="50", CANCELPROC_LOG_LEVEL="warning",
+                       CANCELPROC_HOOKS_DIR=str(hooks), CANCELPROC_HOOK_CONCURRENCY="1",
+                       CANCELPROC_EMAIL__SEND_AFTER_RUN="false", TERMINATED_LOG=str(tmp_path / "terminated.log"))
 
 
 def cancelproc(tmp_path: Path, environ: dict[str, str], *args: str) -> subprocess.Popen[str]:

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 
 from processor import db as dbmod
 from processor import importer
-from processor.cli.app import App, cli, pass_app, utc_now
+from processor.cli.app import App, cli, echo_error, pass_app, utc_now
 from processor.demo import load_demo
 from processor.errors import (
     InputError,
@@ -79,7 +79,7 @@ def import_command(app: App, files: tuple[Path, ...], kind: str | None, as_json:
                                           actor=f"import:{app.operator}")
         except importer.ImportRejected as exc:
             for error in exc.errors:
-                click.echo(f"error: {error}", err=True)
+                echo_error(f"error: {error}")
             skipped = [str(p) for p in files[position + 1:]]
             raise InputError(f"{path}: rejected, {len(exc.errors)} bad row(s); nothing of it was imported"
                              + (f"; not attempted: {', '.join(skipped)}" if skipped else "")) from None

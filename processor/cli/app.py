@@ -117,7 +117,7 @@ class App:
 _LONG_WORD = re.compile(r"\S{200,}")
 
 
-def _echo_error(line: str) -> None:
+def echo_error(line: str) -> None:
     """An error line as the operator reads it: one line, whatever value it quotes. A value
     with control characters or bytes that are not UTF-8 is shown escaped (it would break
     the line, or the terminal's encoding), and a very long one is cut, with its length."""
@@ -144,7 +144,7 @@ class CancelprocGroup(click.Group):
             code = 0
         except click.UsageError as exc:
             where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
-            _echo_error(f"error: {exc.format_message()}{where}")
+            echo_error(f"error: {exc.format_message()}{where}")
             code = 2
         except click.exceptions.Abort:
             click.echo("aborted", err=True)
@@ -152,17 +152,17 @@ class CancelprocGroup(click.Group):
         except CancelprocError as exc:
             if debug:
                 raise
-            _echo_error(f"error: {exc}")
+            echo_error(f"error: {exc}")
             code = exc.exit_code
         except OperationalError as exc:  # the database went away, or is locked: not a bug
             if debug:
                 raise
-            _echo_error(f"error: {database_trouble(exc)}")
+            echo_error(f"error: {database_trouble(exc)}")
             code = DatabaseUnavailable.exit_code
         except Exception as exc:
             if debug:
                 raise
-            _echo_error(f"internal error: {one_line(exc)} (run with --debug for the traceback)")
+            echo_error(f"internal error: {one_line(exc)} (run with --debug for the traceback)")
             code = EXIT_INTERNAL
         code = 0 if code is None else code
         if standalone_mode:

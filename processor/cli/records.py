@@ -104,10 +104,15 @@ def runs_show(app: App, run_ref: int | str, as_json: bool) -> None:
 
 # --- services ----------------------------------------------------------------------------
 
+GONE = "(deleted outside cancelproc)"  # a client or product row removed with the foreign keys off
+
+
 def _service_row(s: Service) -> dict[str, Any]:
-    return {"id": s.id, "external_id": s.external_id, "client_id": s.client_id, "client": s.client.name,
-            "product": s.product.name, "domain": s.domain, "status": s.status, "billing_cycle": s.billing_cycle,
-            "amount": s.amount, "next_due_date": s.next_due_date, "termination_date": s.termination_date}
+    return {"id": s.id, "external_id": s.external_id, "client_id": s.client_id,
+            "client": s.client.name if s.client else f"#{s.client_id} {GONE}",
+            "product": s.product.name if s.product else f"#{s.product_id} {GONE}", "domain": s.domain,
+            "status": s.status, "billing_cycle": s.billing_cycle, "amount": s.amount,
+            "next_due_date": s.next_due_date, "termination_date": s.termination_date}
 
 
 @cli.group("services")
@@ -144,7 +149,7 @@ def services_show(app: App, service_id: int, as_json: bool) -> None:
     with app.database().read_session() as session:
         service = cancellations.get_service(session, service_id)
         row = _service_row(service)
-        row["client_email"] = service.client.email
+        row["client_email"] = service.client.email if service.client else None
         row["addons"] = [{"id": a.id, "name": a.name, "status": a.status, "amount": a.amount}
                          for a in session.scalars(select(ServiceAddon).where(ServiceAddon.service_id == service_id))]
         row["invoices"] = [{"id": i.id, "amount": i.amount, "status": i.status, "due_date": i.due_date}
