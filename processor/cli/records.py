@@ -186,18 +186,24 @@ def _report_window(app: App, since: dt.date | None, until: dt.date | None) -> tu
     return since, until
 
 
-def _echo_report(rows: list[dict[str, Any]], columns: list[str], fmt: str, empty: str) -> None:
+def _report(app: App, since: dt.date | None, until: dt.date | None, fmt: str, rows_of: Callable[..., Any],
+            columns: list[str], nothing: str) -> None:
+    """A report over the window: a table of `columns`, or every field as JSON or CSV."""
+    since, until = _report_window(app, since, until)
+    with app.database().read_session() as session:
+        rows = rows_of(session, since=since, until=until, zone=app.settings.zone)
     if fmt == "json":
         echo_json(rows)
     elif fmt == "csv":
+        fields = list(rows[0]) if rows else columns
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(columns)
+        writer.writerow(fields)
         writer.writerows([[to_jsonable(v) if isinstance(v, (dt.date, Decimal, enum.Enum)) else v
-                           for v in (row[c] for c in columns)] for row in rows])
+                           for v in (row[c] for c in fields)] for row in rows])
         click.echo(out.getvalue(), nl=False)
     else:
-        echo_table(rows, columns, empty=empty)
+        echo_table(rows, columns, empty=f"no {nothing} from {since} to {until}")
 
 
 @cli.group("report")
@@ -219,11 +225,8 @@ def _report_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @pass_app
 def report_reasons(app: App, since: dt.date | None, until: dt.date | None, fmt: str) -> None:
     """Cancellations applied in the window, by reason code and product (churn analysis)."""
-    since, until = _report_window(app, since, until)
-    with app.database().read_session() as session:
-        rows = reports.cancellations_by_reason(session, since=since, until=until, zone=app.settings.zone)
-    _echo_report(rows, ["reason_code", "product", "cancellations", "share_percent", "recurring_amount"], fmt,
-                 empty=f"no cancellations from {since} to {until}")
+    _report(app, since, until, fmt, reports.cancellations_by_reason,
+            ["reason_code", "product", "cancellations", "share_percent", "recurring_amount"], "cancellations")
 
 
 @report_group.command("runs")
@@ -231,13 +234,9 @@ def report_reasons(app: App, since: dt.date | None, until: dt.date | None, fmt: 
 @pass_app
 def report_runs(app: App, since: dt.date | None, until: dt.date | None, fmt: str) -> None:
     """Runs started in the window: status, duration, counts, lateness, emails."""
-    since, until = _report_window(app, since, until)
-    with app.database().read_session() as session:
-        rows = reports.runs_between(session, since=since, until=until, zone=app.settings.zone)
-    columns = ["id", "started_at", "trigger", "status", "duration_seconds", "due", "completed", "noop", "retrying",
-               "failed", "vetoed", "late", "max_days_late", "emails_sent", "emails_failed"]
-    _echo_report(rows, columns if fmt == "table" else list(rows[0]) if rows else columns, fmt,
-                 empty=f"no runs from {since} to {until}")
+    _report(app, since, until, fmt, reports.runs_between,
+            ["id", "started_at", "trigger", "status", "duration_seconds", "due", "completed", "noop", "retrying",
+             "failed", "vetoed", "late", "max_days_late", "emails_sent", "emails_failed"], "runs")
 
 
 # --- monitoring --------------------------------------------------------------------------
