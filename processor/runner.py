@@ -313,9 +313,10 @@ class Runner:
                                           "nothing was cancelled"))
         return outcomes
 
-    def _fail_orphans(self, options: RunOptions, run_id: int, summary: RunSummary) -> None:
+    def fail_orphans(self, options: RunOptions, run_id: int, summary: RunSummary) -> None:
         """Record each orphan (see `orphans`) as failed in this run: the digest, the exit
-        code and `status` then show it. Another process of the run may fail it first."""
+        code and `status` then show it. Done once, by the process that owns the run, after
+        the chunks."""
         limit = None if options.limit is None else options.limit - summary.due
         if limit is not None and limit <= 0:
             return
@@ -675,7 +676,11 @@ class Runner:
     def run(self, options: RunOptions) -> RunSummary:
         """Take the lease, apply every due request, record the run. Raises LeaseHeld."""
         run_id = self.start(options)
-        return self.complete(run_id, options, lambda summary: self.work(run_id, options, summary))
+        def work(summary: RunSummary) -> None:
+            self.work(run_id, options, summary)
+            self.fail_orphans(options, run_id, summary)
+
+        return self.complete(run_id, options, work)
 
     def work(self, run_id: int, options: RunOptions, summary: RunSummary) -> None:
         """Apply due requests of this run, chunk by chunk (on PostgreSQL, the share this
@@ -693,7 +698,6 @@ class Runner:
                     self.progress(len(outcomes))
                 if self.should_stop():
                     raise RunStopped(f"stopped on request after {summary.due} requests; the next run does the rest")
-        self._fail_orphans(options, run_id, summary)
 
     def _keyset(self, options: RunOptions, run_id: int, summary: RunSummary,
                 decide_all: DecideAll) -> Iterator[tuple[list[Outcome], Tally]]:

@@ -57,6 +57,7 @@ def run_with_workers(runner: Runner, options: RunOptions, *, workers: int, worke
             log.warning("workers ended abnormally; their unfinished chunks are taken up again", workers=died)
         if not stopping:
             runner.work(run_id, options, summary)  # what dead workers left (usually nothing)
+            runner.fail_orphans(options, run_id, summary)
         runner.reload_counts(run_id, summary)
         if stopping:
             raise RunStopped(f"stopped on request after {summary.due} requests; the next run does the rest")

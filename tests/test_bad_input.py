@@ -16,7 +16,6 @@ import datetime as dt
 import json
 import os
 import sqlite3
-import string
 import subprocess
 import sys
 import tomllib
@@ -33,8 +32,7 @@ from hypothesis import strategies as st
 
 from processor.cli import cli
 from processor.config import EmailSettings, Settings, SmtpSettings, load_settings
-from tests.cli_helpers import ok
-from tests.conftest import REPO
+from tests.cli_helpers import ok, process_env
 from tests.pg_server import find_bin
 
 # --- values that are wrong for any argument of their kind -------------------------------
@@ -550,9 +548,7 @@ def test_an_unknown_config_key_is_refused_with_the_allowed_ones(app_root, name):
 def test_bytes_that_are_not_utf8_in_a_real_process_are_refused_in_one_line(app_root, argv):
     """As the shell passes them: bytes, not text. Python decodes them with surrogates, and
     printing one back on a UTF-8 terminal would raise instead of showing the error."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CANCELPROC_")}
-    env.update(CANCELPROC_DATABASE_URL=f"sqlite:///{app_root}/var/cancelproc.db", LC_ALL="C.UTF-8",
-               PYTHONIOENCODING="")
+    env = process_env(_url(app_root), LC_ALL="C.UTF-8", PYTHONIOENCODING="")
     before = snapshot(app_root)
     done = subprocess.run([sys.executable, "-m", "processor", *argv], cwd=app_root, env=env, capture_output=True,
                           timeout=60)
@@ -565,10 +561,8 @@ def test_bytes_that_are_not_utf8_in_a_real_process_are_refused_in_one_line(app_r
 
 @pytest.mark.sqlite_only
 def test_an_environment_variable_that_is_not_utf8_is_refused_naming_it(app_root):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CANCELPROC_")}
-    env = {k.encode(): v.encode() for k, v in env.items()}
-    env[b"CANCELPROC_DATABASE_URL"] = f"sqlite:///{app_root}/var/cancelproc.db".encode()
-    env[b"CANCELPROC_EMAIL__COMPANY_NAME"] = b"Soci\xe9t\xe9"
+    env = {k.encode(): v.encode() for k, v in process_env(_url(app_root)).items()}
+    env[b"CANCELPROC_EMAIL__COMPANY_NAME"] = b"Soci\xe9t\xe9"  # bytes: os.environ cannot hold them as text
     before = snapshot(app_root)
     done = subprocess.run([sys.executable, "-m", "processor", "run"], cwd=app_root, env=env, capture_output=True,
                           timeout=60)
