@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from processor.errors import ConfigError
-from processor.text import text_problem
+from processor.text import address_problem, header_problem, text_problem
 
 ENV_PREFIX = "CANCELPROC_"
 DEFAULT_CONFIG = Path("config") / "processor.toml"
@@ -28,15 +28,14 @@ DEFAULT_CONFIG = Path("config") / "processor.toml"
 
 def _header_safe(value: str) -> str:
     """A value that goes into an email header: one line, no control characters."""
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+    if header_problem(value):
         raise ValueError("must be one line without control characters")
     return value
 
 
 def _address(value: str) -> str:
     _header_safe(value)
-    local, at, domain = value.partition("@")
-    if not (local and at and domain) or " " in value or "@" in domain:
+    if address_problem(value):
         raise ValueError(f"{value!r} is not an email address (name@example.com)")
     return value
 

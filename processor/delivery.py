@@ -38,7 +38,7 @@ from processor.config import Settings, SmtpSettings
 from processor.db import Database
 from processor.errors import ConfigError, one_line
 from processor.models import AuditEntry, EmailStatus, OutboxEmail
-from processor.outbox import address_problem, header_problem
+from processor.text import address_problem, header_problem
 from processor.retry import RetryPolicy
 
 Clock = Callable[[], dt.datetime]

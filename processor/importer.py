@@ -58,7 +58,7 @@ from processor.models import (
     ServiceAddon,
     ServiceStatus,
 )
-from processor.text import MAX_REASON, text_problem
+from processor.text import MAX_REASON, address_problem, text_problem
 
 KINDS = ("clients", "products", "services", "addons", "invoices", "requests")
 
@@ -257,8 +257,9 @@ class ClientRow(_Row):
     @classmethod
     def _looks_like_email(cls, email: str) -> str:
         # Only a sanity check: the billing system owns the address, the mailer will tell if it bounces.
-        if not re.fullmatch(r"[^@\s]+@[^@\s]+", email):
-            raise ValueError(f"{email!r} is not an email address")
+        problem = address_problem(email)
+        if problem:
+            raise ValueError(f"{email!r} is not an email address ({problem})")
         return email
 
 

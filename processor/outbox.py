@@ -8,7 +8,6 @@ never be queued twice. delivery.py sends what is queued.
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -30,6 +29,7 @@ from processor.errors import InputError, NotFound, StateError
 from processor.hooks import HookRegistry
 from processor.models import AuditEntry, CancellationRequest, EmailStatus, OutboxEmail, RequestType
 from processor.params import request_select
+from processor.text import address_problem, header_problem
 
 
 class QueuedEmail(NamedTuple):
@@ -50,33 +50,6 @@ class UnsafeEmail(InputError):
     def __init__(self, message: str, *, header: str) -> None:
         super().__init__(message)
         self.header = header  # "recipient" or "subject"
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_NOT_IN_AN_ADDRESS = re.compile(r'[\s,;<>"()]')  # more than one address, a display name, a comment
-
-
-def header_problem(value: str) -> str | None:
-    """Why this value may not go into a header, or None. A line break would let the value
-    add headers of its own (Bcc: ...); other control characters have no place there.
-    (A regex: this runs twice per email, on every email of a run.)"""
-    found = _CONTROL.search(value)
-    if found is None:
-        return None
-    return "contains a line break" if found.group() in "\r\n" else f"contains control character {found.group()!r}"
-
-
-def address_problem(address: str | None) -> str | None:
-    """Why this is not one usable recipient address, or None."""
-    if not address or not address.strip():
-        return "no email address"
-    problem = header_problem(address)
-    if problem:
-        return problem
-    local, _, domain = address.partition("@")
-    if not local or not domain or "@" in domain or _NOT_IN_AN_ADDRESS.search(address):
-        return "not a single email address"
-    return None
 
 
 def email_key(template: str, entity: str, entity_id: int) -> str:

@@ -1,8 +1,9 @@
-"""Free text from people and files (a reason, a note, a name): what is accepted.
+"""Text from people and files: what is accepted, each rule once.
 
-Checked where it comes in (the CLI, the importer), so the database never sees what it
-would refuse (PostgreSQL refuses NUL) and an email or a log line never carries what
-would break it.
+Free text (a reason, a note, a name), a value that goes into an email header, an email
+address. Checked where it comes in (the CLI, the config, the importer) and again where
+it goes out (queueing, delivery), so the database never sees what it would refuse
+(PostgreSQL refuses NUL) and an email or a log line never carries what would break it.
 """
 
 from __future__ import annotations
@@ -30,3 +31,32 @@ def text_problem(value: str, max_length: int | None = None) -> str | None:
     if "\ud800" <= ch <= "\udfff":
         return "is not valid UTF-8 text"
     return f"contains the control character U+{ord(ch):04X}"
+
+
+# Any control character: in a header a line break would let a value add headers of its
+# own (Bcc: ...), and the others have no place there either.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NOT_IN_AN_ADDRESS = re.compile(r'[\s,;<>"()]')  # more than one address, a display name, a comment
+
+
+def header_problem(value: str) -> str | None:
+    """Why this value may not go into an email header, or None. (A regex: this runs twice
+    per email, on every email of a run.)"""
+    found = _CONTROL.search(value)
+    if found is None:
+        return None
+    return "contains a line break" if found.group() in "\r\n" else f"contains control character {found.group()!r}"
+
+
+def address_problem(address: str | None) -> str | None:
+    """Why this is not one usable recipient address (name@example.com), or None. The one
+    rule for the settings, the importer, queueing and delivery."""
+    if not address or not address.strip():
+        return "no email address"
+    problem = header_problem(address)
+    if problem:
+        return problem
+    local, _, domain = address.partition("@")
+    if not local or not domain or "@" in domain or _NOT_IN_AN_ADDRESS.search(address):
+        return "not a single email address"
+    return None
