@@ -43,24 +43,24 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime given; pass an aware one")
-        return value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        return value.astimezone(dt.UTC).replace(tzinfo=None)
 
     def process_result_value(self, value: dt.datetime | None, dialect: object) -> dt.datetime | None:
-        return None if value is None else value.replace(tzinfo=dt.timezone.utc)
+        return None if value is None else value.replace(tzinfo=dt.UTC)
 
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
-def _enum(cls: type[enum.Enum], name: str) -> Enum:
+def _enum(cls: type[enum.Enum], name: str, length: int = 32) -> Enum:
     # Store the readable value ("End of Billing Period"), checked by a CHECK constraint.
     return Enum(
         cls,
         name=name,
         native_enum=False,
         create_constraint=True,
-        length=32,
+        length=length,
         values_callable=lambda e: [m.value for m in e],
         validate_strings=True,
     )
@@ -123,6 +123,42 @@ class EmailStatus(enum.StrEnum):
     QUEUED = "queued"  # waiting to be sent (again, after next_attempt_at when a send failed)
     SENT = "sent"  # handed to the mail server (or written to the outbox folder)
     FAILED = "failed"  # given up, or refused as unsafe: never sent; `emails retry` queues it again
+
+
+class AuditEntity(enum.StrEnum):
+    """What an audit row is about (its entity_id is that table's id; for EMAIL, an outbox id,
+    or the request id when no email was queued)."""
+
+    CLIENT = "client"  # imported or updated by `cancelproc import`
+    PRODUCT = "product"  # imported or updated by `cancelproc import`
+    SERVICE = "service"
+    ADDON = "addon"
+    INVOICE = "invoice"
+    REQUEST = "request"
+    EMAIL = "email"
+
+
+class AuditAction(enum.StrEnum):
+    """What happened to the entity of an audit row."""
+
+    CREATED = "created"  # a request was created (`requests create`, the demo)
+    WITHDRAWN = "withdrawn"  # staff withdrew a request
+    RETRY = "retry"  # staff sent a failed request or email back to pending / queued
+    RESOLVED_BY_HAND = "resolved_by_hand"  # staff closed a failed request after cancelling by hand
+    COMPLETED = "completed"  # a run completed the request (a no-op: the service was already closed)
+    CANCELLED = "cancelled"  # a run cancelled the service, add-on or unpaid invoice
+    ATTEMPT_FAILED = "attempt_failed"  # a run's attempt failed; the request is retried after a backoff
+    VETOED = "vetoed"  # a PreModuleTerminate hook vetoed the request; retried like a failure
+    FAILED = "failed"  # given up: a request (manual cancellation required) or an email (never sent)
+    ABORTED = "aborted"  # an EmailPreSend hook returned abortsend: the email was not queued
+    REFUSED = "refused"  # an email was refused as unsafe (e.g. header injection) and not queued
+    IMPORTED = "imported"  # a row inserted by `cancelproc import`
+    IMPORT_UPDATED = "import_updated"  # a row changed by `cancelproc import` (detail: old and new values)
+
+
+# Request audit actions that record a failed attempt: named as failures of their run
+# (digest, `runs show`).
+FAILURE_ACTIONS = (AuditAction.FAILED, AuditAction.ATTEMPT_FAILED, AuditAction.VETOED)
 
 
 class Client(Base):
@@ -294,9 +330,9 @@ class AuditEntry(Base):
     actor: Mapped[str] = mapped_column(String(100))
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), index=True)
     request_id: Mapped[int | None] = mapped_column(ForeignKey("cancellation_requests.id"), index=True)
-    entity: Mapped[str] = mapped_column(String(32))  # service, addon, invoice, request, email
+    entity: Mapped[AuditEntity] = mapped_column(_enum(AuditEntity, "audit_entity"))
     entity_id: Mapped[int] = mapped_column(Integer)
-    action: Mapped[str] = mapped_column(String(64))
+    action: Mapped[AuditAction] = mapped_column(_enum(AuditAction, "audit_action", length=64))
     detail: Mapped[str] = mapped_column(Text, default="")
 
 
