@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from processor import db as dbmod
 from processor import importer
 from processor.cli.app import App, cli, echo_error, pass_app, utc_now
+from processor.cli.output import echo_json, echo_table
 from processor.demo import load_demo
 from processor.errors import (
     InputError,
@@ -18,7 +19,6 @@ from processor.hooks import POINTS
 from processor.models import (
     Client,
 )
-from processor.output import echo_json, echo_table
 
 # --- database ---------------------------------------------------------------------------
 

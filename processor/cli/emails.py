@@ -8,8 +8,9 @@ import click
 from sqlalchemy import select
 
 from processor import outbox
-from processor.arguments import COUNT, ID, LanguageType
 from processor.cli.app import App, cli, pass_app, utc_now
+from processor.cli.arguments import COUNT, ID, LanguageType
+from processor.cli.output import echo_fields, echo_json, echo_rows
 from processor.delivery import DeliveryReport, build_message, message_id
 from processor.digest import preview_digest
 from processor.emails import CRON_JOB_ACTIVITY, TEMPLATES
@@ -23,7 +24,6 @@ from processor.models import (
     EmailStatus,
     OutboxEmail,
 )
-from processor.output import echo_fields, echo_json, echo_rows
 
 
 def _email_row(e: OutboxEmail) -> dict[str, Any]:

@@ -15,8 +15,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import joinedload
 
 from processor import cancellations, monitoring, reports
-from processor.arguments import COUNT, DATE, HOURS, ID, RunRefType
 from processor.cli.app import App, audit_rows, cli, pass_app, request_row, utc_now
+from processor.cli.arguments import COUNT, DATE, HOURS, ID, RunRefType
+from processor.cli.output import (
+    cell,
+    echo_fields,
+    echo_json,
+    echo_rows,
+    echo_table,
+    to_jsonable,
+)
 from processor.errors import (
     InputError,
     NotFound,
@@ -30,14 +38,6 @@ from processor.models import (
     Service,
     ServiceAddon,
     ServiceStatus,
-)
-from processor.output import (
-    cell,
-    echo_fields,
-    echo_json,
-    echo_rows,
-    echo_table,
-    to_jsonable,
 )
 
 # --- runs --------------------------------------------------------------------------------

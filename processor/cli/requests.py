@@ -11,8 +11,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from processor import cancellations, outbox
-from processor.arguments import COUNT, DATE, ID, FreeTextType
 from processor.cli.app import App, audit_rows, cli, pass_app, request_row, utc_now
+from processor.cli.arguments import COUNT, DATE, ID, FreeTextType
+from processor.cli.output import echo_fields, echo_json, echo_rows, echo_table
 from processor.cli.run import echo_summary
 from processor.db import Database
 from processor.due import business_today, effective_date, is_due
@@ -28,7 +29,6 @@ from processor.models import (
     RequestType,
     RunTrigger,
 )
-from processor.output import echo_fields, echo_json, echo_rows, echo_table
 from processor.params import request_params, request_select
 from processor.runner import Runner, RunOptions
 from processor.text import MAX_NOTE, MAX_REASON

@@ -13,8 +13,9 @@ from typing import Any
 import click
 import structlog
 
-from processor.arguments import COUNT, DATE
 from processor.cli.app import App, cli, pass_app, utc_now
+from processor.cli.arguments import COUNT, DATE
+from processor.cli.output import dumps, echo_fields, echo_json, echo_table
 from processor.config import clock_time_problem
 from processor.errors import (
     CancelprocError,
@@ -24,7 +25,6 @@ from processor.errors import (
 from processor.models import (
     RunTrigger,
 )
-from processor.output import dumps, echo_fields, echo_json, echo_table
 from processor.runner import Runner, RunOptions, RunStopped, RunSummary
 from processor.scheduler import nightly, serve
 from processor.workers import run_with_workers
