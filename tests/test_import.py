@@ -68,7 +68,8 @@ def run(db: Database, settings: Settings, now: dt.datetime):
 @pytest.fixture
 def base(tmp_path: Path, run) -> None:
     """Two clients, two products, two services (S1 Active, S2 Active)."""
-    run(write_csv(tmp_path / "c.csv", "external_id,first_name,email", "C1,Ann,ann@example.test", "C2,Bob,bob@example.test"))
+    run(write_csv(tmp_path / "c.csv", "external_id,first_name,email",
+                  "C1,Ann,ann@example.test", "C2,Bob,bob@example.test"))
     run(write_csv(tmp_path / "p.csv", "external_id,name,module", "P1,Web Hosting,cpanel", "P2,Domain,"))
     run(
         write_csv(
@@ -93,7 +94,7 @@ def cancelled_by_processor(db: Database, service_ext: str, now: dt.datetime) -> 
             reason_code="other",
             status=RequestStatus.COMPLETED,
             created_at=now - dt.timedelta(days=7),
-            processed_at=dt.datetime(2026, 11, 20, 2, 0, tzinfo=dt.timezone.utc),
+            processed_at=dt.datetime(2026, 11, 20, 2, 0, tzinfo=dt.UTC),
         )
         s.add(req)
         s.flush()
@@ -111,7 +112,8 @@ def test_clients_csv(tmp_path: Path, run, db: Database) -> None:
         'C2,Bob,,"Smith, Jones & Co",bob@example.test,,',
     )
     report = run(path)
-    assert (report.kind, report.inserted, report.updated, report.unchanged, report.conflicts) == ("clients", 2, 0, 0, [])
+    assert (report.kind, report.inserted, report.updated, report.unchanged, report.conflicts) == (
+        "clients", 2, 0, 0, [])
     ann, bob = one(db, Client, "C1"), one(db, Client, "C2")
     assert (ann.first_name, ann.last_name, ann.company_name, ann.language, ann.balance) == (
         "Ann", "Lee", "Acme Ltd", "de", Decimal("-5.25"))
@@ -132,8 +134,10 @@ def test_clients_jsonl(tmp_path: Path, run, db: Database) -> None:
 
 
 def test_products_csv_and_jsonl(tmp_path: Path, run, db: Database) -> None:
-    assert run(write_csv(tmp_path / "p.csv", "external_id,name,module", "P1,Hosting,cpanel", "P2,Support,")).inserted == 2
-    assert run(write_jsonl(tmp_path / "p.ndjson", {"external_id": "P3", "name": "VPS", "module": "proxmox"})).inserted == 1
+    assert run(write_csv(tmp_path / "p.csv", "external_id,name,module",
+                         "P1,Hosting,cpanel", "P2,Support,")).inserted == 2
+    assert run(write_jsonl(tmp_path / "p.ndjson",
+                           {"external_id": "P3", "name": "VPS", "module": "proxmox"})).inserted == 1
     assert one(db, Product, "P1").module == "cpanel"
     assert one(db, Product, "P2").module is None  # empty: nothing to deprovision
     assert (one(db, Product, "P3").name, one(db, Product, "P3").module) == ("VPS", "proxmox")
@@ -164,7 +168,8 @@ def test_services_jsonl(tmp_path: Path, base: None, db: Database, run) -> None:
     )
     assert run(path).inserted == 1
     s3 = one(db, Service, "S3")
-    assert (s3.status, s3.amount, s3.next_due_date, s3.billing_cycle) == (ServiceStatus.PENDING, Decimal("5"), None, "Monthly")
+    assert (s3.status, s3.amount, s3.next_due_date, s3.billing_cycle) == (
+        ServiceStatus.PENDING, Decimal("5"), None, "Monthly")
 
 
 def test_addons_csv_and_jsonl(tmp_path: Path, base: None, db: Database, run) -> None:
@@ -172,9 +177,11 @@ def test_addons_csv_and_jsonl(tmp_path: Path, base: None, db: Database, run) -> 
                                "A1,S1,Backup,Active,2.00"))
     jsonl_report = run(write_jsonl(tmp_path / "a.jsonl",
                                    {"external_id": "A2", "service_external_id": "S2", "name": "IP", "status": "fraud"}))
-    assert (csv_report.kind, csv_report.inserted, jsonl_report.kind, jsonl_report.inserted) == ("addons", 1, "addons", 1)
+    assert (csv_report.kind, csv_report.inserted, jsonl_report.kind, jsonl_report.inserted) == (
+        "addons", 1, "addons", 1)
     a1, a2 = one(db, ServiceAddon, "A1"), one(db, ServiceAddon, "A2")
-    assert (a1.name, a1.status, a1.amount, a1.service_id) == ("Backup", ServiceStatus.ACTIVE, Decimal("2.00"), one(db, Service, "S1").id)
+    assert (a1.name, a1.status, a1.amount, a1.service_id) == (
+        "Backup", ServiceStatus.ACTIVE, Decimal("2.00"), one(db, Service, "S1").id)
     assert (a2.status, a2.amount) == (ServiceStatus.FRAUD, Decimal("0"))
 
 
@@ -182,7 +189,8 @@ def test_invoices_csv_and_jsonl(tmp_path: Path, base: None, db: Database, run) -
     assert run(write_csv(tmp_path / "i.csv", "external_id,service_external_id,amount,status,due_date",
                          "I1,S1,10.00,Unpaid,2026-12-01", "I2,S1,10.00,paid,")).kind == "invoices"
     assert run(write_jsonl(tmp_path / "i.jsonl",
-                           {"external_id": "I3", "service_external_id": "S2", "amount": 12.5, "status": "Cancelled"})).inserted == 1
+                           {"external_id": "I3", "service_external_id": "S2", "amount": 12.5,
+                            "status": "Cancelled"})).inserted == 1
     i1, i2, i3 = (one(db, Invoice, e) for e in ("I1", "I2", "I3"))
     assert (i1.status, i1.amount, i1.due_date) == (InvoiceStatus.UNPAID, Decimal("10.00"), dt.date(2026, 12, 1))
     assert (i2.status, i2.due_date) == (InvoiceStatus.PAID, None)
@@ -202,14 +210,16 @@ def test_requests_csv(tmp_path: Path, base: None, db: Database, run, now: dt.dat
     assert (r1.type, r1.reason_code, r1.reason, r1.cancel_on, r1.status) == (
         RequestType.END_OF_BILLING_PERIOD, "too_expensive", "Found cheaper", None, RequestStatus.PENDING)
     assert (r1.created_at, r1.created_by, r1.attempts) == (now, "alice", 0)
-    assert (r2.type, r2.cancel_on, r2.service_id) == (RequestType.ON_DATE, dt.date(2027, 1, 15), one(db, Service, "S2").id)
+    assert (r2.type, r2.cancel_on, r2.service_id) == (
+        RequestType.ON_DATE, dt.date(2027, 1, 15), one(db, Service, "S2").id)
 
 
 def test_requests_jsonl(tmp_path: Path, base: None, db: Database, run) -> None:
     path = write_jsonl(
         tmp_path / "requests.jsonl",
         {"external_id": "R1", "service_external_id": "S1", "type": "IMMEDIATE", "reason_code": "other"},
-        {"external_id": "R2", "service_external_id": "S2", "type": "Immediate", "reason_code": "other", "status": "withdrawn"},
+        {"external_id": "R2", "service_external_id": "S2", "type": "Immediate", "reason_code": "other",
+         "status": "withdrawn"},
     )
     assert run(path).inserted == 2
     assert one(db, CancellationRequest, "R1").type == RequestType.IMMEDIATE
@@ -259,7 +269,8 @@ def test_kind_inferred_from_header(tmp_path: Path, header: str, kind: str) -> No
 
 
 def test_kind_inferred_from_first_jsonl_object(tmp_path: Path, base: None, run) -> None:
-    path = write_jsonl(tmp_path / "x.jsonl", {"external_id": "I1", "service_external_id": "S1", "amount": 1, "status": "Paid"})
+    path = write_jsonl(tmp_path / "x.jsonl",
+                       {"external_id": "I1", "service_external_id": "S1", "amount": 1, "status": "Paid"})
     assert run(path).kind == "invoices"
 
 
@@ -281,7 +292,8 @@ def test_explicit_kind(tmp_path: Path, base: None, run, db: Database) -> None:
     # A product file whose header would be read as products anyway, but forced kinds are checked.
     path = write_csv(tmp_path / "x.csv", "external_id,name", "P9,Extra")
     assert run(path, kind="products").kind == "products"
-    with pytest.raises(InputError, match=r"x\.csv: missing required column\(s\) for addons: service_external_id, status"):
+    with pytest.raises(InputError,
+                       match=r"x\.csv: missing required column\(s\) for addons: service_external_id, status"):
         run(path, kind="addons")
     with pytest.raises(InputError, match="unknown kind 'widgets'"):
         run(path, kind="widgets")
@@ -292,7 +304,8 @@ def test_explicit_kind(tmp_path: Path, base: None, run, db: Database) -> None:
 
 def test_unknown_column_is_an_error(tmp_path: Path, run, db: Database) -> None:
     path = write_csv(tmp_path / "c.csv", "external_id,first_name,email,phone", "C1,Ann,a@x.test,123")
-    with pytest.raises(InputError, match=r"c\.csv: unknown column 'phone' for clients \(allowed: external_id, first_name, email,"):
+    with pytest.raises(InputError,
+                       match=r"c\.csv: unknown column 'phone' for clients \(allowed: external_id, first_name, email,"):
         run(path, kind="clients")
     assert counts(db)["clients"] == 0
 
@@ -425,7 +438,8 @@ def test_unknown_reason_code(tmp_path: Path, base: None, run, db: Database, sett
 
 
 def test_request_status_other_than_pending_or_withdrawn(tmp_path: Path, base: None, run) -> None:
-    path = write_csv(tmp_path / "r.csv", "external_id,service_external_id,type,reason_code,status", "R1,S1,Immediate,other,completed")
+    path = write_csv(tmp_path / "r.csv", "external_id,service_external_id,type,reason_code,status",
+                     "R1,S1,Immediate,other,completed")
     with pytest.raises(ImportRejected, match=r"r\.csv:2: status: must be one of pending, withdrawn"):
         run(path)
 
@@ -478,8 +492,8 @@ def test_withdrawing_frees_the_service_for_a_new_request(tmp_path: Path, base: N
 def test_second_import_of_the_same_file_changes_nothing(tmp_path: Path, base: None, run, db: Database) -> None:
     files = [
         write_csv(tmp_path / "a.csv", "external_id,service_external_id,name,status,amount", "A1,S1,Backup,Active,2"),
-        write_jsonl(tmp_path / "i.jsonl", {"external_id": "I1", "service_external_id": "S1", "amount": 10, "status": "Unpaid",
-                                           "due_date": "2026-12-01"}),
+        write_jsonl(tmp_path / "i.jsonl", {"external_id": "I1", "service_external_id": "S1", "amount": 10,
+                                           "status": "Unpaid", "due_date": "2026-12-01"}),
         write_csv(tmp_path / "r.csv", "external_id,service_external_id,type,reason_code,reason,cancel_on",
                   "R1,S2,On Date,other,moving,2027-02-01"),
         tmp_path / "s.csv",  # from the base fixture: already imported once
@@ -509,7 +523,8 @@ def test_changed_value_is_updated_and_audited(tmp_path: Path, base: None, run, d
     with db.read_session() as s:
         entry = s.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(1)).one()
     assert counts(db)["audit_log"] == audits_before + 1
-    assert (entry.entity, entry.entity_id, entry.action, entry.actor, entry.at) == ("service", s1.id, "import_updated", "nightly", now)
+    assert (entry.entity, entry.entity_id, entry.action, entry.actor, entry.at) == (
+        "service", s1.id, "import_updated", "nightly", now)
     assert json.loads(entry.detail)["changed"] == {"status": ["Active", "Suspended"], "amount": ["10.00", "11.00"]}
 
 
@@ -527,13 +542,16 @@ def test_pending_request_can_be_updated(tmp_path: Path, base: None, run, db: Dat
     report = run(write_csv(tmp_path / "r2.csv", header, "R1,S1,Immediate,poor_support,"))
     assert report.updated == 1
     r1 = one(db, CancellationRequest, "R1")
-    assert (r1.type, r1.reason_code, r1.cancel_on, r1.status) == (RequestType.IMMEDIATE, "poor_support", None, RequestStatus.PENDING)
+    assert (r1.type, r1.reason_code, r1.cancel_on, r1.status) == (
+        RequestType.IMMEDIATE, "poor_support", None, RequestStatus.PENDING)
 
 
 # --------------------------------------------------------------------------- conflicts
 
 
-def test_service_cancelled_by_request_is_not_reopened(tmp_path: Path, base: None, run, db: Database, now: dt.datetime) -> None:
+def test_service_cancelled_by_request_is_not_reopened(
+    tmp_path: Path, base: None, run, db: Database, now: dt.datetime
+) -> None:
     request_id = cancelled_by_processor(db, "S1", now)
     path = write_csv(
         tmp_path / "s2.csv",
@@ -563,12 +581,15 @@ def test_cancelled_service_without_request_can_be_reopened(tmp_path: Path, base:
     # Cancelled in the billing system itself, not by the processor: its word is final.
     with db.session.begin() as s:
         s.scalars(select(Service).where(Service.external_id == "S1")).one().status = ServiceStatus.CANCELLED
-    report = run(write_csv(tmp_path / "s2.csv", "external_id,client_external_id,product_external_id,status", "S1,C1,P1,Active"))
+    report = run(write_csv(tmp_path / "s2.csv", "external_id,client_external_id,product_external_id,status",
+                           "S1,C1,P1,Active"))
     assert (report.updated, report.conflicts) == (1, [])
     assert one(db, Service, "S1").status == ServiceStatus.ACTIVE
 
 
-def test_cancelled_service_other_fields_still_update(tmp_path: Path, base: None, run, db: Database, now: dt.datetime) -> None:
+def test_cancelled_service_other_fields_still_update(
+    tmp_path: Path, base: None, run, db: Database, now: dt.datetime
+) -> None:
     cancelled_by_processor(db, "S1", now)
     path = write_csv(
         tmp_path / "s2.csv",
@@ -591,29 +612,37 @@ def test_completed_request_is_not_changed(tmp_path: Path, base: None, run, db: D
     report = run(path)
     assert (report.inserted, report.updated) == (1, 0)
     assert [(c.line, c.external_id) for c in report.conflicts] == [(2, "R-S1")]
-    assert report.conflicts[0].message == f"request {request_id} is already completed on 2026-11-20; import would set status withdrawn"
+    assert report.conflicts[0].message == (
+        f"request {request_id} is already completed on 2026-11-20; import would set status withdrawn")
     assert one(db, CancellationRequest, "R-S1").status == RequestStatus.COMPLETED
     assert one(db, CancellationRequest, "R9").status == RequestStatus.PENDING
 
 
-def test_completed_request_same_values_is_unchanged(tmp_path: Path, base: None, run, db: Database, now: dt.datetime) -> None:
+def test_completed_request_same_values_is_unchanged(
+    tmp_path: Path, base: None, run, db: Database, now: dt.datetime
+) -> None:
     cancelled_by_processor(db, "S1", now)
-    report = run(write_csv(tmp_path / "r.csv", "external_id,service_external_id,type,reason_code", "R-S1,S1,Immediate,other"))
+    report = run(write_csv(tmp_path / "r.csv", "external_id,service_external_id,type,reason_code",
+                           "R-S1,S1,Immediate,other"))
     assert (report.unchanged, report.conflicts) == (1, [])
 
 
 def test_addon_and_invoice_cancelled_by_request_stay_cancelled(
     tmp_path: Path, base: None, run, db: Database, now: dt.datetime
 ) -> None:
-    run(write_csv(tmp_path / "a.csv", "external_id,service_external_id,name,status", "A1,S1,Backup,Active", "A2,S2,IP,Active"))
-    run(write_csv(tmp_path / "i.csv", "external_id,service_external_id,amount,status", "I1,S1,10,Unpaid", "I2,S2,5,Unpaid"))
+    run(write_csv(tmp_path / "a.csv", "external_id,service_external_id,name,status",
+                  "A1,S1,Backup,Active", "A2,S2,IP,Active"))
+    run(write_csv(tmp_path / "i.csv", "external_id,service_external_id,amount,status",
+                  "I1,S1,10,Unpaid", "I2,S2,5,Unpaid"))
     request_id = cancelled_by_processor(db, "S1", now)
     with db.session.begin() as s:  # what the run does to the service's add-ons and unpaid invoices
         s.scalars(select(ServiceAddon).where(ServiceAddon.external_id == "A1")).one().status = ServiceStatus.CANCELLED
         s.scalars(select(Invoice).where(Invoice.external_id == "I1")).one().status = InvoiceStatus.CANCELLED
 
-    addons = run(write_csv(tmp_path / "a2.csv", "external_id,service_external_id,name,status", "A1,S1,Backup,Active", "A2,S2,IP,Suspended"))
-    invoices = run(write_csv(tmp_path / "i2.csv", "external_id,service_external_id,amount,status", "I1,S1,10,Unpaid", "I2,S2,5,Paid"))
+    addons = run(write_csv(tmp_path / "a2.csv", "external_id,service_external_id,name,status",
+                           "A1,S1,Backup,Active", "A2,S2,IP,Suspended"))
+    invoices = run(write_csv(tmp_path / "i2.csv", "external_id,service_external_id,amount,status",
+                             "I1,S1,10,Unpaid", "I2,S2,5,Paid"))
 
     assert [(c.line, c.external_id, c.message) for c in addons.conflicts] == [
         (2, "A1", f"add-on was cancelled with its service by request {request_id}; import would set status Active")
@@ -679,7 +708,8 @@ def test_cli_import_reports_each_file_and_each_bad_row(tmp_path: Path) -> None:
     assert f"{clients} (clients): 1 inserted, 0 updated, 0 unchanged, 0 conflict(s)" in result.stdout
     errors = result.stderr.strip().splitlines()
     assert errors[0] == f"error: {services}:2: product_external_id: no product with external_id 'P9'"
-    assert f"error: {services}:3: status: must be one of Pending, Active, Suspended, Terminated, Cancelled, Fraud (got 'Sleeping')" in errors
+    assert (f"error: {services}:3: status: must be one of Pending, Active, Suspended, Terminated, Cancelled, Fraud "
+            "(got 'Sleeping')") in errors
     assert errors[-1] == (f"error: {services}: rejected, {len(errors) - 1} bad row(s); nothing of it was imported; "
                           f"not attempted: {products}")
     assert "Traceback" not in result.output

@@ -1,0 +1,335 @@
+"""Planning an import: what the database holds for the file's rows, and per row what to do.
+
+Each row becomes one action: an `Insert`, an `Update`, `Unchanged`, a `Conflict` (an update
+that would undo the processor's or staff's work: skipped and reported), or a `RowError`
+(a reference to an unknown id, a second open request for a service: the file is rejected).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Row, Table, select
+from sqlalchemy.orm import Session
+
+from processor.importer.validate import ImportRow, Kind, RequestRow, RowError, table_of
+from processor.models import (
+    OPEN_REQUEST_STATUSES,
+    CancellationRequest,
+    InvoiceStatus,
+    RequestStatus,
+    ServiceStatus,
+)
+
+# Rows per `WHERE ... IN (...)` lookup: well under SQLite's bound-parameter limit.
+CHUNK = 500
+
+
+# --------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class Insert:
+    """A row the database does not have yet: every column is written."""
+
+    line: int
+    row: ImportRow
+    values: dict[str, Any]  # every model attribute, references resolved to ids
+
+    def after(self, name: str) -> Any:
+        """The attribute's value once the row is written."""
+        return self.values.get(name)
+
+
+@dataclass(frozen=True)
+class Update:
+    """A stored row some of whose values differ from the file's: those are written."""
+
+    line: int
+    row: ImportRow
+    values: dict[str, Any]  # the attributes the row gives, references resolved to ids
+    existing: Row[Any]  # the stored row (its columns), locked until the import commits
+    changes: dict[str, tuple[Any, Any]]  # attribute -> (old, new); never empty
+
+    def after(self, name: str) -> Any:
+        """The attribute's value once the row is written."""
+        return self.values.get(name, getattr(self.existing, name))
+
+
+@dataclass(frozen=True)
+class Unchanged:
+    """A stored row the file's row matches: nothing to write."""
+
+    line: int
+    external_id: str
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A row that was not applied because it would undo the processor's (or staff's) work."""
+
+    line: int
+    external_id: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every row of a file, sorted by what to do with it. Any error rejects the whole file."""
+
+    inserts: tuple[Insert, ...]
+    updates: tuple[Update, ...]
+    unchanged: tuple[Unchanged, ...]
+    conflicts: tuple[Conflict, ...]
+    errors: tuple[RowError, ...]
+
+
+def plan_rows(
+    s: Session, path: Path, kind: Kind, rows: Sequence[tuple[int, ImportRow]], errors: Sequence[RowError]
+) -> Plan:
+    """Decide each validated row's action; `errors` (the validation's) are carried into the plan."""
+    resolved, ref_errors = _resolve_refs(s, path, rows, kind.row)
+    existing = _rows_by_external_id(s, kind.table, {row.external_id for _line, row, _refs in resolved})
+    actions = [_decide(line, row, refs, existing.get(row.external_id)) for line, row, refs in resolved]
+    inserts = [a for a in actions if isinstance(a, Insert)]
+    updates, conflicts = _apply_guards(s, kind, [a for a in actions if isinstance(a, Update)])
+    open_errors = _second_open_requests(s, path, inserts, updates) if kind.name == "requests" else []
+    return Plan(
+        inserts=tuple(inserts),
+        updates=tuple(updates),
+        unchanged=tuple(a for a in actions if isinstance(a, Unchanged)),
+        conflicts=tuple(conflicts),
+        errors=(*errors, *ref_errors, *open_errors),
+    )
+
+
+def _decide(line: int, row: ImportRow, refs: dict[str, int], stored: Row[Any] | None) -> Insert | Update | Unchanged:
+    """Insert a new row; update a stored one only where a value differs."""
+    if stored is None:
+        return Insert(line, row, row.values(new=True) | refs)
+    values = row.values(new=False) | refs
+    changes = {k: (getattr(stored, k), v) for k, v in values.items() if getattr(stored, k) != v}
+    if not changes:
+        return Unchanged(line, row.external_id)
+    return Update(line, row, values, stored, changes)
+
+
+def _resolve_refs(
+    s: Session, path: Path, rows: Sequence[tuple[int, ImportRow]], row_type: type[ImportRow]
+) -> tuple[list[tuple[int, ImportRow, dict[str, int]]], list[RowError]]:
+    """Each row with its references turned into ids; a row naming an unknown id is an error."""
+    ids: dict[str, dict[str, int]] = {}
+    for column, (_attr, model) in row_type.REFS.items():
+        wanted = {getattr(row, column) for _line, row in rows}
+        ids[column] = ids_by_external_id(s, table_of(model), wanted)
+    out: list[tuple[int, ImportRow, dict[str, int]]] = []
+    errors: list[RowError] = []
+    for line, row in rows:
+        resolved: dict[str, int] = {}
+        for column, (attr, model) in row_type.REFS.items():
+            ext = getattr(row, column)
+            if ext in ids[column]:
+                resolved[attr] = ids[column][ext]
+            else:
+                what = table_of(model).name.removesuffix("s")  # client, product, service
+                errors.append(RowError(path, line, column, f"no {what} with external_id {ext!r}"))
+        if len(resolved) == len(row_type.REFS):
+            out.append((line, row, resolved))
+    return out, errors
+
+
+# --------------------------------------------------------------------------- guards
+
+
+@dataclass(frozen=True)
+class _Completed:
+    """The completed request that cancelled a service."""
+
+    request_id: int
+    processed_at: dt.datetime | None
+
+
+# Guards: why an update must not be applied (a conflict), or None. They get the existing row
+# already loaded and the completed requests of the services concerned.
+_Guard = Callable[[Update, dict[int, _Completed]], str | None]
+
+
+def _show(value: Any) -> str:
+    """A value as a conflict message shows it."""
+    if value is None:
+        return "none"
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    return str(value)
+
+
+def _would_set(update: Update, names: Iterable[str]) -> str:
+    return ", ".join(f"{n} {_show(update.changes[n][1])}" for n in names if n in update.changes)
+
+
+def _cancelled_by(completed: _Completed, what: str) -> str:
+    when = f" on {completed.processed_at.date().isoformat()}" if completed.processed_at else ""
+    return f"{what} was cancelled by request {completed.request_id}{when}"
+
+
+def _is_cancelled(stored: Row[Any]) -> bool:
+    return stored.status in (ServiceStatus.CANCELLED, InvoiceStatus.CANCELLED)
+
+
+def _guard_service(p: Update, completed: dict[int, _Completed]) -> str | None:
+    svc = p.existing
+    touched = [n for n in ("status", "termination_date") if n in p.changes]
+    if svc.status == ServiceStatus.CANCELLED and svc.id in completed and touched:
+        return f"{_cancelled_by(completed[svc.id], 'service')}; import would set {_would_set(p, touched)}"
+    return None
+
+
+def _guard_cancelled_child(what: str) -> _Guard:
+    """Add-ons and invoices the run cancelled with their service stay cancelled."""
+
+    def guard(p: Update, completed: dict[int, _Completed]) -> str | None:
+        stored = p.existing
+        if _is_cancelled(stored) and stored.service_id in completed and "status" in p.changes:
+            return (
+                f"{what} was cancelled with its service by request {completed[stored.service_id].request_id}; "
+                f"import would set {_would_set(p, ['status'])}"
+            )
+        return None
+
+    return guard
+
+
+def _guard_request(p: Update, completed: dict[int, _Completed]) -> str | None:
+    req = p.existing
+    if req.status != RequestStatus.PENDING:
+        when = f" on {req.processed_at.date().isoformat()}" if req.processed_at else ""
+        return f"request {req.id} is already {req.status.value}{when}; import would set {_would_set(p, p.changes)}"
+    return None
+
+
+_GUARDS: dict[str, _Guard] = {
+    "services": _guard_service,
+    "addons": _guard_cancelled_child("add-on"),
+    "invoices": _guard_cancelled_child("invoice"),
+    "requests": _guard_request,
+}
+
+
+def _apply_guards(s: Session, kind: Kind, updates: list[Update]) -> tuple[list[Update], list[Conflict]]:
+    """The updates that may be applied, and a conflict for each that would undo the processor's work."""
+    guard = _GUARDS.get(kind.name)
+    if guard is None or not updates:
+        return updates, []
+    if kind.name == "requests":
+        completed: dict[int, _Completed] = {}  # the request's own status decides
+    else:
+        # Only cancelled rows can be protected: fetch requests for their services alone.
+        sid = "id" if kind.name == "services" else "service_id"
+        completed = _completed_requests(s, {getattr(p.existing, sid) for p in updates if _is_cancelled(p.existing)})
+    kept: list[Update] = []
+    conflicts: list[Conflict] = []
+    for p in updates:
+        message = guard(p, completed)
+        if message is None:
+            kept.append(p)
+        else:
+            conflicts.append(Conflict(p.line, p.row.external_id, message))
+    return kept, conflicts
+
+
+def _second_open_requests(s: Session, path: Path, inserts: list[Insert], updates: list[Update]) -> list[RowError]:
+    """One open request per service: a request that would be a second one is a row error.
+
+    The schema enforces this too; checking first names the row instead of failing the file
+    with an integrity error.
+    """
+    writes: list[Insert | Update] = [*inserts, *updates]
+    touched = {p.after("service_id") for p in writes} | {p.existing.service_id for p in updates}
+    holders: dict[int, int | str] = dict(_open_requests(s, touched))  # service id -> request id or "line N"
+    # Rows that close (withdraw) or move their open request free its service first.
+    for u in updates:
+        old = u.existing
+        moves_or_closes = not _ends_open(u) or u.after("service_id") != old.service_id
+        if old.status in OPEN_REQUEST_STATUSES and moves_or_closes and holders.get(old.service_id) == old.id:
+            del holders[old.service_id]
+    errors: list[RowError] = []
+    for p in sorted(writes, key=lambda w: w.line):
+        service_id = p.after("service_id")
+        if not _ends_open(p) or (isinstance(p, Update) and service_id == p.existing.service_id):
+            continue
+        holder = holders.get(service_id)
+        if holder is None:
+            holders[service_id] = f"line {p.line}"
+            continue
+        assert isinstance(p.row, RequestRow)  # only request files are checked
+        which = f"open request {holder}" if isinstance(holder, int) else f"an open request on {holder}"
+        errors.append(
+            RowError(path, p.line, "service_external_id", f"service {p.row.service_external_id} already has {which}")
+        )
+    return errors
+
+
+def _ends_open(p: Insert | Update) -> bool:
+    return p.after("status") in OPEN_REQUEST_STATUSES
+
+
+# --------------------------------------------------------------------------- database look-ups
+
+
+def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def ids_by_external_id(s: Session, table: Table, external_ids: set[str]) -> dict[str, int]:
+    """External id -> id of the rows of `table` that exist."""
+    out: dict[str, int] = {}
+    for chunk in _chunks(sorted(external_ids)):
+        query = select(table.c.external_id, table.c.id).where(table.c.external_id.in_(chunk))
+        out.update((external_id, id_) for external_id, id_ in s.execute(query))
+    return out
+
+
+def _rows_by_external_id(s: Session, table: Table, external_ids: set[str]) -> dict[str, Row[Any]]:
+    """The existing rows, as plain column rows (comparing values needs no ORM objects),
+    locked until the import commits (PostgreSQL; SQLite's write transaction is exclusive).
+
+    Without the lock, a run could cancel a service between this read and the import's
+    write, and the import would write its stale status over Cancelled. With it, the read
+    waits for the run's chunk to commit and sees Cancelled (a conflict, reported).
+    """
+    out: dict[str, Row[Any]] = {}
+    for chunk in _chunks(sorted(external_ids)):
+        query = select(table).where(table.c.external_id.in_(chunk)).order_by(table.c.id).with_for_update()
+        out.update((row.external_id, row) for row in s.execute(query))
+    return out
+
+
+def _completed_requests(s: Session, service_ids: set[int]) -> dict[int, _Completed]:
+    """Service id -> its latest completed request, for the given services."""
+    out: dict[int, _Completed] = {}
+    R = CancellationRequest
+    for chunk in _chunks(sorted(service_ids)):
+        query = (
+            select(R.service_id, R.id, R.processed_at)
+            .where(R.status == RequestStatus.COMPLETED, R.service_id.in_(chunk))
+            .order_by(R.id)
+        )
+        for service_id, request_id, processed_at in s.execute(query):
+            out[service_id] = _Completed(request_id, processed_at)
+    return out
+
+
+def _open_requests(s: Session, service_ids: set[int]) -> dict[int, int]:
+    """Service id -> id of its open (pending or failed) request."""
+    out: dict[int, int] = {}
+    R = CancellationRequest
+    for chunk in _chunks(sorted(service_ids)):
+        query = select(R.service_id, R.id).where(R.status.in_(OPEN_REQUEST_STATUSES), R.service_id.in_(chunk))
+        out.update((service_id, request_id) for service_id, request_id in s.execute(query))
+    return out
