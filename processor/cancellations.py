@@ -1,26 +1,37 @@
-"""What support staff do with cancellation requests: create, withdraw, retry, resolve.
+"""What support staff do with cancellation requests: create, withdraw, retry, resolve,
+process at once; and the hooks these actions fire.
 
-Functions take a session and never commit: the caller owns the transaction.
+Functions take a session and never commit: the caller owns the transaction. The hook
+functions run after the caller's commit, each in its own read transaction.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from typing import Any
+from zoneinfo import ZoneInfo
 
+import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload
 
-from processor.errors import InputError, NotFound, StateError
+from processor.db import Database
+from processor.due import request_due_on, request_is_due
+from processor.errors import FieldError, InputError, NotDue, NotFound, StateError
+from processor.hooks import HookRegistry
 from processor.models import (
     CLOSED_SERVICE_STATUSES,
     OPEN_REQUEST_STATUSES,
+    AuditAction,
+    AuditEntity,
     AuditEntry,
     CancellationRequest,
     RequestStatus,
     RequestType,
     Service,
 )
+from processor.params import request_params, request_select
 
 
 def get_service(session: Session, service_id: int) -> Service:
@@ -57,9 +68,10 @@ def open_request_for(session: Session, service_id: int) -> CancellationRequest |
     ).one_or_none()
 
 
-def _audit(session: Session, request: CancellationRequest, action: str, actor: str, now: dt.datetime, detail: str = "") -> None:
-    session.add(AuditEntry(at=now, actor=actor, request_id=request.id, entity="request", entity_id=request.id,
-                           action=action, detail=detail))
+def _audit(session: Session, request: CancellationRequest, action: AuditAction, actor: str, now: dt.datetime,
+           detail: str = "") -> None:
+    session.add(AuditEntry(at=now, actor=actor, request_id=request.id, entity=AuditEntity.REQUEST,
+                           entity_id=request.id, action=action, detail=detail))
 
 
 def create_request(
@@ -77,14 +89,15 @@ def create_request(
 ) -> CancellationRequest:
     """Record a new pending request; one open request per service."""
     if reason_code not in allowed_reasons:
-        raise InputError(f"--reason-code: {reason_code!r} is not a configured reason (allowed: {', '.join(allowed_reasons)})")
+        raise FieldError("reason_code",
+                         f"{reason_code!r} is not a configured reason (allowed: {', '.join(allowed_reasons)})")
     if type_ is RequestType.ON_DATE:
         if cancel_on is None:
-            raise InputError("--on: an On Date request needs the date (YYYY-MM-DD)")
+            raise FieldError("cancel_on", "an On Date request needs the date (YYYY-MM-DD)")
         if cancel_on < today:
-            raise InputError(f"--on: {cancel_on} is in the past (today is {today} in the business time zone)")
+            raise FieldError("cancel_on", f"{cancel_on} is in the past (today is {today} in the business time zone)")
     elif cancel_on is not None:
-        raise InputError(f"--on: only an On Date request takes a date, not {type_.value}")
+        raise FieldError("cancel_on", f"only an On Date request takes a date, not {type_.value}")
     service = get_service(session, service_id)
     if service.status in CLOSED_SERVICE_STATUSES:
         raise StateError(f"service {service_id} is already {service.status.value}")
@@ -97,20 +110,22 @@ def create_request(
     )
     session.add(request)
     session.flush()
-    _audit(session, request, "created", actor, now, f"{type_.value}; reason {reason_code}")
+    _audit(session, request, AuditAction.CREATED, actor, now, f"{type_.value}; reason {reason_code}")
     return request
 
 
-def withdraw_request(session: Session, request_id: int, *, actor: str, now: dt.datetime, note: str = "") -> CancellationRequest:
+def withdraw_request(session: Session, request_id: int, *, actor: str, now: dt.datetime,
+                     note: str = "") -> CancellationRequest:
     """Staff withdraw a request that has not been applied."""
     request = lock_request(session, request_id)
     if request.status not in OPEN_REQUEST_STATUSES:
         when = f" on {request.processed_at:%Y-%m-%d}" if request.processed_at else ""
-        raise StateError(f"request {request_id} is {request.status.value}{when}; only a pending or failed request can be withdrawn")
+        raise StateError(f"request {request_id} is {request.status.value}{when}; "
+                         "only a pending or failed request can be withdrawn")
     request.status = RequestStatus.WITHDRAWN
     request.next_attempt_at = None
     request.note = note
-    _audit(session, request, "withdrawn", actor, now, note)
+    _audit(session, request, AuditAction.WITHDRAWN, actor, now, note)
     return request
 
 
@@ -120,24 +135,67 @@ def retry_request(session: Session, request_id: int, *, actor: str, now: dt.date
     if request.status is RequestStatus.PENDING and request.next_attempt_at is None:
         raise StateError(f"request {request_id} is already pending and will be tried at the next run that finds it due")
     if request.status not in OPEN_REQUEST_STATUSES:
-        raise StateError(f"request {request_id} is {request.status.value}; only a failed or pending request can be retried")
+        raise StateError(f"request {request_id} is {request.status.value}; "
+                         "only a failed or pending request can be retried")
     previous = request.status.value
     request.status = RequestStatus.PENDING
     request.attempts = 0
     request.next_attempt_at = None
-    _audit(session, request, "retry", actor, now, f"was {previous}; last error: {request.last_error or '-'}")
+    _audit(session, request, AuditAction.RETRY, actor, now, f"was {previous}; last error: {request.last_error or '-'}")
     return request
 
 
-def resolve_request(session: Session, request_id: int, *, actor: str, now: dt.datetime, note: str) -> CancellationRequest:
+def resolve_request(session: Session, request_id: int, *, actor: str, now: dt.datetime,
+                    note: str) -> CancellationRequest:
     """Staff cancelled the service by hand: close the failed request without touching the service."""
     request = lock_request(session, request_id)
     if request.status is not RequestStatus.FAILED:
-        raise StateError(f"request {request_id} is {request.status.value}; only a failed request can be resolved by hand")
+        raise StateError(f"request {request_id} is {request.status.value}; "
+                         "only a failed request can be resolved by hand")
     if not note.strip():
-        raise InputError("--note: say what was done by hand (it goes into the audit log)")
+        raise FieldError("note", "say what was done by hand (it goes into the audit log)")
     request.status = RequestStatus.COMPLETED
     request.processed_at = now
     request.note = note
-    _audit(session, request, "resolved_by_hand", actor, now, note)
+    _audit(session, request, AuditAction.RESOLVED_BY_HAND, actor, now, note)
     return request
+
+
+def check_processable(session: Session, request_ids: Sequence[int], *, today: dt.date, zone: ZoneInfo,
+                      ignore_due_date: bool) -> None:
+    """Before `requests process` applies these requests at once: each is pending and, unless
+    its due date is ignored, due today. A request whose service was deleted outside
+    cancelproc passes: the run fails it, saying so."""
+    for request_id in request_ids:
+        request = get_request(session, request_id)
+        if request.status is not RequestStatus.PENDING:
+            raise InputError(f"request {request_id} is {request.status.value}; only a pending request can be processed")
+        if request.service is not None and not ignore_due_date and not request_is_due(request, zone, today):
+            raise NotDue(request_id, request_due_on(request, zone))
+
+
+# --- hooks of staff actions ----------------------------------------------------------------
+
+def fire_request_created(db: Database, hooks: HookRegistry, request_id: int, *, actor: str) -> None:
+    """The CancellationRequest hooks of a request just created (after its commit)."""
+    _fire(db, hooks, "CancellationRequest", request_id, actor=actor)
+
+
+def fire_request_withdrawn(db: Database, hooks: HookRegistry, request_id: int, *, actor: str, note: str) -> None:
+    """The CancellationRequestWithdrawn hooks of a request just withdrawn (after its commit)."""
+    _fire(db, hooks, "CancellationRequestWithdrawn", request_id, actor=actor, note=note)
+
+
+def _fire(db: Database, hooks: HookRegistry, point: str, request_id: int, **more: Any) -> None:
+    """Call a staff action's hook point with the request's params; a hook's failure is
+    logged, not raised (the change is committed already)."""
+    if not hooks.has(point):
+        return
+    with db.read_engine.connect() as conn:
+        row = conn.execute(request_select().where(CancellationRequest.id == request_id)).one_or_none()
+    if row is None:  # its service, client or product was deleted outside cancelproc: no params to give
+        structlog.get_logger("cancelproc").warning(
+            "hook not called: the request's service, client or product no longer exists", point=point,
+            request_id=request_id)
+        return
+    hooks.apply(point, request_params(row, **more))

@@ -7,6 +7,9 @@ it once) and never loses one. A row is marked sent once (`status = 'queued'` gua
 
 Backends: `smtp` (production), `folder` (an .eml file per email: the embedded default),
 `console` (stderr, for development).
+
+Staff queue failed emails again (`emails retry`): `retry_emails`, which takes a session
+and never commits.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import smtplib
 import ssl
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.charset import QP, Charset
 from email.header import Header
@@ -32,14 +35,15 @@ from typing import IO, Any, Protocol
 
 import structlog
 from sqlalchemy import Row, func, insert, or_, select, update
+from sqlalchemy.orm import Session
 
 from processor import lease
 from processor.config import Settings, SmtpSettings
 from processor.db import Database
-from processor.errors import ConfigError, one_line
-from processor.models import AuditEntry, EmailStatus, OutboxEmail
-from processor.text import address_problem, header_problem
+from processor.errors import ConfigError, NotFound, StateError, one_line
+from processor.models import AuditAction, AuditEntity, AuditEntry, EmailStatus, OutboxEmail
 from processor.retry import RetryPolicy
+from processor.text import address_problem, header_problem
 
 Clock = Callable[[], dt.datetime]
 BATCH = 100  # emails sent per recorded batch: at most this many are sent again after a crash
@@ -433,8 +437,9 @@ class Deliverer:
                     report.failed_emails.append({"id": row.id, "template": row.template, "to_address": row.to_address,
                                                  "error": error})
                     conn.execute(insert(AuditEntry).values(
-                        at=now, actor="cancelproc", request_id=row.request_id, entity="email", entity_id=row.id,
-                        action="failed", detail=f"{row.template} to {row.to_address}: {error}"
+                        at=now, actor="cancelproc", request_id=row.request_id, entity=AuditEntity.EMAIL,
+                        entity_id=row.id, action=AuditAction.FAILED,
+                        detail=f"{row.template} to {row.to_address}: {error}"
                         + ("" if permanent else f"; gave up after {row.attempts + 1} attempts")))
                     self.log.warning("email failed for good", email_id=row.id, to=row.to_address, error=error)
                 else:
@@ -442,3 +447,27 @@ class Deliverer:
                     self.log.warning("email not sent; will retry", email_id=row.id, to=row.to_address, error=error,
                                      next_attempt_at=str(decision.next_attempt_at))
             lease.renew_delivery(conn, now=now, seconds=self.settings.lease_seconds, me=self.me)
+
+
+def get_email(session: Session, email_id: int) -> OutboxEmail:
+    email = session.get(OutboxEmail, email_id)
+    if email is None:
+        raise NotFound(f"email {email_id} not found")
+    return email
+
+
+def retry_emails(session: Session, email_ids: Sequence[int] | None, *, actor: str, now: dt.datetime) -> int:
+    """Queue failed emails again, attempts reset, each with an audit row; the next run or
+    `emails send` sends them. `email_ids` None: every failed email. Returns how many."""
+    if email_ids is None:
+        emails = list(session.scalars(select(OutboxEmail).where(OutboxEmail.status == EmailStatus.FAILED)))
+    else:
+        emails = [get_email(session, i) for i in email_ids]
+        for e in emails:
+            if e.status is not EmailStatus.FAILED:
+                raise StateError(f"email {e.id} is {e.status.value}; only a failed email can be retried")
+    for e in emails:
+        session.add(AuditEntry(at=now, actor=actor, request_id=e.request_id, entity=AuditEntity.EMAIL, entity_id=e.id,
+                               action=AuditAction.RETRY, detail=f"was failed: {e.last_error or '-'}"))
+        e.status, e.attempts, e.next_attempt_at = EmailStatus.QUEUED, 0, None
+    return len(emails)

@@ -16,6 +16,8 @@ from decimal import Decimal
 from sqlalchemy.orm import Session
 
 from processor.models import (
+    AuditAction,
+    AuditEntity,
     AuditEntry,
     CancellationRequest,
     Client,
@@ -66,10 +68,10 @@ def load_demo(session: Session, *, today: dt.date, now: dt.datetime) -> dict[str
     products = [Product(external_id=f"P{i + 1}", name=n, module=m) for i, (n, m, _, _) in enumerate(PRODUCTS)]
     session.add_all(products)
     clients = [
-        Client(external_id=f"C{1000 + i}", first_name=f, last_name=l, company_name="",
-               email=f"{_ascii(f)}.{_ascii(l)}@example.test",
+        Client(external_id=f"C{1000 + i}", first_name=first, last_name=last, company_name="",
+               email=f"{_ascii(first)}.{_ascii(last)}@example.test",
                language="en", balance=Decimal("0"))
-        for i, (f, l) in enumerate(zip(FIRST, LAST))
+        for i, (first, last) in enumerate(zip(FIRST, LAST, strict=True))
     ]
     clients[3].balance = Decimal("48.00")  # owes money: a veto hook example in docs uses it
     session.add_all(clients)
@@ -123,8 +125,8 @@ def load_demo(session: Session, *, today: dt.date, now: dt.datetime) -> dict[str
     session.add_all(requests)
     session.flush()
     session.add_all(
-        AuditEntry(at=now, actor="demo", request_id=r.id, entity="request", entity_id=r.id, action="created",
-                   detail=f"{r.type.value}; reason {r.reason_code}")
+        AuditEntry(at=now, actor="demo", request_id=r.id, entity=AuditEntity.REQUEST, entity_id=r.id,
+                   action=AuditAction.CREATED, detail=f"{r.type.value}; reason {r.reason_code}")
         for r in requests
     )
     return {"clients": len(clients), "products": len(products), "services": len(services),

@@ -9,13 +9,24 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import ColumnElement, Connection, and_, func, select
 from sqlalchemy.orm import Session
 
 from processor.config import Settings
 from processor.emails import CRON_JOB_ACTIVITY, format_date
 from processor.errors import NotFound
-from processor.models import AuditEntry, CancellationRequest, Client, EmailStatus, OutboxEmail, Run, Service
+from processor.models import (
+    FAILURE_ACTIONS,
+    AuditAction,
+    AuditEntity,
+    AuditEntry,
+    CancellationRequest,
+    Client,
+    EmailStatus,
+    OutboxEmail,
+    Run,
+    Service,
+)
 from processor.outbox import Composed, Composer, email_key, queue
 
 MAX_LISTED = 200  # failures named in the digest; the rest are counted, `runs show` has them all
@@ -45,8 +56,7 @@ def digest_fields(conn: Connection, run_id: int, summary: dict[str, Any], settin
         return moment.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z") if moment else "-"
 
     return {
-        **{k: summary[k] for k in ("due", "completed", "noop", "retrying", "failed", "vetoed", "skipped", "late",
-                                    "max_days_late", "emails_queued", "emails_sent", "emails_failed")},
+        **{k: summary[k] for k in (*Run.COUNTS, "skipped")},
         "run_id": run_id, "as_of": format_date(run.as_of), "status": str(summary["status"]).replace("_", " "),
         "trigger": run.trigger.value, "operator": run.operator, "host": run.host,
         "started_at": local(run.started_at), "finished_at": local(run.finished_at),
@@ -79,17 +89,23 @@ def _name(row: Any) -> str:
     return f"{row.first_name or ''} {row.last_name or ''}".strip() or "(client unknown)"
 
 
+def failure_entries(run_id: int) -> ColumnElement[bool]:
+    """The audit rows that record a run's failures: its requests that failed an attempt, were
+    vetoed, or were given up (FAILURE_ACTIONS). The digest and `runs show` name these."""
+    return and_(AuditEntry.run_id == run_id, AuditEntry.entity == AuditEntity.REQUEST,
+                AuditEntry.action.in_(FAILURE_ACTIONS))
+
+
 def recorded_failures(conn: Connection | Session, run_id: int) -> list[dict[str, Any]]:
     """The requests of a run that did not go through, as its audit rows record them (every
     process that worked on the run wrote its own)."""
     return [
-        {"request_id": request_id, "service_id": service_id, "error": detail, "gave_up": action == "failed",
-         "vetoed": action == "vetoed"}
+        {"request_id": request_id, "service_id": service_id, "error": detail,
+         "gave_up": action == AuditAction.FAILED, "vetoed": action == AuditAction.VETOED}
         for request_id, service_id, detail, action in conn.execute(
             select(AuditEntry.request_id, CancellationRequest.service_id, AuditEntry.detail, AuditEntry.action)
             .join(CancellationRequest, CancellationRequest.id == AuditEntry.request_id)
-            .where(AuditEntry.run_id == run_id, AuditEntry.entity == "request",
-                   AuditEntry.action.in_(["failed", "attempt_failed", "vetoed"]))
+            .where(failure_entries(run_id))
             .order_by(AuditEntry.id))
     ]
 
@@ -105,7 +121,7 @@ def summary_of_run(conn: Connection, run_id: int) -> dict[str, Any]:
         for e in conn.execute(select(OutboxEmail).where(OutboxEmail.run_id == run_id,
                                                         OutboxEmail.status == EmailStatus.FAILED)).scalars()
     ]
-    counts = {k: getattr(run, k) for k in (*Run.CHUNK_COUNTS, *Run.DELIVERY_COUNTS)}
+    counts = {k: getattr(run, k) for k in Run.COUNTS}
     return {**counts, "skipped": 0, "status": run.status.value, "failures": failures, "failed_emails": failed_emails,
             "delivery_error": ""}
 

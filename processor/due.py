@@ -19,7 +19,7 @@ def business_today(now: dt.datetime, zone: ZoneInfo) -> dt.date:
 
 def start_of_day(day: dt.date, zone: ZoneInfo) -> dt.datetime:
     """The instant (UTC) at which `day` begins in the business time zone."""
-    return dt.datetime.combine(day, dt.time(), tzinfo=zone).astimezone(dt.timezone.utc)
+    return dt.datetime.combine(day, dt.time(), tzinfo=zone).astimezone(dt.UTC)
 
 
 def effective_date(
@@ -52,6 +52,18 @@ def is_due(
         return False
     due_on = effective_date(type_, next_due_date, cancel_on, created_on)
     return due_on is None or due_on <= as_of
+
+
+def request_due_on(request: CancellationRequest, zone: ZoneInfo) -> dt.date | None:
+    """`effective_date` of a request whose service exists (loaded with it)."""
+    return effective_date(request.type, request.service.next_due_date, request.cancel_on,
+                          business_today(request.created_at, zone))
+
+
+def request_is_due(request: CancellationRequest, zone: ZoneInfo, as_of: dt.date) -> bool:
+    """`is_due` for a request whose service exists (loaded with it)."""
+    return is_due(request.type, request.service.next_due_date, request.cancel_on,
+                  business_today(request.created_at, zone), as_of)
 
 
 def due_clause(as_of: dt.date, zone: ZoneInfo) -> ColumnElement[bool]:

@@ -17,15 +17,17 @@ import datetime as dt
 import functools
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
+from babel import Locale, UnknownLocaleError
+from babel.dates import format_date as babel_format_date
 from jinja2 import (
     BaseLoader,
-    Environment,
     ChoiceLoader,
+    Environment,
     FileSystemLoader,
     PrefixLoader,
     StrictUndefined,
@@ -33,15 +35,14 @@ from jinja2 import (
     TemplateError,
     TemplateNotFound,
     TemplateSyntaxError,
+    nodes,
 )
-from babel import Locale, UnknownLocaleError
-from babel.dates import format_date as babel_format_date
-from jinja2 import nodes
-from jinja2.runtime import Context
 from jinja2.exceptions import SecurityError
+from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from processor.errors import InputError, one_line
+from processor.models import Run
 
 DEFAULT_TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "emails"
 BLOCKS = ("subject", "text", "html")
@@ -140,7 +141,7 @@ class _Compiled:
         """Render these blocks in one context. `fields` must include the environment's
         globals (Jinja's new_context would copy them in). The block chain is shared, not copied: block
         functions only read it (the root render function, never called here, would write)."""
-        ctx = Context(self.template.environment, fields, self.template.name, {})
+        ctx = Context(self.template.environment, dict(fields), self.template.name, {})
         ctx.blocks = self.blocks
         return ["".join(self.blocks[name][0](ctx)) for name in names]
 
@@ -250,7 +251,8 @@ class EmailTemplates:
             subject, text = (part.strip() for part in plain.render_blocks(("subject", "text"), fields))
             html_body = html.render_blocks(("html",), fields)[0].strip()
         except KeyError as exc:
-            raise TemplateProblem(f"email template {filename} has no block {exc.args[0]!r} (needs {', '.join(BLOCKS)})") from None
+            raise TemplateProblem(
+                f"email template {filename} has no block {exc.args[0]!r} (needs {', '.join(BLOCKS)})") from None
         except TemplateProblem:
             raise  # the time limit at start
         except Exception as exc:  # noqa: BLE001 - whatever a template does wrong (1/0, a range too big) is its problem
@@ -303,9 +305,10 @@ SAMPLE_REQUEST: dict[str, Any] = dict(
 )
 
 SAMPLE_DIGEST: dict[str, Any] = dict(
+    dict.fromkeys((*Run.COUNTS, "skipped"), 0),  # every count a template may name; the sample's below
     run_id=1, as_of=format_date(dt.date(2026, 12, 1)), status="completed with failures", trigger="cron",
     operator="root", host="billing1", started_at="2026-12-01 02:00 UTC", finished_at="2026-12-01 02:01 UTC",
-    due=3, completed=1, noop=0, retrying=1, failed=1, vetoed=1, skipped=0, late=1, max_days_late=2,
+    due=3, completed=1, retrying=1, failed=1, vetoed=1, late=1, max_days_late=2,
     late_by_days=[{"days": 2, "count": 1}],
     emails_queued=1, emails_sent=1, emails_failed=1, emails_queued_now=0, emails_failed_total=1, delivery_error="",
     failures=[

@@ -1,5 +1,9 @@
 """Domain exceptions. The CLI turns them into one-line messages and exit codes."""
 
+from __future__ import annotations
+
+import datetime as dt
+
 
 class CancelprocError(Exception):
     """Base class: something the operator must fix. Exit code 2."""
@@ -13,6 +17,26 @@ class ConfigError(CancelprocError):
 
 class InputError(CancelprocError):
     """A CLI argument, a date or an imported row is not acceptable."""
+
+
+class FieldError(InputError):
+    """A value given for a named field is not acceptable. The message names the field as the
+    domain function calls its argument (`cancel_on`); the CLI names the option that gave the
+    value instead (`--on`)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class NotDue(InputError):
+    """A request asked to be applied at once is not due yet."""
+
+    def __init__(self, request_id: int, due_on: dt.date | None) -> None:
+        super().__init__(f"request {request_id} is not due until {due_on}")
+        self.request_id = request_id
+        self.due_on = due_on
 
 
 class NotFound(CancelprocError):

@@ -299,11 +299,16 @@ class Run(Base):
     max_days_late: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
 
-    # The counts each chunk adds to (every process that works on the run), then those
-    # of the delivery at its end.
-    CHUNK_COUNTS = ("due", "completed", "noop", "retrying", "failed", "vetoed", "emails_queued", "late",
-                    "max_days_late")
-    DELIVERY_COUNTS = ("emails_sent", "emails_failed")
+    # A run's counts, named once here (tables, JSON, reports, metrics and the digest use
+    # these): its requests by outcome, its emails, and how late it applied requests.
+    REQUEST_COUNTS = ("due", "completed", "noop", "retrying", "failed", "vetoed")
+    DELIVERY_COUNTS = ("emails_sent", "emails_failed")  # the delivery at the end of the run
+    EMAIL_COUNTS = ("emails_queued", *DELIVERY_COUNTS)
+    LATENESS_COUNTS = ("late", "max_days_late")
+    COUNTS = (*REQUEST_COUNTS, *EMAIL_COUNTS, *LATENESS_COUNTS)
+    # The counts each chunk adds to (every process that works on the run); the delivery
+    # at its end adds DELIVERY_COUNTS.
+    CHUNK_COUNTS = (*REQUEST_COUNTS, "emails_queued", *LATENESS_COUNTS)
 
 
 class Lease(Base):

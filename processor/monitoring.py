@@ -42,6 +42,7 @@ class RunInfo:
     started_at: dt.datetime
     finished_at: dt.datetime | None
     duration_seconds: float | None
+    # Run.REQUEST_COUNTS, then Run.DELIVERY_COUNTS
     due: int
     completed: int
     noop: int
@@ -55,8 +56,9 @@ class RunInfo:
     @classmethod
     def of(cls, run: Run) -> RunInfo:
         duration = (run.finished_at - run.started_at).total_seconds() if run.finished_at else None
-        return cls(run.id, run.status.value, run.started_at, run.finished_at, duration, run.due, run.completed,
-                   run.noop, run.retrying, run.failed, run.vetoed, run.emails_sent, run.emails_failed, run.error)
+        counts: dict[str, int] = {k: getattr(run, k) for k in (*Run.REQUEST_COUNTS, *Run.DELIVERY_COUNTS)}
+        return cls(id=run.id, status=run.status.value, started_at=run.started_at, finished_at=run.finished_at,
+                   duration_seconds=duration, error=run.error, **counts)
 
 
 @dataclass
@@ -120,12 +122,14 @@ def health(db: Database, settings: Settings, *, now: dt.datetime, max_age_hours:
     """The processor's state, and the problems an operator must look at."""
     with db.read_session() as s:
         last = s.scalars(select(Run).order_by(Run.id.desc()).limit(1)).one_or_none()
-        success = s.scalars(select(Run).where(Run.status.in_(SUCCESSFUL)).order_by(Run.id.desc()).limit(1)).one_or_none()
+        success = s.scalars(
+            select(Run).where(Run.status.in_(SUCCESSFUL)).order_by(Run.id.desc()).limit(1)).one_or_none()
         requests = dict(s.execute(select(R.status, func.count()).group_by(R.status)).all())
         due = s.scalar(select(func.count()).select_from(R).join(Service, Service.id == R.service_id).where(
             R.status == RequestStatus.PENDING, due_clause(business_today(now, settings.zone), settings.zone))) or 0
         emails = dict(s.execute(select(OutboxEmail.status, func.count()).group_by(OutboxEmail.status)).all())
-        oldest_email = s.scalar(select(func.min(OutboxEmail.created_at)).where(OutboxEmail.status == EmailStatus.QUEUED))
+        oldest_email = s.scalar(
+            select(func.min(OutboxEmail.created_at)).where(OutboxEmail.status == EmailStatus.QUEUED))
         untried, oldest_untried = s.execute(select(func.count(), func.min(OutboxEmail.created_at)).where(
             OutboxEmail.status == EmailStatus.QUEUED, OutboxEmail.attempts == 0)).one()
         oldest_due = _oldest_due(s, settings, now)
@@ -200,7 +204,7 @@ def write_metrics(path: Path, h: Health) -> None:
         gauge("cancelproc_last_run_error", "1 if the last run ended in error or was abandoned").set(
             float(last.status in (RunStatus.ERROR, RunStatus.ABANDONED)))
         by_outcome = gauge("cancelproc_last_run_requests", "Requests of the last run by outcome", ("outcome",))
-        for outcome in ("due", "completed", "noop", "retrying", "failed", "vetoed"):
+        for outcome in Run.REQUEST_COUNTS:
             by_outcome.labels(outcome).set(getattr(last, outcome))
         emails = gauge("cancelproc_last_run_emails", "Emails delivered at the end of the last run", ("outcome",))
         emails.labels("sent").set(last.emails_sent)

@@ -27,7 +27,15 @@ from processor.emails import (
 )
 from processor.errors import InputError, NotFound, StateError
 from processor.hooks import HookRegistry
-from processor.models import AuditEntry, CancellationRequest, EmailStatus, OutboxEmail, RequestType
+from processor.models import (
+    AuditAction,
+    AuditEntity,
+    AuditEntry,
+    CancellationRequest,
+    EmailStatus,
+    OutboxEmail,
+    RequestType,
+)
 from processor.params import request_select
 from processor.text import address_problem, header_problem
 
@@ -167,15 +175,15 @@ def queue_request_emails(session: Session, request_id: int, *, composer: Compose
                                         fields=fields, language=language, request_id=request_id)
         except UnsafeEmail as exc:
             not_queued.append(str(exc))
-            action = "refused"
+            action = AuditAction.REFUSED
         else:
             if composed.email is not None:
                 queued.append(composed.email)
                 continue
             not_queued.append(f"{template} not queued: abortsend from {composed.aborted_by}")
-            action = "aborted"
-        session.add(AuditEntry(at=now, actor=actor, request_id=request_id, entity="email", entity_id=request_id,
-                               action=action, detail=not_queued[-1]))
+            action = AuditAction.ABORTED
+        session.add(AuditEntry(at=now, actor=actor, request_id=request_id, entity=AuditEntity.EMAIL,
+                               entity_id=request_id, action=action, detail=not_queued[-1]))
     queue(session.connection(), queued, run_id=None, now=now, from_address=email.from_address)
     return not_queued
 

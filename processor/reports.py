@@ -23,7 +23,8 @@ def _window(since: dt.date, until: dt.date, zone: ZoneInfo) -> tuple[dt.datetime
     return start_of_day(since, zone), start_of_day(until + ONE_DAY, zone)
 
 
-def cancellations_by_reason(session: Session, *, since: dt.date, until: dt.date, zone: ZoneInfo) -> list[dict[str, Any]]:
+def cancellations_by_reason(session: Session, *, since: dt.date, until: dt.date,
+                            zone: ZoneInfo) -> list[dict[str, Any]]:
     """Completed cancellations per reason code and product, most frequent first: their count,
     share of all cancellations in the window, and the services' summed recurring amount."""
     start, end = _window(since, until, zone)
@@ -46,7 +47,6 @@ def runs_between(session: Session, *, since: dt.date, until: dt.date, zone: Zone
     runs = session.scalars(select(Run).where(Run.started_at >= start, Run.started_at < end).order_by(Run.id))
     return [{"id": r.id, "started_at": r.started_at, "trigger": r.trigger, "operator": r.operator, "as_of": r.as_of,
              "status": r.status, "duration_seconds": round((r.finished_at - r.started_at).total_seconds(), 1)
-             if r.finished_at else None, "due": r.due, "completed": r.completed, "noop": r.noop,
-             "retrying": r.retrying, "failed": r.failed, "vetoed": r.vetoed, "late": r.late,
-             "max_days_late": r.max_days_late, "emails_queued": r.emails_queued, "emails_sent": r.emails_sent,
-             "emails_failed": r.emails_failed} for r in runs]
+             if r.finished_at else None,
+             **{k: getattr(r, k) for k in (*Run.REQUEST_COUNTS, *Run.LATENESS_COUNTS, *Run.EMAIL_COUNTS)}}
+            for r in runs]

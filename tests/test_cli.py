@@ -22,12 +22,12 @@ from freezegun import freeze_time
 from sqlalchemy import func, select
 
 import processor
-from processor.cli import requests as cli_module  # `requests list` prints with its echo_rows
-from processor import lease
+from processor import cancellations, lease
 from processor.cli import cli
+from processor.cli import requests as cli_module  # `requests list` prints with its echo_rows
 from processor.db import Database, open_database
+from processor.errors import FieldError
 from processor.lease import LEASE_NAME
-from tests.cli_helpers import Invoke, as_json, ok, one_line_error
 from processor.models import (
     AuditEntry,
     CancellationRequest,
@@ -46,8 +46,9 @@ from processor.models import (
     ServiceAddon,
     ServiceStatus,
 )
+from tests.cli_helpers import Invoke, as_json, ok, one_line_error
 
-NOW = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC)
 TODAY = dt.date(2026, 11, 26)
 
 
@@ -141,8 +142,10 @@ def seeded(db: Database) -> Database:
         service(bob, vps, dt.date(2026, 12, 5))
         s.add_all([
             ServiceAddon(service_id=s1.id, name="Daily Backups", status=ServiceStatus.ACTIVE, amount=Decimal("2.00")),
-            Invoice(service_id=s1.id, amount=Decimal("4.99"), status=InvoiceStatus.UNPAID, due_date=dt.date(2026, 11, 20)),
-            Invoice(service_id=s1.id, amount=Decimal("4.99"), status=InvoiceStatus.PAID, due_date=dt.date(2026, 10, 20)),
+            Invoice(service_id=s1.id, amount=Decimal("4.99"), status=InvoiceStatus.UNPAID,
+                    due_date=dt.date(2026, 11, 20)),
+            Invoice(service_id=s1.id, amount=Decimal("4.99"), status=InvoiceStatus.PAID,
+                    due_date=dt.date(2026, 10, 20)),
         ])
     assert add_request(db, 1) == 1
     assert add_request(db, 2) == 2
@@ -200,7 +203,8 @@ def test_init_demo_prints_counts_that_match_the_database(invoke: Invoke, url: st
 
 def test_db_upgrade_creates_then_is_idempotent(invoke: Invoke, backend: str, request: pytest.FixtureRequest) -> None:
     # On PostgreSQL the administrator creates the (empty) database; the upgrade fills it.
-    env = {} if backend == "sqlite" else {"CANCELPROC_DATABASE_URL": request.getfixturevalue("pg_server").empty_database()}
+    env = {} if backend == "sqlite" else {
+        "CANCELPROC_DATABASE_URL": request.getfixturevalue("pg_server").empty_database()}
     first = ok(invoke("db", "upgrade", env=env))
     assert "schema empty -> 0004" in first.stdout
     second = ok(invoke("db", "upgrade", env=env))
@@ -278,7 +282,8 @@ def test_run_json_counts_match_the_database(invoke: Invoke, seeded: Database) ->
 def test_dry_run_changes_nothing(invoke: Invoke, seeded: Database) -> None:
     before = snapshot(seeded)
     result = ok(invoke("run", "--dry-run"))
-    assert "dry run as of 2026-11-26: 3 to cancel, 1 no-op, 0 vetoed, 0 would fail; nothing was changed" in result.stdout
+    assert ("dry run as of 2026-11-26: 3 to cancel, 1 no-op, 0 vetoed, 0 would fail; nothing was changed"
+            in result.stdout)
     assert "Daily Backups" in result.stdout and "alice@example.test" in result.stdout
     assert snapshot(seeded) == before
 
@@ -442,8 +447,8 @@ def test_run_takes_over_the_lease_of_a_dead_process_on_this_host(invoke: Invoke,
                     status=RunStatus.RUNNING, started_at=NOW - dt.timedelta(minutes=1))
         s.add(other)
         s.flush()
-        s.add(Lease(name=LEASE_NAME, run_id=other.id, host=host, pid=dead_pid, acquired_at=NOW - dt.timedelta(minutes=1),
-                    expires_at=NOW + dt.timedelta(minutes=9)))
+        s.add(Lease(name=LEASE_NAME, run_id=other.id, host=host, pid=dead_pid,
+                    acquired_at=NOW - dt.timedelta(minutes=1), expires_at=NOW + dt.timedelta(minutes=9)))
     summary = as_json(invoke("run", "--json"))  # not expired, but its holder is gone: no waiting
     assert summary["run_id"] == other.id + 1 and summary["completed"] == 3
     old = get(seeded, Run, other.id)
@@ -505,6 +510,17 @@ def test_requests_create_refused(invoke: Invoke, seeded: Database, args: list[st
     before = snapshot(seeded)
     one_line_error(invoke("requests", "create", *args), *fragments)
     assert snapshot(seeded) == before
+
+
+def test_a_domain_error_names_its_field_and_the_cli_the_option(invoke: Invoke, seeded: Database) -> None:
+    with seeded.session.begin() as session, pytest.raises(FieldError) as caught:
+        cancellations.create_request(session, service_id=5, type_=RequestType.ON_DATE, reason_code="other",
+                                     reason="", allowed_reasons=["other"], cancel_on=TODAY - dt.timedelta(days=1),
+                                     actor="test", now=NOW, today=TODAY)
+    problem = "2026-11-25 is in the past (today is 2026-11-26 in the business time zone)"
+    assert (caught.value.field, str(caught.value)) == ("cancel_on", f"cancel_on: {problem}")
+    assert one_line_error(invoke("requests", "create", "5", "--type", "on-date", "--on", "2026-11-25",
+                                 "--reason-code", "other")) == f"error: --on: {problem}"
 
 
 def test_requests_create_second_open_request_refused(invoke: Invoke, seeded: Database) -> None:
@@ -708,6 +724,28 @@ def test_runs_list_and_show(invoke: Invoke, seeded: Database) -> None:
     assert "latest applied (catch-up):" in text and "(none)" in text
 
     one_line_error(invoke("runs", "show", "99"), "run 99 not found")
+
+
+def test_runs_show_names_vetoes(invoke: Invoke, seeded: Database, tmp_path: Path) -> None:
+    """A vetoed request is a failure of its run: `runs show` names it, as the run and its digest do."""
+    (tmp_path / "hooks").mkdir()
+    (tmp_path / "hooks" / "hold.py").write_text(
+        "from processor.hooks import add_hook\n\n\n"
+        "@add_hook('PreModuleTerminate')\n"
+        "def hold_everything(params):\n"
+        "    return {'abortcmd': True, 'reason': 'on hold by billing'}\n")
+    summary = as_json(invoke("run", "--json"), code=1)
+    vetoed = sorted(f["request_id"] for f in summary["failures"] if f["vetoed"])
+    assert summary["vetoed"] == len(vetoed) == len(summary["failures"]) == 3  # requests 1, 3, 4 (5 is a no-op)
+
+    shown = as_json(invoke("runs", "show", "last", "--json"))
+    assert shown["vetoed"] == 3
+    assert sorted((f["entity_id"], f["action"]) for f in shown["failures"]) == [(r, "vetoed") for r in vetoed]
+    assert all("on hold by billing" in f["detail"] for f in shown["failures"])
+    text = ok(invoke("runs", "show", "last")).stdout
+    rows = text[text.index("failures:"):].splitlines()[2:]  # after the heading and the table's header
+    assert [(row.split()[2], row.split()[3]) for row in rows] == [(str(r), "vetoed") for r in vetoed]
+    assert all("on hold by billing" in row for row in rows)
     one_line_error(invoke("runs", "show", "abc"), "'abc' is not a run id")
     one_line_error(invoke("runs", "show", "1.5"), "'1.5' is not a run id")
 

@@ -28,6 +28,8 @@ from processor.emails import EmailTemplates
 from processor.errors import (
     CancelprocError,
     DatabaseUnavailable,
+    FieldError,
+    InputError,
     database_trouble,
     one_line,
 )
@@ -127,8 +129,25 @@ def echo_error(line: str) -> None:
     click.echo(line, err=True)
 
 
+class CancelprocCommand(click.Command):
+    """A command whose domain errors about a field name the option that gave its value:
+    FieldError("cancel_on", ...) from `requests create --on ...` reads "--on: ..."."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FieldError as exc:
+            options = [p.opts[0] for p in self.params if isinstance(p, click.Option) and p.name == exc.field]
+            if not options:
+                raise
+            raise InputError(f"{options[0]}: {exc.problem}") from None
+
+
 class CancelprocGroup(click.Group):
     """Runs a command and turns every error into one line and an exit code."""
+
+    command_class = CancelprocCommand
+    group_class = type  # subgroups are CancelprocGroups, so their commands are CancelprocCommands
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:

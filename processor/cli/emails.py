@@ -11,16 +11,13 @@ from processor import outbox
 from processor.cli.app import App, cli, pass_app, utc_now
 from processor.cli.arguments import COUNT, ID, LanguageType
 from processor.cli.output import echo_fields, echo_json, echo_rows
-from processor.delivery import DeliveryReport, build_message, message_id
+from processor.delivery import DeliveryReport, build_message, get_email, message_id, retry_emails
 from processor.digest import preview_digest
 from processor.emails import CRON_JOB_ACTIVITY, TEMPLATES
 from processor.errors import (
     InputError,
-    NotFound,
-    StateError,
 )
 from processor.models import (
-    AuditEntry,
     EmailStatus,
     OutboxEmail,
 )
@@ -32,13 +29,6 @@ def _email_row(e: OutboxEmail) -> dict[str, Any]:
             "attempts": e.attempts, "last_error": e.last_error, "next_attempt_at": e.next_attempt_at,
             "created_at": e.created_at, "sent_at": e.sent_at,
             "message_id": message_id(e.id, e.key, e.created_at, e.from_address)}
-
-
-def _get_email(session: Any, email_id: int) -> OutboxEmail:
-    email = session.get(OutboxEmail, email_id)
-    if email is None:
-        raise NotFound(f"email {email_id} not found")
-    return email
 
 
 @cli.group("emails")
@@ -78,7 +68,7 @@ def emails_list(app: App, status: str | None, request_id: int | None, template: 
 def emails_show(app: App, email_id: int, raw: bool, html: bool, as_json: bool) -> None:
     """One email: its state and its text (or HTML, or the raw message)."""
     with app.database().read_session() as session:
-        email = _get_email(session, email_id)
+        email = get_email(session, email_id)
         row = _email_row(email)
         row.update(text=email.text_body, html=email.html_body)
         message = build_message(email, app.settings.email.company_name) if raw else None
@@ -177,16 +167,5 @@ def emails_retry(app: App, email_ids: tuple[int, ...], all_failed: bool) -> None
     if bool(email_ids) == all_failed:
         raise click.UsageError("give EMAIL_IDS or --all-failed (not both)")
     with app.database().session.begin() as session:
-        if all_failed:
-            emails = list(session.scalars(select(OutboxEmail).where(OutboxEmail.status == EmailStatus.FAILED)))
-        else:
-            emails = [_get_email(session, i) for i in email_ids]
-            for e in emails:
-                if e.status is not EmailStatus.FAILED:
-                    raise StateError(f"email {e.id} is {e.status.value}; only a failed email can be retried")
-        now = utc_now()
-        for e in emails:
-            session.add(AuditEntry(at=now, actor=app.operator, request_id=e.request_id, entity="email", entity_id=e.id,
-                                   action="retry", detail=f"was failed: {e.last_error or '-'}"))
-            e.status, e.attempts, e.next_attempt_at = EmailStatus.QUEUED, 0, None
-    click.echo(f"{len(emails)} email(s) queued again; `cancelproc emails send` sends them now")
+        count = retry_emails(session, None if all_failed else email_ids, actor=app.operator, now=utc_now())
+    click.echo(f"{count} email(s) queued again; `cancelproc emails send` sends them now")

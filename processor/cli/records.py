@@ -25,6 +25,7 @@ from processor.cli.output import (
     echo_table,
     to_jsonable,
 )
+from processor.digest import failure_entries
 from processor.errors import (
     InputError,
     NotFound,
@@ -44,9 +45,7 @@ from processor.models import (
 
 def _run_row(r: Run) -> dict[str, Any]:
     return {k: getattr(r, k) for k in ("id", "trigger", "operator", "as_of", "host", "pid", "status", "started_at",
-                                       "finished_at", "due", "completed", "noop", "retrying", "failed",
-                                       "vetoed", "emails_queued", "emails_sent", "emails_failed", "late",
-                                       "max_days_late", "error")}
+                                       "finished_at", *Run.COUNTS, "error")}
 
 
 @cli.group("runs")
@@ -62,8 +61,8 @@ def runs_list(app: App, limit: int, as_json: bool) -> None:
     """Recent runs, newest first."""
     with app.database().read_session() as session:
         rows = [_run_row(r) for r in session.scalars(select(Run).order_by(Run.id.desc()).limit(limit))]
-    echo_rows(rows, ["id", "started_at", "trigger", "operator", "as_of", "status", "due", "completed", "noop",
-                     "retrying", "failed", "vetoed", "late", "max_days_late"], as_json=as_json, empty="no runs yet")
+    echo_rows(rows, ["id", "started_at", "trigger", "operator", "as_of", "status", *Run.REQUEST_COUNTS,
+                     *Run.LATENESS_COUNTS], as_json=as_json, empty="no runs yet")
 
 
 @runs_group.command("show")
@@ -83,8 +82,7 @@ def runs_show(app: App, run_ref: int | str, as_json: bool) -> None:
                 raise NotFound(f"run {run_ref} not found")
         row = _run_row(run_obj)
         row["failures"] = audit_rows(session.scalars(
-            select(AuditEntry).where(AuditEntry.run_id == run_obj.id,
-                                     AuditEntry.action.in_(["failed", "attempt_failed"])).order_by(AuditEntry.id)).all())
+            select(AuditEntry).where(failure_entries(run_obj.id)).order_by(AuditEntry.id)).all())
         row["late_requests"] = [
             {"request_id": r.id, "service_id": r.service_id, "days_late": r.days_late}
             for r in session.scalars(select(CancellationRequest).where(
@@ -235,8 +233,8 @@ def report_reasons(app: App, since: dt.date | None, until: dt.date | None, fmt: 
 def report_runs(app: App, since: dt.date | None, until: dt.date | None, fmt: str) -> None:
     """Runs started in the window: status, duration, counts, lateness, emails."""
     _report(app, since, until, fmt, reports.runs_between,
-            ["id", "started_at", "trigger", "status", "duration_seconds", "due", "completed", "noop", "retrying",
-             "failed", "vetoed", "late", "max_days_late", "emails_sent", "emails_failed"], "runs")
+            ["id", "started_at", "trigger", "status", "duration_seconds", *Run.REQUEST_COUNTS, *Run.LATENESS_COUNTS,
+             *Run.DELIVERY_COUNTS], "runs")
 
 
 # --- monitoring --------------------------------------------------------------------------

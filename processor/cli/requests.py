@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
 
 import click
-import structlog
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -15,13 +13,13 @@ from processor.cli.app import App, audit_rows, cli, pass_app, request_row, utc_n
 from processor.cli.arguments import COUNT, DATE, ID, FreeTextType
 from processor.cli.output import echo_fields, echo_json, echo_rows, echo_table
 from processor.cli.run import echo_summary
-from processor.db import Database
-from processor.due import business_today, effective_date, is_due
+from processor.due import request_due_on, request_is_due
 from processor.errors import (
     CancelprocError,
     InputError,
+    NotDue,
 )
-from processor.hooks import HookFailed, HookRegistry
+from processor.hooks import HookFailed
 from processor.models import (
     AuditEntry,
     CancellationRequest,
@@ -29,7 +27,6 @@ from processor.models import (
     RequestType,
     RunTrigger,
 )
-from processor.params import request_params, request_select
 from processor.runner import Runner, RunOptions
 from processor.text import MAX_NOTE, MAX_REASON
 
@@ -40,20 +37,6 @@ REQUEST_TYPES = {"immediate": RequestType.IMMEDIATE, "end-of-period": RequestTyp
 @cli.group("requests")
 def requests_group() -> None:
     """Create, inspect, withdraw, retry and process cancellation requests."""
-
-
-def _notify_request_hook(database: Database, hooks: HookRegistry, point: str, request_id: int, **more: Any) -> None:
-    """Fire a staff-command hook after the change is committed (its failure is logged, not raised)."""
-    if not hooks.has(point):
-        return
-    with database.read_engine.connect() as conn:
-        row = conn.execute(request_select().where(CancellationRequest.id == request_id)).one_or_none()
-    if row is None:  # its service, client or product was deleted outside cancelproc: no params to give
-        structlog.get_logger("cancelproc").warning(
-            "hook not called: the request's service, client or product no longer exists", point=point,
-            request_id=request_id)
-        return
-    hooks.notify(point, request_params(row, **more))
 
 
 @requests_group.command("create")
@@ -87,7 +70,7 @@ def requests_create(app: App, service_id: int, type_name: str, reason_code: str,
         raise InputError(f"service {service_id} already has an open request") from None
     except HookFailed as exc:  # fail closed: no request without its confirmation email
         raise CancelprocError(f"request not created: {exc}") from None
-    _notify_request_hook(database, hooks, "CancellationRequest", row["id"], actor=app.operator)
+    cancellations.fire_request_created(database, hooks, row["id"], actor=app.operator)
     row["emails_not_queued"] = not_queued
     if as_json:
         echo_json(row)
@@ -126,11 +109,9 @@ def requests_show(app: App, request_id: int, as_json: bool) -> None:
         request = cancellations.get_request(session, request_id)
         service = request.service  # None if deleted outside cancelproc (foreign keys off)
         row = request_row(request)
-        created_on = business_today(request.created_at, app.settings.zone)
-        due_date = service.next_due_date if service else None
-        row["due_on"] = effective_date(request.type, due_date, request.cancel_on, created_on) if service else None
-        row["due_now"] = service is not None and request.status is RequestStatus.PENDING and is_due(
-            request.type, due_date, request.cancel_on, created_on, app.today())
+        row["due_on"] = request_due_on(request, app.settings.zone) if service else None
+        row["due_now"] = service is not None and request.status is RequestStatus.PENDING and request_is_due(
+            request, app.settings.zone, app.today())
         row["service"] = service and {"id": service.id, "status": service.status, "domain": service.domain,
                                       "next_due_date": service.next_due_date,
                                       "termination_date": service.termination_date}
@@ -142,8 +123,9 @@ def requests_show(app: App, request_id: int, as_json: bool) -> None:
     echo_fields([(k, row[k]) for k in ("id", "external_id", "service_id", "type", "cancel_on", "due_on", "due_now",
                                        "status", "reason_code", "reason", "attempts", "last_error", "next_attempt_at",
                                        "created_at", "created_by", "processed_at", "run_id", "days_late", "note")])
-    click.echo(f"service     {service.id} {service.domain} ({service.status.value}, next due {service.next_due_date or '-'})"
-               if service else f"service     {row['service_id']} no longer exists (deleted outside cancelproc)")
+    click.echo(f"service     {service.id} {service.domain} ({service.status.value}, "
+               f"next due {service.next_due_date or '-'})" if service
+               else f"service     {row['service_id']} no longer exists (deleted outside cancelproc)")
     click.echo("audit trail:")
     echo_table(row["audit"], ["at", "actor", "run_id", "entity", "entity_id", "action", "detail"], empty="  (none)")
 
@@ -157,7 +139,7 @@ def requests_withdraw(app: App, request_id: int, note: str) -> None:
     database, hooks = app.database(), app.hooks
     with database.session.begin() as session:
         cancellations.withdraw_request(session, request_id, actor=app.operator, now=utc_now(), note=note)
-    _notify_request_hook(database, hooks, "CancellationRequestWithdrawn", request_id, actor=app.operator, note=note)
+    cancellations.fire_request_withdrawn(database, hooks, request_id, actor=app.operator, note=note)
     click.echo(f"request {request_id} withdrawn")
 
 
@@ -192,17 +174,12 @@ def requests_process(app: App, request_ids: tuple[int, ...], ignore_due_date: bo
     """Apply these requests at once, as a run limited to them."""
     database = app.database()
     today = app.today()
-    with database.read_session() as session:
-        for rid in request_ids:
-            request = cancellations.get_request(session, rid)
-            if request.status is not RequestStatus.PENDING:
-                raise InputError(f"request {rid} is {request.status.value}; only a pending request can be processed")
-            service = request.service  # None if deleted behind our back: the run fails it, saying so
-            created_on = business_today(request.created_at, app.settings.zone)
-            if service and not ignore_due_date and not is_due(request.type, service.next_due_date, request.cancel_on,
-                                                  created_on, today):
-                due_on = effective_date(request.type, service.next_due_date, request.cancel_on, created_on)
-                raise InputError(f"request {rid} is not due until {due_on}; add --now to apply it before its due date")
+    try:
+        with database.read_session() as session:
+            cancellations.check_processable(session, request_ids, today=today, zone=app.settings.zone,
+                                            ignore_due_date=ignore_due_date)
+    except NotDue as exc:
+        raise InputError(f"{exc}; add --now to apply it before its due date") from None
     options = RunOptions(as_of=today, trigger=RunTrigger.MANUAL, operator=app.operator,
                          request_ids=list(request_ids), ignore_due_date=ignore_due_date, digest=False)
     deliverer = app.deliverer() if app.settings.email.send_after_run else None
