@@ -94,9 +94,8 @@ class Database:
         SQLite the list travels as one JSON parameter instead, and the statement is cached.
         """
         if self.is_sqlite:
-            values = select(literal_column("value")).select_from(
-                func.json_each(bindparam(None, json.dumps(list(ids)), type_=String)))
-            return column.in_(values.scalar_subquery())
+            return column.in_(select(literal_column("value")).select_from(
+                func.json_each(bindparam(None, json.dumps(list(ids)), type_=String))).scalar_subquery())
         if self.is_postgresql:  # one array parameter: = ANY(%s)
             return column == any_(bindparam(None, list(ids), type_=postgresql.ARRAY(Integer)))
         return column.in_(ids)
@@ -162,7 +161,7 @@ def insert_rows(
         return
     mark = _PLACEHOLDER.get(conn.dialect.paramstyle)
     if mark is None:  # a driver with another paramstyle: the ordinary (slower) way
-        conn.execute(insert(table).values(**constants), [dict(zip(columns, row)) for row in rows])
+        conn.execute(insert(table).values(**constants), [dict(zip(columns, row, strict=True)) for row in rows])
         return
     fixed = []
     for name, value in constants.items():
@@ -179,7 +178,7 @@ def open_database(url: str, *, create: bool = False, busy_timeout_seconds: float
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise DatabaseError(f"database_url: cannot parse it (e.g. sqlite:///var/cancelproc.db or "
+        raise DatabaseError("database_url: cannot parse it (e.g. sqlite:///var/cancelproc.db or "
                             "postgresql://user@host/dbname)") from None
     if parsed.drivername in ("postgresql", "postgres"):  # psycopg 3 is the driver we ship
         parsed = parsed.set(drivername="postgresql+psycopg")

@@ -12,6 +12,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 from sqlalchemy import Connection, delete, select, update
@@ -39,7 +40,7 @@ class Holder:
 
     @classmethod
     def this_process(cls) -> Holder:
-        started = dt.datetime.fromtimestamp(psutil.Process().create_time(), dt.timezone.utc)
+        started = dt.datetime.fromtimestamp(psutil.Process().create_time(), dt.UTC)
         return cls(socket.gethostname(), os.getpid(), started)
 
 
@@ -52,7 +53,7 @@ def _holder_is_dead(lease: Lease, me: Holder) -> bool:
         proc = psutil.Process(lease.pid)
         if proc.status() == psutil.STATUS_ZOMBIE:  # killed, not yet reaped by its parent
             return True
-        started = dt.datetime.fromtimestamp(proc.create_time(), dt.timezone.utc)
+        started = dt.datetime.fromtimestamp(proc.create_time(), dt.UTC)
     except psutil.NoSuchProcess:
         return True
     except psutil.AccessDenied:
@@ -138,12 +139,12 @@ def acquire_delivery(session: Session, *, clock: Callable[[], dt.datetime], seco
 
 def renew_delivery(conn: Connection | Session, *, now: dt.datetime, seconds: int, me: Holder) -> None:
     """Push the delivery lease's expiry forward; raise LeaseLost if another sender took it."""
-    result = conn.execute(
+    changed = _rowcount(conn.execute(
         update(Lease)
         .where(Lease.name == DELIVERY_LEASE, Lease.host == me.host, Lease.pid == me.pid)
         .values(expires_at=now + dt.timedelta(seconds=seconds))
-    )
-    if result.rowcount != 1:
+    ))
+    if changed != 1:
         raise LeaseLost("email delivery stopped: its lease expired and another sender took it over")
 
 
@@ -153,15 +154,21 @@ def release_delivery(conn: Connection | Session, me: Holder) -> None:
 
 def renew(conn: Connection | Session, run_id: int, *, now: dt.datetime, seconds: int) -> None:
     """Push our expiry forward; raise LeaseLost if the lease is no longer ours."""
-    result = conn.execute(
+    changed = _rowcount(conn.execute(
         update(Lease)
         .where(Lease.name == LEASE_NAME, Lease.run_id == run_id)
         .values(expires_at=now + dt.timedelta(seconds=seconds))
-    )
-    if result.rowcount != 1:
+    ))
+    if changed != 1:
         raise LeaseLost(f"run {run_id} stopped: its lease expired and another run took it over "
                         "(raise lease_seconds if chunks take that long)")
 
 
-def release(session: Session, run_id: int) -> None:
-    session.execute(delete(Lease).where(Lease.name == LEASE_NAME, Lease.run_id == run_id))
+def _rowcount(result: Any) -> int:
+    """Rows an UPDATE changed (a CursorResult's; Session.execute types its result as Result)."""
+    count: int = result.rowcount
+    return count
+
+
+def release(conn: Connection | Session, run_id: int) -> None:
+    conn.execute(delete(Lease).where(Lease.name == LEASE_NAME, Lease.run_id == run_id))

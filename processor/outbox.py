@@ -39,6 +39,8 @@ from processor.models import (
 from processor.params import request_select
 from processor.text import address_problem, header_problem
 
+OUTBOX = OutboxEmail.metadata.tables[OutboxEmail.__tablename__]
+
 
 class QueuedEmail(NamedTuple):
     """An outbox row's own columns, rendered; those shared by a batch are bound once."""
@@ -131,12 +133,9 @@ class Composer:
             params: dict[str, Any] = {"template": template, "to_address": to_address, "fields": fields,
                                       "language": language, "request_id": request_id, "run_id": run_id,
                                       "dry_run": dry_run}
-            for impl in self.hooks.of("EmailPreSend"):
-                result = self.hooks.call_one(impl, params)
-                if isinstance(result, dict):
-                    if result.get("abortsend"):
-                        return Composed(None, impl.label)
-                    fields.update((k, v) for k, v in result.items() if k != "abortsend")
+            aborted_by = self.hooks.apply("EmailPreSend", params).stopped_by  # other answers merge into fields
+            if aborted_by:
+                return Composed(None, aborted_by)
         rendered = self.templates.render(template, fields, language)
         problem = header_problem(rendered.subject)
         if problem:
@@ -148,7 +147,7 @@ class Composer:
 def queue(conn: Connection, emails: Sequence[QueuedEmail], *, run_id: int | None, now: dt.datetime,
           from_address: str) -> None:
     """Insert outbox rows, queued; the caller owns the transaction (the change they report)."""
-    insert_rows(conn, OutboxEmail.__table__, QueuedEmail._fields, emails,
+    insert_rows(conn, OUTBOX, QueuedEmail._fields, emails,
                 dict(run_id=run_id, status=EmailStatus.QUEUED, attempts=0, created_at=now, from_address=from_address))
 
 
@@ -201,6 +200,7 @@ def preview_request_email(session: Session, template: str, request_id: int, *, c
         raise StateError(f"request {request_id}: its service, client or product no longer exists "
                          "(deleted outside cancelproc); there is no email to preview")
     lang = language if language is not None else row.language
+    applied_on: dt.date | None
     if template == SERVICE_CANCELLATION_CONFIRMATION:  # as the run sends it: cancelled today
         date, applied_on, status = today, today, "Cancelled"
     else:  # as sent when the request was made

@@ -18,7 +18,6 @@ from processor.models import Client as C
 from processor.models import Product as P
 from processor.models import Service as S
 
-
 # What the run needs for every request (the due rule, the email), then what only hooks read.
 _RUN_COLUMNS = (
     R.id, R.type, R.cancel_on, R.reason, R.reason_code, R.created_at, R.attempts,
@@ -49,19 +48,21 @@ def plain_rows(rows: Iterable[Row[Any]], for_hooks: bool) -> list[Any]:
     return [make(row) for row in rows]
 
 
-def request_select(for_hooks: bool = True) -> Select[Any]:
+def request_select(for_hooks: bool = True) -> Select:
     """Requests joined to their service, client and product, one flat row each. Without
     `for_hooks`, only the columns the run itself needs (reading is per request)."""
-    return (
+    # A bare Select: its type parameters differ between SQLAlchemy 2.0 and 2.1.
+    query: Select = (
         select(*_RUN_COLUMNS, *(_HOOK_COLUMNS if for_hooks else ()))
         .select_from(R)
         .join(S, S.id == R.service_id)
         .join(C, C.id == S.client_id)
         .join(P, P.id == S.product_id)
     )
+    return query
 
 
-def request_params(row: Row[Any], **more: Any) -> dict[str, Any]:
+def request_params(row: Any, **more: Any) -> dict[str, Any]:
     """The params of a per-request hook (docs/hooks.md); `more` adds the point's own."""
     # One tuple unpack instead of 27 attribute lookups: this runs for every request.
     (request_id, type_, cancel_on, reason, reason_code, created_at, attempts, service_id, service_status, domain,

@@ -25,7 +25,7 @@ from processor.delivery import ConsoleMailer, Deliverer, FolderMailer, MailerDow
 from processor.errors import ConfigError, LeaseHeld
 from processor.models import AuditEntry, EmailStatus, Lease, OutboxEmail, Run
 from processor.outbox import QueuedEmail, queue
-from processor.runner import RunOptions, Runner
+from processor.run import RunOptions, Runner
 from tests import factories
 from tests.smtp_server import Handler, smtp_server, smtp_settings
 

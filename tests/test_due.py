@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from processor.due import business_today, days_late, effective_date, is_due
 from processor.models import CancellationRequest, RequestStatus, RequestType, Service, ServiceStatus
-from processor.runner import RunOptions, Runner
+from processor.run import RunOptions, Runner
 from tests import factories
 
 EOBP, IMM, ON = RequestType.END_OF_BILLING_PERIOD, RequestType.IMMEDIATE, RequestType.ON_DATE

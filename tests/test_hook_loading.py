@@ -889,7 +889,7 @@ def test_trace_logs_each_call_with_arguments_and_result(hooks_dir: Path) -> None
     registry = load(hooks_dir, trace=True)
     registry.call("ServiceCancelled", point_params("ServiceCancelled", request_id=11, days_late=2,
                                                     service={"id": 4}))
-    registry.notify("AfterCronJob", point_params("AfterCronJob", summary={"completed": 3}))
+    registry.apply("AfterCronJob", point_params("AfterCronJob", summary={"completed": 3}))
     lines = log_lines(stream)
     assert [(l["event"], l["point"], l["hook"]) for l in lines] == [
         ("hook called", "ServiceCancelled", f"first (traced.py:{line_of(path, 'def first') - 1})"),

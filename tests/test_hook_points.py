@@ -54,7 +54,7 @@ from processor.models import (
     ServiceAddon,
     ServiceStatus,
 )
-from processor.runner import Runner, RunOptions, RunSummary
+from processor.run import Runner, RunOptions, RunSummary
 from tests import factories
 from tests.conftest import REPO
 
@@ -625,13 +625,16 @@ def test_a_hook_receives_only_the_parameters_it_names(db, settings, now, tmp_pat
         it.request_id, it.email, False, 7)
 
 
-@pytest.mark.parametrize("failure", ["returns error", "raises"])
+@pytest.mark.parametrize("failure", ["returns error", "returns a WHMCS error string", "raises"])
 def test_a_failing_terminate_account_changes_nothing_and_is_retried_then_failed(
         db, settings, now, tmp_path, probe, failure):
     settings.max_attempts, settings.retry_backoff_minutes = 2, 0
     it = seed(db, addons=1, unpaid=1)
-    probe.behaviour["TerminateAccount"] = (
-        {"error": "API said no"} if failure == "returns error" else RuntimeError("API said no\nsecond line"))
+    probe.behaviour["TerminateAccount"] = {
+        "returns error": {"error": "API said no"},
+        "returns a WHMCS error string": "API said no",  # a WHMCS module's answer: anything but "success" fails
+        "raises": RuntimeError("API said no\nsecond line"),
+    }[failure]
     path = write_hook(tmp_path, "term.py", recorder("TerminateAccount"), recorder("AfterModuleTerminateFailed"),
                       recorder("AfterModuleTerminate"), recorder("ServiceCancelled"))
     hooks = load(tmp_path)
@@ -660,6 +663,17 @@ def test_a_failing_terminate_account_changes_nothing_and_is_retried_then_failed(
     assert (request.status, request.attempts) == (RequestStatus.FAILED, 2)
     assert [a[1] for a in audit(db, it.request_id)] == ["attempt_failed", "failed"]
     assert get(db, Service, it.service_id).status is ServiceStatus.ACTIVE
+
+
+@pytest.mark.parametrize("answer", ["success", None, {"status": "terminated"}])
+def test_terminate_account_answering_success_cancels(db, settings, now, tmp_path, probe, answer):
+    """WHMCS's "success" (or no answer, or a dict without an error) means the account is gone."""
+    it = seed(db)
+    probe.behaviour["TerminateAccount"] = answer
+    write_hook(tmp_path, "term.py", recorder("TerminateAccount"))
+    summary = run(db, settings, now, load(tmp_path))
+    assert (summary.completed, summary.retrying, summary.exit_code) == (1, 0, 0)
+    assert get(db, Service, it.service_id).status is ServiceStatus.CANCELLED
 
 
 @pytest.mark.parametrize("point", ["PreModuleTerminate", "EmailPreSend"])
@@ -812,6 +826,7 @@ def test_hooks_list_shows_every_hook_in_run_order(tmp_path, invoke):
         ("PreModuleTerminate", 3, "on_p", "**kwargs"), ("TerminateAccount", 0, "named", "request_id, idempotency_key"),
         ("ServiceCancelled", 0, "on_s", "**kwargs")]
     assert all(r["file"].startswith("x.py:") for r in rows)
+    assert [r["returns"] for r in rows] == ["veto", "fail", "nothing"]  # each point's policy
 
 
 # --- the example hook files in hooks/ ------------------------------------------------------

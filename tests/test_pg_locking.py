@@ -35,7 +35,7 @@ from processor.models import (
     Service,
     ServiceStatus,
 )
-from processor.runner import RunOptions, Runner
+from processor.run import RunOptions, Runner
 from tests import factories
 
 pytestmark = pytest.mark.postgresql_only
@@ -77,7 +77,7 @@ def cancelled_once(db: Database, service_ids: list[int]) -> None:
 def test_a_chunk_that_loses_a_deadlock_is_done_again_and_applies_each_request_once(db, settings, now):
     request_ids, service_ids = seed(db, 3)
     runner = Runner(db, settings, clock=lambda: now)
-    decide = runner.decide
+    decide = runner.decider.decide
     decided: list[int] = []
     other: dict[str, object] = {}
     holds_service = threading.Event()
@@ -103,7 +103,7 @@ def test_a_chunk_that_loses_a_deadlock_is_done_again_and_applies_each_request_on
             assert holds_service.wait(10)
         return decide(row, *args)
 
-    runner.decide = decide_while_a_rival_locks
+    runner.decider.decide = decide_while_a_rival_locks
     summary = runner.run(RunOptions(as_of=D))
     other["thread"].join(timeout=30)
     assert other.get("done")
@@ -145,14 +145,14 @@ def test_an_import_waits_for_a_chunk_cancelling_its_service_and_reports_the_conf
             conn.rollback()
 
     runner = Runner(db, settings, clock=lambda: now)
-    decide = runner.decide
+    decide = runner.decider.decide
 
     def decide_then_block_the_commit(row, as_of, fields, run_id=None, **kw):
         threading.Thread(target=hold_the_run_record, args=(run_id,), daemon=True).start()
         assert run_lock.wait(10)
         return decide(row, as_of, fields, run_id, **kw)
 
-    runner.decide = decide_then_block_the_commit
+    runner.decider.decide = decide_then_block_the_commit
     results: dict[str, object] = {}
     run_thread = threading.Thread(target=lambda: results.update(summary=runner.run(RunOptions(as_of=D))))
     run_thread.start()

@@ -69,7 +69,7 @@ from processor.config import Settings  # noqa: E402
 from processor.db import open_database, upgrade  # noqa: E402
 from processor.errors import CancelprocError  # noqa: E402
 from processor.models import AuditEntry, OutboxEmail  # noqa: E402
-from processor.runner import RunOptions, Runner  # noqa: E402
+from processor.run import RunOptions, Runner  # noqa: E402
 from tests import factories  # noqa: E402
 
 SERVICES = 4

@@ -26,7 +26,8 @@ from processor.models import (
     ServiceAddon,
     ServiceStatus,
 )
-from processor.runner import RunOptions, Runner
+from processor.run import RunOptions, Runner
+from processor.run.store import RunStore
 from tests import factories
 
 D = dt.date(2026, 11, 26)
@@ -180,7 +181,7 @@ def test_a_request_done_elsewhere_meanwhile_is_skipped(db, settings, now):
     with db.session.begin() as s:
         ids = [factories.request(s, factories.service(s)).id for _ in range(2)]
     runner = Runner(db, settings, clock=lambda: now)
-    decide = runner.decide
+    decide = runner.decider.decide
 
     def decide_then_race(row, *args):
         outcome = decide(row, *args)
@@ -189,7 +190,7 @@ def test_a_request_done_elsewhere_meanwhile_is_skipped(db, settings, now):
                 s.get(CancellationRequest, ids[0]).status = RequestStatus.WITHDRAWN
         return outcome
 
-    runner.decide = decide_then_race
+    runner.decider.decide = decide_then_race
     summary = runner.run(RunOptions(as_of=D))
     assert (summary.completed, summary.skipped) == (1, 1)
     with db.read_session() as s:
@@ -205,7 +206,7 @@ def test_a_claimed_request_is_locked_until_its_chunk_commits(db, settings, now):
     with db.session.begin() as s:
         ids = [factories.request(s, factories.service(s)).id for _ in range(2)]
     runner = Runner(db, settings, clock=lambda: now)
-    decide = runner.decide
+    decide = runner.decider.decide
     staff: dict[str, object] = {}
 
     def withdraw() -> None:
@@ -223,7 +224,7 @@ def test_a_claimed_request_is_locked_until_its_chunk_commits(db, settings, now):
             assert staff["thread"].is_alive()
         return decide(row, *args)
 
-    runner.decide = decide_then_race
+    runner.decider.decide = decide_then_race
     summary = runner.run(RunOptions(as_of=D))
     staff["thread"].join(timeout=30)
     assert (summary.completed, summary.skipped) == (2, 0)
@@ -328,7 +329,7 @@ def test_a_reused_pid_is_not_the_holder(db, settings, now):
     assert run(db, settings, now).status == RunStatus.COMPLETED  # a different process with that pid: dead
 
 
-def test_after_cron_job_hears_of_a_run_that_stopped_on_an_error(db, settings, now, tmp_path):
+def test_after_cron_job_hears_of_a_run_that_stopped_on_an_error(db, settings, now, tmp_path, monkeypatch):
     from processor.hooks import load_hooks
 
     (tmp_path / "hooks").mkdir()
@@ -349,7 +350,7 @@ def test_after_cron_job_hears_of_a_run_that_stopped_on_an_error(db, settings, no
     def broken_write(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    runner._write = broken_write  # a failure in the middle of the run
+    monkeypatch.setattr(RunStore, "write_chunk", broken_write)  # a failure in the middle of the run
     with pytest.raises(RuntimeError, match="disk on fire"):
         runner.run(RunOptions(as_of=D))
     assert [(s["status"], s["run_id"]) for s in seen] == [("error", 1)]

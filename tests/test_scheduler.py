@@ -121,3 +121,21 @@ def test_sigterm_stops_a_run_after_its_chunk_and_releases_the_lease(tmp_path: Pa
     assert again.returncode == 0, again.stderr
     with sqlite3.connect(db_path) as db:
         assert db.execute("SELECT count(*) FROM cancellation_requests WHERE status = 'completed'").fetchone()[0] == n
+
+
+def test_the_signal_handler_only_sets_a_flag_and_the_loop_logs() -> None:
+    """A handler that logs can wait for ever on the logger's lock, held by the very code the
+    signal interrupted (a structlog write): the handler sets a flag, the polling loop logs."""
+    import structlog
+
+    from processor.cli.run import StopOnSignal
+
+    stop = StopOnSignal()
+    with structlog.testing.capture_logs() as logs:
+        stop._handle(signal.SIGTERM, None)
+        assert logs == [] and stop.event.is_set()
+        assert stop() is True and stop() is True
+    assert [(e["event"], e["signal"]) for e in logs] == [
+        ("stopping after the current chunk (signal again to stop at once)", "SIGTERM")]
+    with pytest.raises(KeyboardInterrupt):  # a second signal stops at once
+        stop._handle(signal.SIGTERM, None)

@@ -9,7 +9,7 @@ import getpass
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -39,12 +39,13 @@ from processor.models import (
     AuditEntry,
     CancellationRequest,
 )
+from processor.run import Runner
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug, not the operator's input
 
 
 def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 @dataclass
@@ -95,6 +96,15 @@ class App:
 
     def deliverer(self) -> Deliverer:
         return Deliverer(self.database(), mailer_from_settings(self.settings), self.settings, clock=utc_now)
+
+    def runner(self, *, deliver: bool = True, should_stop: Callable[[], bool] | None = None,
+               settings: Settings | None = None) -> Runner:
+        """The Runner of a command: this app's database, hooks, templates and clock; with
+        `deliver`, it sends the outbox after the run when the settings say so."""
+        settings = settings or self.settings
+        deliverer = self.deliverer() if deliver and settings.email.send_after_run else None
+        return Runner(self.database(), settings, clock=utc_now, templates=self.templates, hooks=self.hooks,
+                      deliverer=deliverer, should_stop=should_stop)
 
     def today(self) -> dt.date:
         return business_today(utc_now(), self.settings.zone)

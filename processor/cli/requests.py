@@ -27,7 +27,7 @@ from processor.models import (
     RequestType,
     RunTrigger,
 )
-from processor.runner import Runner, RunOptions
+from processor.run import RunOptions
 from processor.text import MAX_NOTE, MAX_REASON
 
 REQUEST_TYPES = {"immediate": RequestType.IMMEDIATE, "end-of-period": RequestType.END_OF_BILLING_PERIOD,
@@ -172,19 +172,16 @@ def requests_resolve(app: App, request_id: int, note: str) -> None:
 @pass_app
 def requests_process(app: App, request_ids: tuple[int, ...], ignore_due_date: bool, as_json: bool) -> int:
     """Apply these requests at once, as a run limited to them."""
-    database = app.database()
     today = app.today()
     try:
-        with database.read_session() as session:
+        with app.database().read_session() as session:
             cancellations.check_processable(session, request_ids, today=today, zone=app.settings.zone,
                                             ignore_due_date=ignore_due_date)
     except NotDue as exc:
         raise InputError(f"{exc}; add --now to apply it before its due date") from None
     options = RunOptions(as_of=today, trigger=RunTrigger.MANUAL, operator=app.operator,
                          request_ids=list(request_ids), ignore_due_date=ignore_due_date, digest=False)
-    deliverer = app.deliverer() if app.settings.email.send_after_run else None
-    summary = Runner(database, app.settings, clock=utc_now, templates=app.templates, hooks=app.hooks,
-                     deliverer=deliverer).run(options)
+    summary = app.runner().run(options)
     if as_json:
         echo_json(summary.as_dict())
     else:

@@ -13,7 +13,7 @@ from typing import Any
 import click
 import structlog
 
-from processor.cli.app import App, cli, pass_app, utc_now
+from processor.cli.app import App, cli, pass_app
 from processor.cli.arguments import COUNT, DATE
 from processor.cli.output import dumps, echo_fields, echo_json, echo_table
 from processor.config import clock_time_problem
@@ -25,9 +25,9 @@ from processor.errors import (
 from processor.models import (
     RunTrigger,
 )
-from processor.runner import Runner, RunOptions, RunStopped, RunSummary
+from processor.run import PREVIEW_COLUMNS, Runner, RunOptions, RunStopped, RunSummary
 from processor.scheduler import nightly, serve
-from processor.workers import run_with_workers
+from processor.workers import WorkerProcesses
 
 PROGRESS_THRESHOLD = 300  # a manual run on a terminal shows a bar above this many requests
 
@@ -40,6 +40,8 @@ class StopOnSignal:
 
     def __init__(self) -> None:
         self.event = threading.Event()
+        self.received: int | None = None
+        self._logged = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopOnSignal:
@@ -52,14 +54,23 @@ class StopOnSignal:
             signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        # Only a flag (and the signal's name): logging here could wait for the logger's
+        # lock, held by the very code this signal interrupted, for ever.
         if self.event.is_set():
             raise KeyboardInterrupt
+        self.received = signum
         self.event.set()
-        structlog.get_logger("cancelproc").warning(
-            "stopping after the current chunk (signal again to stop at once)", signal=signal.Signals(signum).name)
 
     def __call__(self) -> bool:
-        return self.event.is_set()
+        """Asked to stop? Polled between chunks; says so in the log the first time."""
+        if not self.event.is_set():
+            return False
+        if not self._logged:
+            self._logged = True
+            structlog.get_logger("cancelproc").warning(
+                "stopping after the current chunk (signal again to stop at once)",
+                signal=signal.Signals(self.received).name if self.received else None)
+        return True
 
 
 def echo_summary(summary: RunSummary) -> None:
@@ -126,12 +137,10 @@ def _echo_preview(runner: Runner, options: RunOptions, as_json: bool) -> int:
     return 1 if counts["error"] or counts["vetoed"] else 0
 
 
-PREVIEW_COLUMNS = ["request_id", "service_id", "client", "product", "domain", "type", "due_on", "days_late",
-                   "action", "addons", "unpaid_invoices", "email_to", "detail"]
-
 
 @cli.command()
-@click.option("--as-of", type=DATE, help="Apply requests due on or before this date (default: today in business_timezone).")
+@click.option("--as-of", type=DATE,
+              help="Apply requests due on or before this date (default: today in business_timezone).")
 @click.option("--dry-run", is_flag=True, help="Show what would be done; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (or the preview) as JSON.")
 @click.option("--limit", type=COUNT, help="Process at most N due requests.")
@@ -170,10 +179,8 @@ def run(app: App, as_of: dt.date | None, dry_run: bool, as_json: bool, limit: in
         as_of=as_of, limit=limit, operator=app.operator,
         trigger=RunTrigger(trigger) if trigger else (RunTrigger.MANUAL if on_terminal else RunTrigger.CRON),
     )
-    deliverer = app.deliverer() if settings.email.send_after_run and not dry_run else None
     stop = StopOnSignal()
-    runner = Runner(database, settings, clock=utc_now, templates=app.templates, hooks=app.hooks, deliverer=deliverer,
-                    should_stop=stop)
+    runner = app.runner(deliver=not dry_run, should_stop=stop)
     _tune_gc()
     if dry_run:
         return _echo_preview(runner, options, as_json)
@@ -185,7 +192,7 @@ def run(app: App, as_of: dt.date | None, dry_run: bool, as_json: bool, limit: in
     try:
         with stop:
             if workers > 1:
-                summary = run_with_workers(runner, options, workers=workers, worker_command=_worker_command(app))
+                summary = runner.run(options, helpers=WorkerProcesses(workers, _worker_command(app)))
             else:
                 summary = _run_with_progress(runner, options, show_progress=on_terminal and not as_json)
     finally:  # also after a run that stopped on an error: the metrics show it
@@ -213,8 +220,7 @@ def _worker_command(app: App) -> list[str]:
 def _join(app: App, as_json: bool) -> int:
     """A worker: this process's share of the run in progress."""
     stop = StopOnSignal()
-    runner = Runner(app.database(), app.settings, clock=utc_now, templates=app.templates, hooks=app.hooks,
-                    should_stop=stop)
+    runner = app.runner(deliver=False, should_stop=stop)
     _tune_gc()
     with stop:
         try:
@@ -249,15 +255,13 @@ def schedule_command(app: App, times: tuple[str, ...]) -> None:
             raise InputError(f"--at: {problem}")
     if times:
         settings = settings.model_copy(update={"schedule_times": list(times)})
-    database = app.database()
+    app.database()  # unreachable or not migrated: say so now, not at the first run hours later
     log = structlog.get_logger("cancelproc.schedule")
     stop = StopOnSignal()
 
     def nightly_run() -> None:
         options = RunOptions(as_of=app.today(), trigger=RunTrigger.SCHEDULE, operator=app.operator)
-        deliverer = app.deliverer() if settings.email.send_after_run else None
-        runner = Runner(database, settings, clock=utc_now, templates=app.templates, hooks=app.hooks,
-                        deliverer=deliverer, should_stop=stop)
+        runner = app.runner(should_stop=stop, settings=settings)
         try:
             summary = runner.run(options)
             log.info("scheduled run done", run_id=summary.run_id, status=str(summary.status), due=summary.due,

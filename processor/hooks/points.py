@@ -1,13 +1,41 @@
-"""Every hook point, declared once: its parameters, what a return value means, when it fires.
+"""Every hook point, declared once: its parameters, when it fires, what its return does.
 
 A hook function names the parameters it wants (any subset, or **kwargs for all); asking
 for one its point does not give is an error when the hook file loads. Every point also
 gives `params`: all of its parameters in one dict, as WHMCS passes `$params`.
+
+What a hook's return value does is the point's `Policy`, applied in one place
+(`HookRegistry.apply`); no caller reads return values itself.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+
+
+class Policy(enum.StrEnum):
+    """What a hook's return value does at its point."""
+
+    # Ignored. The point fires after the fact: an exception is logged and undoes nothing.
+    NOTHING = "nothing"
+    # {'abortcmd': True, 'reason': ...} vetoes: the hooks after it are not called and the
+    # request stays pending. Any other dict merges its keys into `params` for the hooks after it.
+    VETO = "veto"
+    # {'error': ...}, an error string as WHMCS modules answer (anything but "success"), or
+    # False fails the attempt; so does raising. None, True, "success" or a dict without
+    # 'error' succeed.
+    FAIL = "fail"
+    # {'abortsend': True} stops the email (recorded, not an error). Any other dict merges its
+    # keys into the email's merge fields (`fields`).
+    ABORT_SEND = "abortsend"
+    # Truthy suppresses what the point precedes (the staff digest). An exception is logged.
+    SUPPRESS = "suppress"
+
+
+# Where a hook's exception goes: the policies that decide a request fail it (fail closed),
+# the others fire after the fact and only log it.
+FAILS_THE_ATTEMPT = frozenset({Policy.VETO, Policy.FAIL, Policy.ABORT_SEND})
 
 
 @dataclass(frozen=True)
@@ -15,10 +43,14 @@ class HookPoint:
     name: str
     params: tuple[str, ...]
     when: str
-    returns: str
-    # True: runs before anything is written for the request, and its failure fails the
-    # attempt (fail closed). False: runs after the fact; an exception is logged, never undoes.
-    can_fail_request: bool = False
+    returns: str  # the policy in words, for `hooks list` and docs/hooks.md
+    policy: Policy = Policy.NOTHING
+
+    @property
+    def fails_the_attempt(self) -> bool:
+        """True: runs before anything is written for the request, and an exception (or
+        error) fails the attempt. False: runs after the fact; an exception is logged."""
+        return self.policy in FAILS_THE_ATTEMPT
 
 
 # What every per-request point gives. `idempotency_key` is the request id as a string:
@@ -44,18 +76,19 @@ POINTS: dict[str, HookPoint] = {p.name: p for p in (
               "before a due request is applied (also in --dry-run, so vetoes show in the preview)",
               "{'abortcmd': True, 'reason': ...} vetoes: the request stays pending and is retried; "
               "any other dict merges its keys into `params` for the hooks after it",
-              can_fail_request=True),
+              Policy.VETO),
     HookPoint("EmailPreSend",
               ("params", "template", "to_address", "fields", "language", "request_id", "run_id", "dry_run"),
               "before any email is rendered and queued: the client's confirmations, the staff notice of a new "
               "request, the staff digest (`template` says which)",
               "a dict: its keys become merge fields; {'abortsend': True} queues no email (recorded)",
-              can_fail_request=True),
+              Policy.ABORT_SEND),
     HookPoint("TerminateAccount", REQUEST,
               "the external deprovisioning, after PreModuleTerminate; never in --dry-run",
-              "{'error': ...} (or raising) fails the attempt: nothing is changed, "
-              "AfterModuleTerminateFailed fires, the request is retried with backoff",
-              can_fail_request=True),
+              "{'error': ...}, an error string as a WHMCS module returns (anything but 'success'), False, "
+              "or raising fails the attempt: nothing is changed, AfterModuleTerminateFailed fires, the "
+              "request is retried with backoff",
+              Policy.FAIL),
     HookPoint("AfterModuleTerminate", REQUEST,
               "the cancellation was committed (service and request dicts show the committed state)",
               "ignored"),
@@ -80,5 +113,6 @@ POINTS: dict[str, HookPoint] = {p.name: p for p in (
     HookPoint("DailyCronJobPreEmail",
               ("params", "run_id", "summary"),
               "after AfterCronJob, before the staff digest would be sent",
-              "truthy: suppress the digest"),
+              "truthy: suppress the digest",
+              Policy.SUPPRESS),
 )}

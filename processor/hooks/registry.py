@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 
 from processor.errors import InputError, one_line
-from processor.hooks.points import POINTS
+from processor.hooks.points import POINTS, Policy
 
 
 class HookDefinitionError(InputError):
@@ -137,27 +137,96 @@ class HookRegistry:
         return result
 
     def call(self, point: str, params: dict[str, Any]) -> list[tuple[HookImpl, Any]]:
-        """Call the point's hooks in order; an exception becomes HookFailed naming the hook."""
-        return [(impl, self.call_one(impl, params)) for impl in self._impls.get(point, ())]
+        """Call the point's hooks in order and return what each returned, applying nothing
+        (for tools and tests; the processor uses `apply`). An exception becomes HookFailed."""
+        return [(impl, self._call_failing(impl, params)) for impl in self._impls.get(point, ())]
 
-    def call_one(self, impl: HookImpl, params: Mapping[str, Any]) -> Any:
+    def _call_failing(self, impl: HookImpl, params: Mapping[str, Any]) -> Any:
         """Call one hook; an exception becomes HookFailed naming it."""
         try:
             return self._call_one(impl, params)
         except Exception as exc:  # a hook is operator code: anything may come out of it
             raise HookFailed(impl, one_line(exc)) from exc
 
-    def notify(self, point: str, params: dict[str, Any]) -> list[Any]:
-        """Call hooks that cannot undo what happened; an exception is logged with the hook's
-        name and file, never raised. Returns the results of the hooks that did not raise."""
-        results = []
-        for impl in self._impls.get(point, ()):
-            try:
-                results.append(self._call_one(impl, params))
-            except Exception as exc:
-                self.log.error("hook failed", point=point, hook=impl.label, error=one_line(exc),
-                               request_id=params.get("request_id"))
-        return results
+    def apply(self, point: str, params: dict[str, Any]) -> Applied:
+        """Call the point's hooks in order and do what their return values mean there (its
+        `Policy`, declared in points.py): the one place that reads a hook's return value.
+
+        VETO and ABORT_SEND stop at the hook that said so and merge other dicts (into
+        `params`, or into `params["fields"]`); FAIL raises HookFailed; at those points an
+        exception raises HookFailed too (fail closed). NOTHING and SUPPRESS log an exception
+        and go on to the next hook.
+        """
+        policy = POINTS[point].policy
+        applied = Applied()
+        impls = self._impls.get(point, ())
+        if not impls:
+            return applied
+        if policy is Policy.NOTHING or policy is Policy.SUPPRESS:
+            for impl in impls:
+                result = self._call_logging(impl, params)
+                applied.suppressed = applied.suppressed or (policy is Policy.SUPPRESS and bool(result))
+            return applied
+        for impl in impls:
+            result = self._call_failing(impl, params)
+            if policy is Policy.FAIL:
+                error = _failure(result)
+                if error is not None:
+                    raise HookFailed(impl, error)
+            elif isinstance(result, dict):
+                stop, kept, target = _STOP[policy]
+                if result.get(stop):
+                    applied.stopped_by, applied.reason = impl.label, str(result.get("reason") or "no reason given")
+                    return applied
+                (params if target is None else params[target]).update(
+                    (k, v) for k, v in result.items() if k not in kept)
+        return applied
+
+    def _call_logging(self, impl: HookImpl, params: Mapping[str, Any]) -> Any:
+        """Call a hook that cannot undo what happened: an exception is logged with the hook's
+        name and file, never raised (None stands for its result)."""
+        try:
+            return self._call_one(impl, params)
+        except Exception as exc:
+            self.log.error("hook failed", point=impl.point, hook=impl.label, error=one_line(exc),
+                           request_id=params.get("request_id"))
+            return None
+
+
+@dataclass
+class Applied:
+    """What the hooks of one point decided, by its policy."""
+
+    stopped_by: str | None = None  # the hook that vetoed (VETO) or aborted the email (ABORT_SEND)
+    reason: str | None = None  # the veto's reason
+    suppressed: bool = False  # SUPPRESS: a hook returned something truthy
+
+    @property
+    def vetoed(self) -> str | None:
+        """The veto as one line, or None."""
+        return f"vetoed by {self.stopped_by}: {self.reason}" if self.stopped_by else None
+
+
+# VETO and ABORT_SEND: the key that stops, the keys never merged, and where the rest
+# merges (None: into params itself; else into that entry of params).
+_STOP: dict[Policy, tuple[str, frozenset[str], str | None]] = {
+    Policy.VETO: ("abortcmd", frozenset({"abortcmd", "reason", "params"}), None),
+    Policy.ABORT_SEND: ("abortsend", frozenset({"abortsend"}), "fields"),
+}
+
+
+def _failure(result: Any) -> str | None:
+    """A FAIL point's answer as an error message, or None for success. WHMCS modules answer
+    "success" or an error message for the admin; ours may also answer a dict."""
+    if result is None or result is True:
+        return None
+    if result is False:
+        return "returned False"
+    if isinstance(result, str):
+        return None if result in ("", "success") else f"returned error: {result}"
+    if isinstance(result, dict):
+        return f"returned error: {result['error']}" if result.get("error") else None
+    return None
 
 
 def _short(value: Any, limit: int = 2000) -> str:

@@ -1,0 +1,67 @@
+"""`run --dry-run`: what the run would do to each due request, reading only (no lease).
+
+Each request is decided as the run would (vetoes and the email included; TerminateAccount
+is never called), chunk by chunk, so memory stays flat however many are due.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from processor.due import business_today, effective_date
+from processor.run.decide import Decider, orphan_outcome
+from processor.run.outcome import Action, RunOptions
+from processor.run.store import RunStore
+
+# The preview's columns, in order (the table and each JSON item).
+PREVIEW_COLUMNS = ["request_id", "service_id", "client", "product", "domain", "type", "due_on", "days_late",
+                   "action", "addons", "unpaid_invoices", "email_to", "detail"]
+
+
+def preview(reading: Callable[[], AbstractContextManager[RunStore]], decider: Decider, options: RunOptions, *,
+            now: Any, chunk_size: int, cancel_unpaid_invoices: bool, zone: ZoneInfo) -> Iterator[dict[str, Any]]:
+    """Each due request as a PREVIEW_COLUMNS dict, then each orphan (which the run would
+    fail). `reading()` opens a read-only store for one short transaction."""
+    fields = decider.run_fields(options.as_of)
+    shown, after_id = 0, 0
+    while options.limit is None or shown < options.limit:
+        size = chunk_size if options.limit is None else min(chunk_size, options.limit - shown)
+        with reading() as store:
+            rows = store.read_due(options, now, after_id, size)
+            service_ids = [row.service_id for row in rows]
+            addons = store.open_addons(service_ids) if rows else {}
+            invoices = store.unpaid_invoices(service_ids) if rows and cancel_unpaid_invoices else {}
+        if not rows:
+            break
+        shown += len(rows)
+        after_id = rows[-1].id
+        for row in rows:
+            o = decider.decide(row, options.as_of, fields, dry_run=True)
+            cancel = o.action is Action.CANCEL
+            yield {
+                "request_id": row.id, "service_id": row.service_id,
+                "client": f"{row.first_name} {row.last_name}".strip(), "product": row.product_name,
+                "domain": row.domain, "type": str(row.type),
+                "due_on": effective_date(row.type, row.next_due_date, row.cancel_on,
+                                         business_today(row.created_at, zone)),
+                "days_late": o.days_late, "action": str(o.action),
+                "addons": ", ".join(addons.get(row.service_id, [])) if cancel else "",
+                "unpaid_invoices": ", ".join(invoices.get(row.service_id, [])) if cancel else "",
+                "email_to": o.email.to_address if o.email else "",
+                "detail": o.error or (o.email.subject if o.email else
+                                      f"email aborted by {o.email_aborted_by}" if o.email_aborted_by else
+                                      f"service already {row.service_status.value}"),
+            }
+    limit = None if options.limit is None else options.limit - shown
+    if limit is not None and limit <= 0:
+        return
+    with reading() as store:
+        orphans = store.orphans(options, limit)
+    for orphan in orphans:
+        o = orphan_outcome(orphan)
+        yield {"request_id": o.request_id, "service_id": o.service_id, "client": "", "product": "",
+               "domain": "", "type": "", "due_on": None, "days_late": 0, "action": str(Action.ERROR),
+               "addons": "", "unpaid_invoices": "", "email_to": "", "detail": o.error}

@@ -1,0 +1,373 @@
+"""Every SQL statement of a run, behind one object that takes a Connection and never commits.
+
+The caller owns the transaction (`with db.engine.begin() as conn: RunStore(conn, ...)`):
+a chunk's claim, writes, counts and lease renewal commit together or not at all, so the
+run record always matches what was committed.
+
+Exactly once: inside the write transaction every request is claimed again
+(`status = 'pending'`, under the write lock), so a request completed by an overlapping
+run or by `requests process` is skipped, never applied twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import structlog
+from sqlalchemy import Connection, Select, String, case, cast, func, insert, literal, or_, select, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, ProgrammingError, StatementError
+from sqlalchemy.orm import Session
+
+from processor import lease
+from processor.db import Database
+from processor.digest import recorded_failures
+from processor.due import due_clause
+from processor.emails import SERVICE_CANCELLATION_CONFIRMATION
+from processor.errors import one_line
+from processor.models import (
+    CLOSED_SERVICE_STATUSES,
+    AuditAction,
+    AuditEntity,
+    AuditEntry,
+    CancellationRequest,
+    Client,
+    Invoice,
+    InvoiceStatus,
+    Product,
+    RequestStatus,
+    Run,
+    RunStatus,
+    Service,
+    ServiceAddon,
+    ServiceStatus,
+    UTCDateTime,
+)
+from processor.outbox import queue
+from processor.params import plain_rows, request_select
+from processor.retry import RetryPolicy
+from processor.run.decide import Orphan
+from processor.run.outcome import FAILED_ATTEMPT, Action, Outcome, RunOptions, Tally
+
+R, S, C, P = CancellationRequest, Service, Client, Product
+ACTOR = "cancelproc"
+log = structlog.get_logger("cancelproc.run")
+
+
+@dataclass(frozen=True)
+class StoreRules:
+    """The settings the run's SQL depends on, fixed for a run."""
+
+    zone: ZoneInfo
+    cancel_unpaid_invoices: bool
+    from_address: str
+    lease_seconds: int
+    retry: RetryPolicy
+    hooked: bool  # read the columns the hooks' params need
+    returning_addons: bool  # an AddonCancelled hook wants the add-ons cancelled
+    returning_invoices: bool  # an InvoiceCancelled hook wants the invoices cancelled
+
+
+class RunStore:
+    """The run's SQL on one connection, in the caller's transaction."""
+
+    def __init__(self, conn: Connection, db: Database, rules: StoreRules) -> None:
+        self.conn = conn
+        self.db = db  # for the dialect's way of passing a chunk's ids
+        self.rules = rules
+
+    # --- reading -------------------------------------------------------------------------
+
+    def due_query(self, options: RunOptions, now: dt.datetime, after_id: int = 0) -> Select:
+        """Due requests after `after_id`, in id order (the caller sets the limit)."""
+        stmt = (
+            request_select(for_hooks=self.rules.hooked)
+            .where(R.status == RequestStatus.PENDING, R.id > after_id)
+            .order_by(R.id)
+        )
+        if options.request_ids is not None:
+            stmt = stmt.where(R.id.in_(options.request_ids))
+        else:
+            # Backoff: a request that failed recently waits for its next attempt time.
+            stmt = stmt.where(or_(R.next_attempt_at.is_(None), R.next_attempt_at <= now))
+        if not options.ignore_due_date:
+            stmt = stmt.where(due_clause(options.as_of, self.rules.zone))
+        return stmt
+
+    def read_due(self, options: RunOptions, now: dt.datetime, after_id: int, size: int) -> list[Any]:
+        """The next `size` due requests after `after_id` (keyset pagination)."""
+        return plain_rows(self.conn.execute(self.due_query(options, now, after_id).limit(size)), self.rules.hooked)
+
+    def claim_due(self, options: RunOptions, run_id: int, now: dt.datetime, size: int, *, wait: bool) -> list[Any]:
+        """PostgreSQL: lock up to `size` due requests this run has not tried yet, skipping
+        those other processes hold (or, with `wait`, waiting for them)."""
+        claim = (self.due_query(options, now)
+                 .where(or_(R.run_id.is_(None), R.run_id != run_id))
+                 .limit(size).with_for_update(skip_locked=not wait, of=R))
+        return plain_rows(self.conn.execute(claim), self.rules.hooked)
+
+    def count_due(self, options: RunOptions, now: dt.datetime) -> int:
+        query = self.due_query(options, now).with_only_columns(R.id).order_by(None)
+        total: int = self.conn.execute(select(func.count()).select_from(query.subquery())).scalar_one()
+        return total if options.limit is None else min(total, options.limit)
+
+    def orphans(self, options: RunOptions, limit: int | None = None) -> list[Orphan]:
+        """Pending requests whose service, or that service's client or product, is gone:
+        deleted outside cancelproc with the foreign keys off. They never join to the due
+        query, so without this they would wait, unseen, for ever."""
+        query = (select(R.id, R.service_id, R.attempts, S.id, S.client_id, C.id, S.product_id, P.id)
+                 .select_from(R).outerjoin(S, S.id == R.service_id).outerjoin(C, C.id == S.client_id)
+                 .outerjoin(P, P.id == S.product_id)
+                 .where(R.status == RequestStatus.PENDING, or_(S.id.is_(None), C.id.is_(None), P.id.is_(None)))
+                 .order_by(R.id).limit(limit))
+        if options.request_ids is not None:
+            query = query.where(R.id.in_(options.request_ids))
+        orphans = []
+        for request_id, service_id, attempts, found_service, client_id, found_client, product_id, _ in \
+                self.conn.execute(query):
+            missing = (f"service #{service_id}" if found_service is None
+                       else f"client #{client_id} of service #{service_id}" if found_client is None
+                       else f"product #{product_id} of service #{service_id}")
+            orphans.append(Orphan(request_id, service_id, attempts, missing))
+        return orphans
+
+    def open_addons(self, service_ids: Sequence[int]) -> dict[int, list[str]]:
+        """The names of the open add-ons of these services (for the dry run)."""
+        found: dict[int, list[str]] = {}
+        for service_id, name in self.conn.execute(select(ServiceAddon.service_id, ServiceAddon.name).where(
+                self.db.in_ids(ServiceAddon.service_id, service_ids),
+                ServiceAddon.status.not_in(CLOSED_SERVICE_STATUSES))):
+            found.setdefault(service_id, []).append(name)
+        return found
+
+    def unpaid_invoices(self, service_ids: Sequence[int]) -> dict[int, list[str]]:
+        """'#id amount' of the unpaid invoices of these services (for the dry run)."""
+        found: dict[int, list[str]] = {}
+        for service_id, invoice_id, amount in self.conn.execute(select(Invoice.service_id, Invoice.id, Invoice.amount)
+                .where(self.db.in_ids(Invoice.service_id, service_ids), Invoice.status == InvoiceStatus.UNPAID)):
+            found.setdefault(service_id, []).append(f"#{invoice_id} {amount}")
+        return found
+
+    # --- writing a chunk -------------------------------------------------------------------
+
+    def write_chunk(self, outcomes: list[Outcome], run_id: int, as_of: dt.date, now: dt.datetime) -> Tally:
+        """Write a chunk's outcomes, count them into the run record and renew the lease. The
+        set-based write runs in a savepoint; if a row's data breaks it, the rows are written
+        again one by one, each in its own savepoint, so that row fails alone."""
+        try:
+            with self.conn.begin_nested():
+                self._write(outcomes, run_id, as_of, now)
+        except (DBAPIError, StatementError) as exc:
+            if not _is_row_error(exc):
+                raise
+            log.warning("chunk write failed; isolating rows", error=one_line(exc), requests=len(outcomes))
+            self._write_rows_alone(outcomes, run_id, as_of, now)
+        return self.close_chunk(run_id, outcomes, now)
+
+    def _write_rows_alone(self, outcomes: list[Outcome], run_id: int, as_of: dt.date, now: dt.datetime) -> None:
+        """Each outcome in its own savepoint: a row the database refuses fails alone."""
+        for o in outcomes:
+            try:
+                with self.conn.begin_nested():
+                    self._write([o], run_id, as_of, now)
+            except (DBAPIError, StatementError) as exc:
+                if not _is_row_error(exc):
+                    raise
+                o.action, o.email, o.error = Action.ERROR, None, one_line(exc)
+                with self.conn.begin_nested():
+                    self._write([o], run_id, as_of, now)
+
+    def _write(self, outcomes: list[Outcome], run_id: int, as_of: dt.date, now: dt.datetime) -> None:
+        """Write outcomes with set-based statements."""
+        ids = [o.request_id for o in outcomes if o.action is not Action.SKIPPED]
+        if not ids:
+            return
+        # Claim again under the write lock: only requests still pending are ours to write.
+        still_pending = set(self.conn.scalars(
+            select(R.id).where(self.db.in_ids(R.id, ids), R.status == RequestStatus.PENDING).with_for_update()))
+        for o in outcomes:
+            if o.request_id not in still_pending:
+                o.action = Action.SKIPPED
+        cancels = [o for o in outcomes if o.action is Action.CANCEL]
+        noops = [o for o in outcomes if o.action is Action.NOOP]
+        audit = _Audit(self.conn, run_id, now)
+        if cancels:
+            self._cancel_services(audit, cancels, as_of)
+            queue(self.conn, [o.email for o in cancels if o.email], run_id=run_id, now=now,
+                  from_address=self.rules.from_address)
+        self._complete_requests(cancels + noops, run_id, now)
+        audit.rows([(o.request_id, AuditEntity.REQUEST, o.request_id, AuditAction.COMPLETED,
+                     f"no-op: service already {o.service_status}; request completed without changes")
+                    for o in noops])
+        audit.rows([(o.request_id, AuditEntity.EMAIL, o.request_id, AuditAction.ABORTED,
+                     f"{SERVICE_CANCELLATION_CONFIRMATION} not queued: abortsend from {o.email_aborted_by}")
+                    for o in cancels if o.email_aborted_by])
+        for o in outcomes:
+            if o.action in FAILED_ATTEMPT:
+                self._record_failure(audit, o, run_id, now)
+
+    def _cancel_services(self, audit: _Audit, cancels: list[Outcome], as_of: dt.date) -> None:
+        """Cancel the services of these requests, their add-ons and unpaid invoices; audit each.
+
+        Each audit INSERT ... SELECT runs before its UPDATE, so it sees (and can name) what
+        the row was. Rows come back into Python (RETURNING) only for hooks that want them.
+        """
+        chunk = self.db.in_ids(R.id, [o.request_id for o in cancels])
+        open_addon = ServiceAddon.status.not_in(CLOSED_SERVICE_STATUSES)
+        cancelled = literal(AuditAction.CANCELLED.value)
+        audit.select(AuditEntity.SERVICE, select(R.id, S.id, cancelled,
+                                                 literal("was ") + S.status + literal(f"; termination date {as_of}"))
+                     .join(S, S.id == R.service_id).where(chunk))
+        audit.select(AuditEntity.ADDON, select(R.id, ServiceAddon.id, cancelled, literal(""))
+                     .join(ServiceAddon, ServiceAddon.service_id == R.service_id).where(chunk, open_addon))
+        if self.rules.cancel_unpaid_invoices:
+            audit.select(AuditEntity.INVOICE, select(R.id, Invoice.id, cancelled,
+                                                     literal("unpaid amount ") + cast(Invoice.amount, String))
+                         .join(Invoice, Invoice.service_id == R.service_id)
+                         .where(chunk, Invoice.status == InvoiceStatus.UNPAID))
+        services = select(R.service_id).where(chunk).scalar_subquery()
+        self.conn.execute(update(S).where(S.id.in_(services), S.status.not_in(CLOSED_SERVICE_STATUSES))
+                          .values(status=ServiceStatus.CANCELLED, termination_date=as_of))
+        addon, invoice = ServiceAddon, Invoice
+        addons = self._update(update(addon).where(addon.service_id.in_(services), open_addon)
+                              .values(status=ServiceStatus.CANCELLED),
+                              (addon.id, addon.service_id, addon.external_id, addon.name, addon.amount),
+                              self.rules.returning_addons)
+        invoices = self._update(update(invoice).where(invoice.service_id.in_(services),
+                                                      invoice.status == InvoiceStatus.UNPAID)
+                                .values(status=InvoiceStatus.CANCELLED),
+                                (invoice.id, invoice.service_id, invoice.external_id, invoice.amount,
+                                 invoice.due_date),
+                                self.rules.returning_invoices) if self.rules.cancel_unpaid_invoices else {}
+        for o in cancels:
+            o.addons, o.invoices = addons.get(o.service_id, ()), invoices.get(o.service_id, ())
+
+    def _update(self, stmt: Any, columns: tuple[Any, ...], returning: bool) -> dict[int, list[dict[str, Any]]]:
+        """Run an UPDATE; with `returning`, the rows it changed by service id."""
+        if not returning:
+            self.conn.execute(stmt)
+            return {}
+        by_service: dict[int, list[dict[str, Any]]] = {}
+        for row in self.conn.execute(stmt.returning(*columns)).mappings():
+            fields = dict(row)
+            by_service.setdefault(fields.pop("service_id"), []).append(fields)
+        return by_service
+
+    def _complete_requests(self, done: list[Outcome], run_id: int, now: dt.datetime) -> None:
+        """Mark requests completed, each with its lateness, in one statement."""
+        if not done:
+            return
+        late = self.db.id_values([(o.request_id, o.days_late) for o in done])
+        self.conn.execute(update(R).where(R.id == late.c.id).values(
+            status=RequestStatus.COMPLETED, processed_at=now, run_id=run_id, days_late=late.c.value,
+            attempts=R.attempts + 1, last_error=None, next_attempt_at=None))
+
+    def _record_failure(self, audit: _Audit, o: Outcome, run_id: int, now: dt.datetime) -> None:
+        """One more failed (or vetoed) attempt: retry later with backoff, or give up (manual
+        cancellation required)."""
+        decision = self.rules.retry.after_failure(o.attempts + 1, now)
+        o.gave_up = decision.give_up
+        self.conn.execute(update(R).where(R.id == o.request_id).values(
+            attempts=R.attempts + 1, last_error=o.error, run_id=run_id, next_attempt_at=decision.next_attempt_at,
+            status=RequestStatus.FAILED if decision.give_up else RequestStatus.PENDING))
+        if decision.give_up:
+            audit.rows([(o.request_id, AuditEntity.REQUEST, o.request_id, AuditAction.FAILED,
+                         f"{o.error}; gave up after {o.attempts + 1} attempts: manual cancellation required")])
+        else:
+            action = AuditAction.VETOED if o.action is Action.VETOED else AuditAction.ATTEMPT_FAILED
+            audit.rows([(o.request_id, AuditEntity.REQUEST, o.request_id, action,
+                         f"{o.error}; next attempt after {decision.next_attempt_at:%Y-%m-%d %H:%M} UTC")])
+
+    def fail_orphans(self, orphans: list[Outcome], run_id: int, now: dt.datetime) -> list[Outcome]:
+        """Record orphans (see `orphans`) as failed for good in this run; return those that
+        were still pending."""
+        audit = _Audit(self.conn, run_id, now)
+        failed = []
+        for o in orphans:
+            if self.conn.execute(update(R).where(R.id == o.request_id, R.status == RequestStatus.PENDING).values(
+                    status=RequestStatus.FAILED, attempts=R.attempts + 1, last_error=o.error, run_id=run_id,
+                    next_attempt_at=None)).rowcount:
+                audit.rows([(o.request_id, AuditEntity.REQUEST, o.request_id, AuditAction.FAILED,
+                             f"{o.error}: manual cancellation required")])
+                failed.append(o)
+        return failed
+
+    def close_chunk(self, run_id: int, outcomes: list[Outcome], now: dt.datetime) -> Tally:
+        """Count the chunk into the run record and renew the lease, in the chunk's transaction.
+        The caller counts it into its summary once the transaction has committed."""
+        t = Tally.of(outcomes)
+        added = {name: getattr(Run, name) + getattr(t, name) for name in Run.CHUNK_COUNTS if name != "max_days_late"}
+        self.conn.execute(update(Run).where(Run.id == run_id).values(
+            **added,
+            max_days_late=case((Run.max_days_late > t.max_days_late, Run.max_days_late), else_=t.max_days_late)))
+        # From now, not from when the chunk was read: hooks may have taken most of the lease.
+        self.renew_lease(run_id, now)
+        return t
+
+    # --- the run record --------------------------------------------------------------------
+
+    def open_run(self, options: RunOptions, clock: Callable[[], dt.datetime]) -> int:
+        """Take the lease, creating the run record (the clock is read once the lock is had).
+        Raises LeaseHeld naming the run that holds it."""
+        # lease.py speaks ORM; this session only flushes into our transaction, never commits it.
+        with Session(bind=self.conn, join_transaction_mode="rollback_only") as session:
+            run = lease.acquire(session, clock=clock, seconds=self.rules.lease_seconds, trigger=options.trigger,
+                                operator=options.operator, as_of=options.as_of, me=lease.Holder.this_process())
+            return run.id
+
+    def renew_lease(self, run_id: int, now: dt.datetime) -> None:
+        lease.renew(self.conn, run_id, now=now, seconds=self.rules.lease_seconds)
+
+    def running_run(self) -> tuple[int, RunOptions] | None:
+        """The run in progress (holding the lease), to join it."""
+        row = self.conn.execute(select(Run.id, Run.as_of, Run.trigger, Run.operator)
+                                .join(lease.Lease, lease.Lease.run_id == Run.id)
+                                .where(lease.Lease.name == lease.LEASE_NAME, Run.status == RunStatus.RUNNING)
+                                ).one_or_none()
+        if row is None:
+            return None
+        return row.id, RunOptions(as_of=row.as_of, trigger=row.trigger, operator=row.operator)
+
+    def recorded(self, run_id: int) -> tuple[dict[str, int], list[dict[str, Any]]]:
+        """The run's counts and failures as recorded (by every process that worked on it)."""
+        counts = self.conn.execute(select(*(getattr(Run, name) for name in Run.CHUNK_COUNTS))
+                                   .where(Run.id == run_id)).one()
+        return dict(zip(Run.CHUNK_COUNTS, counts, strict=True)), recorded_failures(self.conn, run_id)
+
+    def finish_run(self, run_id: int, status: RunStatus, now: dt.datetime, *, error: str | None = None,
+                   emails_sent: int | None = None, emails_failed: int | None = None) -> None:
+        """Close the run record (if still running) and release the lease."""
+        delivered = {} if emails_sent is None else dict(emails_sent=emails_sent, emails_failed=emails_failed)
+        self.conn.execute(update(Run).where(Run.id == run_id, Run.status == RunStatus.RUNNING)
+                          .values(status=status, finished_at=now, error=error, **delivered))
+        lease.release(self.conn, run_id)
+
+
+class _Audit:
+    """Audit rows of one chunk: the run, actor and time are bound once, not per row."""
+
+    def __init__(self, conn: Connection, run_id: int, now: dt.datetime) -> None:
+        self.conn = conn
+        self.constants = dict(at=now, actor=ACTOR, run_id=run_id)
+
+    def rows(self, rows: list[tuple[int, AuditEntity, int, AuditAction, str]]) -> None:
+        """(request_id, entity, entity_id, action, detail) tuples."""
+        if rows:
+            self.conn.execute(insert(AuditEntry).values(**self.constants), [
+                dict(request_id=r, entity=e, entity_id=i, action=a, detail=d) for r, e, i, a, d in rows])
+
+    def select(self, entity: AuditEntity, query: Any) -> None:
+        """Audit rows from a query selecting (request_id, entity_id, action, detail)."""
+        q = query.add_columns(literal(self.constants["at"], UTCDateTime()), literal(ACTOR),
+                              literal(self.constants["run_id"]), literal(entity.value))
+        self.conn.execute(insert(AuditEntry).from_select(
+            ["request_id", "entity_id", "action", "detail", "at", "actor", "run_id", "entity"], q))
+
+
+def _is_row_error(exc: BaseException) -> bool:
+    """A failure caused by one row's data (isolate it), not by the database being unusable
+    or by a statement that is wrong for every row (a bug)."""
+    return not isinstance(exc, (OperationalError, InterfaceError, ProgrammingError))
