@@ -1,13 +1,13 @@
 # Two commands on a fresh machine with python3 and make:
 #   make demo   create .venv, install, build a demo database, run the nightly job, show the result
-#   make test   install what the tests need and run the whole suite
+#   make test   install what the tests need, run make lint (ruff, mypy: zero findings), then the whole suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DB := var/demo.db
 DEMO := CANCELPROC_DATABASE_URL=sqlite:///$(DEMO_DB) $(BIN)/cancelproc
 
-.PHONY: install demo test bench clean postgresql-binaries
+.PHONY: install demo lint test bench docs clean postgresql-binaries
 
 define SHOW_EML
 import email, email.policy, sys
@@ -60,8 +60,17 @@ postgresql-binaries:
 	  sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	else echo "warning: no PostgreSQL binaries and no way to install them: the PostgreSQL tests will be skipped"; fi
 
-test: install postgresql-binaries
+# Zero findings: ruff (lint and import order) on the code and the tests, mypy on the package.
+lint: install
+	$(BIN)/ruff check processor tests bench
+	$(BIN)/mypy
+
+test: install lint postgresql-binaries
 	$(BIN)/python -m pytest -q
+
+# docs/architecture.md's dependency lines, from the imports (tests/test_docs.py fails when they are stale)
+docs: install
+	$(BIN)/cog -I . -r docs/architecture.md
 
 bench: install
 	$(BIN)/python bench/run_bench.py

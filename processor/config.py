@@ -10,8 +10,9 @@ import datetime as dt
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -189,7 +190,8 @@ class Settings(BaseSettings):
         try:
             url = make_url(value)
         except ArgumentError:
-            raise ValueError("cannot parse it (e.g. sqlite:///var/cancelproc.db or postgresql://user@host/dbname)")
+            raise ValueError(
+                "cannot parse it (e.g. sqlite:///var/cancelproc.db or postgresql://user@host/dbname)") from None
         # postgres:// is how many hosts hand out the URL; open_database reads it as postgresql.
         if url.get_backend_name() not in ("sqlite", "postgresql", "postgres"):
             raise ValueError(f"{url.get_backend_name()!r} is not supported (sqlite:///PATH or postgresql://...)")
@@ -205,7 +207,7 @@ class Settings(BaseSettings):
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r}; use an IANA name such as Europe/London")
+            raise ValueError(f"unknown time zone {value!r}; use an IANA name such as Europe/London") from None
         return value
 
     @field_validator("schedule_times")
@@ -297,7 +299,8 @@ def _describe(exc: ValidationError, path: Path | None, environ: Mapping[str, str
     err = exc.errors()[0]
     key = ".".join(str(part) for part in err["loc"])
     # The variable that set the key, or a table around it (CANCELPROC_REASON_CODES for reason_codes.0).
-    names = [ENV_PREFIX + "__".join(str(part) for part in err["loc"][:n]).upper() for n in range(len(err["loc"]), 0, -1)]
+    names = [ENV_PREFIX + "__".join(str(part) for part in err["loc"][:n]).upper()
+             for n in range(len(err["loc"]), 0, -1)]
     env_name = next((name for name in names if name in environ), None)
     source = f"environment variable {env_name}" if env_name else str(path or "settings")
     if err["type"] == "extra_forbidden":

@@ -103,12 +103,14 @@ def build_message(row: Row[Any] | Any, company_name: str) -> Message:
     message = MIMEMultipart("alternative")
     message["From"] = formataddr((company_name, row.from_address), charset="utf-8")
     message["To"] = row.to_address
-    message["Subject"] = row.subject if row.subject.isascii() else Header(row.subject, "utf-8")
+    # A Header object for a non-ASCII subject (typeshed types header values as str only).
+    message["Subject"] = row.subject if row.subject.isascii() else Header(row.subject, "utf-8")  # type: ignore[assignment]
     message["Date"] = format_datetime(row.created_at)
     message["Message-ID"] = message_id(row.id, row.key, row.created_at, row.from_address)
     message["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation auto-replies, please
-    message.attach(MIMEText(row.text_body, "plain", _UTF8))
-    message.attach(MIMEText(row.html_body, "html", _UTF8))
+    # A Charset object (quoted-printable bodies) where typeshed allows only a name.
+    message.attach(MIMEText(row.text_body, "plain", _UTF8))  # type: ignore[arg-type]
+    message.attach(MIMEText(row.html_body, "html", _UTF8))  # type: ignore[arg-type]
     return message
 
 
@@ -372,7 +374,8 @@ class Deliverer:
         if ids is not None:
             stmt = stmt.where(E.id.in_(ids))
         with self.db.read_engine.connect() as conn:
-            return list(conn.execute(stmt).all())
+            rows: list[Row[Any]] = list(conn.execute(stmt))
+            return rows
 
     def _send_batch(self, rows: list[Row[Any]], report: DeliveryReport) -> list[tuple[Row[Any], str | None, bool]]:
         """Send each row: (row, error or None, permanent). Stops at MailerDown."""

@@ -103,7 +103,7 @@ def load_demo(session: Session, *, today: dt.date, now: dt.datetime) -> dict[str
             if s.next_due_date <= today + dt.timedelta(days=7):
                 invoices.append(Invoice(external_id=f"I{s.id}-2", service_id=s.id, amount=s.amount,
                                         status=InvoiceStatus.UNPAID, due_date=s.next_due_date))
-    session.add_all(addons + invoices)
+    session.add_all([*addons, *invoices])
 
     # Requests: every third service, with a spread of types; one service already cancelled by hand.
     requests: list[CancellationRequest] = []

@@ -139,7 +139,7 @@ def health(db: Database, settings: Settings, *, now: dt.datetime, max_age_hours:
             checked_at=now,
             last_run=RunInfo.of(last) if last else None,
             last_successful_run=RunInfo.of(success) if success else None,
-            last_success_age_hours=round(_age(now, success.finished_at) / 3600, 2)
+            last_success_age_hours=round((now - success.finished_at).total_seconds() / 3600, 2)
             if success and success.finished_at else None,
             requests_pending=requests.get(RequestStatus.PENDING, 0),
             requests_due=due,

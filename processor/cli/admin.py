@@ -50,7 +50,8 @@ def init(app: App, demo: bool) -> None:
     if demo:
         with database.session.begin() as session:
             if session.scalar(select(func.count()).select_from(Client)):
-                raise InputError(f"database {database.display_url} already has clients; demo data goes into an empty database")
+                raise InputError(f"database {database.display_url} already has clients; "
+                                 "demo data goes into an empty database")
             counts = load_demo(session, today=app.today(), now=utc_now())
         click.echo("demo data: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
 
