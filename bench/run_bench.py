@@ -45,6 +45,7 @@ time against the target of 30 s; there is no floor comparison (the floor has no 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import random
@@ -239,15 +240,14 @@ def load_postgresql(dsn: str, n: int, today: dt.date, now: dt.datetime) -> dict[
     """The same data into PostgreSQL with COPY, one transaction, in this process (not a child)."""
     import psycopg
 
-    with psycopg.connect(dsn) as conn:  # commits at the end of the block
-        with conn.cursor() as cur:
-            for table, columns, rows in dataset(n, today, now):
-                with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
-                    for row in rows:
-                        copy.write_row(row)
-            # The ids were given: move each serial on past them, as an insert by the app expects.
-            for table in LOADED:
-                cur.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), max(id)) FROM {table}")
+    with psycopg.connect(dsn) as conn, conn.cursor() as cur:  # commits at the end of the block
+        for table, columns, rows in dataset(n, today, now):
+            with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        # The ids were given: move each serial on past them, as an insert by the app expects.
+        for table in LOADED:
+            cur.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), max(id)) FROM {table}")
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("ANALYZE")
         return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in LOADED}
@@ -331,10 +331,8 @@ def kill_tree(proc: subprocess.Popen) -> None:
     except psutil.Error:
         children = []
     for child in children:
-        try:
+        with contextlib.suppress(psutil.Error):
             child.kill()
-        except psutil.Error:
-            pass
     proc.kill()
     proc.wait()
 
@@ -482,7 +480,8 @@ def main() -> None:
                         help=f"due requests (default 100000; {IO_BOUND_N} with --io-bound)")
     parser.add_argument("--chunk-size", type=int, help="CANCELPROC_CHUNK_SIZE for the run (default: the setting's)")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder and print its path")
-    parser.add_argument("--setup-only", action="store_true", help="load the data, print the folder, stop (implies --keep)")
+    parser.add_argument("--setup-only", action="store_true",
+                        help="load the data, print the folder, stop (implies --keep)")
     parser.add_argument("--profile", action="store_true", help="run the processor under cProfile (slower)")
     parser.add_argument("--hooks", action="store_true", help="register one trivial hook on every hook point")
     parser.add_argument("--skip-delivery", action="store_true", help="do not measure `emails send` after the run")
@@ -547,7 +546,7 @@ def main() -> None:
         if init.returncode != 0:
             fail(f"`processor init` exited {init.returncode}:\n{init.stdout}{init.stderr}")
 
-        now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
         t0 = time.perf_counter()
         counts = load_postgresql(dsn, n, now.date(), now) if postgresql else load(db_path, n, now.date(), now)
         load_s = time.perf_counter() - t0

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from pathlib import Path
-from typing import Any
-
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -103,7 +102,7 @@ def db(settings: Settings) -> Database:
 
 @pytest.fixture
 def now() -> dt.datetime:
-    return dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.timezone.utc)
+    return dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC)
 
 
 @pytest.fixture

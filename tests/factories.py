@@ -22,7 +22,7 @@ from processor.models import (
 )
 
 _seq = itertools.count(1)
-CREATED = dt.datetime(2026, 11, 20, 12, 0, tzinfo=dt.timezone.utc)
+CREATED = dt.datetime(2026, 11, 20, 12, 0, tzinfo=dt.UTC)
 
 
 def service(
@@ -38,19 +38,22 @@ def service(
     paid: int = 0,
 ) -> Service:
     n = next(_seq)
-    client = Client(first_name=first_name, last_name=f"Client{n}", email=email if email is not None else f"c{n}@example.test",
-                    language=language)
+    client = Client(first_name=first_name, last_name=f"Client{n}",
+                    email=email if email is not None else f"c{n}@example.test", language=language)
     product = Product(name="VPS 4GB", module="proxmox")
     svc = Service(client=client, product=product, domain=f"host{n}.example.test", status=status,
                   billing_cycle="Monthly", amount=Decimal("24.00"), next_due_date=next_due_date)
     session.add(svc)
     session.flush()
     for i in range(addons):
-        session.add(ServiceAddon(service_id=svc.id, name=f"Backup {i}", status=ServiceStatus.ACTIVE, amount=Decimal("2")))
+        session.add(ServiceAddon(service_id=svc.id, name=f"Backup {i}", status=ServiceStatus.ACTIVE,
+                                 amount=Decimal("2")))
     for _ in range(unpaid):
-        session.add(Invoice(service_id=svc.id, amount=Decimal("24.00"), status=InvoiceStatus.UNPAID, due_date=next_due_date))
+        session.add(Invoice(service_id=svc.id, amount=Decimal("24.00"), status=InvoiceStatus.UNPAID,
+                            due_date=next_due_date))
     for _ in range(paid):
-        session.add(Invoice(service_id=svc.id, amount=Decimal("24.00"), status=InvoiceStatus.PAID, due_date=next_due_date))
+        session.add(Invoice(service_id=svc.id, amount=Decimal("24.00"), status=InvoiceStatus.PAID,
+                            due_date=next_due_date))
     session.flush()
     return svc
 

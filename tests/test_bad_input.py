@@ -156,8 +156,9 @@ def bad_values(path: str, param: click.Parameter) -> st.SearchStrategy[str]:
     if name == "language":
         return st.one_of(free_text, st.sampled_from(["../../etc", "de/../..", "", " ", "x" * 40, "en_US.UTF-8/x"]))
     if name == "files":
-        return st.sampled_from(["missing.csv", "x" * 300 + ".csv", f"{NOT_UTF8}.csv", "folder", "latin1.csv", "binary.csv", "empty.csv", "no_header.csv",
-                                "unknown_columns.csv", "nul.csv", "long_cell.csv"])
+        return st.sampled_from(["missing.csv", "x" * 300 + ".csv", f"{NOT_UTF8}.csv", "folder", "latin1.csv",
+                                "binary.csv", "empty.csv", "no_header.csv", "unknown_columns.csv", "nul.csv",
+                                "long_cell.csv"])
     if name == "config_path":
         return st.sampled_from(["missing.toml", "folder", "latin1.toml", "binary.toml", "x" * 300 + ".toml",
                                 f"{NOT_UTF8}.toml", "folder/" * 700 + "x.toml"])
@@ -207,7 +208,8 @@ def invocation(path: str, param: click.Parameter, value: str) -> list[str]:
     if param.name == "config_path":
         return ["--config", value, *path.split(), *args]
     if isinstance(param, click.Argument):
-        positional = [i for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or not args[i - 1].startswith("-"))]
+        positional = [i for i, a in enumerate(args)
+                      if not a.startswith("-") and (i == 0 or not args[i - 1].startswith("-"))]
         position = [p for p in COMMANDS[path].params if isinstance(p, click.Argument)].index(param)
         if position < len(positional):
             args[positional[position]] = value

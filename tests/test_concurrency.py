@@ -8,7 +8,7 @@ from pathlib import Path
 from processor.config import Settings
 from processor.db import Database
 from processor.hooks import load_hooks
-from processor.run import RunOptions, Runner
+from processor.run import Runner, RunOptions
 from tests import factories
 
 D = __import__("datetime").date(2026, 11, 26)

@@ -80,7 +80,7 @@ class Dataset:
 
 
 def utc_today() -> dt.date:
-    return dt.datetime.now(dt.timezone.utc).date()
+    return dt.datetime.now(dt.UTC).date()
 
 
 def make_database(app_root: Path, n_requests: int, not_due_every: int, seed: int) -> tuple[Path, Dataset]:
@@ -98,7 +98,7 @@ def make_database(app_root: Path, n_requests: int, not_due_every: int, seed: int
 
     rng = random.Random(seed)
     today = utc_today()
-    created = (dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) - dt.timedelta(days=3))
+    created = (dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(days=3))
     created_s = created.strftime("%Y-%m-%d %H:%M:%S.%f")
     n_clients = max(1, n_requests // 5)
     clients = [(i, f"First{i}", f"Last{i}", "", f"client{i}@example.test", "en", 0) for i in range(1, n_clients + 1)]
@@ -205,7 +205,7 @@ def pending_due_count(db_path: Path, data: Dataset) -> int:
 
 def utc_seconds(text: str) -> float:
     """A naive UTC datetime column value as a POSIX timestamp."""
-    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.timezone.utc).timestamp()
+    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC).timestamp()
 
 
 # --------------------------------------------------------------------------- the checks
@@ -465,7 +465,8 @@ def test_two_runs_at_once(tmp_path: Path) -> None:
             # The second one came after the first had finished: it found nothing due.
             assert [(r[2], r[4]) for r in runs] == [("completed", 2000), ("completed", 0)], runs
             (first_finished, second_started), = query(
-                db_path, "SELECT (SELECT finished_at FROM runs WHERE id = ?), (SELECT started_at FROM runs WHERE id = ?)",
+                db_path,
+                "SELECT (SELECT finished_at FROM runs WHERE id = ?), (SELECT started_at FROM runs WHERE id = ?)",
                 runs[0][0], runs[1][0])
             assert second_started >= first_finished, f"round {n}: both runs held the lease at once: {runs}"
         else:

@@ -37,7 +37,7 @@ def test_kill_9_during_delivery_delivers_every_email_and_marks_each_sent_once(tm
     db_path = tmp_path / "c.db"
     db = open_database(f"sqlite:///{db_path}", create=True)
     upgrade(db)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     with db.engine.begin() as conn:
         queue(conn, [QueuedEmail(f"test:request:{i}", "service_cancellation_confirmation", None,
                                  f"client{i}@example.test", f"Cancelled {i}", f"text {i}", f"<p>{i}</p>")

@@ -25,7 +25,7 @@ from processor.delivery import ConsoleMailer, Deliverer, FolderMailer, MailerDow
 from processor.errors import ConfigError, LeaseHeld
 from processor.models import AuditEntry, EmailStatus, Lease, OutboxEmail, Run
 from processor.outbox import QueuedEmail, queue
-from processor.run import RunOptions, Runner
+from processor.run import Runner, RunOptions
 from tests import factories
 from tests.smtp_server import Handler, smtp_server, smtp_settings
 
@@ -197,7 +197,8 @@ def test_a_5xx_refusal_fails_at_once_a_4xx_is_retried_with_backoff_then_fails(db
                                         "error": "recipient refused: 550 5.1.1 mailbox unavailable"}]
         gone, busy, fine = outbox(db)
         assert (gone.status, gone.attempts) == (EmailStatus.FAILED, 1)
-        assert (busy.status, busy.attempts, busy.next_attempt_at) == (EmailStatus.QUEUED, 1, now + dt.timedelta(minutes=10))
+        assert (busy.status, busy.attempts, busy.next_attempt_at) == (
+            EmailStatus.QUEUED, 1, now + dt.timedelta(minutes=10))
         assert busy.last_error == "recipient refused: 450 4.2.1 mailbox busy, try later"
         assert deliverer(db, settings, now + dt.timedelta(minutes=9)).deliver().retrying == 0  # not yet
         second = deliverer(db, settings, now + dt.timedelta(minutes=10)).deliver()

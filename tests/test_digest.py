@@ -15,7 +15,7 @@ from processor.delivery import Deliverer, FolderMailer
 from processor.hooks import HookRegistry, load_hooks
 from processor.models import EmailStatus, OutboxEmail
 from processor.outbox import QueuedEmail, queue
-from processor.run import RunOptions, Runner, RunSummary
+from processor.run import Runner, RunOptions, RunSummary
 from tests import factories
 
 D = dt.date(2026, 11, 26)

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from processor.due import business_today, days_late, effective_date, is_due
 from processor.models import CancellationRequest, RequestStatus, RequestType, Service, ServiceStatus
-from processor.run import RunOptions, Runner
+from processor.run import Runner, RunOptions
 from tests import factories
 
 EOBP, IMM, ON = RequestType.END_OF_BILLING_PERIOD, RequestType.IMMEDIATE, RequestType.ON_DATE
@@ -42,7 +42,7 @@ def test_business_today_at_local_midnight():
     london = ZoneInfo("Europe/London")
     tokyo = ZoneInfo("Asia/Tokyo")
     # 23:30 UTC on the 25th is already the 26th in Tokyo, still the 25th in London (winter, UTC+0).
-    instant = dt.datetime(2026, 11, 25, 23, 30, tzinfo=dt.timezone.utc)
+    instant = dt.datetime(2026, 11, 25, 23, 30, tzinfo=dt.UTC)
     assert business_today(instant, london) == dt.date(2026, 11, 25)
     assert business_today(instant, tokyo) == dt.date(2026, 11, 26)
 
@@ -87,7 +87,7 @@ def test_run_around_local_midnight(db, settings, local, zone, expect_applied):
         svc = factories.service(s, next_due_date=dt.date(2026, 11, 26))
         factories.request(s, svc)
         sid = svc.id
-    instant = local.replace(tzinfo=ZoneInfo(zone)).astimezone(dt.timezone.utc)
+    instant = local.replace(tzinfo=ZoneInfo(zone)).astimezone(dt.UTC)
     summary = _run_at(db, settings, instant, zone)
     assert summary.as_of == local.date()
     assert (_statuses(db)[sid] is RequestStatus.COMPLETED) is expect_applied
@@ -98,11 +98,11 @@ def test_run_around_local_midnight(db, settings, local, zone, expect_applied):
     ("utc_instant", "expect_as_of"),
     [
         # Europe/Berlin leaves summer time on 2026-10-25 at 03:00 local (01:00 UTC).
-        (dt.datetime(2026, 10, 24, 22, 30, tzinfo=dt.timezone.utc), dt.date(2026, 10, 25)),  # 00:30 CEST
-        (dt.datetime(2026, 10, 24, 21, 30, tzinfo=dt.timezone.utc), dt.date(2026, 10, 24)),  # 23:30 CEST
-        (dt.datetime(2026, 10, 25, 23, 30, tzinfo=dt.timezone.utc), dt.date(2026, 10, 26)),  # 00:30 CET, after the change
+        (dt.datetime(2026, 10, 24, 22, 30, tzinfo=dt.UTC), dt.date(2026, 10, 25)),  # 00:30 CEST
+        (dt.datetime(2026, 10, 24, 21, 30, tzinfo=dt.UTC), dt.date(2026, 10, 24)),  # 23:30 CEST
+        (dt.datetime(2026, 10, 25, 23, 30, tzinfo=dt.UTC), dt.date(2026, 10, 26)),  # 00:30 CET, after the change
         # It enters summer time on 2026-03-29 at 02:00 local (01:00 UTC): 00:30 CET is 23:30 UTC.
-        (dt.datetime(2026, 3, 28, 23, 30, tzinfo=dt.timezone.utc), dt.date(2026, 3, 29)),
+        (dt.datetime(2026, 3, 28, 23, 30, tzinfo=dt.UTC), dt.date(2026, 3, 29)),
     ],
 )
 def test_run_across_dst_changes(db, settings, utc_instant, expect_as_of):
@@ -122,12 +122,16 @@ def test_run_across_dst_changes(db, settings, utc_instant, expect_as_of):
 def test_each_type_and_undated_service(db, settings, now):
     with db.session.begin() as s:
         cases = {
-            "immediate_future_due": factories.request(s, factories.service(s, next_due_date=D + dt.timedelta(days=20)), type_=IMM),
+            "immediate_future_due": factories.request(
+                s, factories.service(s, next_due_date=D + dt.timedelta(days=20)), type_=IMM),
             "eobp_past": factories.request(s, factories.service(s, next_due_date=D - dt.timedelta(days=2))),
             "eobp_future": factories.request(s, factories.service(s, next_due_date=D + dt.timedelta(days=1))),
             "eobp_undated": factories.request(s, factories.service(s, next_due_date=None)),
-            "on_date_today": factories.request(s, factories.service(s, next_due_date=D + dt.timedelta(days=30)), type_=ON, cancel_on=D),
-            "on_date_later": factories.request(s, factories.service(s, next_due_date=D - dt.timedelta(days=30)), type_=ON, cancel_on=D + dt.timedelta(days=1)),
+            "on_date_today": factories.request(
+                s, factories.service(s, next_due_date=D + dt.timedelta(days=30)), type_=ON, cancel_on=D),
+            "on_date_later": factories.request(
+                s, factories.service(s, next_due_date=D - dt.timedelta(days=30)), type_=ON,
+                cancel_on=D + dt.timedelta(days=1)),
         }
         ids = {k: r.id for k, r in cases.items()}
     Runner(db, settings, clock=lambda: now).run(RunOptions(as_of=D))

@@ -27,7 +27,7 @@ DIGEST = "cron_job_activity"
 @pytest.fixture(autouse=True)
 def frozen() -> Iterator[None]:
     """2026-11-26T02:00Z: the dates in the emails are known."""
-    with freeze_time(dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.timezone.utc)):
+    with freeze_time(dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC)):
         yield
 
 

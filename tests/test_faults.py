@@ -48,7 +48,7 @@ def test_wrong_but_well_formed_data_ends_in_recorded_outcomes(db, settings, now)
     import datetime as dt
 
     from processor.models import Product
-    from processor.run import RunOptions, Runner
+    from processor.run import Runner, RunOptions
 
     with db.session.begin() as s:
         ancient = factories.request(s, factories.service(s, next_due_date=dt.date(1970, 1, 1)))

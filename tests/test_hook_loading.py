@@ -805,7 +805,8 @@ def test_broken_entry_point_is_a_load_error_naming_it(make_plugin: Callable[...,
         load(None, entry_points=True)
     message = str(info.value)
     assert isinstance(info.value, InputError) and info.value.exit_code == 2
-    assert message == f"entry point myplugin ({PLUGIN_MODULE}): failed to load: RuntimeError: plugin cannot reach its API"
+    assert message == (f"entry point myplugin ({PLUGIN_MODULE}): "
+                       "failed to load: RuntimeError: plugin cannot reach its API")
 
 
 def test_broken_entry_point_error_is_one_line(make_plugin: Callable[..., Path]) -> None:
@@ -891,7 +892,7 @@ def test_trace_logs_each_call_with_arguments_and_result(hooks_dir: Path) -> None
                                                     service={"id": 4}))
     registry.apply("AfterCronJob", point_params("AfterCronJob", summary={"completed": 3}))
     lines = log_lines(stream)
-    assert [(l["event"], l["point"], l["hook"]) for l in lines] == [
+    assert [(entry["event"], entry["point"], entry["hook"]) for entry in lines] == [
         ("hook called", "ServiceCancelled", f"first (traced.py:{line_of(path, 'def first') - 1})"),
         ("hook called", "ServiceCancelled", f"second (traced.py:{line_of(path, 'def second') - 1})"),
         ("hook called", "AfterCronJob", f"after (traced.py:{line_of(path, 'def after') - 1})"),
@@ -900,17 +901,18 @@ def test_trace_logs_each_call_with_arguments_and_result(hooks_dir: Path) -> None
     assert lines[0]["result"] == repr({"seen": 11, "late": 2})
     assert lines[1]["arguments"] == repr({"service": {"id": 4}}) and lines[1]["result"] == "None"
     assert lines[2]["arguments"] == repr({"summary": {"completed": 3}}) and lines[2]["result"] == "'after 3'"
-    assert all(l["level"] == "info" for l in lines)
+    assert all(entry["level"] == "info" for entry in lines)
 
 
-def test_trace_through_the_cli(tmp_path: Path, hooks_dir: Path, cli_env: dict[str, str | None], data: dict[str, int]) -> None:
+def test_trace_through_the_cli(tmp_path: Path, hooks_dir: Path, cli_env: dict[str, str | None],
+                               data: dict[str, int]) -> None:
     write(hooks_dir, "traced.py", TRACED)
     env = {"CANCELPROC_LOG_FORMAT": "json", "CANCELPROC_LOG_LEVEL": "info"}
 
     result = ok(invoke(cli_env, "run", "--json", **env, CANCELPROC_TRACE_HOOKS="1"))
     lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
-    traced = [l for l in lines if l.get("event") == "hook called"]
-    assert [(l["point"], l["hook"].split(" ")[0]) for l in traced] == [
+    traced = [entry for entry in lines if entry.get("event") == "hook called"]
+    assert [(entry["point"], entry["hook"].split(" ")[0]) for entry in traced] == [
         ("ServiceCancelled", "first"), ("ServiceCancelled", "second"), ("AfterCronJob", "after")], traced
     con = sqlite3.connect(tmp_path / "x.db")
     try:

@@ -142,7 +142,8 @@ def recorder(point: str, label: str | None = None, *, priority: int = 0) -> str:
     """Source of a hook taking **kwargs that records its call under `label` (default: the point)."""
     label = label or point
     name = "on_" + re.sub(r"\W", "_", label)
-    return f"\n@add_hook({point!r}, priority={priority})\ndef {name}(**kwargs):\n    return probe.record({label!r}, kwargs)\n"
+    return (f"\n@add_hook({point!r}, priority={priority})\ndef {name}(**kwargs):\n"
+            f"    return probe.record({label!r}, kwargs)\n")
 
 
 def write_hook(tmp_path: Path, filename: str, *sources: str) -> Path:
@@ -166,7 +167,8 @@ def line_of(path: Path, fragment: str) -> int:
 
 
 def run(db: Database, settings: Any, now: dt.datetime, hooks: HookRegistry, **options: Any) -> RunSummary:
-    return Runner(db, settings, clock=lambda: now, hooks=hooks).run(RunOptions(as_of=options.pop("as_of", D), **options))
+    return Runner(db, settings, clock=lambda: now, hooks=hooks).run(
+        RunOptions(as_of=options.pop("as_of", D), **options))
 
 
 def preview(db: Database, settings: Any, now: dt.datetime, hooks: HookRegistry) -> list[dict[str, Any]]:
@@ -311,7 +313,8 @@ def test_hook_CancellationRequestWithdrawn(db, tmp_path, invoke, probe):
     assert call.seen["request_status"] == "withdrawn"  # committed before the hook
     assert kw["request_id"] == it.request_id
     assert kw["request"]["status"] == "withdrawn"
-    assert (kw["service"]["id"], kw["service"]["status"], kw["service"]["domain"]) == (it.service_id, "Active", it.domain)
+    assert (kw["service"]["id"], kw["service"]["status"], kw["service"]["domain"]) == (
+        it.service_id, "Active", it.domain)
     assert kw["client"]["email"] == it.email
     assert kw["note"] == "client changed their mind" and kw["actor"]
     assert_keys(call, "CancellationRequestWithdrawn", CLI_PARAMS_MISMATCH)
@@ -348,9 +351,9 @@ def test_hook_PreModuleTerminate(db, settings, now, tmp_path, probe):
 def test_hook_PreModuleTerminate_in_dry_run(db, settings, now, tmp_path, probe):
     """A preview calls PreModuleTerminate (dry_run=True, no run) and EmailPreSend, never TerminateAccount."""
     it = seed(db)
-    write_hook(tmp_path, "pre.py", recorder("PreModuleTerminate"), recorder("EmailPreSend"), recorder("TerminateAccount"),
-               recorder("AfterModuleTerminate"), recorder("ServiceCancelled"), recorder("PreCronJob"),
-               recorder("AfterCronJob"))
+    write_hook(tmp_path, "pre.py", recorder("PreModuleTerminate"), recorder("EmailPreSend"),
+               recorder("TerminateAccount"), recorder("AfterModuleTerminate"), recorder("ServiceCancelled"),
+               recorder("PreCronJob"), recorder("AfterCronJob"))
     rows = preview(db, settings, now, load(tmp_path))
     assert [r["action"] for r in rows] == ["cancel"]
     assert probe.labels() == ["PreModuleTerminate", "EmailPreSend"]
@@ -377,7 +380,8 @@ def test_hook_EmailPreSend(db, settings, now, tmp_path, probe):
         "service_cancellation_confirmation", it.email, it.request_id, summary.run_id, False)
     # The merge fields as they were when the hook was called: what the template will get.
     fields = kw["fields"]
-    assert (fields["client_email"], fields["service_domain"], fields["request_id"]) == (it.email, it.domain, it.request_id)
+    assert (fields["client_email"], fields["service_domain"], fields["request_id"]) == (
+        it.email, it.domain, it.request_id)
     assert call.seen["service_status"] == "Active" and call.seen["emails"] == 0  # before rendering and writing
     (email,) = emails(db)
     assert "Reason given: INJECTED: moved to Mars" in email.text_body
@@ -430,7 +434,8 @@ def test_hook_AfterModuleTerminate(db, settings, now, tmp_path, probe):
     assert_keys(call, "AfterModuleTerminate")
     assert_run_request_params(call, it, summary.run_id, committed=True)
     # Committed: a fresh connection sees the service Cancelled, the request completed, the email queued.
-    assert (call.seen["service_status"], call.seen["request_status"], call.seen["emails"]) == ("Cancelled", "completed", 1)
+    assert (call.seen["service_status"], call.seen["request_status"], call.seen["emails"]) == (
+        "Cancelled", "completed", 1)
 
 
 def test_hook_AfterModuleTerminateFailed(db, settings, now, tmp_path, probe):
@@ -651,7 +656,8 @@ def test_a_failing_terminate_account_changes_nothing_and_is_retried_then_failed(
         service = s.get(Service, it.service_id)
         assert service.status is ServiceStatus.ACTIVE and service.termination_date is None
         assert {a.status for a in service.addons} == {ServiceStatus.ACTIVE}
-        assert s.scalars(select(Invoice.status).where(Invoice.service_id == it.service_id)).all() == [InvoiceStatus.UNPAID]
+        assert s.scalars(select(Invoice.status).where(Invoice.service_id == it.service_id)).all() == [
+            InvoiceStatus.UNPAID]
     assert emails(db) == []
     assert [a[1] for a in audit(db, it.request_id)] == ["attempt_failed"]
 
@@ -796,8 +802,10 @@ def test_files_are_loaded_in_name_order_skipping_underscore_files(db, settings, 
 
 @pytest.mark.parametrize("source, message", [
     ('\n@add_hook("PreModuleTerminat")\ndef f(**kw): pass\n', "unknown hook point 'PreModuleTerminat'"),
-    ('\n@add_hook("AfterCronJob")\ndef f(request_id): pass\n', "asks for 'request_id', which AfterCronJob does not give"),
-    ('\n@add_hook("AfterCronJob", priority="high")\ndef f(**kw): pass\n', "priority of AfterCronJob hook must be an integer"),
+    ('\n@add_hook("AfterCronJob")\ndef f(request_id): pass\n',
+     "asks for 'request_id', which AfterCronJob does not give"),
+    ('\n@add_hook("AfterCronJob", priority="high")\ndef f(**kw): pass\n',
+     "priority of AfterCronJob hook must be an integer"),
     ('\nraise RuntimeError("no config")\n', "hook file failed to load: RuntimeError: no config"),
 ])
 def test_a_bad_hook_file_stops_the_command_naming_file_and_line(db, tmp_path, invoke, source, message):

@@ -10,7 +10,7 @@ import structlog
 
 from processor.cli.run import _run_with_progress
 from processor.logs import configure_logging
-from processor.run import RunOptions, Runner
+from processor.run import Runner, RunOptions
 from tests import factories
 
 D = dt.date(2026, 11, 26)

@@ -14,7 +14,7 @@ from processor.models import CancellationRequest, EmailStatus, Lease, OutboxEmai
 from tests import factories
 from tests.cli_helpers import as_json, ok
 
-NIGHT = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.timezone.utc)
+NIGHT = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC)
 
 
 def seed(db: Database, n: int = 2) -> None:

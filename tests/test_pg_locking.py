@@ -35,7 +35,7 @@ from processor.models import (
     Service,
     ServiceStatus,
 )
-from processor.run import RunOptions, Runner
+from processor.run import Runner, RunOptions
 from tests import factories
 
 pytestmark = pytest.mark.postgresql_only

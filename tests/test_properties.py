@@ -7,7 +7,9 @@ from __future__ import annotations
 import datetime as dt
 from zoneinfo import ZoneInfo
 
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from sqlalchemy import delete, select
 
 from processor.due import business_today, days_late, due_clause, effective_date, is_due
@@ -16,7 +18,7 @@ from processor.models import CancellationRequest, Client, Product, RequestStatus
 ZONES = ["UTC", "Europe/London", "America/New_York", "Pacific/Auckland", "Asia/Kolkata", "Pacific/Kiritimati"]
 DAYS = st.dates(min_value=dt.date(2020, 1, 1), max_value=dt.date(2035, 12, 31))
 INSTANTS = st.datetimes(min_value=dt.datetime(2020, 1, 1), max_value=dt.datetime(2035, 12, 31),
-                        timezones=st.just(dt.timezone.utc))
+                        timezones=st.just(dt.UTC))
 
 
 @hsettings(max_examples=300, deadline=None)
@@ -69,7 +71,7 @@ from processor.config import Settings  # noqa: E402
 from processor.db import open_database, upgrade  # noqa: E402
 from processor.errors import CancelprocError  # noqa: E402
 from processor.models import AuditEntry, OutboxEmail  # noqa: E402
-from processor.run import RunOptions, Runner  # noqa: E402
+from processor.run import Runner, RunOptions  # noqa: E402
 from tests import factories  # noqa: E402
 
 SERVICES = 4
@@ -86,7 +88,7 @@ class RequestLife(RuleBasedStateMachine):
                                  email={"staff_address": ""}, retry_backoff_minutes=0)
         self.db = open_database(self.settings.database_url, create=True)
         upgrade(self.db)
-        self.now = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.timezone.utc)
+        self.now = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC)
         with self.db.session.begin() as s:
             self.services = [factories.service(s, next_due_date=self.now.date() + dt.timedelta(days=i)).id
                              for i in range(SERVICES)]

@@ -14,7 +14,7 @@ from processor.models import CancellationRequest, RequestStatus
 from tests import factories
 from tests.cli_helpers import as_json, ok, one_line_error
 
-NOW = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC)
 
 
 def completed(db: Database, reason_code: str, processed: dt.datetime) -> None:

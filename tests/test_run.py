@@ -26,7 +26,7 @@ from processor.models import (
     ServiceAddon,
     ServiceStatus,
 )
-from processor.run import RunOptions, Runner
+from processor.run import Runner, RunOptions
 from processor.run.store import RunStore
 from tests import factories
 
@@ -50,11 +50,13 @@ def test_a_due_request_is_applied_whole(db, settings, now):
         sid = svc.id
     summary = run(db, settings, now, trigger=RunTrigger.CRON, operator="cron")
     assert summary.exit_code == 0
-    assert (summary.due, summary.completed, summary.emails_queued, summary.late, summary.max_days_late) == (1, 1, 1, 1, 2)
+    assert (summary.due, summary.completed, summary.emails_queued, summary.late, summary.max_days_late) == (
+        1, 1, 1, 1, 2)
     with db.read_session() as s:
         svc = s.get(Service, sid)
         assert (svc.status, svc.termination_date) == (ServiceStatus.CANCELLED, D)
-        assert {a.status for a in s.scalars(select(ServiceAddon).where(ServiceAddon.service_id == sid))} == {ServiceStatus.CANCELLED}
+        assert {a.status for a in s.scalars(select(ServiceAddon).where(ServiceAddon.service_id == sid))} == {
+            ServiceStatus.CANCELLED}
         invoices = {i.status for i in s.scalars(select(Invoice).where(Invoice.service_id == sid))}
         assert invoices == {InvoiceStatus.CANCELLED, InvoiceStatus.PAID}  # the paid one is left alone
         req = s.get(CancellationRequest, rid)
@@ -127,7 +129,8 @@ def test_one_bad_request_fails_alone_then_retries_with_backoff_then_fails(db, se
                                "error": f"client of service {bad_svc.id} has no valid email address ('')"}]
     with db.read_session() as s:
         req = s.get(CancellationRequest, bad)
-        assert (req.status, req.attempts, req.next_attempt_at) == (RequestStatus.PENDING, 1, now + dt.timedelta(minutes=60))
+        assert (req.status, req.attempts, req.next_attempt_at) == (
+            RequestStatus.PENDING, 1, now + dt.timedelta(minutes=60))
         assert "no valid email address" in req.last_error
         assert all(s.get(CancellationRequest, g).status is RequestStatus.COMPLETED for g in good)
         assert s.get(Run, first.run_id).status is RunStatus.COMPLETED_WITH_FAILURES
@@ -147,7 +150,8 @@ def test_one_bad_request_fails_alone_then_retries_with_backoff_then_fails(db, se
     with db.read_session() as s:
         req = s.get(CancellationRequest, bad)
         assert (req.status, req.attempts) == (RequestStatus.FAILED, 3)
-        actions = [a.action for a in s.scalars(select(AuditEntry).where(AuditEntry.request_id == bad).order_by(AuditEntry.id))]
+        actions = [a.action for a in s.scalars(
+            select(AuditEntry).where(AuditEntry.request_id == bad).order_by(AuditEntry.id))]
         assert actions == ["attempt_failed", "attempt_failed", "failed"]
         assert s.get(Service, bad_svc.id).status is ServiceStatus.ACTIVE
     assert count(db, OutboxEmail) == 3
@@ -249,8 +253,8 @@ def test_preview_changes_nothing(db, settings, now):
 
 def _hold(db, now, *, host="other-host", pid=4242, expires_in=600) -> int:
     with db.session.begin() as s:
-        held = lease.acquire(s, clock=lambda: now, seconds=expires_in, trigger=RunTrigger.CRON, operator="cron", as_of=D,
-                             me=lease.Holder(host, pid))
+        held = lease.acquire(s, clock=lambda: now, seconds=expires_in, trigger=RunTrigger.CRON, operator="cron",
+                             as_of=D, me=lease.Holder(host, pid))
         return held.id
 
 

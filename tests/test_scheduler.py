@@ -25,7 +25,7 @@ def test_the_job_fires_at_the_local_times_across_a_dst_change() -> None:
     fired: list[dt.datetime] = []
     # Europe/London moves from GMT to BST on 2027-03-28 at 01:00 UTC.
     with freeze_time("2027-03-26 12:00:00") as clock:
-        scheduler = nightly(["02:05", "14:30"], "Europe/London", lambda: fired.append(dt.datetime.now(dt.timezone.utc)))
+        scheduler = nightly(["02:05", "14:30"], "Europe/London", lambda: fired.append(dt.datetime.now(dt.UTC)))
         assert next_run(scheduler, LONDON) == dt.datetime(2027, 3, 26, 14, 30, tzinfo=LONDON)
         for _ in range(4 * 24 * 12):  # four days in 5-minute steps
             clock.tick(dt.timedelta(minutes=5))
@@ -39,7 +39,7 @@ def test_the_job_fires_at_the_local_times_across_a_dst_change() -> None:
 def test_serve_runs_until_asked_to_stop() -> None:
     stop = threading.Event()
     scheduler = nightly(["02:05"], "UTC", lambda: None)
-    thread = threading.Thread(target=serve, args=(scheduler, stop, dt.timezone.utc), kwargs={"longest_sleep": 0.1})
+    thread = threading.Thread(target=serve, args=(scheduler, stop, dt.UTC), kwargs={"longest_sleep": 0.1})
     thread.start()
     time.sleep(0.3)
     assert thread.is_alive()

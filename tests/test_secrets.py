@@ -20,7 +20,7 @@ from tests.smtp_server import smtp_server
 
 DB_PASSWORD = "Db-S3cret-4242"
 SMTP_PASSWORD = "Smtp-S3cret-9393"
-NOW = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC)
 
 
 @pytest.mark.slow

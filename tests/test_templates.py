@@ -35,7 +35,7 @@ def run(db, settings, tmp_path, monkeypatch):
 
     def _run(template: str):
         (tmp_path / "mine" / NAME).write_text(template)
-        with freeze_time(dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.timezone.utc)):
+        with freeze_time(dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC)):
             return CliRunner().invoke(cli, ["run"], env=env)
     return _run
 

@@ -61,11 +61,12 @@ def pg(pg_server, tmp_path: Path) -> tuple[str, Database]:
 
 def seed(db: Database, n: int) -> None:
     yesterday = dt.date.today() - dt.timedelta(days=1)
-    created = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3)
+    created = dt.datetime.now(dt.UTC) - dt.timedelta(days=3)
     with db.engine.begin() as conn:
         product = conn.execute(insert(Product).values(name="VPS 4GB", module="proxmox").returning(Product.id)).scalar()
         conn.execute(insert(Client), [dict(id=i, first_name=f"C{i}", last_name="", company_name="",
-                                           email=f"c{i}@example.test", language="en", balance=0) for i in range(1, n + 1)])
+                                           email=f"c{i}@example.test", language="en", balance=0)
+                                      for i in range(1, n + 1)])
         conn.execute(insert(Service), [dict(id=i, client_id=i, product_id=product, domain=f"h{i}.example.test",
                                             status=ServiceStatus.ACTIVE, billing_cycle="Monthly", amount=5,
                                             next_due_date=yesterday) for i in range(1, n + 1)])
