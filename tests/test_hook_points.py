@@ -834,7 +834,6 @@ def test_hooks_list_shows_every_hook_in_run_order(tmp_path, invoke):
         ("PreModuleTerminate", 3, "on_p", "**kwargs"), ("TerminateAccount", 0, "named", "request_id, idempotency_key"),
         ("ServiceCancelled", 0, "on_s", "**kwargs")]
     assert all(r["file"].startswith("x.py:") for r in rows)
-    assert [r["returns"] for r in rows] == ["veto", "fail", "nothing"]  # each point's policy
 
 
 # --- the example hook files in hooks/ ------------------------------------------------------

@@ -107,13 +107,12 @@ def hooks_group() -> None:
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def hooks_list(app: App, as_json: bool) -> None:
-    """Every loaded hook, in the order it runs at each point, and what its return does there."""
+    """Every loaded hook, in the order it runs at each point."""
     rows = [{"point": i.point, "priority": i.priority, "function": i.fn.__qualname__, "file": f"{i.source}:{i.line}",
-             "arguments": "**kwargs" if i.wants is None else ", ".join(i.wants),
-             "returns": POINTS[i.point].policy.value} for i in app.hooks.impls()]
+             "arguments": "**kwargs" if i.wants is None else ", ".join(i.wants)} for i in app.hooks.impls()]
     if as_json:
         echo_json(rows)
     else:
-        echo_table(rows, ["point", "priority", "function", "file", "arguments", "returns"],
+        echo_table(rows, ["point", "priority", "function", "file", "arguments"],
                    empty=f"no hooks loaded (hooks_dir: {app.settings.path(app.settings.hooks_dir)}; "
                          f"points: {', '.join(POINTS)})")
