@@ -137,11 +137,11 @@ class _Compiled:
     template: Template
     blocks: dict[str, list[BlockFn]]
 
-    def render_blocks(self, names: tuple[str, ...], fields: Mapping[str, Any]) -> list[str]:
+    def render_blocks(self, names: tuple[str, ...], fields: dict[str, Any]) -> list[str]:
         """Render these blocks in one context. `fields` must include the environment's
         globals (Jinja's new_context would copy them in). The block chain is shared, not copied: block
         functions only read it (the root render function, never called here, would write)."""
-        ctx = Context(self.template.environment, dict(fields), self.template.name, {})
+        ctx = Context(self.template.environment, fields, self.template.name, {})
         ctx.blocks = self.blocks
         return ["".join(self.blocks[name][0](ctx)) for name in names]
 
