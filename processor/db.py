@@ -146,16 +146,20 @@ def retrying_transaction(before_again: Callable[[RetryCallState], None] | None =
 
 
 _PLACEHOLDER = {"qmark": "?", "format": "%s", "pyformat": "%s"}
+_ROWS_PER_INSERT = 500
+_SQLITE_MAX_PARAMETERS = 32_766  # SQLITE_MAX_VARIABLE_NUMBER's default since SQLite 3.32
 
 
 def insert_rows(
     conn: Connection, table: Table, columns: Sequence[str], rows: Sequence[Sequence[Any]], constants: dict[str, Any]
 ) -> None:
-    """INSERT many rows straight through the driver's executemany.
+    """INSERT many rows straight through the driver.
 
     For the run's hot path: SQLAlchemy's per-row parameter handling cost more than the
     insert itself. Per-row values must need no type conversion (str, int, None); the
-    constants go through their columns' types once.
+    constants go through their columns' types (as this dialect stores them) once. On
+    SQLite, many rows per statement: run once per row (executemany), a statement spends
+    as much again setting up the table's CHECK constraints.
     """
     if not rows:
         return
@@ -165,11 +169,19 @@ def insert_rows(
         return
     fixed = []
     for name, value in constants.items():
-        processor = table.c[name].type.bind_processor(conn.dialect)
+        processor = table.c[name].type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
         fixed.append(processor(value) if processor else value)
     names = [*columns, *constants]
-    sql = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join([mark] * len(names))})"
-    conn.exec_driver_sql(sql, [(*row, *fixed) for row in rows])
+    one_row = f"({', '.join([mark] * len(names))})"
+    head = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES "
+    if conn.dialect.name != "sqlite":
+        conn.exec_driver_sql(head + one_row, [(*row, *fixed) for row in rows])
+        return
+    per_statement = max(1, min(_ROWS_PER_INSERT, _SQLITE_MAX_PARAMETERS // len(names)))
+    for start in range(0, len(rows), per_statement):
+        batch = rows[start:start + per_statement]
+        conn.exec_driver_sql(head + ", ".join([one_row] * len(batch)),
+                             tuple(value for row in batch for value in (*row, *fixed)))
 
 
 def open_database(url: str, *, create: bool = False, busy_timeout_seconds: float = 30.0) -> Database:

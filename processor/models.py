@@ -55,6 +55,8 @@ class Base(DeclarativeBase):
 
 def _enum(cls: type[enum.Enum], name: str, length: int = 32) -> Enum:
     # Store the readable value ("End of Billing Period"), checked by a CHECK constraint.
+    # SQLAlchemy writes it as `col IN (...)`; on SQLite migration 0005 rewrites each as
+    # the same rule in an OR chain, which SQLite checks without a temporary index per row.
     return Enum(
         cls,
         name=name,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.exc import IntegrityError
@@ -51,3 +52,36 @@ def test_closed_requests_do_not_count_as_open(db):
         factories.request(s, svc).status = RequestStatus.WITHDRAWN
         factories.request(s, svc).status = RequestStatus.COMPLETED
         factories.request(s, svc)  # a new pending one is fine
+
+
+def _check_constraints(db) -> str:
+    with db.engine.connect() as conn:
+        return "\n".join(conn.exec_driver_sql(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND sql LIKE '%CHECK%'").scalars())
+
+
+def test_sqlite_check_constraints_are_or_chains_and_still_refuse_bad_values(tmp_path):
+    """Migration 0005: SQLite checks `col IN (...)` by building a temporary index per row
+    written; the same rule as an OR chain costs nothing. Every constraint is rewritten, each
+    still refuses a value outside its enum, and the downgrade restores the IN form."""
+    db = dbmod.open_database(f"sqlite:///{tmp_path / 'c.db'}", create=True)
+    dbmod.upgrade(db)
+    text = _check_constraints(db)
+    assert " IN (" not in text and text.count("CHECK (") >= 10
+    assert "status = 'pending' OR status = 'completed' OR status = 'withdrawn' OR status = 'failed'" in text
+    with db.session.begin() as s:
+        request_id = factories.request(s, factories.service(s)).id
+    with pytest.raises(IntegrityError, match="CHECK constraint failed"), db.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE cancellation_requests SET status = 'done' WHERE id = ?", (request_id,))
+    with pytest.raises(IntegrityError, match="CHECK constraint failed"), db.engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO audit_log (at, actor, entity, entity_id, action, detail) "
+                             "VALUES ('2026-01-01 00:00:00', 'x', 'request', 1, 'deleted', '')")
+
+    with db.engine.begin() as conn:  # down to 0004 and up again
+        cfg = dbmod._alembic_config(db)
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0004")
+    assert "status IN ('pending', 'completed', 'withdrawn', 'failed')" in _check_constraints(db)
+    dbmod.upgrade(db)
+    assert " IN (" not in _check_constraints(db)
+    db.dispose()

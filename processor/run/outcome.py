@@ -144,6 +144,8 @@ class RunSummary(Tally):
     def record(self, outcomes: Sequence[Outcome], tally: Tally) -> None:
         """Count a committed chunk (its `Tally.of(outcomes)`) and keep its failures."""
         self.add(tally)
+        if not (tally.retrying or tally.failed or tally.vetoed):
+            return  # every ERROR or VETOED outcome is counted in one of these
         self.failures.extend(
             {"request_id": o.request_id, "service_id": o.service_id, "error": o.error, "gave_up": o.gave_up,
              "vetoed": o.action is Action.VETOED}

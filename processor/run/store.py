@@ -99,7 +99,8 @@ class RunStore:
 
     def read_due(self, options: RunOptions, now: dt.datetime, after_id: int, size: int) -> list[Any]:
         """The next `size` due requests after `after_id` (keyset pagination)."""
-        return plain_rows(self.conn.execute(self.due_query(options, now, after_id).limit(size)), self.rules.hooked)
+        return plain_rows(self.conn.execute(self.due_query(options, now, after_id).limit(size)).all(),
+                          self.rules.hooked)
 
     def claim_due(self, options: RunOptions, run_id: int, now: dt.datetime, size: int, *, wait: bool) -> list[Any]:
         """PostgreSQL: lock up to `size` due requests this run has not tried yet, skipping
@@ -251,8 +252,9 @@ class RunStore:
             self.conn.execute(stmt)
             return {}
         by_service: dict[int, list[dict[str, Any]]] = {}
-        for row in self.conn.execute(stmt.returning(*columns)).mappings():
-            fields = dict(row)
+        names = [c.key for c in columns]
+        for row in self.conn.execute(stmt.returning(*columns)).all():
+            fields = dict(zip(names, row, strict=True))  # as .mappings() gives, without a RowMapping per row
             by_service.setdefault(fields.pop("service_id"), []).append(fields)
         return by_service
 
