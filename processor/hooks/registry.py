@@ -157,16 +157,16 @@ class HookRegistry:
         exception raises HookFailed too (fail closed). NOTHING and SUPPRESS log an exception
         and go on to the next hook.
         """
-        policy = POINTS[point].policy
-        applied = Applied()
         impls = self._impls.get(point, ())
         if not impls:
-            return applied
+            return NOTHING_APPLIED
+        policy = POINTS[point].policy
         if policy is Policy.NOTHING or policy is Policy.SUPPRESS:
+            suppressed = False
             for impl in impls:
                 result = self._call_logging(impl, params)
-                applied.suppressed = applied.suppressed or (policy is Policy.SUPPRESS and bool(result))
-            return applied
+                suppressed = suppressed or (policy is Policy.SUPPRESS and bool(result))
+            return SUPPRESSED if suppressed else NOTHING_APPLIED
         for impl in impls:
             result = self._call_failing(impl, params)
             if policy is Policy.FAIL:
@@ -176,11 +176,10 @@ class HookRegistry:
             elif isinstance(result, dict):
                 stop, kept, target = _STOP[policy]
                 if result.get(stop):
-                    applied.stopped_by, applied.reason = impl.label, str(result.get("reason") or "no reason given")
-                    return applied
+                    return Applied(impl.label, str(result.get("reason") or "no reason given"))
                 (params if target is None else params[target]).update(
                     (k, v) for k, v in result.items() if k not in kept)
-        return applied
+        return NOTHING_APPLIED
 
     def _call_logging(self, impl: HookImpl, params: Mapping[str, Any]) -> Any:
         """Call a hook that cannot undo what happened: an exception is logged with the hook's
@@ -193,7 +192,7 @@ class HookRegistry:
             return None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Applied:
     """What the hooks of one point decided, by its policy."""
 
@@ -205,6 +204,10 @@ class Applied:
     def vetoed(self) -> str | None:
         """The veto as one line, or None."""
         return f"vetoed by {self.stopped_by}: {self.reason}" if self.stopped_by else None
+
+
+NOTHING_APPLIED = Applied()  # most calls: one shared answer, not an object per call
+SUPPRESSED = Applied(suppressed=True)
 
 
 # VETO and ABORT_SEND: the key that stops, the keys never merged, and where the rest
