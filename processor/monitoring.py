@@ -99,7 +99,11 @@ class Health:
 
 
 def _age(now: dt.datetime, then: dt.datetime | None) -> float | None:
-    return max(0.0, (now - then).total_seconds()) if then else None
+    return _seconds_since(now, then) if then else None
+
+
+def _seconds_since(now: dt.datetime, then: dt.datetime) -> float:
+    return max(0.0, (now - then).total_seconds())  # never negative, whatever the clocks say
 
 
 def _oldest_due(session: Any, settings: Settings, now: dt.datetime) -> dt.datetime | None:
@@ -139,7 +143,7 @@ def health(db: Database, settings: Settings, *, now: dt.datetime, max_age_hours:
             checked_at=now,
             last_run=RunInfo.of(last) if last else None,
             last_successful_run=RunInfo.of(success) if success else None,
-            last_success_age_hours=round((now - success.finished_at).total_seconds() / 3600, 2)
+            last_success_age_hours=round(_seconds_since(now, success.finished_at) / 3600, 2)
             if success and success.finished_at else None,
             requests_pending=requests.get(RequestStatus.PENDING, 0),
             requests_due=due,

@@ -22,7 +22,7 @@ from processor.emails import SERVICE_CANCELLATION_CONFIRMATION
 from processor.errors import InputError, one_line
 from processor.hooks import HookFailed, HookRegistry
 from processor.models import CLOSED_SERVICE_STATUSES, ServiceStatus
-from processor.outbox import Composer, UnsafeEmail, email_key, request_fields
+from processor.outbox import Composed, Composer, UnsafeEmail, email_key, request_fields
 from processor.params import request_params
 from processor.run.outcome import Action, Outcome
 
@@ -92,7 +92,7 @@ class Decider:
             message = str(exc) if isinstance(exc, HookFailed) else one_line(exc)
             return Outcome(row.id, row.service_id, Action.ERROR, attempts=row.attempts, error=message, params=params)
 
-    def _compose(self, row: Any, run_fields: RunFields, run_id: int | None, dry_run: bool) -> Any:
+    def _compose(self, row: Any, run_fields: RunFields, run_id: int | None, dry_run: bool) -> Composed:
         """The Service Cancellation Confirmation of this request (the service now Cancelled)."""
         try:
             return self.composer.compose(

@@ -6,38 +6,33 @@ is never called), chunk by chunk, so memory stays flat however many are due.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+import datetime as dt
+from collections.abc import Iterator
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from processor.due import business_today, effective_date
 from processor.run.decide import Decider, orphan_outcome
 from processor.run.outcome import Action, RunOptions
-from processor.run.store import RunStore
+from processor.run.store import Reading, due_chunks
 
 # The preview's columns, in order (the table and each JSON item).
 PREVIEW_COLUMNS = ["request_id", "service_id", "client", "product", "domain", "type", "due_on", "days_late",
                    "action", "addons", "unpaid_invoices", "email_to", "detail"]
 
 
-def preview(reading: Callable[[], AbstractContextManager[RunStore]], decider: Decider, options: RunOptions, *,
-            now: Any, chunk_size: int, cancel_unpaid_invoices: bool, zone: ZoneInfo) -> Iterator[dict[str, Any]]:
+def preview(reading: Reading, decider: Decider, options: RunOptions, *, now: dt.datetime, chunk_size: int,
+            cancel_unpaid_invoices: bool, zone: ZoneInfo) -> Iterator[dict[str, Any]]:
     """Each due request as a PREVIEW_COLUMNS dict, then each orphan (which the run would
     fail). `reading()` opens a read-only store for one short transaction."""
     fields = decider.run_fields(options.as_of)
-    shown, after_id = 0, 0
-    while options.limit is None or shown < options.limit:
-        size = chunk_size if options.limit is None else min(chunk_size, options.limit - shown)
-        with reading() as store:
-            rows = store.read_due(options, now, after_id, size)
-            service_ids = [row.service_id for row in rows]
-            addons = store.open_addons(service_ids) if rows else {}
-            invoices = store.unpaid_invoices(service_ids) if rows and cancel_unpaid_invoices else {}
-        if not rows:
-            break
+    shown = 0
+    for rows in due_chunks(reading, options, now, chunk_size):
         shown += len(rows)
-        after_id = rows[-1].id
+        service_ids = [row.service_id for row in rows]
+        with reading() as store:
+            addons = store.open_addons(service_ids)
+            invoices = store.unpaid_invoices(service_ids) if cancel_unpaid_invoices else {}
         for row in rows:
             o = decider.decide(row, options.as_of, fields, dry_run=True)
             cancel = o.action is Action.CANCEL

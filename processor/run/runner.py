@@ -39,7 +39,7 @@ from processor.retry import RetryPolicy
 from processor.run.decide import ChunkDecider, Decider, orphan_outcome
 from processor.run.outcome import Action, Outcome, RunOptions, RunSummary, Tally
 from processor.run.preview import preview
-from processor.run.store import RunStore, StoreRules
+from processor.run.store import RunStore, StoreRules, due_chunks
 
 Clock = Callable[[], dt.datetime]
 Progress = Callable[[int], None]
@@ -183,20 +183,11 @@ class Runner:
     def _keyset(self, options: RunOptions, run_id: int, decide_all: ChunkDecider) -> Chunks:
         """SQLite: read a chunk (its own short read), decide it, write it (the write claims
         each request again)."""
-        after_id, remaining, now = 0, options.limit, self.clock()
-        while remaining is None or remaining > 0:
-            size = self.settings.chunk_size if remaining is None else min(self.settings.chunk_size, remaining)
-            with self._reading() as store:
-                rows = store.read_due(options, now, after_id, size)
-            if not rows:
-                return
+        for rows in due_chunks(self._reading, options, self.clock(), self.settings.chunk_size):
             outcomes = decide_all(rows)
             with self._writing() as store:
                 tally = store.write_chunk(outcomes, run_id, options.as_of, self.clock())
             yield outcomes, tally
-            after_id = rows[-1].id
-            if remaining is not None:
-                remaining -= len(rows)
 
     def _claimed(self, options: RunOptions, run_id: int, decide_all: ChunkDecider) -> Chunks:
         """PostgreSQL: claim, decide and write chunk after chunk until nothing is left."""

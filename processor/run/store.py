@@ -12,7 +12,8 @@ run or by `requests process` is skipped, never applied twice.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -367,6 +368,26 @@ class _Audit:
                               literal(self.constants["run_id"]), literal(entity.value))
         self.conn.execute(insert(AuditEntry).from_select(
             ["request_id", "entity_id", "action", "detail", "at", "actor", "run_id", "entity"], q))
+
+
+Reading = Callable[[], AbstractContextManager[RunStore]]
+
+
+def due_chunks(reading: Reading, options: RunOptions, now: dt.datetime, chunk_size: int) -> Iterator[list[Any]]:
+    """Due requests a chunk at a time, in id order (keyset pagination, never the whole
+    table), at most `options.limit` in all; each read is its own short transaction
+    (`reading()` opens a read-only store), so no lock is held between chunks."""
+    after_id, remaining = 0, options.limit
+    while remaining is None or remaining > 0:
+        size = chunk_size if remaining is None else min(chunk_size, remaining)
+        with reading() as store:
+            rows = store.read_due(options, now, after_id, size)
+        if not rows:
+            return
+        yield rows
+        after_id = rows[-1].id
+        if remaining is not None:
+            remaining -= len(rows)
 
 
 def _is_row_error(exc: BaseException) -> bool:
