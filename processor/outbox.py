@@ -75,8 +75,8 @@ def request_fields(row: Row[Any], common: dict[str, Any]) -> dict[str, Any]:
     built once per language, not per request.
     """
     language = row.language
-    return {
-        "service_status": row.service_status.value,
+    return {  # per request: an enum's plain `_value_`, not the `.value` property (five times the cost)
+        "service_status": row.service_status._value_,
         "request_id": row.id,
         "client_name": f"{row.first_name} {row.last_name}".strip(),
         "client_first_name": row.first_name,
@@ -86,7 +86,7 @@ def request_fields(row: Row[Any], common: dict[str, Any]) -> dict[str, Any]:
         "service_domain": row.domain,
         "service_next_due_date": format_date(row.next_due_date, language),
         "service_billing_cycle": row.billing_cycle,
-        "service_cancellation_type": row.type.value,
+        "service_cancellation_type": row.type._value_,
         "service_cancellation_reason": row.reason,
         "service_cancellation_reason_code": row.reason_code,
         "service_is_immediate_cancellation": row.type is RequestType.IMMEDIATE,

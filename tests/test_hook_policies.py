@@ -18,9 +18,9 @@ from processor.hooks.points import Policy
 from processor.hooks.registry import check_signature
 
 
-def registry(point: str, *answers: Callable[..., Any]) -> HookRegistry:
+def registry(point: str, *answers: Callable[..., Any], trace: bool = False) -> HookRegistry:
     """A registry with one hook per answer on `point`, run in the order given."""
-    hooks = HookRegistry()
+    hooks = HookRegistry(trace=trace)
     for seq, fn in enumerate(answers):
         hooks.register(HookImpl(point, fn, 0, "test.py", 10 + seq, seq, check_signature(point, fn, 0, "test.py")))
     return hooks
@@ -148,3 +148,38 @@ def test_every_declared_policy_has_a_test():
     tested = {name.removeprefix("test_policy_") for name in globals() if name.startswith("test_policy_")}
     declared = {point.policy.value for point in POINTS.values()} | {p.value for p in Policy}
     assert declared <= tested, f"policies without a test_policy_<value> in {__file__}: {sorted(declared - tested)}"
+
+
+def test_each_signature_shape_gets_the_params_it_asks_for():
+    """A hook is called the way its signature asks: `params` positionally or by keyword, the
+    named parameters it wants, nothing, or all of them (**kwargs); with and without tracing."""
+    seen: list[tuple[str, Any]] = []
+
+    def positional(params):  # untyped, as operators write hooks
+        seen.append(("positional", params["request_id"]))
+
+    def keyword_only(*, params: dict[str, Any]) -> None:
+        seen.append(("keyword_only", params["request_id"]))
+
+    def defaulted(params: dict[str, Any], extra: int = 5) -> None:
+        seen.append(("defaulted", (params["request_id"], extra)))
+
+    def named(request_id: int, days_late: int) -> None:
+        seen.append(("named", (request_id, days_late)))
+
+    def nothing() -> None:
+        seen.append(("nothing", None))
+
+    def everything(**kwargs: Any) -> None:
+        seen.append(("everything", (kwargs["request_id"], kwargs["params"]["days_late"])))
+
+    for trace in (False, True):
+        hooks = registry("ServiceCancelled", positional, keyword_only, defaulted, named, nothing, everything,
+                         trace=trace)
+        seen.clear()
+        with structlog.testing.capture_logs() as logs:
+            hooks.apply("ServiceCancelled", params(days_late=3))
+        assert seen == [("positional", 7), ("keyword_only", 7), ("defaulted", (7, 5)), ("named", (7, 3)),
+                        ("nothing", None), ("everything", (7, 3))]
+        assert [e["event"] for e in logs] == (["hook called"] * 6 if trace else [])
+

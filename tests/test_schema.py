@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from processor import db as dbmod
 from processor.errors import DatabaseError
-from processor.models import Base, RequestStatus
+from processor.models import Base, CancellationRequest, RequestStatus
 from tests import factories
 
 
@@ -85,3 +88,24 @@ def test_sqlite_check_constraints_are_or_chains_and_still_refuse_bad_values(tmp_
     dbmod.upgrade(db)
     assert " IN (" not in _check_constraints(db)
     db.dispose()
+
+
+def test_datetimes_come_back_aware_in_utc(db):
+    """A datetime goes in aware (any zone) and comes back the same instant in UTC, on every
+    database; on SQLite also text another tool wrote: without microseconds, or with an offset."""
+    made = dt.datetime(2026, 11, 26, 3, 4, 5, 678901, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    with db.session.begin() as s:
+        request_id = factories.request(s, factories.service(s), created_at=made).id
+    with db.engine.connect() as conn:
+        read = conn.execute(select(CancellationRequest.created_at).where(CancellationRequest.id == request_id))
+        assert (got := read.scalar_one()) == made and got.tzinfo is dt.UTC and got.hour == 1
+    if db.engine.dialect.name != "sqlite":
+        return
+    for text, expected in (("2026-11-26 01:04:05", dt.datetime(2026, 11, 26, 1, 4, 5, tzinfo=dt.UTC)),
+                           ("2026-11-26T03:04:05+02:00", dt.datetime(2026, 11, 26, 1, 4, 5, tzinfo=dt.UTC))):
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE cancellation_requests SET created_at = ? WHERE id = ?", (text, request_id))
+            got = conn.execute(select(CancellationRequest.created_at)
+                               .where(CancellationRequest.id == request_id)).scalar_one()
+        assert got == expected and got.utcoffset() == dt.timedelta(0), text
+

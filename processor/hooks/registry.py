@@ -53,7 +53,8 @@ class HookImpl:
         """Call the hook with its arguments; the common shapes skip building a dict (hot path)."""
         fn, wants = self.fn, self.wants
         if wants == ("params",):
-            return lambda params: fn(params=params)
+            # `def hook(params)`, WHMCS's shape and the usual one: the function itself, no wrapper.
+            return fn if _params_first(fn) else lambda params: fn(params=params)
         if wants == ():
             return lambda params: fn()
         return lambda params: fn(**self.arguments(params))
@@ -62,6 +63,12 @@ class HookImpl:
     def order(self) -> tuple[int, str, int]:
         # Lower priority first; then file name, then registration order (WHMCS leaves it undefined).
         return (self.priority, self.source, self.seq)
+
+
+def _params_first(fn: Callable[..., Any]) -> bool:
+    """True if fn(x) passes x as its `params` (its first parameter, positional or keyword)."""
+    first = next(iter(inspect.signature(fn).parameters.values()), None)
+    return first is not None and first.name == "params" and first.kind is first.POSITIONAL_OR_KEYWORD
 
 
 def check_signature(point_name: str, fn: Callable[..., Any], priority: Any, where: str) -> tuple[str, ...] | None:
@@ -95,12 +102,18 @@ def check_signature(point_name: str, fn: Callable[..., Any], priority: Any, wher
     return tuple(wants)
 
 
+Call = Callable[[Mapping[str, Any]], Any]
+
+
 @dataclass
 class HookRegistry:
     """The loaded hooks. Passed to whatever fires them; never a module global."""
 
     trace: bool = False
     _impls: dict[str, list[HookImpl]] = field(default_factory=dict)
+    # Per point, each hook in run order with the callable that calls it (traced or not):
+    # decided once at registration, not on every call (this is per request, several times).
+    _calls: dict[str, tuple[tuple[HookImpl, Call], ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.log = structlog.get_logger("cancelproc.hooks")
@@ -109,6 +122,7 @@ class HookRegistry:
         impls = self._impls.setdefault(impl.point, [])
         impls.append(impl)
         impls.sort(key=lambda i: i.order)
+        self._calls[impl.point] = tuple((i, self._traced(i) if self.trace else i.invoke) for i in impls)
 
     def has(self, point: str) -> bool:
         return bool(self._impls.get(point))
@@ -123,30 +137,31 @@ class HookRegistry:
             return list(self._impls.get(point, ()))
         return [impl for name in POINTS for impl in self._impls.get(name, ())]
 
-    def _call_one(self, impl: HookImpl, params: Mapping[str, Any]) -> Any:
-        if not self.trace:
-            return impl.invoke(params)
-        kwargs = impl.arguments(params)
-        try:
-            result = impl.fn(**kwargs)
-        except Exception as exc:
+    def _traced(self, impl: HookImpl) -> Call:
+        """Call the hook and log its arguments and what it returned or raised (trace mode)."""
+        def call(params: Mapping[str, Any]) -> Any:
+            kwargs = impl.arguments(params)
+            try:
+                result = impl.fn(**kwargs)
+            except Exception as exc:
+                self.log.info("hook called", point=impl.point, hook=impl.label, arguments=_short(kwargs),
+                              raised=one_line(exc))
+                raise
             self.log.info("hook called", point=impl.point, hook=impl.label, arguments=_short(kwargs),
-                          raised=one_line(exc))
-            raise
-        self.log.info("hook called", point=impl.point, hook=impl.label, arguments=_short(kwargs), result=_short(result))
-        return result
+                          result=_short(result))
+            return result
+        return call
 
     def call(self, point: str, params: dict[str, Any]) -> list[tuple[HookImpl, Any]]:
         """Call the point's hooks in order and return what each returned, applying nothing
         (for tools and tests; the processor uses `apply`). An exception becomes HookFailed."""
-        return [(impl, self._call_failing(impl, params)) for impl in self._impls.get(point, ())]
-
-    def _call_failing(self, impl: HookImpl, params: Mapping[str, Any]) -> Any:
-        """Call one hook; an exception becomes HookFailed naming it."""
-        try:
-            return self._call_one(impl, params)
-        except Exception as exc:  # a hook is operator code: anything may come out of it
-            raise HookFailed(impl, one_line(exc)) from exc
+        answers = []
+        for impl, call in self._calls.get(point, ()):
+            try:
+                answers.append((impl, call(params)))
+            except Exception as exc:  # a hook is operator code: anything may come out of it
+                raise HookFailed(impl, one_line(exc)) from exc
+        return answers
 
     def apply(self, point: str, params: dict[str, Any]) -> Applied:
         """Call the point's hooks in order and do what their return values mean there (its
@@ -157,20 +172,28 @@ class HookRegistry:
         exception raises HookFailed too (fail closed). NOTHING and SUPPRESS log an exception
         and go on to the next hook.
         """
-        impls = self._impls.get(point, ())
-        if not impls:
+        calls = self._calls.get(point)
+        if not calls:
             return NOTHING_APPLIED
         policy = POINTS[point].policy
         if policy is Policy.NOTHING or policy is Policy.SUPPRESS:
             suppressed = False
-            for impl in impls:
-                result = self._call_logging(impl, params)
+            for impl, call in calls:
+                try:
+                    result = call(params)
+                except Exception as exc:  # the point fires after the fact: logged, never undoes anything
+                    self.log.error("hook failed", point=point, hook=impl.label, error=one_line(exc),
+                                   request_id=params.get("request_id"))
+                    continue
                 suppressed = suppressed or (policy is Policy.SUPPRESS and bool(result))
             return SUPPRESSED if suppressed else NOTHING_APPLIED
-        for impl in impls:
-            result = self._call_failing(impl, params)
+        for impl, call in calls:
+            try:
+                result = call(params)
+            except Exception as exc:  # fail closed: the attempt fails, naming the hook
+                raise HookFailed(impl, one_line(exc)) from exc
             if policy is Policy.FAIL:
-                error = _failure(result)
+                error = None if result is None else _failure(result)
                 if error is not None:
                     raise HookFailed(impl, error)
             elif isinstance(result, dict):
@@ -180,16 +203,6 @@ class HookRegistry:
                 (params if target is None else params[target]).update(
                     (k, v) for k, v in result.items() if k not in kept)
         return NOTHING_APPLIED
-
-    def _call_logging(self, impl: HookImpl, params: Mapping[str, Any]) -> Any:
-        """Call a hook that cannot undo what happened: an exception is logged with the hook's
-        name and file, never raised (None stands for its result)."""
-        try:
-            return self._call_one(impl, params)
-        except Exception as exc:
-            self.log.error("hook failed", point=impl.point, hook=impl.label, error=one_line(exc),
-                           request_id=params.get("request_id"))
-            return None
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ class Decider:
                              as_of)
             if row.service_status in CLOSED_SERVICE_STATUSES:
                 return Outcome(row.id, row.service_id, Action.NOOP, late, row.attempts,
-                               service_status=row.service_status.value)
+                               service_status=row.service_status._value_)
             if self.hooked:
                 params = request_params(row, run_id=run_id, as_of=as_of, dry_run=dry_run)
                 veto = self.hooks.apply("PreModuleTerminate", params).vetoed
@@ -86,7 +86,7 @@ class Decider:
             if params is not None and not dry_run:
                 self.hooks.apply("TerminateAccount", params)  # raises HookFailed on an error
             return Outcome(row.id, row.service_id, Action.CANCEL, late, row.attempts, composed.email,
-                           service_status=row.service_status.value, params=params,
+                           service_status=row.service_status._value_, params=params,
                            email_aborted_by=composed.aborted_by)
         except Exception as exc:  # one bad request never stops the others
             message = str(exc) if isinstance(exc, HookFailed) else one_line(exc)

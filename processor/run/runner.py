@@ -41,6 +41,11 @@ from processor.run.outcome import Action, Outcome, RunOptions, RunSummary, Tally
 from processor.run.preview import preview
 from processor.run.store import RunStore, StoreRules, due_chunks
 
+# What the hooks after a cancellation's commit see as the new statuses (per request: the
+# plain strings once, not an enum property read each time).
+_CANCELLED = ServiceStatus.CANCELLED.value
+_COMPLETED = RequestStatus.COMPLETED.value
+
 Clock = Callable[[], dt.datetime]
 Progress = Callable[[int], None]
 Chunks = Iterator[tuple[list[Outcome], Tally]]
@@ -252,23 +257,23 @@ class Runner:
         """Hooks on what was just committed (or failed). Their exceptions are logged, never undo."""
         if not self.decider.hooked:
             return
+        apply = self.hooks.apply
         for o in outcomes:
             if o.params is None:
                 continue
             if o.action is Action.CANCEL:
                 # The params were read before the write; the hooks after it see what was committed
                 # (new dicts: a hook before the write may have kept the old ones).
-                params = {**o.params,
-                          "service": {**o.params["service"], "status": ServiceStatus.CANCELLED.value},
-                          "request": {**o.params["request"], "status": RequestStatus.COMPLETED.value}}
-                self.hooks.apply("AfterModuleTerminate", params)
+                params = {**o.params, "service": {**o.params["service"], "status": _CANCELLED},
+                          "request": {**o.params["request"], "status": _COMPLETED}}
+                apply("AfterModuleTerminate", params)
                 for addon in o.addons:
-                    self.hooks.apply("AddonCancelled", with_params(params, addon_id=addon["id"], addon=addon))
+                    apply("AddonCancelled", {**params, "addon_id": addon["id"], "addon": addon})
                 for invoice in o.invoices:
-                    self.hooks.apply("InvoiceCancelled", with_params(params, invoice_id=invoice["id"], invoice=invoice))
-                self.hooks.apply("ServiceCancelled", with_params(params, days_late=o.days_late))
+                    apply("InvoiceCancelled", {**params, "invoice_id": invoice["id"], "invoice": invoice})
+                apply("ServiceCancelled", {**params, "days_late": o.days_late})
             elif o.action is Action.ERROR:
-                self.hooks.apply("AfterModuleTerminateFailed", with_params(o.params, error=o.error))
+                apply("AfterModuleTerminateFailed", {**o.params, "error": o.error})
 
     def _deliver(self, summary: RunSummary) -> None:
         """Send the outbox (this run's emails and any older ones due a retry)."""
