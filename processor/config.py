@@ -7,6 +7,7 @@ Paths in the file are relative to the app root, the folder holding config/
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import os
 import re
 import tomllib
@@ -113,6 +114,9 @@ class EmailSettings(BaseModel):
     delivery: Literal["folder", "smtp", "console"] = "folder"
     outbox_dir: str = "var/outbox"
     send_after_run: bool = True
+    # `requests create` sends the client's confirmation and the staff notice itself, at once
+    # (off: they wait for the next run or `emails send`).
+    send_after_create: bool = True
     max_attempts: int = Field(10, ge=1, le=100)
     retry_backoff_minutes: int = Field(5, ge=0, le=A_YEAR_OF_MINUTES)
     retry_backoff_max_minutes: int = Field(720, ge=0, le=A_YEAR_OF_MINUTES)
@@ -281,7 +285,7 @@ def load_settings(config_path: Path | None = None) -> Settings:
             raise ConfigError(f"{path}: cannot be read: {exc}") from None
     app_root = path.resolve().parent.parent if found else Path.cwd()
     try:
-        return Settings(**data, app_root=app_root, config_file=path if found else None)
+        settings = Settings(**data, app_root=app_root, config_file=path if found else None)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path if found else None, environ)) from None
     except SettingsError as exc:  # a list or table in a variable that is not JSON
@@ -289,6 +293,54 @@ def load_settings(config_path: Path | None = None) -> Settings:
         name = field.group(1) if field else "?"
         raise ConfigError(f"environment variable {ENV_PREFIX}{name.upper()}: {name}: not valid JSON "
                           '(a list is written ["a", "b"])') from None
+    _refuse_unknown_variables(environ, settings.email.smtp.password_env)
+    return settings
+
+
+# CANCELPROC_* variables read besides the settings: the config file's path, --debug for
+# every command (cli/app.py), a log line per hook call (cli/app.py).
+OTHER_VARIABLES = frozenset({"CONFIG", "DEBUG", "TRACE_HOOKS"})
+
+
+def _keys(model: type[BaseModel]) -> list[str]:
+    return [name for name in model.model_fields if name not in ("app_root", "config_file")]
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel]:
+    """The settings model of a table: () is the top level, ("email", "smtp") is [email.smtp]."""
+    model: type[BaseModel] = Settings
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation
+        assert isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        model = annotation
+    return model
+
+
+def setting_variables(model: type[BaseModel] = Settings, prefix: str = ENV_PREFIX) -> list[str]:
+    """Every variable that sets a setting or a table of them (CANCELPROC_EMAIL__SMTP__HOST)."""
+    names = []
+    for key in _keys(model):
+        name = prefix + key.upper()
+        names.append(name)
+        annotation = model.model_fields[key].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names += setting_variables(annotation, name + "__")
+    return names
+
+
+def _refuse_unknown_variables(environ: Mapping[str, str], password_env: str) -> None:
+    """A CANCELPROC_* variable that is no setting is a typo (CANCELPROC_EMAIL_DELIVERY for
+    CANCELPROC_EMAIL__DELIVERY), which would otherwise be ignored without a word."""
+    known = {*setting_variables(), *(ENV_PREFIX + name for name in OTHER_VARIABLES), password_env.upper()}
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() in known:
+            continue
+        # Compared without the prefix they all share, which would make anything look close.
+        close = difflib.get_close_matches(name.upper().removeprefix(ENV_PREFIX),
+                                          [k.removeprefix(ENV_PREFIX) for k in known], n=1, cutoff=0.75)
+        hint = (f"did you mean {ENV_PREFIX}{close[0]}?" if close else
+                "settings are CANCELPROC_ and the key in capitals, tables joined by '__' (CANCELPROC_EMAIL__DELIVERY)")
+        raise ConfigError(f"environment variable {name}: not a cancelproc setting; {hint}")
 
 
 _SECRET_KEYS = {"database_url"}  # may hold a password: never quoted in an error
@@ -304,8 +356,9 @@ def _describe(exc: ValidationError, path: Path | None, environ: Mapping[str, str
     env_name = next((name for name in names if name in environ), None)
     source = f"environment variable {env_name}" if env_name else str(path or "settings")
     if err["type"] == "extra_forbidden":
-        allowed = ", ".join(sorted(name for name in Settings.model_fields if name not in ("app_root", "config_file")))
-        message = f"unknown setting (allowed: {allowed})"
+        table = ".".join(str(part) for part in err["loc"][:-1])
+        allowed = ", ".join(sorted(_keys(_model_at(err["loc"][:-1]))))
+        message = f"unknown setting (allowed{f' in [{table}]' if table else ''}: {allowed})"
     else:
         message = err["msg"].removeprefix("Value error, ")
         if "input" in err and not isinstance(err["input"], (dict, list)) and key not in _SECRET_KEYS:

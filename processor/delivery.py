@@ -335,6 +335,14 @@ class Deliverer:
         self.retry = RetryPolicy(email.max_attempts, email.retry_backoff_minutes, email.retry_backoff_max_minutes)
         self.log = structlog.get_logger("cancelproc.email")
 
+    def deliver_request(self, request_id: int) -> DeliveryReport:
+        """Send the emails queued about one request (those `requests create` just queued).
+        Raises LeaseHeld when another sender is at work (it sends them)."""
+        with self.db.read_engine.connect() as conn:
+            ids = list(conn.scalars(select(E.id).where(E.request_id == request_id, E.status == EmailStatus.QUEUED)
+                                    .order_by(E.id)))
+        return self.deliver(ids=ids) if ids else DeliveryReport()
+
     def deliver(self, *, limit: int | None = None, ignore_backoff: bool = False,
                 ids: list[int] | None = None) -> DeliveryReport:
         """Send queued emails (those whose next attempt time has come, unless ignore_backoff),

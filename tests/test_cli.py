@@ -480,7 +480,7 @@ def test_requests_create_each_type(invoke: Invoke, seeded: Database, type_name: 
                                    expected_type: RequestType, cancel_on: dt.date | None) -> None:
     result = ok(invoke("requests", "create", "5", "--type", type_name, "--reason-code", "too_expensive",
                        "--reason", "cheaper elsewhere", *extra))
-    assert result.stdout.strip() == f"request 6 created for service 5 ({expected_type.value})"
+    assert result.stdout.strip() == f"request 6 created for service 5 ({expected_type.value}); 2 email(s) sent"
     r = get(seeded, CancellationRequest, 6)
     assert (r.service_id, r.type, r.cancel_on, r.status, r.reason_code, r.reason, r.attempts, r.created_at) == \
         (5, expected_type, cancel_on, RequestStatus.PENDING, "too_expensive", "cheaper elsewhere", 0, NOW)
@@ -886,6 +886,17 @@ def test_environment_variable_with_an_invalid_value(invoke: Invoke, seeded: Data
     assert count(seeded, Run) == 0
 
 
+def test_unknown_environment_variable_is_refused_naming_the_closest(invoke: Invoke, seeded: Database) -> None:
+    """CANCELPROC_EMAIL_DELIVERY (one underscore) would set nothing: refused, not ignored."""
+    before = snapshot(seeded)
+    one_line_error(invoke("run", env={"CANCELPROC_EMAIL_DELIVERY": "smtp"}),
+                   "environment variable CANCELPROC_EMAIL_DELIVERY: not a cancelproc setting; "
+                   "did you mean CANCELPROC_EMAIL__DELIVERY?")
+    one_line_error(invoke("requests", "list", env={"CANCELPROC_COLOUR": "1"}),
+                   "environment variable CANCELPROC_COLOUR: not a cancelproc setting; settings are CANCELPROC_")
+    assert snapshot(seeded) == before
+
+
 def test_missing_config_file(invoke: Invoke, seeded: Database, tmp_path: Path) -> None:
     missing = tmp_path / "nope.toml"
     one_line_error(invoke("--config", missing, "run"), f"{missing}: config file not found")
@@ -912,6 +923,10 @@ def test_internal_error_is_one_line_and_debug_lets_the_traceback_through(
     # CANCELPROC_DEBUG=1 does the same; a domain error is raised too.
     assert isinstance(invoke("requests", "list", env={"CANCELPROC_DEBUG": "1"}).exception, RuntimeError)
     assert type(invoke("--debug", "runs", "show", "99").exception).__name__ == "NotFound"
+    # --debug after the subcommand, as one adds it to the command that just failed; not after `--`.
+    assert isinstance(invoke("requests", "list", "--debug").exception, RuntimeError)
+    assert type(invoke("runs", "show", "99", "--debug").exception).__name__ == "NotFound"
+    assert invoke("runs", "show", "--", "--debug").exit_code == 2
 
 
 # --- help and version ----------------------------------------------------------------------

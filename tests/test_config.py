@@ -49,7 +49,9 @@ def test_environment_beats_the_file(tmp_path, monkeypatch):
         ("chunksize = 10\n", "chunksize: unknown setting (allowed: business_timezone,"),
         ('log_format = "xml"\n', "log_format: Input should be 'auto', 'json' or 'console'"),
         ("reason_codes = []\n", "reason_codes: List should have at least 1 item"),
-        ("[email]\ncompany = 'x'\n", "email.company: unknown setting"),
+        ("[email]\ncompany = 'x'\n", "email.company: unknown setting (allowed in [email]: company_name, "),
+        ("[email.smtp]\nhostname = 'x'\n",
+         "email.smtp.hostname: unknown setting (allowed in [email.smtp]: ca_file, host, "),
         ("chunk_size = \n", "not valid TOML"),
     ],
 )
@@ -65,6 +67,37 @@ def test_bad_environment_value_names_the_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("CANCELPROC_MAX_ATTEMPTS", "many")
     with pytest.raises(ConfigError, match=r"^environment variable CANCELPROC_MAX_ATTEMPTS: max_attempts: "):
         load_settings(write(tmp_path, ""))
+
+
+@pytest.mark.parametrize(("name", "hint"), [
+    ("CANCELPROC_EMAIL_DELIVERY", "did you mean CANCELPROC_EMAIL__DELIVERY?"),
+    ("cancelproc_chunksize", "did you mean CANCELPROC_CHUNK_SIZE?"),
+    ("CANCELPROC_FOO", "settings are CANCELPROC_ and the key in capitals, tables joined by '__' "
+                       "(CANCELPROC_EMAIL__DELIVERY)"),
+])
+def test_unknown_environment_variable_names_the_closest_setting(tmp_path, monkeypatch, name, hint):
+    monkeypatch.setenv(name, "1")
+    with pytest.raises(ConfigError) as exc:
+        load_settings(write(tmp_path, ""))
+    assert str(exc.value) == f"environment variable {name}: not a cancelproc setting; {hint}"
+
+
+def test_unknown_key_of_a_table_in_a_variable_lists_that_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("CANCELPROC_EMAIL__SMTP_HOST", "mail.example.test")
+    with pytest.raises(ConfigError, match=r"^environment variable CANCELPROC_EMAIL__SMTP_HOST: email.smtp_host: "
+                       r"unknown setting \(allowed in \[email\]: company_name, delivery, "):
+        load_settings(write(tmp_path, ""))
+
+
+def test_the_other_variables_cancelproc_reads_are_not_refused(tmp_path, monkeypatch):
+    """--debug and hook tracing from the environment, a nested setting, and the SMTP
+    password's variable wherever password_env points."""
+    for name, value in (("CANCELPROC_DEBUG", "1"), ("CANCELPROC_TRACE_HOOKS", "1"),
+                        ("CANCELPROC_EMAIL__SMTP__HOST", "mail.example.test"),
+                        ("CANCELPROC_SMTP_PASSWORD_NIGHTLY", "secret")):
+        monkeypatch.setenv(name, value)
+    settings = load_settings(write(tmp_path, '[email.smtp]\npassword_env = "CANCELPROC_SMTP_PASSWORD_NIGHTLY"\n'))
+    assert settings.email.smtp.host == "mail.example.test"
 
 
 def test_missing_explicit_config_file(tmp_path):

@@ -47,7 +47,7 @@ pytestmark = [pytest.mark.slow,
 N_REQUESTS = 2400  # 2,000 due, 400 not due
 KILLS = 8
 SEED = 20261127
-CALLS_ENV = "CANCELPROC_TEST_TERMINATE_CALLS"
+CALLS_ENV = "HOOKTEST_TERMINATE_CALLS"
 
 HOOK_FILE = '''
     """Test hook: record each TerminateAccount call, durably, before returning."""

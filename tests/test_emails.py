@@ -41,6 +41,10 @@ def hook_file(tmp_path: Path, source: str) -> None:
     (tmp_path / "hooks" / "mail.py").write_text("from processor.hooks import add_hook\n" + source)
 
 
+# Emails queued by `requests create` and left for `emails send` (the command sends them by default).
+NOT_SENT_AT_ONCE = {"CANCELPROC_EMAIL__SEND_AFTER_CREATE": "false"}
+
+
 @pytest.fixture
 def service(db: Database) -> int:
     with db.session.begin() as s:
@@ -53,8 +57,10 @@ def test_creating_a_request_queues_the_client_confirmation_and_the_staff_notice(
     row = as_json(invoke("requests", "create", service, "--reason-code", "too_expensive", "--reason",
                          "Cheaper <elsewhere>", "--json"))
     client, staff = outbox(db)
+    # Queued with the request, then sent by the command itself (email.send_after_create).
     assert (client.template, client.key, client.request_id, client.status) == (
-        CLIENT, f"{CLIENT}:request:{row['id']}", row["id"], EmailStatus.QUEUED)
+        CLIENT, f"{CLIENT}:request:{row['id']}", row["id"], EmailStatus.SENT)
+    assert (row["emails_sent"], row["emails_not_sent"], staff.status) == (2, None, EmailStatus.SENT)
     assert client.to_address.endswith("@example.test") and staff.to_address == "support@example.test"
     assert client.subject.startswith("Cancellation Request Confirmation - VPS 4GB (host")
     assert "Dear Grace," in client.text_body and "Reason given: Cheaper <elsewhere>" in client.text_body
@@ -179,7 +185,8 @@ def test_emails_commands_reject_bad_input_in_one_line(invoke, db, service, args,
 
 
 def test_list_show_send_and_retry(invoke, db, service, tmp_path):
-    rid = as_json(invoke("requests", "create", service, "--reason-code", "other", "--json"))["id"]
+    rid = as_json(invoke("requests", "create", service, "--reason-code", "other", "--json",
+                         env=NOT_SENT_AT_ONCE))["id"]
     rows = as_json(invoke("emails", "list", "--json"))
     assert [(r["template"], r["status"]) for r in rows] == [(STAFF, "queued"), (CLIENT, "queued")]
     assert "cancellation_request_confirmation" in ok(invoke("emails", "list", "--request", rid)).stdout
@@ -203,7 +210,7 @@ def test_list_show_send_and_retry(invoke, db, service, tmp_path):
 
 
 def test_send_exits_1_and_says_why_when_delivery_stops(invoke, db, service, tmp_path):
-    ok(invoke("requests", "create", service, "--reason-code", "other"))
+    ok(invoke("requests", "create", service, "--reason-code", "other", env=NOT_SENT_AT_ONCE))
     (tmp_path / "var").mkdir()
     (tmp_path / "var" / "outbox").write_text("not a folder")
     result = ok(invoke("emails", "send"), code=1)

@@ -588,7 +588,7 @@ GOOD_HOOK = """
     from pathlib import Path
     from processor.hooks import add_hook
 
-    CALLS = Path(os.environ["CANCELPROC_TEST_CALLS"])
+    CALLS = Path(os.environ["HOOKTEST_CALLS"])
 
     @add_hook("TerminateAccount")
     def terminate(idempotency_key):
@@ -626,7 +626,7 @@ def test_broken_hook_file_stops_the_command_before_any_write(
     before = table_dump(db_file)
     assert before["cancellation_requests"] and not before["runs"]
 
-    result = invoke(cli_env, *commands(data)[command], CANCELPROC_TEST_CALLS=str(calls))
+    result = invoke(cli_env, *commands(data)[command], HOOKTEST_CALLS=str(calls))
     assert result.exit_code == 2, (f"`{command}` with a broken hook file exited {result.exit_code}, not 2\n"
                                    f"stdout: {result.stdout}\nstderr: {result.stderr}\n{result.exception!r}")
     lines = result.stderr.strip().splitlines()
@@ -641,7 +641,7 @@ def test_broken_hook_file_stops_the_command_before_any_write(
 
     # The control: without the broken file the same command writes (or, dry run, reads) and calls hooks.
     path.unlink()
-    result = invoke(cli_env, *commands(data)[command], CANCELPROC_TEST_CALLS=str(calls))
+    result = invoke(cli_env, *commands(data)[command], HOOKTEST_CALLS=str(calls))
     assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr)
     if command != "run --dry-run":
         assert table_dump(db_file) != before

@@ -153,6 +153,16 @@ class CancelprocCommand(click.Command):
             raise InputError(f"{options[0]}: {exc.problem}") from None
 
 
+def _debug_first(argv: list[str]) -> list[str]:
+    """`--debug` belongs to `cancelproc` itself, but is taken after the subcommand too
+    (`cancelproc run --debug`, as one adds it to a command that just failed): moved to the
+    front. Not after `--`, where arguments are taken as they are."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    if "--debug" not in argv[:end]:
+        return argv
+    return ["--debug", *(a for a in argv[:end] if a != "--debug"), *argv[end:]]
+
+
 class CancelprocGroup(click.Group):
     """Runs a command and turns every error into one line and an exit code."""
 
@@ -161,8 +171,8 @@ class CancelprocGroup(click.Group):
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
-        argv = list(sys.argv[1:] if args is None else args)
-        debug = "--debug" in argv or os.environ.get("CANCELPROC_DEBUG") == "1"
+        argv = _debug_first(list(sys.argv[1:] if args is None else args))
+        debug = argv[:1] == ["--debug"] or os.environ.get("CANCELPROC_DEBUG") == "1"
         try:
             code = super().main(argv, prog_name or "cancelproc", complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as exc:

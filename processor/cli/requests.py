@@ -17,6 +17,7 @@ from processor.due import request_due_on, request_is_due
 from processor.errors import (
     CancelprocError,
     InputError,
+    LeaseHeld,
     NotDue,
 )
 from processor.hooks import HookFailed
@@ -49,8 +50,14 @@ def requests_group() -> None:
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def requests_create(app: App, service_id: int, type_name: str, reason_code: str, reason: str,
-                    cancel_on: dt.date | None, as_json: bool) -> None:
-    """Record a cancellation request for SERVICE_ID."""
+                    cancel_on: dt.date | None, as_json: bool) -> int:
+    """Record a cancellation request for SERVICE_ID.
+
+    \b
+    The client's confirmation and the staff notice are queued with it and sent at once
+    (email.send_after_create). Exit 1 if they could not be sent now: they stay queued and
+    the next run or `emails send` retries them.
+    """
     database = app.database()
     hooks = app.hooks
     composer = app.composer()
@@ -72,12 +79,36 @@ def requests_create(app: App, service_id: int, type_name: str, reason_code: str,
         raise CancelprocError(f"request not created: {exc}") from None
     cancellations.fire_request_created(database, hooks, row["id"], actor=app.operator)
     row["emails_not_queued"] = not_queued
+    sent, not_sent, failed = (_send_request_emails(app, row["id"]) if app.settings.email.send_after_create
+                              else (0, None, False))
+    row["emails_sent"], row["emails_not_sent"] = sent, not_sent
     if as_json:
         echo_json(row)
     else:
-        click.echo(f"request {row['id']} created for service {service_id} ({row['type'].value})")
+        click.echo(f"request {row['id']} created for service {service_id} ({row['type'].value})"
+                   + (f"; {row['emails_sent']} email(s) sent" if row["emails_sent"] else ""))
         for line in not_queued:
             click.echo(f"warning: {line}", err=True)
+        if row["emails_not_sent"]:
+            click.echo(f"warning: {row['emails_not_sent']}", err=True)
+    return 1 if failed else 0
+
+
+def _send_request_emails(app: App, request_id: int) -> tuple[int, str | None, bool]:
+    """Send the emails just queued about the request: how many were sent, why any were
+    not (None: all were), and whether that is a failure (exit 1) rather than another
+    sender at work."""
+    try:
+        report = app.deliverer().deliver_request(request_id)
+    except LeaseHeld as exc:
+        return 0, f"emails left to the sender at work, which sends them ({exc})", False
+    finally:
+        app.write_metrics()
+    if report.ok:
+        return report.sent, None, False
+    why = report.stopped or "; ".join(e["error"] for e in report.failed_emails) or "sending failed"
+    return report.sent, (f"emails not sent: {why}; they stay queued for the next run or "
+                         "`cancelproc emails send`"), True
 
 
 @requests_group.command("list")
