@@ -145,6 +145,9 @@ def test_the_installed_wheel_inits_imports_runs_and_delivers_by_smtp(installed: 
     assert "no hooks loaded" in installed.cancelproc(app, "hooks", "list").stdout  # the examples stay disabled
 
     config = app / "config" / "processor.toml"
+    # The shipped file (tests/test_config.py: every setting, commented out at its default).
+    assert config.read_text() == (REPO / "processor" / "resources" / "app" / "config" / "processor.toml").read_text()
+    assert load_settings(config).model_dump() == Settings(app_root=app.resolve()).model_dump()
     for key, value in (("company_name", '"Acme Hosting"'), ("delivery", '"smtp"')):
         _uncomment(config, "email", key, value)
     for key, value in (("host", f'"{HOST}"'), ("port", str(smtp.port)), ("security", '"none"')):
@@ -189,30 +192,6 @@ def test_the_installed_wheel_inits_imports_runs_and_delivers_by_smtp(installed: 
     digest = [r for r in smtp.received if r.message["Subject"].startswith("Cron Job Activity")]
     assert len(digest) == 1 and digest[0].rcpt_tos == ["support@example.test"], sorted(received)
     assert {r.message["From"] for r in smtp.received} == {"Acme Hosting <billing@example.test>"}
-
-
-def test_init_is_safe_to_run_again_and_never_overwrites(installed: Installed, tmp_path: Path) -> None:
-    app = tmp_path / "app"
-    app.mkdir()
-    installed.cancelproc(app, "init")
-    config = app / "config" / "processor.toml"
-    config.write_text('business_timezone = "Europe/Berlin"\n')
-    (app / "hooks" / "_example_notify.py").unlink()
-    again = installed.cancelproc(app, "init").stdout
-    assert config.read_text() == 'business_timezone = "Europe/Berlin"\n'
-    assert re.search(r"^  kept +config/processor.toml +already there, left as it was$", again, re.M), again
-    assert re.search(r"^  created hooks/_example_notify.py", again, re.M), again
-    assert "settings: config/processor.toml" in again and "used the defaults" not in again
-
-
-def test_init_writes_the_shipped_config_file(installed: Installed, tmp_path: Path) -> None:
-    """The file init writes from the wheel is the one tests/test_config.py checks (every
-    setting, commented out at its default)."""
-    installed.cancelproc(tmp_path, "init")
-    written = (tmp_path / "config" / "processor.toml").read_text()
-    assert written == (REPO / "processor" / "resources" / "app" / "config" / "processor.toml").read_text()
-    assert load_settings(tmp_path / "config" / "processor.toml").model_dump() == Settings(
-        app_root=tmp_path.resolve()).model_dump()
 
 
 # --- crontab.example and the systemd units of docs/deploy.md, in an initialised folder -------------------------
