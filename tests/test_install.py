@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ TIMEOUT = 300  # seconds for one command; generous, for a loaded machine
 
 @dataclass(frozen=True)
 class Installed:
+    wheel: Path
     venv: Path
     home: Path  # HOME of the commands: outside the repository, empty
 
@@ -98,11 +100,22 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     (site / "_cancelproc_test_dependencies.pth").write_text("\n".join(sorted(ours)) + "\n")
     home = top / "home"
     home.mkdir()
-    result = Installed(venv, home)
+    result = Installed(wheel, venv, home)
     where = subprocess.run([str(python), "-c", "import processor; print(processor.__file__)"], cwd=home,
                            env=result.env(), capture_output=True, text=True, check=True).stdout.strip()
     assert Path(where).is_relative_to(site), f"processor imported from {where}, not from the wheel in {site}"
     return result
+
+
+def test_the_wheel_holds_every_file_of_the_package(installed: Installed) -> None:
+    """Code and data: every file of processor/ in the checkout (a template, a new example
+    hook) is in the wheel, so package data cannot be forgotten in pyproject.toml."""
+    tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "processor"], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout.split()
+    with zipfile.ZipFile(installed.wheel) as wheel:
+        packed = {name for name in wheel.namelist() if name.startswith("processor/")}
+    assert sorted(set(tracked) - packed) == []
+    assert "processor/resources/templates/de/service_cancellation_confirmation.jinja" in packed
 
 
 def _uncomment(config: Path, section: str, key: str, value: str) -> None:
