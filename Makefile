@@ -1,11 +1,12 @@
 # Two commands on a fresh machine with python3 and make:
-#   make demo   create .venv, install, build a demo database, run the nightly job, show the result
+#   make demo   create .venv, install, make a demo app folder (var/demo/), run the nightly job, show the result
 #   make test   install what the tests need, run make lint (ruff, mypy: zero findings), then the whole suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEMO_DB := var/demo.db
-DEMO := CANCELPROC_DATABASE_URL=sqlite:///$(DEMO_DB) $(BIN)/cancelproc
+# The demo is an app folder of its own, made by `cancelproc init` as an operator's is.
+DEMO_DIR := var/demo
+DEMO := cd $(DEMO_DIR) && $(CURDIR)/$(BIN)/cancelproc
 
 .PHONY: install demo lint test bench docs clean postgresql-binaries
 
@@ -30,8 +31,8 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 demo: install
-	@rm -f $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm
-	@rm -rf var/outbox
+	@rm -rf $(DEMO_DIR)
+	@mkdir -p $(DEMO_DIR)
 	$(DEMO) init --demo
 	@echo; echo "== what tonight's run would do (--dry-run)"
 	$(DEMO) run --dry-run
@@ -43,10 +44,10 @@ demo: install
 	$(DEMO) services list --status Cancelled
 	@echo; echo "== requests"
 	$(DEMO) requests list
-	@echo; echo "== emails (delivered to var/outbox/ as .eml files)"
+	@echo; echo "== emails (delivered to $(DEMO_DIR)/var/outbox/ as .eml files)"
 	$(DEMO) emails list --limit 8
-	@echo; echo "== the staff digest: var/outbox/*-cron_job_activity.eml, its headers and text part"
-	@$(BIN)/python -c "$$SHOW_EML" var/outbox/*-cron_job_activity.eml
+	@echo; echo "== the staff digest: $(DEMO_DIR)/var/outbox/*-cron_job_activity.eml, its headers and text part"
+	@$(BIN)/python -c "$$SHOW_EML" $(DEMO_DIR)/var/outbox/*-cron_job_activity.eml
 
 # The tests start a throwaway PostgreSQL server themselves (tests/pg_server.py); they
 # need its binaries: Debian's postgresql package, installed here when they are missing.

@@ -109,8 +109,8 @@ class EmailSettings(BaseModel):
     from_address: str = "billing@example.test"
     staff_address: str = "support@example.test"
     signature: str = "Example Hosting Billing Team"
-    # Operator's own templates, searched before templates/emails/ ("" = none).
-    templates_dir: str = ""
+    # The operator's own templates, searched before the built-in ones ("" = none).
+    templates_dir: str = "templates"
     delivery: Literal["folder", "smtp", "console"] = "folder"
     outbox_dir: str = "var/outbox"
     send_after_run: bool = True

@@ -43,8 +43,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from processor.errors import InputError, one_line
 from processor.models import Run
+from processor.resources import shipped_folder
 
-DEFAULT_TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "emails"
+# The built-in templates, shipped in the package: the fallback behind the operator's folder.
+DEFAULT_TEMPLATES = shipped_folder("templates")
 BLOCKS = ("subject", "text", "html")
 
 # The messages, by template file name, with their WHMCS-style titles.
@@ -226,7 +228,8 @@ class EmailTemplates:
             try:
                 self._cache[filename] = (self._compile(self._plain, filename), self._compile(self._html, filename))
             except TemplateNotFound as exc:
-                raise TemplateProblem(f"email template {exc.name} not found") from None
+                looked_in = ", ".join(str(folder) for folder in self.folders)
+                raise TemplateProblem(f"email template {exc.name} not found (looked in {looked_in})") from None
             except TemplateSyntaxError as exc:
                 raise TemplateProblem(f"{exc.filename or exc.name}:{exc.lineno}: {exc.message}") from None
         return self._cache[filename]

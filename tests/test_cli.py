@@ -9,6 +9,7 @@ CANCELPROC_DATABASE_URL. Time is frozen at 2026-11-26T02:00Z, so "today" is
 from __future__ import annotations
 
 import datetime as dt
+import os
 import socket
 from collections.abc import Iterator
 from decimal import Decimal
@@ -46,6 +47,7 @@ from processor.models import (
     ServiceAddon,
     ServiceStatus,
 )
+from processor.resources import shipped
 from tests.cli_helpers import Invoke, as_json, ok, one_line_error
 
 NOW = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC)
@@ -180,6 +182,54 @@ def test_init_creates_a_migrated_empty_database(invoke: Invoke, tmp_path: Path) 
         assert ok(invoke("requests", "list", env={"CANCELPROC_DATABASE_URL": url})).stdout.strip() == "no requests"
     finally:
         db.dispose()
+
+
+def test_init_makes_the_app_folder_and_never_overwrites_a_file(invoke: Invoke, tmp_path: Path) -> None:
+    first = ok(invoke("init")).stdout
+    assert "no config file was found, so this init used the defaults" in first
+    made = {line.split()[1] for line in first.splitlines() if line.startswith("  created ")}
+    assert {"var/", "var/log/", "config/processor.toml", "hooks/", "hooks/_example_notify.py",
+            "templates/", "templates/README.md"} <= made, first
+    assert all((tmp_path / name).exists() for name in made)
+    written = (tmp_path / "config" / "processor.toml").read_bytes()
+    assert written == shipped("app", "config", "processor.toml").read_bytes()
+    # The operator's changes stay; what they removed comes back; nothing else is touched.
+    (tmp_path / "config" / "processor.toml").write_text("chunk_size = 50\n")
+    (tmp_path / "hooks" / "_example_notify.py").unlink()
+    (tmp_path / "templates" / "README.md").write_text("mine\n")
+    again = ok(invoke("init")).stdout
+    assert (tmp_path / "config" / "processor.toml").read_text() == "chunk_size = 50\n"
+    assert (tmp_path / "templates" / "README.md").read_text() == "mine\n"
+    assert [line.split()[1] for line in again.splitlines() if line.startswith("  created ")] == [
+        "hooks/_example_notify.py"], again
+    assert "  kept    config/processor.toml " in again and "settings: config/processor.toml" in again
+    assert "no hooks loaded" in ok(invoke("hooks", "list")).stdout  # the examples never load
+
+
+def test_init_makes_a_hooks_folder_the_loader_accepts_whatever_the_umask(invoke: Invoke, tmp_path: Path) -> None:
+    previous = os.umask(0o002)  # a group-writable default (Debian's for users with their own group)
+    try:
+        ok(invoke("init"))
+    finally:
+        os.umask(previous)
+    assert not (tmp_path / "hooks").stat().st_mode & 0o022
+    assert not (tmp_path / "config" / "processor.toml").stat().st_mode & 0o022
+    ok(invoke("hooks", "list"))  # hooks/ is not refused as writable by others
+
+
+def test_init_refuses_a_file_where_its_folder_belongs(invoke: Invoke, tmp_path: Path) -> None:
+    (tmp_path / "hooks").write_text("not a folder\n")
+    one_line_error(invoke("init"), f"{tmp_path / 'hooks'}: is in the way of the folder hooks/")
+
+
+def test_init_with_a_config_file_elsewhere_writes_none_and_follows_its_folders(invoke: Invoke, tmp_path: Path) -> None:
+    config = tmp_path / "etc" / "cancelproc.toml"
+    config.parent.mkdir()
+    config.write_text('hooks_dir = "plugins"\n[email]\ntemplates_dir = ""\n')
+    out = ok(invoke("--config", config, "init")).stdout
+    assert f"settings: {config}" in out
+    assert not (tmp_path / "config").exists() and not (tmp_path / "templates").exists()
+    assert (tmp_path / "plugins" / "_example_notify.py").is_file() and (tmp_path / "var" / "log").is_dir()
 
 
 def test_init_demo_prints_counts_that_match_the_database(invoke: Invoke, url: str) -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
-from processor.config import Settings, load_settings
+from processor.config import EmailSettings, Settings, SmtpSettings, load_settings
 from processor.errors import ConfigError
-from tests.conftest import REPO
+from processor.resources import shipped
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -18,14 +20,34 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_shipped_config_names_every_setting_with_its_default():
-    shipped = load_settings(REPO / "config" / "processor.toml")
-    defaults = Settings(app_root=shipped.app_root, config_file=shipped.config_file)
-    assert shipped.model_dump() == defaults.model_dump()
-    text = (REPO / "config" / "processor.toml").read_text()
-    for name in Settings.model_fields:
-        if name not in ("app_root", "config_file", "email"):
-            assert f"\n{name} = " in text, f"{name} missing from config/processor.toml"
+SHIPPED = shipped("app", "config", "processor.toml")  # what `cancelproc init` writes to config/
+
+
+def test_shipped_config_has_every_setting_commented_out_at_its_default(tmp_path):
+    """Every key of every section has a line `# key = default`; uncommenting them all
+    gives the defaults; no line sets a value (the operator's file starts as the defaults)."""
+    lines = SHIPPED.read_text(encoding="utf-8").splitlines()
+    found: dict[str, set[str]] = {"": set()}
+    section = ""
+    for n, line in enumerate(lines):
+        if line.startswith("["):
+            section = line.strip("[]")
+            found.setdefault(section, set())
+        elif match := re.fullmatch(r"# ([a-z_]+) = (.+)", line):
+            found[section].add(match.group(1))
+            lines[n] = f"{match.group(1)} = {match.group(2)}"
+        else:
+            assert not re.match(r"\s*[a-z_]+\s*=", line), f"line {n + 1} sets a value: {line}"
+    models: dict[str, type[BaseModel]] = {"": Settings, "email": EmailSettings, "email.smtp": SmtpSettings}
+    for name, model in models.items():
+        keys = {key for key, field in model.model_fields.items()
+                if not field.exclude and key not in ("email", "smtp")}
+        assert found.get(name) == keys, f"[{name or 'top level'}]: missing {sorted(keys - found.get(name, set()))}, " \
+                                        f"unknown {sorted(found.get(name, set()) - keys)}"
+    uncommented = write(tmp_path, "\n".join(lines) + "\n")
+    settings = load_settings(uncommented)
+    assert settings.model_dump() == Settings(app_root=settings.app_root).model_dump()
+    assert load_settings(write(tmp_path, SHIPPED.read_text(encoding="utf-8"))).model_dump() == settings.model_dump()
 
 
 def test_paths_are_relative_to_the_app_root(tmp_path):

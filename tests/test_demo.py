@@ -27,4 +27,8 @@ def test_make_demo_from_a_clean_copy(tmp_path):
     assert "status                    completed" in out
     assert "no-op (already closed)    1" in out
     assert "Cancelled" in out
-    assert (copy / "var" / "demo.db").exists()
+    # The demo is an app folder made by init, as an operator's is.
+    demo = copy / "var" / "demo"
+    assert "created config/processor.toml" in out and (demo / "config" / "processor.toml").is_file()
+    assert (demo / "var" / "cancelproc.db").exists() and (demo / "var" / "log").is_dir()
+    assert list((demo / "var" / "outbox").glob("*-cron_job_activity.eml"))

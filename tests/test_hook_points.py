@@ -60,7 +60,7 @@ from tests.conftest import REPO
 
 D = dt.date(2026, 11, 26)
 DOCS = REPO / "docs" / "hooks.md"
-EXAMPLES = REPO / "hooks"
+EXAMPLES = REPO / "processor" / "resources" / "app" / "hooks"  # what `cancelproc init` copies to hooks/
 
 
 # --- the probe: what hook files call into --------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 from decimal import Decimal
@@ -691,7 +692,8 @@ def _cli(tmp_path: Path, *args: str):
     from processor.cli import cli
 
     env = {"CANCELPROC_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}", "CANCELPROC_CONFIG": ""}
-    return CliRunner().invoke(cli, list(args), env=env)
+    with contextlib.chdir(tmp_path):  # the app folder: `init` makes config/, hooks/, var/ there, not in the checkout
+        return CliRunner().invoke(cli, list(args), env=env)
 
 
 def test_cli_import_reports_each_file_and_each_bad_row(tmp_path: Path) -> None:

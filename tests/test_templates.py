@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from freezegun import freeze_time
 from sqlalchemy import func, select
 
+import processor
 from processor.cli import cli
+from processor.emails import DEFAULT_TEMPLATES
 from processor.models import CancellationRequest, OutboxEmail, RequestStatus, Run
 from tests import factories
 
@@ -65,6 +68,15 @@ def test_a_broken_template_stops_the_run_before_anything_is_written(db, run, tem
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert "Traceback" not in result.output
+    assert untouched(db)
+
+
+def test_a_template_not_found_says_where_it_looked(db, run, tmp_path):
+    result = run('{% extends "no_such_layout.jinja" %}')
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (f"error: email template no_such_layout.jinja not found "
+                                     f"(looked in {tmp_path / 'mine'}, {DEFAULT_TEMPLATES})")
+    assert DEFAULT_TEMPLATES.is_relative_to(Path(processor.__file__).parent)  # in the package, wherever installed
     assert untouched(db)
 
 

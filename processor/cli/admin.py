@@ -9,8 +9,10 @@ from sqlalchemy import func, select
 
 from processor import db as dbmod
 from processor import importer
+from processor.appfolder import make_app_folder
 from processor.cli.app import App, cli, echo_error, pass_app, utc_now
 from processor.cli.output import echo_json, echo_table
+from processor.config import DEFAULT_CONFIG
 from processor.demo import load_demo
 from processor.errors import (
     InputError,
@@ -43,7 +45,33 @@ def db_upgrade(app: App) -> None:
 @click.option("--demo", is_flag=True, help="Also load a demo company (clients, services, requests).")
 @pass_app
 def init(app: App, demo: bool) -> None:
-    """Create the database (through the migrations), optionally with demo data."""
+    """Make this folder an app folder and create the database, optionally with demo data.
+
+    \b
+    Creates what is missing of the app folder (the folder holding config/, else the
+    current one): config/processor.toml (every setting, commented out at its default),
+    var/ and var/log/, hooks/ (with examples that never load) and templates/ (your
+    email templates, used before the built-in ones). Never overwrites a file: running
+    it again is safe. Then creates or upgrades the database through the migrations.
+    """
+    settings = app.settings
+    root = settings.app_root
+    found = settings.config_file
+    # config/ here unless the settings came from a file elsewhere (--config /etc/...).
+    ours = found is None or found.resolve() == (root / DEFAULT_CONFIG).resolve()
+    templates = settings.path(settings.email.templates_dir) if settings.email.templates_dir else None
+    items = make_app_folder(root, {"config": root / DEFAULT_CONFIG.parent if ours else None,
+                                   "hooks": settings.path(settings.hooks_dir), "templates": templates})
+    click.echo(f"app folder {root}:")
+    width = max(len(item.shown) for item in items)
+    for item in items:
+        said = item.purpose if item.created else "already there, left as it was"
+        click.echo(f"  {'created' if item.created else 'kept':7} {item.shown:{width}}  {said}".rstrip())
+    if found:
+        click.echo(f"settings: {found}")
+    else:
+        click.echo(f"settings: no config file was found, so this init used the defaults (and any CANCELPROC_* "
+                   f"variables); {DEFAULT_CONFIG} now lists every setting at its default")
     database = app.database(create=True, migrated=False)
     dbmod.upgrade(database)
     click.echo(f"database {database.display_url} ready (schema {dbmod.current_revision(database)})")
