@@ -125,10 +125,12 @@ class ChunkDecider:
     PROBE = 4
     SLOW_SECONDS = 0.002
 
-    def __init__(self, decide: Callable[[Any], Outcome], pool: ThreadPoolExecutor | None, threads: int) -> None:
+    def __init__(self, decide: Callable[[Any], Outcome], pool: ThreadPoolExecutor | None, threads: int,
+                 timer: Callable[[], float] = time.perf_counter) -> None:
         self.decide = decide
         self.pool = pool
         self.threads = threads
+        self.timer = timer
         self.threaded = False
 
     def __call__(self, rows: list[Any]) -> list[Outcome]:
@@ -136,9 +138,9 @@ class ChunkDecider:
             return [self.decide(row) for row in rows]
         if self.threaded:
             return self._in_threads(rows)
-        started = time.perf_counter()
+        started = self.timer()
         head = [self.decide(row) for row in rows[:self.PROBE]]
-        self.threaded = (time.perf_counter() - started) / max(len(head), 1) >= self.SLOW_SECONDS
+        self.threaded = (self.timer() - started) / max(len(head), 1) >= self.SLOW_SECONDS
         rest = rows[self.PROBE:]
         return head + (self._in_threads(rest) if self.threaded else [self.decide(row) for row in rest])
 
