@@ -47,7 +47,7 @@ from typing import IO, Any, Protocol
 
 import psutil
 import structlog
-from sqlalchemy import Connection, Row, func, insert, or_, select, update
+from sqlalchemy import Connection, Row, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from processor import lease
@@ -437,6 +437,12 @@ _COLUMNS = (E.id, E.key, E.template, E.request_id, E.to_address, E.from_address,
             E.html_body, E.attempts, E.created_at)
 
 
+# Built once (SQLAlchemy then reuses its compiled form): recorded per message over SMTP.
+_MARK_ONE_SENT = update(E).where(E.id == bindparam("email_id"), E.status == EmailStatus.QUEUED).values(
+    status=EmailStatus.SENT, sent_at=bindparam("now"), attempts=E.attempts + 1, last_error=None,
+    next_attempt_at=None)
+
+
 class Deliverer:
     """Sends what the outbox holds. Everything it needs is passed in."""
 
@@ -497,7 +503,15 @@ class Deliverer:
     def _send_batch(self, rows: list[Row[Any]], report: DeliveryReport) -> list[tuple[Row[Any], str | None, bool]]:
         """Send each row: the outcomes still to record, (row, error or None, permanent).
         A send the mailer has for good at once (SMTP) is recorded right away instead, in its
-        own commit: a kill then sends again at most the one in flight. Stops at MailerDown."""
+        own commit on a connection kept for the batch: a kill then sends again at most the
+        one in flight. Stops at MailerDown."""
+        if not self.mailer.durable_at_send:
+            return self._send_rows(rows, report, None)
+        with self.db.engine.connect() as conn:
+            return self._send_rows(rows, report, conn)
+
+    def _send_rows(self, rows: list[Row[Any]], report: DeliveryReport,
+                   record_now: Connection | None) -> list[tuple[Row[Any], str | None, bool]]:
         results: list[tuple[Row[Any], str | None, bool]] = []
         company = self.settings.email.company_name
         for row in rows:
@@ -510,11 +524,10 @@ class Deliverer:
             try:
                 self.mailer.send(build_message(row, company), sender=row.from_address, recipient=row.to_address,
                                  name=f"{row.id:08d}-{row.template}")
-                if self.mailer.durable_at_send:
-                    with self.db.engine.begin() as conn:
-                        self._mark_sent(conn, [row.id], self.clock(), report)
-                else:
+                if record_now is None:
                     results.append((row, None, False))
+                else:
+                    self._record_sent_now(record_now, row.id, report)
             except SendFailed as exc:
                 results.append((row, str(exc), exc.permanent))
             except MailerDown as exc:
@@ -539,6 +552,19 @@ class Deliverer:
                            error=str(exc), emails=sent)
             return [result for result in results if result[1] is not None]
         return results
+
+    def _record_sent_now(self, conn: Connection, email_id: int, report: DeliveryReport) -> None:
+        """One accepted message in its own commit: a prepared statement, on the batch's
+        connection (a third of the cost of building and checking out one per message).
+        PostgreSQL does not wait for this commit's WAL flush (synchronous_commit off for
+        this transaction only): once committed, our own death cannot undo it; a crash of
+        the database server itself may lose the last moment's records, whose emails are
+        then sent again, never lost."""
+        if self.db.is_postgresql:
+            conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+        conn.execute(_MARK_ONE_SENT, {"email_id": email_id, "now": self.clock()})
+        conn.commit()
+        report.sent += 1
 
     def _mark_sent(self, conn: Connection, ids: list[int], now: dt.datetime, report: DeliveryReport) -> None:
         conn.execute(update(E).where(self.db.in_ids(E.id, ids), E.status == EmailStatus.QUEUED).values(

@@ -42,14 +42,14 @@ N = 600
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")]
 
 
-def env(db_path: Path, port: int) -> dict[str, str]:
-    return process_env(f"sqlite:///{db_path}", CANCELPROC_LOG_LEVEL="warning", CANCELPROC_EMAIL__DELIVERY="smtp",
+def env(url: str, port: int) -> dict[str, str]:
+    return process_env(url, CANCELPROC_LOG_LEVEL="warning", CANCELPROC_EMAIL__DELIVERY="smtp",
                        CANCELPROC_EMAIL__SMTP__HOST=HOST, CANCELPROC_EMAIL__SMTP__PORT=str(port),
                        CANCELPROC_EMAIL__SMTP__SECURITY="none")
 
 
-def make_outbox(db_path: Path, n: int) -> Database:
-    db = open_database(f"sqlite:///{db_path}", create=True)
+def make_outbox(url: str, n: int) -> Database:
+    db = open_database(url, create=True)
     upgrade(db)
     now = dt.datetime.now(dt.UTC)
     with db.engine.begin() as conn:
@@ -78,14 +78,14 @@ def send(cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_kill_9_during_delivery_delivers_every_email_and_marks_each_sent_once(tmp_path: Path) -> None:
-    db_path = tmp_path / "c.db"
-    db = make_outbox(db_path, N)
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    db = make_outbox(url, N)
     handler = Handler(delay=0.004)  # a server that takes a few ms per message: the kill lands mid-batch
     kills = 0
     with smtp_server(tmp_path, handler=handler) as server:
         for kill_after in (130, 333, 480):
             proc = subprocess.Popen([sys.executable, "-m", "processor", "emails", "send"], cwd=tmp_path,
-                                    env=env(db_path, server.port), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                    env=env(url, server.port), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             deadline = time.monotonic() + 60
             while len(handler.message_ids()) < kill_after and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.005)
@@ -93,7 +93,7 @@ def test_kill_9_during_delivery_delivers_every_email_and_marks_each_sent_once(tm
                 proc.send_signal(signal.SIGKILL)
                 kills += 1
             proc.communicate(timeout=30)
-        final = send(tmp_path, env(db_path, server.port))
+        final = send(tmp_path, env(url, server.port))
         assert final.returncode == 0, final.stderr
     assert kills >= 2, "the sender finished before it could be killed; slow the server down"
     rows = assert_each_sent_once(db)
@@ -144,17 +144,19 @@ class KillingHandler(Handler):
 
 
 @pytest.mark.parametrize("moment", ["in_flight", "accepted"])
-def test_a_sender_killed_mid_batch_sends_again_at_most_the_message_in_flight(tmp_path: Path, moment: str) -> None:
+def test_a_sender_killed_mid_batch_sends_again_at_most_the_message_in_flight(database_url: str, tmp_path: Path,
+                                                                            moment: str) -> None:
     """SIGKILL at the 150th of 250 messages (the middle of the second batch of 100): the
     next `emails send` delivers the rest; only the message the server held when the sender
-    died (no 250 seen) arrives twice. Killed right after a 250, nothing arrives twice."""
+    died (no 250 seen) arrives twice. Killed right after a 250, nothing arrives twice.
+    On SQLite and PostgreSQL."""
     n, kill_at = 250, 150
-    db_path = tmp_path / "c.db"
-    db = make_outbox(db_path, n)
+    url = database_url
+    db = make_outbox(url, n)
     handler = KillingHandler(kill_at=kill_at, moment=moment)
     with smtp_server(tmp_path, handler=handler) as server:
         proc = subprocess.Popen([sys.executable, "-m", "processor", "emails", "send"], cwd=tmp_path,
-                                env=env(db_path, server.port), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                env=env(url, server.port), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             handler.sender = proc
             handler.started.set()
@@ -167,7 +169,7 @@ def test_a_sender_killed_mid_batch_sends_again_at_most_the_message_in_flight(tmp
         # Each accepted message was recorded at once, not at the end of its batch.
         recorded = [r.id for r in outbox(db) if r.status is EmailStatus.SENT]
         assert recorded == list(range(1, kill_at + (moment == "accepted")))
-        final = send(tmp_path, env(db_path, server.port))
+        final = send(tmp_path, env(url, server.port))
         assert final.returncode == 0, final.stderr
     rows = assert_each_sent_once(db)
     received = collections.Counter(handler.message_ids())
@@ -181,24 +183,26 @@ def test_a_sender_killed_mid_batch_sends_again_at_most_the_message_in_flight(tmp
 
 # --- folder: killed at an exact file ------------------------------------------------------------
 
-def folder_env(db_path: Path, outbox_dir: Path) -> dict[str, str]:
-    return process_env(f"sqlite:///{db_path}", CANCELPROC_LOG_LEVEL="warning", CANCELPROC_EMAIL__DELIVERY="folder",
+def folder_env(url: str, outbox_dir: Path) -> dict[str, str]:
+    return process_env(url, CANCELPROC_LOG_LEVEL="warning", CANCELPROC_EMAIL__DELIVERY="folder",
                        CANCELPROC_EMAIL__OUTBOX_DIR=str(outbox_dir))
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
-def test_a_folder_delivery_killed_mid_batch_leaves_one_file_per_email_and_no_temp_file(tmp_path: Path,
+def test_a_folder_delivery_killed_mid_batch_leaves_one_file_per_email_and_no_temp_file(database_url: str,
+                                                                                       tmp_path: Path,
                                                                                        when: str) -> None:
     """SIGKILL at the 150th of 250 files (the middle of the second batch of 100): `before`
     its rename (written and synced under its temp name) or `after` it (in place, its batch
     not recorded). The next `emails send` removes the temp file, finds the files of the
     unrecorded batch already there and records them without writing them again, writes the
-    rest: one file per email, each its row's message, all with the mode of any other."""
+    rest: one file per email, each its row's message, all with the mode of any other.
+    On SQLite and PostgreSQL."""
     n, kill_at = 250, 150
-    db_path, folder = tmp_path / "c.db", tmp_path / "outbox"
-    db = make_outbox(db_path, n)
+    url, folder = database_url, tmp_path / "outbox"
+    db = make_outbox(url, n)
     killed = subprocess.run([sys.executable, "-m", "tests.sigkill_at_rename", str(kill_at), when, "emails", "send"],
-                            cwd=tmp_path, env=folder_env(db_path, folder), capture_output=True, text=True,
+                            cwd=tmp_path, env=folder_env(url, folder), capture_output=True, text=True,
                             timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     # The first batch was synced and recorded; the second not: its files are there unrecorded.
@@ -211,7 +215,7 @@ def test_a_folder_delivery_killed_mid_batch_leaves_one_file_per_email_and_no_tem
     else:
         assert temp == []
 
-    final = send(tmp_path, folder_env(db_path, folder))
+    final = send(tmp_path, folder_env(url, folder))
     assert final.returncode == 0, final.stderr
     rows = assert_each_sent_once(db)
     files = sorted(folder.iterdir())
