@@ -188,6 +188,9 @@ def test_smtp_down_during_a_run_loses_nothing_and_a_later_send_delivers_each_onc
     assert sorted(back.handler.message_ids()) == sorted(
         message_id(r.id, r.key, r.created_at, r.from_address) for r in rows)
     assert all(r.status is EmailStatus.SENT and r.last_error is None for r in outbox(db))
+    # Each recorded as it was accepted, at its own delivery's time.
+    minutes = sorted((r.sent_at - now) / dt.timedelta(minutes=1) for r in outbox(db))
+    assert minutes == [1, 1, 1, 1, 6]
 
 
 def test_a_5xx_refusal_fails_at_once_a_4xx_is_retried_with_backoff_then_fails(db, settings, now, tmp_path):
