@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark: `cancelproc run` on N due cancellation requests, against the floor.
 
-    python bench/run_bench.py [N] [--chunk-size K] [--hooks] [--skip-delivery] [--keep] [--setup-only] [--profile]
-                              [--postgresql] [--workers W] [--io-bound] [--hook-concurrency K]
+    python bench/run_bench.py [N] [--chunk-size K] [--hooks] [--skip-delivery] [--smtp] [--keep] [--setup-only]
+                              [--profile] [--postgresql] [--workers W] [--io-bound] [--hook-concurrency K]
 
 1. A temp app root; `python -m processor init` there; then N clients, N services, some
    add-ons and unpaid invoices, and N pending due requests are loaded FAST with stdlib
@@ -14,7 +14,9 @@
    The run does not deliver (email.send_after_run = false): the floor only queues.
 3. `python -m processor emails send` as a subprocess, the folder backend: the delivery of
    the N confirmations and the staff digest, timed on its own (wall clock, peak RSS); every
-   email must end sent, one .eml file each (--skip-delivery leaves this out).
+   email must end sent, one .eml file each (--skip-delivery leaves this out). --smtp
+   delivers over SMTP instead, to an aiosmtpd server on 127.0.0.1 started here (the
+   tests' test extras): every email must end sent and the server must have had each.
 4. shared/bench/floor.py (next to the repo, as CI clones it) with the same N.
 5. Prints the figures; the last line is exactly `ratio: X.XX` (processor rate / floor rate).
 
@@ -404,16 +406,70 @@ def verify(connect: Callable[[], Any], n: int) -> float:
         db.close()
 
 
-def verify_sent(connect: Callable[[], Any], root: Path, n: int) -> None:
-    """Every email sent (N confirmations and the staff digest), one .eml file each."""
+def verify_sent(connect: Callable[[], Any], root: Path, n: int, smtp_received: int | None = None) -> None:
+    """Every email sent (N confirmations and the staff digest), one .eml file each, or
+    (over SMTP) as many messages received by the server."""
     db = connect()
     try:
         by_status = dict(db.execute("SELECT status, count(*) FROM email_outbox GROUP BY status").fetchall())
     finally:
         db.close()
+    if smtp_received is not None:
+        if by_status != {"sent": n + 1} or smtp_received != n + 1:
+            fail(f"after `emails send`: outbox {by_status}, {smtp_received:,} messages received by the SMTP "
+                 f"server (expected {n + 1:,} sent)")
+        return
     files = sum(1 for p in (root / "var" / "outbox").iterdir() if p.suffix == ".eml")
     if by_status != {"sent": n + 1} or files != n + 1:
         fail(f"after `emails send`: outbox {by_status}, {files:,} .eml files (expected {n + 1:,} sent)")
+
+
+class CountingHandler:
+    """An SMTP server's handler that accepts every message and only counts them (the
+    tests' Handler parses each one, which would slow the server the sender waits for)."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.received += 1  # the server's one event loop thread: no lock needed
+        return "250 Message accepted for delivery"
+
+
+@contextlib.contextmanager
+def smtp_server() -> Iterator[tuple[CountingHandler, int]]:
+    """A local SMTP server (aiosmtpd, as the tests run theirs) for --smtp."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from aiosmtpd.controller import Controller
+
+        from tests.smtp_server import HOST, free_port
+    except ImportError as exc:  # aiosmtpd is a test extra (pip install -e '.[test]')
+        fail(f"--smtp uses aiosmtpd and tests/smtp_server.py, which cannot be imported: {exc} "
+             "(install the test extras: pip install -e '.[test]')")
+    handler, port = CountingHandler(), free_port()
+    controller = Controller(handler, hostname=HOST, port=port)
+    controller.start()
+    try:
+        yield handler, port
+    finally:
+        controller.stop()
+
+
+def deliver(root: Path, env: dict[str, str], smtp: bool) -> tuple[float, int, int | None]:
+    """`emails send`: its wall time, peak RSS and (over SMTP) the messages the server received."""
+    if not smtp:
+        code, wall, rss, out, err, _ = run_processor(root, env, None, ("emails", "send"))
+        if code != 0:
+            fail(f"`processor emails send` exited {code}:\n{out}{err}")
+        return wall, rss, None
+    with smtp_server() as (handler, port):
+        env = {**env, "CANCELPROC_EMAIL__DELIVERY": "smtp", "CANCELPROC_EMAIL__SMTP__HOST": "127.0.0.1",
+               "CANCELPROC_EMAIL__SMTP__PORT": str(port), "CANCELPROC_EMAIL__SMTP__SECURITY": "none"}
+        code, wall, rss, out, err, _ = run_processor(root, env, None, ("emails", "send"))
+        if code != 0:
+            fail(f"`processor emails send` exited {code}:\n{out}{err}")
+        return wall, rss, handler.received
 
 
 def run_floor(cmd: list[str], env: dict[str, str]) -> float:
@@ -485,6 +541,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="run the processor under cProfile (slower)")
     parser.add_argument("--hooks", action="store_true", help="register one trivial hook on every hook point")
     parser.add_argument("--skip-delivery", action="store_true", help="do not measure `emails send` after the run")
+    parser.add_argument("--smtp", action="store_true",
+                        help="deliver over SMTP to a local aiosmtpd server instead of to the outbox folder")
     parser.add_argument("--postgresql", action="store_true",
                         help="on a throwaway PostgreSQL server (tests/pg_server.py) instead of SQLite; "
                              "floor: shared/bench/floor_pg.py")
@@ -585,10 +643,8 @@ def main() -> None:
             if calls < n:
                 fail(f"TerminateAccount ran {calls:,} times for {n:,} requests")
         if not args.skip_delivery:
-            code, send_wall, send_rss, out, err, _ = run_processor(root, env, None, ("emails", "send"))
-            if code != 0:
-                fail(f"`processor emails send` exited {code}:\n{out}{err}")
-            verify_sent(connect, root, n)
+            send_wall, send_rss, received = deliver(root, env, args.smtp)
+            verify_sent(connect, root, n, received)
         floor_rate = None
         if postgresql and not args.io_bound:
             server.admin("CREATE DATABASE bench_floor")
@@ -636,7 +692,8 @@ def main() -> None:
             print(f"TerminateAccount calls: {calls:,} (each sleeps {IO_BOUND_SLEEP_S * 1000:.0f} ms: "
                   f"{calls * IO_BOUND_SLEEP_S:,.0f} s if one at a time)")
         if not args.skip_delivery:
-            print(f"delivery (`emails send`, folder backend): {n + 1:,} emails in {send_wall:.3f}s wall = "
+            backend = "SMTP to aiosmtpd on 127.0.0.1" if args.smtp else "folder backend"
+            print(f"delivery (`emails send`, {backend}): {n + 1:,} emails in {send_wall:.3f}s wall = "
                   f"{(n + 1) / send_wall:,.0f} emails/s, peak RSS {send_rss / 2**20:.1f} MB")
         if args.io_bound:
             if keep:

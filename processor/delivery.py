@@ -1,9 +1,17 @@
 """Deliver the outbox: build each queued email, hand it to a backend, record the result.
 
-At least once, never twice by design: one sender at a time (the delivery lease), and a
-batch of sends is recorded in one transaction after the sends, so a crash between a send
-and its record sends that email again (with the same Message-ID, so a mail client shows
-it once) and never loses one. A row is marked sent once (`status = 'queued'` guard).
+At least once, never lost: one sender at a time (the delivery lease), and a send is
+recorded only after it was made, so a crash between a send and its record sends that
+email again (with the same Message-ID, so a mail client shows it once) and never loses
+one. A row is marked sent once (`status = 'queued'` guard). How many a crash can send
+again depends on the backend:
+
+- SMTP: each message is recorded in its own small commit as soon as the server accepted
+  it, so a kill resends at most the one message in flight.
+- folder: a batch is synced, then recorded; but a file's name is fixed per outbox row, so
+  a file already there under its final name (written by a sender killed before its
+  record) is recorded as sent, not written twice: exactly once while the files stay in
+  the folder. The next delivery removes the temp files a killed writer left behind.
 
 Backends: `smtp` (production), `folder` (an .eml file per email: the embedded default),
 `console` (stderr, for development).
@@ -18,10 +26,13 @@ import datetime as dt
 import errno
 import hashlib
 import os
+import re
 import smtplib
+import socket
 import ssl
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.charset import QP, Charset
@@ -29,12 +40,14 @@ from email.header import Header
 from email.message import Message
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
+from email.parser import BytesHeaderParser
 from email.utils import format_datetime, formataddr
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+import psutil
 import structlog
-from sqlalchemy import Row, func, insert, or_, select, update
+from sqlalchemy import Connection, Row, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from processor import lease
@@ -46,7 +59,7 @@ from processor.retry import RetryPolicy
 from processor.text import address_problem, header_problem
 
 Clock = Callable[[], dt.datetime]
-BATCH = 100  # emails sent per recorded batch: at most this many are sent again after a crash
+BATCH = 100  # emails read per query, and recorded per transaction by a backend that syncs by batch (folder)
 
 E = OutboxEmail
 
@@ -66,6 +79,13 @@ class MailerDown(Exception):
 
 class Mailer(Protocol):
     description: str  # for messages: "smtp mail.example.com:587 (starttls)"
+    # True: a send that returned is already for good (an SMTP server's 250), so each is
+    # recorded as sent at once. False: `flush` makes a batch durable, then it is recorded.
+    durable_at_send: bool
+
+    def start(self) -> None:
+        """Called once per delivery by the lease holder, before the first send (the folder
+        removes what a killed writer left). Never raises."""
 
     def send(self, message: Message, *, sender: str, recipient: str, name: str) -> None:
         """Send one message or raise SendFailed / MailerDown. `name` is a file-safe id."""
@@ -116,26 +136,112 @@ def build_message(row: Row[Any] | Any, company_name: str) -> Message:
 
 # --- backends --------------------------------------------------------------------------
 
-class FolderMailer:
-    """An .eml file per email, named by outbox id and template; a resend overwrites it.
-    Each file is synced to disk, and the folder before its batch is recorded as sent: a
-    power cut after the record must not lose the email."""
+# A temp file of ours: ".cancelproc.<host>.<pid>.<8 random chars>.tmp" (mkstemp's random
+# part), so the next delivery can tell whose it is; ".<8 random chars>.tmp" is what versions
+# before 2026-11-30 wrote (no writer named: removed by age only).
+_TEMP = re.compile(r"\.cancelproc\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>[0-9]+)\.[a-z0-9_]{8}\.tmp")
+_OLD_TEMP = re.compile(r"\.[a-z0-9_]{8}\.tmp")
 
-    def __init__(self, folder: Path) -> None:
+
+def _file_safe_host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname()) or "localhost"
+
+
+def _process_gone(pid: int) -> bool:
+    """True when no process `pid` runs on this host (or only its zombie: killed, not reaped)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.AccessDenied:
+        return False
+
+
+class FolderMailer:
+    """An .eml file per email, named by outbox id and template. Each file is synced to disk
+    before it is renamed to its final name, and the folder before its batch is recorded as
+    sent: a power cut after the record must not lose the email (a mail relay may be
+    waiting on the folder). A file already there under its final name with this message's
+    Message-ID was written by a sender killed before its record: it is not written again.
+
+    `stale_after`: a temp file untouched this long (seconds) is a dead writer's even when
+    its process cannot be checked (another host, or the name of an older version). One
+    message is written in milliseconds; the default is the delivery lease's length, after
+    which any sender that was still at work has lost its lease to the next one."""
+
+    durable_at_send = False
+
+    def __init__(self, folder: Path, *, stale_after: float = 600) -> None:
         self.folder = folder
+        self.stale_after = stale_after
         self.description = f"folder {folder}"
+        self._host = _file_safe_host()
+        self.log = structlog.get_logger("cancelproc.email")
+
+    def start(self) -> None:
+        """Remove the temp files a killed writer left (a whole message each, mode 0600)."""
+        try:
+            entries = list(os.scandir(self.folder))
+        except OSError:
+            return  # no folder yet (the first send creates it), or unreadable: the send will say so
+        now = time.time()
+        for entry in entries:
+            if not entry.name.endswith(".tmp") or not self._stale(entry, now):
+                continue
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                self.log.warning("cannot remove a temp file a killed delivery left", file=entry.path,
+                                 error=exc.strerror or str(exc))
+                continue
+            self.log.info("removed a temp file a killed delivery left", file=entry.path)
+
+    def _stale(self, entry: os.DirEntry[str], now: float) -> bool:
+        """Ours, and its writer is gone: dead on this host, or silent for `stale_after`."""
+        ours = _TEMP.fullmatch(entry.name)
+        if ours is None and _OLD_TEMP.fullmatch(entry.name) is None:
+            return False  # not a name we write: not ours to remove
+        if ours is not None and ours["host"] == self._host and int(ours["pid"]) != os.getpid() \
+                and _process_gone(int(ours["pid"])):
+            return True
+        try:
+            return now - entry.stat(follow_symlinks=False).st_mtime > self.stale_after
+        except OSError:
+            return False
+
+    def _already_written(self, final: Path, message: Message) -> bool:
+        """The file `final` holds this very message (same Message-ID). A file under that name
+        from elsewhere (an outbox folder shared with another database) is replaced, as before."""
+        try:
+            with final.open("rb") as f:
+                found = BytesHeaderParser().parse(f)["Message-ID"]
+        except FileNotFoundError:
+            return False
+        if found == message["Message-ID"]:
+            self.log.info("email already in the outbox folder (its sender was stopped before recording it): "
+                          "recorded as sent, not written again", file=str(final))
+            return True
+        self.log.warning("replacing a file of another message in the outbox folder", file=str(final),
+                         message_id=str(found))
+        return False
 
     def send(self, message: Message, *, sender: str, recipient: str, name: str) -> None:
+        final = self.folder / f"{name}.eml"
         try:
+            if self._already_written(final, message):
+                return
             self.folder.mkdir(parents=True, exist_ok=True)
             # Written under a temporary name, then renamed: a reader never sees half a file.
-            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".", suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".cancelproc.{self._host}.{os.getpid()}.",
+                                       suffix=".tmp")
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(message.as_bytes())
                     f.flush()
                     os.fsync(f.fileno())
-                os.replace(tmp, self.folder / f"{name}.eml")
+                os.replace(tmp, final)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
@@ -165,6 +271,7 @@ class ConsoleMailer:
     """Prints each email (for development)."""
 
     description = "console"
+    durable_at_send = False
 
     def __init__(self, stream: IO[str] | None = None) -> None:
         self.stream = stream
@@ -176,6 +283,9 @@ class ConsoleMailer:
         stream.write("\n")
         stream.flush()
 
+    def start(self) -> None:
+        pass
+
     def flush(self) -> None:
         pass
 
@@ -184,7 +294,10 @@ class ConsoleMailer:
 
 
 class SmtpMailer:
-    """One connection for a whole delivery, opened at the first email."""
+    """One connection for a whole delivery, opened at the first email. The server's 250
+    after a message means it has it: each is recorded as sent at once."""
+
+    durable_at_send = True
 
     def __init__(self, settings: SmtpSettings, password: str | None, ca_file: Path | None) -> None:
         self.settings = settings
@@ -218,6 +331,9 @@ class SmtpMailer:
         except (smtplib.SMTPException, OSError) as exc:
             _quit(smtp)
             raise MailerDown(f"{self.description}: cannot connect: {_describe(exc)}") from None
+
+    def start(self) -> None:
+        pass  # connected at the first email: a delivery with nothing to send opens nothing
 
     def send(self, message: Message, *, sender: str, recipient: str, name: str) -> None:
         if self._smtp is None:
@@ -290,7 +406,7 @@ def smtp_password(settings: SmtpSettings, app_path: Callable[[str], Path], envir
 def mailer_from_settings(settings: Settings, environ: Mapping[str, str] | None = None) -> Mailer:
     email = settings.email
     if email.delivery == "folder":
-        return FolderMailer(settings.path(email.outbox_dir))
+        return FolderMailer(settings.path(email.outbox_dir), stale_after=settings.lease_seconds)
     if email.delivery == "console":
         return ConsoleMailer()
     smtp = email.smtp
@@ -319,6 +435,12 @@ class DeliveryReport:
 
 _COLUMNS = (E.id, E.key, E.template, E.request_id, E.to_address, E.from_address, E.subject, E.text_body,
             E.html_body, E.attempts, E.created_at)
+
+
+# Built once (SQLAlchemy then reuses its compiled form): recorded per message over SMTP.
+_MARK_ONE_SENT = update(E).where(E.id == bindparam("email_id"), E.status == EmailStatus.QUEUED).values(
+    status=EmailStatus.SENT, sent_at=bindparam("now"), attempts=E.attempts + 1, last_error=None,
+    next_attempt_at=None)
 
 
 class Deliverer:
@@ -352,6 +474,7 @@ class Deliverer:
             lease.acquire_delivery(session, clock=self.clock, seconds=seconds, me=self.me)
         report = DeliveryReport()
         try:
+            self.mailer.start()
             after_id, remaining = 0, limit
             while remaining is None or remaining > 0:
                 size = BATCH if remaining is None else min(BATCH, remaining)
@@ -386,7 +509,17 @@ class Deliverer:
             return rows
 
     def _send_batch(self, rows: list[Row[Any]], report: DeliveryReport) -> list[tuple[Row[Any], str | None, bool]]:
-        """Send each row: (row, error or None, permanent). Stops at MailerDown."""
+        """Send each row: the outcomes still to record, (row, error or None, permanent).
+        A send the mailer has for good at once (SMTP) is recorded right away instead, in its
+        own commit on a connection kept for the batch: a kill then sends again at most the
+        one in flight. Stops at MailerDown."""
+        if not self.mailer.durable_at_send:
+            return self._send_rows(rows, report, None)
+        with self.db.engine.connect() as conn:
+            return self._send_rows(rows, report, conn)
+
+    def _send_rows(self, rows: list[Row[Any]], report: DeliveryReport,
+                   record_now: Connection | None) -> list[tuple[Row[Any], str | None, bool]]:
         results: list[tuple[Row[Any], str | None, bool]] = []
         company = self.settings.email.company_name
         for row in rows:
@@ -399,7 +532,10 @@ class Deliverer:
             try:
                 self.mailer.send(build_message(row, company), sender=row.from_address, recipient=row.to_address,
                                  name=f"{row.id:08d}-{row.template}")
-                results.append((row, None, False))
+                if record_now is None:
+                    results.append((row, None, False))
+                else:
+                    self._record_sent_now(record_now, row.id, report)
             except SendFailed as exc:
                 results.append((row, str(exc), exc.permanent))
             except MailerDown as exc:
@@ -425,16 +561,31 @@ class Deliverer:
             return [result for result in results if result[1] is not None]
         return results
 
+    def _record_sent_now(self, conn: Connection, email_id: int, report: DeliveryReport) -> None:
+        """One accepted message in its own commit: a prepared statement, on the batch's
+        connection (a third of the cost of building and checking out one per message).
+        PostgreSQL does not wait for this commit's WAL flush (synchronous_commit off for
+        this transaction only): once committed, our own death cannot undo it; a crash of
+        the database server itself may lose the last moment's records, whose emails are
+        then sent again, never lost."""
+        if self.db.is_postgresql:
+            conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+        conn.execute(_MARK_ONE_SENT, {"email_id": email_id, "now": self.clock()})
+        conn.commit()
+        report.sent += 1
+
+    def _mark_sent(self, conn: Connection, ids: list[int], now: dt.datetime, report: DeliveryReport) -> None:
+        conn.execute(update(E).where(self.db.in_ids(E.id, ids), E.status == EmailStatus.QUEUED).values(
+            status=EmailStatus.SENT, sent_at=now, attempts=E.attempts + 1, last_error=None, next_attempt_at=None))
+        report.sent += len(ids)
+
     def _record(self, results: list[tuple[Row[Any], str | None, bool]], report: DeliveryReport) -> None:
         """The batch's outcomes in one transaction; renews the delivery lease."""
         now = self.clock()
         sent = [row.id for row, error, _ in results if error is None]
         with self.db.engine.begin() as conn:
             if sent:
-                conn.execute(update(E).where(self.db.in_ids(E.id, sent), E.status == EmailStatus.QUEUED).values(
-                    status=EmailStatus.SENT, sent_at=now, attempts=E.attempts + 1, last_error=None,
-                    next_attempt_at=None))
-                report.sent += len(sent)
+                self._mark_sent(conn, sent, now, report)
             for row, error, permanent in results:
                 if error is None:
                     continue

@@ -11,6 +11,12 @@ import email
 import email.policy
 import io
 import os
+import re
+import socket
+import stat
+import subprocess
+import sys
+import time
 from typing import Any
 
 import pytest
@@ -182,6 +188,9 @@ def test_smtp_down_during_a_run_loses_nothing_and_a_later_send_delivers_each_onc
     assert sorted(back.handler.message_ids()) == sorted(
         message_id(r.id, r.key, r.created_at, r.from_address) for r in rows)
     assert all(r.status is EmailStatus.SENT and r.last_error is None for r in outbox(db))
+    # Each recorded as it was accepted, at its own delivery's time.
+    minutes = sorted((r.sent_at - now) / dt.timedelta(minutes=1) for r in outbox(db))
+    assert minutes == [1, 1, 1, 1, 6]
 
 
 def test_a_5xx_refusal_fails_at_once_a_4xx_is_retried_with_backoff_then_fails(db, settings, now, tmp_path):
@@ -242,7 +251,7 @@ def test_header_injection_in_a_queued_row_is_refused_recorded_and_never_sent(db,
 
 # --- the other backends -------------------------------------------------------------------------
 
-def test_folder_backend_writes_one_eml_per_email_and_a_resend_overwrites_it(db, settings, now, tmp_path):
+def test_folder_backend_writes_one_eml_per_email_and_a_resend_writes_no_second_copy(db, settings, now, tmp_path):
     queue_rows(db, now, ["a@example.test", "b@example.test"])
     settings = make_settings(settings, delivery="folder", outbox_dir="var/out")
     assert deliverer(db, settings, now).deliver().sent == 2
@@ -251,11 +260,84 @@ def test_folder_backend_writes_one_eml_per_email_and_a_resend_overwrites_it(db, 
                                        "00000002-service_cancellation_confirmation.eml"]
     m = email.message_from_bytes(files[0].read_bytes(), policy=email.policy.default)
     assert (m["To"], m["Subject"], body(m, "plain")) == ("a@example.test", "Subject 0", "text 0")
-    # Sent again (as after a crash between the send and its record): the same file, no second one.
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o600}
+    # Sent again (as after a crash between the send and its record): each file is found
+    # under its final name with its row's Message-ID, recorded as sent, not written again.
+    before = [(f.stat().st_ino, f.stat().st_mtime_ns) for f in files]
     with db.engine.begin() as conn:
         conn.execute(update(OutboxEmail).values(status=EmailStatus.QUEUED))
     assert deliverer(db, settings, now).deliver().sent == 2
     assert sorted((tmp_path / "var" / "out").iterdir()) == files
+    assert [(f.stat().st_ino, f.stat().st_mtime_ns) for f in files] == before
+    assert {e.status for e in outbox(db)} == {EmailStatus.SENT}
+
+
+def test_a_file_of_another_message_under_the_final_name_is_replaced(db, settings, now, tmp_path):
+    """Same name, other Message-ID (an outbox folder shared with another database whose ids
+    overlap): not this email, so it is written, as it always was."""
+    queue_rows(db, now, ["a@example.test"])
+    folder = tmp_path / "var" / "out"
+    folder.mkdir(parents=True)
+    (folder / "00000001-service_cancellation_confirmation.eml").write_bytes(
+        b"Message-ID: <cancelproc.1.0000000000000000@elsewhere.test>\r\nSubject: other\r\n\r\nother\r\n")
+    assert deliverer(db, make_settings(settings, delivery="folder", outbox_dir="var/out"), now).deliver().sent == 1
+    m = email.message_from_bytes((folder / "00000001-service_cancellation_confirmation.eml").read_bytes(),
+                                 policy=email.policy.default)
+    row = outbox(db)[0]
+    assert m["Message-ID"] == message_id(row.id, row.key, row.created_at, row.from_address)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended and was reaped."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(timeout=60)
+    return proc.pid
+
+
+def test_the_next_delivery_removes_only_temp_files_whose_writer_is_gone(db, settings, now, tmp_path):
+    """Temp files a killed writer left (a whole message each) go at the next delivery, even
+    one with nothing to send: at once when the name says its process on this host has
+    ended; after `stale_after` (the lease's length) when it cannot be checked (another
+    host, a live pid that may be a reused one, the unnamed temp files of older versions).
+    Anything else in the folder is left alone."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    host = re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname())
+    fresh = {
+        "dead": f".cancelproc.{host}.{dead_pid()}.a1b2c3d4.tmp",
+        "live": f".cancelproc.{host}.{os.getppid()}.a1b2c3d4.tmp",
+        "other host": ".cancelproc.mail2.1234.a1b2c3d4.tmp",
+        "older version": ".k3j_9xq2.tmp",
+    }
+    not_ours = [".cancelproc.mail2.1234.a1b2c3d4.tmp.bak", ".k3j_9xq2.eml", "notes.tmp", ".a1b2.tmp",
+                "00000001-service_cancellation_confirmation.eml"]
+    for name in [*fresh.values(), *not_ours]:
+        (folder / name).write_bytes(b"Subject: half a message\r\n")
+    settings = make_settings(settings, delivery="folder", outbox_dir=str(folder))
+    assert settings.lease_seconds == 600
+    assert deliverer(db, settings, now).deliver().sent == 0  # nothing queued: it cleans all the same
+    left = {p.name for p in folder.iterdir()}
+    assert left == {*not_ours, fresh["live"], fresh["other host"], fresh["older version"]}
+    # Untouched for longer than the lease: no live sender is writing them.
+    an_hour_ago = time.time() - 3600
+    for name in left:
+        os.utime(folder / name, (an_hour_ago, an_hour_ago))
+    assert deliverer(db, settings, now).deliver().sent == 0
+    assert {p.name for p in folder.iterdir()} == set(not_ours)
+
+
+def test_a_temp_file_being_written_by_a_live_sender_is_left_alone(db, settings, now, tmp_path):
+    """Two senders at once cannot happen in one database (the lease), but a sender whose
+    lease was taken over may still be writing, or another database may share the folder:
+    a fresh temp file of a live process stays."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    writing = folder / f".cancelproc.{re.sub(r'[^A-Za-z0-9-]', '_', socket.gethostname())}.{os.getppid()}.zz99zz99.tmp"
+    writing.write_bytes(b"Subject: being written\r\n")
+    queue_rows(db, now, ["a@example.test"])
+    assert deliverer(db, make_settings(settings, delivery="folder", outbox_dir=str(folder)), now).deliver().sent == 1
+    assert sorted(p.name for p in folder.iterdir()) == sorted([writing.name,
+                                                              "00000001-service_cancellation_confirmation.eml"])
 
 
 def test_a_folder_that_cannot_be_written_stops_delivery_and_keeps_the_emails(db, settings, now, tmp_path):
