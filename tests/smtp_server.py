@@ -21,6 +21,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 HOST = "127.0.0.1"
+HOLD_LIMIT = 120.0  # a held message is taken after this even if the test never lets it go
 
 
 def free_port() -> int:
@@ -45,6 +46,9 @@ class Handler:
     received: list[Received] = field(default_factory=list)
     refuse: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds to wait before accepting each message
+    # Hold each message until this is set (at most HOLD_LIMIT): a relay stalled for as long
+    # as the test wants, without assuming how long the client takes to give up.
+    hold: threading.Event | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any) -> str:
@@ -56,6 +60,8 @@ class Handler:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         if self.delay:
             time.sleep(self.delay)  # blocks the server's loop: a slow server, as seen from the client
+        if self.hold is not None:
+            self.hold.wait(HOLD_LIMIT)  # blocks the loop too
         message = email.message_from_bytes(envelope.original_content, policy=email.policy.default)
         login = session.auth_data.login.decode() if isinstance(session.auth_data, LoginPassword) else None
         with self.lock:
