@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DB := var/demo.db
-DEMO := CANCELPROC_DATABASE_URL=sqlite:///$(DEMO_DB) $(BIN)/cancelproc
+# The demo is for a person, whether make runs on a terminal or not: readable log, summary table.
+DEMO := CANCELPROC_DATABASE_URL=sqlite:///$(DEMO_DB) CANCELPROC_LOG_FORMAT=console $(BIN)/cancelproc
 
 .PHONY: install demo lint test bench docs clean postgresql-binaries
 

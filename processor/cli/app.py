@@ -34,7 +34,7 @@ from processor.errors import (
     one_line,
 )
 from processor.hooks import HookRegistry, load_hooks
-from processor.logs import configure_logging
+from processor.logs import captured_stdout, configure_logging, route_hook_output
 from processor.models import (
     AuditEntry,
     CancellationRequest,
@@ -59,13 +59,23 @@ class App:
     _hooks: HookRegistry | None = None
     _templates: EmailTemplates | None = None
     operator: str = field(default_factory=lambda: os.environ.get("SUDO_USER") or getpass.getuser())
+    _json_logs: bool = False
 
     @property
     def settings(self) -> Settings:
         if self._settings is None:
             self._settings = load_settings(self.config_path)
-            configure_logging("debug" if self.debug else self._settings.log_level, self._settings.log_format)
+            self._json_logs = configure_logging("debug" if self.debug else self._settings.log_level,
+                                                self._settings.log_format)
         return self._settings
+
+    @property
+    def json_logs(self) -> bool:
+        """The log is JSON lines (log_format json, or auto off a terminal: cron, systemd), so a
+        command's report for people becomes one JSON log event instead of text on stdout:
+        every line of the combined output is then one JSON object."""
+        _ = self.settings
+        return self._json_logs
 
     def database(self, *, create: bool = False, migrated: bool = True) -> Database:
         if self._db is None:
@@ -79,9 +89,15 @@ class App:
     def hooks(self) -> HookRegistry:
         """Hook files and plugins, loaded once; a failure stops the command before any write."""
         if self._hooks is None:
-            self._hooks = load_hooks(self.settings.path(self.settings.hooks_dir),
-                                     trace=os.environ.get("CANCELPROC_TRACE_HOOKS") == "1",
-                                     check_permissions=not self.settings.hooks_allow_unsafe_permissions)
+            route_hook_output()  # a hook's print() is logged, never in a command's stdout
+            with captured_stdout() as printed:  # what a hook file prints as it loads, too
+                try:
+                    self._hooks = load_hooks(self.settings.path(self.settings.hooks_dir),
+                                             trace=os.environ.get("CANCELPROC_TRACE_HOOKS") == "1",
+                                             check_permissions=not self.settings.hooks_allow_unsafe_permissions)
+                finally:
+                    for line in printed.getvalue().splitlines():
+                        structlog.get_logger("cancelproc.hooks").info("hook output", output=line)
         return self._hooks
 
     @property

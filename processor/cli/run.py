@@ -17,7 +17,7 @@ import structlog
 
 from processor.cli.app import App, cli, pass_app
 from processor.cli.arguments import COUNT, DATE
-from processor.cli.output import dumps, echo_fields, echo_json, echo_table
+from processor.cli.output import dumps, echo_fields, echo_json, echo_table, log_report
 from processor.config import clock_time_problem
 from processor.errors import (
     CancelprocError,
@@ -227,6 +227,8 @@ def run(app: App, as_of: dt.date | None, dry_run: bool, as_json: bool, limit: in
         app.write_metrics()
     if as_json:
         echo_json(summary.as_dict())
+    elif app.json_logs:  # cron, systemd: the summary is one more JSON line of the log
+        log_report("run summary", summary.as_dict(), problem=summary.exit_code != 0)
     else:
         echo_summary(summary)
     return summary.exit_code
@@ -254,11 +256,11 @@ def _join(app: App, as_json: bool) -> int:
         try:
             summary = runner.join()
         except RunStopped as exc:
-            click.echo(f"worker {os.getpid()}: {exc}")
+            structlog.get_logger("cancelproc").warning("worker stopped", worker=os.getpid(), reason=str(exc))
             return 1
     if as_json:
         echo_json(summary.as_dict())
-    else:
+    elif not app.json_logs:  # with JSON logs, the runner's "worker done" line says it
         click.echo(f"worker {os.getpid()} on run {summary.run_id}: {summary.due} due, {summary.completed} cancelled, "
                    f"{summary.noop} no-op, {summary.retrying + summary.vetoed} to retry, {summary.failed} failed")
     return 1 if summary.retrying or summary.failed or summary.vetoed else 0

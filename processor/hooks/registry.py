@@ -12,6 +12,7 @@ import structlog
 
 from processor.errors import InputError, one_line
 from processor.hooks.points import POINTS, Policy
+from processor.logs import captured_stdout
 
 
 class HookDefinitionError(InputError):
@@ -124,6 +125,18 @@ class HookRegistry:
         return [impl for name in POINTS for impl in self._impls.get(name, ())]
 
     def _call_one(self, impl: HookImpl, params: Mapping[str, Any]) -> Any:
+        """One hook call. What it logs carries the request's id; what it prints is logged,
+        never written to the command's stdout (a `--json` document, a table)."""
+        request_id = params.get("request_id")
+        context = {} if request_id is None else {"request_id": request_id}
+        with structlog.contextvars.bound_contextvars(**context), captured_stdout() as printed:
+            try:
+                return self._call_traced(impl, params)
+            finally:
+                for line in printed.getvalue().splitlines():
+                    self.log.info("hook output", hook=impl.label, output=line)
+
+    def _call_traced(self, impl: HookImpl, params: Mapping[str, Any]) -> Any:
         if not self.trace:
             return impl.invoke(params)
         kwargs = impl.arguments(params)
