@@ -45,9 +45,11 @@ CHUNK_SIZE = 5
 EXIT_DEADLINE = 60.0  # seconds from the SIGTERM to the exit: generous, so a loaded machine passes
 STOPPING = "stopping after the current chunk (signal again to stop at once)"
 
-# Logs through structlog on every request, on top of the traced hook calls
+# Logs through structlog and the stdlib on every request, on top of the traced hook calls
 # (CANCELPROC_TRACE_HOOKS=1): the run is in the middle of a log write most of the time.
 HOOK = """\
+import logging
+
 import structlog
 from processor.hooks import add_hook
 
@@ -59,7 +61,7 @@ def deprovision(request_id):
 
 @add_hook("ServiceCancelled")
 def tell_crm(request_id, days_late):
-    log.info("told the CRM", days_late=days_late)
+    logging.getLogger(__name__).info("told the CRM, %s days late", days_late)
 """
 
 
@@ -73,28 +75,26 @@ class Ended:
 
 
 @contextmanager
-def started(args: list[str], cwd: Path, env: dict[str, str], out: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A `python -m processor` process in a process group of its own, stdout to `out`, its log
-    (stderr) to a pipe; whatever happens, nothing of it is left running afterwards."""
-    with out.open("wb") as stdout:
-        proc = subprocess.Popen([sys.executable, "-m", "processor", *args], cwd=cwd, env=env,
-                                stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE,
-                                start_new_session=True)
+def started(args: list[str], cwd: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """A `python -m processor` process in a process group of its own, stdout and stderr into
+    one pipe (as cron joins them); whatever happens, nothing of it is left running afterwards."""
+    proc = subprocess.Popen([sys.executable, "-m", "processor", *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield proc
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
+        assert proc.stdout is not None
+        proc.stdout.close()
 
 
 def read_until(proc: subprocess.Popen[bytes], log: bytearray, *, lines: int | None, deadline: float) -> bool:
-    """Read the process's stderr into `log` until it holds `lines` lines (None: until the end).
+    """Read the process's output into `log` until it holds `lines` lines (None: until the end).
     False when the deadline passed first."""
-    assert proc.stderr is not None
-    fd = proc.stderr.fileno()
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
     while lines is None or log.count(b"\n") < lines:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -128,7 +128,7 @@ def terminate_at(proc: subprocess.Popen[bytes], lines: int, delay: float) -> End
         pytest.fail(f"{' '.join(map(str, proc.args[2:]))} hung: no exit {EXIT_DEADLINE:.0f} s after SIGTERM "
                     f"(sent after {lines} log lines + {delay * 1000:.1f} ms). Its log and stacks:\n"
                     f"{log.decode(errors='replace')[-20000:]}")
-    proc.wait(timeout=EXIT_DEADLINE)  # its stderr is closed: it is exiting
+    proc.wait(timeout=EXIT_DEADLINE)  # its output is closed: it is exiting
     return Ended(proc.returncode, log.decode(), signalled)
 
 
@@ -199,7 +199,7 @@ def run_lane(folder: Path, rng: random.Random) -> int:
         # Mostly while requests are being applied (several log lines each); now and then
         # while it starts (before the handler is installed) or before its first chunk.
         lines = rng.choice((0, 1, 2)) if rng.random() < 0.15 else rng.randint(3, 90)
-        with started(["run", "--trigger", "cron"], folder, env, folder / f"run-{i}.out") as proc:
+        with started(["run", "--trigger", "cron"], folder, env) as proc:
             ended = terminate_at(proc, lines, moment(rng))
         signals += ended.signalled
         runs, leases, _ = database_state(folder / "c.db")
@@ -213,16 +213,18 @@ def run_lane(folder: Path, rng: random.Random) -> int:
             # or after the run was closed.
             assert all(status == "completed" for _, status, _ in new), what
             continue
-        events = [line["event"] for line in json_lines(ended.log)]  # a signal never cuts a log line
+        log = json_lines(ended.log)  # every line JSON: a signal never cuts one, the summary is one
+        events = [line["event"] for line in log]
         assert len(new) == 1, what
         _, status, error = new[0]
+        assert [line["status"] for line in log if line["event"] == "run summary"] == [status], what
         stopping = STOPPING in ended.log
         if ended.returncode == 1:
             assert status == "stopped" and stopping and error.startswith("stopped on request after"), what
         else:  # the signal came after the last chunk: the run completed
             assert ended.returncode == 0 and status == "completed" and not stopping, what
             assert "run finished" in events, what
-    with started(["run", "--trigger", "cron"], folder, env, folder / "last.out") as proc:
+    with started(["run", "--trigger", "cron"], folder, env) as proc:
         log = bytearray()
         finished = read_until(proc, log, lines=None, deadline=time.monotonic() + 300)
         assert finished and proc.wait(timeout=EXIT_DEADLINE) == 0, log.decode()[-5000:]
@@ -239,7 +241,7 @@ def schedule_lane(folder: Path, rng: random.Random) -> int:
     signals = 0
     for i in range(SCHEDULES_PER_LANE):
         lines = rng.choices((0, 1, 2), weights=(1, 2, 7))[0]
-        with started(["schedule", "--at", "03:00"], folder, env, folder / f"schedule-{i}.out") as proc:
+        with started(["schedule", "--at", "03:00"], folder, env) as proc:
             ended = terminate_at(proc, lines, moment(rng))
         signals += ended.signalled
         what = f"schedule {i} (SIGTERM after {lines} lines), exit {ended.returncode}:\n{ended.log[-5000:]}"
