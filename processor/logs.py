@@ -82,6 +82,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(LEVELS[level])
+    logging.captureWarnings(True)  # a library's warning is a log line too, not bare text on stderr
     # Alembic says what it does at INFO on every migration; only its warnings are news.
     logging.getLogger("alembic").setLevel(max(LEVELS[level], logging.WARNING))
     return use_json

@@ -180,3 +180,16 @@ def test_a_terminal_gets_the_readable_log_and_the_summary_table(tmp_path: Path) 
         assert line in screen, screen
     assert "deprovisioned site1.example.test" in screen and "run finished" in screen  # the readable log
     assert f"request {N} (service {N}): " in screen  # the failure, named
+
+
+def test_an_error_in_the_cron_log_is_one_json_line_too(tmp_path: Path) -> None:
+    """Refused before the settings load (a bad variable) and after (a date in the future):
+    the one error line is a JSON object with the text and the exit code, as the log is."""
+    app, env = app_folder(tmp_path)
+    cancelproc = f"{shlex.quote(sys.executable)} -m processor"
+    assert cron(app, dict(env, CANCELPROC_BUSINESS_TIMEZONE="Mars/Olympus"), f"{cancelproc} run") == 2
+    assert cron(app, env, f"{cancelproc} run --as-of 2999-01-01") == 2
+    lines = [json.loads(line) for line in (app / "var" / "log" / "cancelproc.log").read_text().splitlines()]
+    assert [(e["event"], e["level"], e["exit_code"]) for e in lines] == [("error", "error", 2), ("error", "error", 2)]
+    assert "business_timezone" in lines[0]["error"] and "Mars/Olympus" in lines[0]["error"]
+    assert lines[1]["error"].startswith("--as-of 2999-01-01 is in the future")

@@ -690,7 +690,8 @@ def _cli(tmp_path: Path, *args: str):
 
     from processor.cli import cli
 
-    env = {"CANCELPROC_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}", "CANCELPROC_CONFIG": ""}
+    env = {"CANCELPROC_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}", "CANCELPROC_CONFIG": "",
+           "CANCELPROC_LOG_FORMAT": "console"}  # the lines a person reads
     return CliRunner().invoke(cli, list(args), env=env)
 
 

@@ -6,6 +6,7 @@ import datetime as dt
 import io
 import json
 import logging
+import warnings
 
 import structlog
 
@@ -69,11 +70,13 @@ def test_stdlib_records_are_json_lines_with_the_bound_context():
     """A hook's `logging.getLogger(__name__)`: info is kept (at the configured level), and
     each record is rendered like structlog's own lines, with run_id and request_id."""
     stream = io.StringIO()
+    logging.captureWarnings(False)  # an earlier test's capture holds a showwarning of its own test
     configure_logging("info", "json", stream)
     try:
         with structlog.contextvars.bound_contextvars(run_id=5, request_id=9):
             logging.getLogger("my_hooks").info("deprovisioned %s", "site.test")
             logging.getLogger("my_hooks").debug("not at info level")
+            warnings.warn("a library warns", UserWarning, stacklevel=1)
             try:
                 raise ValueError("no panel")
             except ValueError:
@@ -82,12 +85,15 @@ def test_stdlib_records_are_json_lines_with_the_bound_context():
         logging.getLogger("my_hooks").warning("outside the run")
     finally:
         structlog.reset_defaults()
+        logging.captureWarnings(False)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [(e["event"], e["level"], e.get("run_id"), e.get("request_id"), e["logger"]) for e in lines] == [
         ("deprovisioned site.test", "info", 5, 9, "my_hooks"),
+        (lines[1]["event"], "warning", 5, 9, "py.warnings"),
         ("panel call failed", "error", 5, 9, "my_hooks"),
         ("outside the run", "warning", None, None, "my_hooks")]
-    assert "ValueError: no panel" in lines[1]["exception"]
+    assert "UserWarning: a library warns" in lines[1]["event"]
+    assert "ValueError: no panel" in lines[2]["exception"]
 
 
 def test_what_a_hook_prints_is_captured_while_stdout_is_routed(capsys):
