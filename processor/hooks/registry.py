@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import functools
 import inspect
+import io
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from processor.errors import InputError, one_line
 from processor.hooks.points import POINTS, Policy
-from processor.logs import captured_stdout
+from processor.logs import capture_stdout, release_stdout
 
 
 class HookDefinitionError(InputError):
@@ -127,14 +129,20 @@ class HookRegistry:
     def _call_one(self, impl: HookImpl, params: Mapping[str, Any]) -> Any:
         """One hook call. What it logs carries the request's id; what it prints is logged,
         never written to the command's stdout (a `--json` document, a table)."""
+        # Set and reset by hand, not with context managers: this runs for every hook call.
         request_id = params.get("request_id")
-        context = {} if request_id is None else {"request_id": request_id}
-        with structlog.contextvars.bound_contextvars(**context), captured_stdout() as printed:
-            try:
-                return self._call_traced(impl, params)
-            finally:
+        bound = bind_contextvars(request_id=request_id) if request_id is not None else None
+        printed = io.StringIO()
+        capture = capture_stdout(printed)
+        try:
+            return self._call_traced(impl, params)
+        finally:
+            release_stdout(capture)
+            if printed.tell():
                 for line in printed.getvalue().splitlines():
                     self.log.info("hook output", hook=impl.label, output=line)
+            if bound is not None:
+                reset_contextvars(**bound)
 
     def _call_traced(self, impl: HookImpl, params: Mapping[str, Any]) -> Any:
         if not self.trace:
