@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # The demo is an app folder of its own, made by `cancelproc init` as an operator's is.
+# It is for a person, whether make runs on a terminal or not: readable log, summary table.
 DEMO_DIR := var/demo
-DEMO := cd $(DEMO_DIR) && $(CURDIR)/$(BIN)/cancelproc
+DEMO := cd $(DEMO_DIR) && CANCELPROC_LOG_FORMAT=console $(CURDIR)/$(BIN)/cancelproc
 
 .PHONY: install demo lint test bench docs clean postgresql-binaries
 

@@ -1,38 +1,191 @@
 """Logging with structlog: readable lines on a terminal, JSON lines otherwise (cron, systemd).
 
 The run binds run_id into structlog's context variables, so every line of a run carries
-it; lines about a request carry request_id.
+it; what a hook logs also carries the request_id it is called for (`in_hook_context`).
+
+Records of the standard library's `logging` (a hook's `logging.getLogger(__name__)`, a
+library) go through the same processors and renderer (structlog's ProcessorFormatter on
+the root logger), so they are JSON lines with the same context too, never bare text.
+
+What a hook prints (`print()`) is captured while the hook runs and logged as "hook output"
+lines, so it never lands in a command's stdout (`--json` output, or a table).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
-from typing import TextIO
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, TextIO
 
 import structlog
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
-    """Set up structlog for this process. fmt: auto (console on a TTY, else json), json, console."""
+class _StdlibHandler(logging.StreamHandler):
+    """The root handler configure_logging installs (and replaces when called again)."""
+
+
+class _StderrHandler(_StdlibHandler):
+    """To whatever sys.stderr is at the time of the record (as logging.lastResort does)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
+def json_wanted(fmt: str, stream: TextIO) -> bool:
+    """JSON lines, or lines for a person? auto: JSON unless `stream` is a terminal."""
+    return fmt == "json" or (fmt == "auto" and not stream.isatty())
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> bool:
+    """Set up structlog and the stdlib root logger for this process. fmt: auto (console on
+    a TTY, else json), json, console. Returns True when the lines are JSON."""
+    handler = _StdlibHandler(stream) if stream is not None else _StderrHandler()
     stream = stream or sys.stderr
-    use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    use_json = json_wanted(fmt, stream)
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if use_json
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        _add_hook_call,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, renderer],
+    ))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StdlibHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(LEVELS[level])
+    logging.captureWarnings(True)  # a library's warning is a log line too, not bare text on stderr
+    # Alembic says what it does at INFO on every migration; only its warnings are news.
+    logging.getLogger("alembic").setLevel(max(LEVELS[level], logging.WARNING))
+    return use_json
+
+
+# --- what hooks print, and whose lines they are ------------------------------------------
+
+# The hook being called in this context (thread), and the request it is called for: set
+# around every hook call by `in_hook_context`, read by what the hook prints or logs.
+_HOOK_CALL: ContextVar[tuple[str, Any] | None] = ContextVar("cancelproc_hook_call", default=None)
+# Or a block's own capture (`captured_stdout`: what hook files print as they load).
+_captured: ContextVar[io.StringIO | None] = ContextVar("cancelproc_hook_stdout", default=None)
+_partial = threading.local()  # a hook's printed text not yet ended by a newline, per thread
+
+
+def _add_hook_call(logger: Any, method: str, event_dict: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    """A line logged while a hook runs carries the request it runs for (shared processor)."""
+    call = _HOOK_CALL.get()
+    if call is not None and call[1] is not None:
+        event_dict.setdefault("request_id", call[1])
+    return event_dict
+
+
+def in_hook_context(label: str, call: Callable[[Mapping[str, Any]], Any]) -> Callable[[Mapping[str, Any]], Any]:
+    """`call` (one hook) wrapped so that, while it runs, what it logs carries the request's
+    id and what it prints is logged as "hook output" lines naming it. One context variable
+    set and reset per call, no context manager: this runs for every hook call."""
+    def hook_call(params: Mapping[str, Any]) -> Any:
+        token = _HOOK_CALL.set((label, params.get("request_id")))
+        try:
+            return call(params)
+        finally:
+            if getattr(_partial, "text", ""):
+                _log_printed(_partial.text)
+                _partial.text = ""
+            _HOOK_CALL.reset(token)
+    return hook_call
+
+
+def _log_printed(line: str) -> None:
+    call = _HOOK_CALL.get()
+    structlog.get_logger("cancelproc.hooks").info("hook output", hook=call[0] if call else None, output=line)
+
+
+class _RoutedStdout(io.TextIOBase):
+    """sys.stdout once hooks are loaded: what a hook prints (inside `in_hook_context`, in
+    whatever thread) is logged line by line; inside `captured_stdout` it goes to that
+    capture; everything else to the real stdout."""
+
+    def __init__(self, real: TextIO) -> None:
+        super().__init__()
+        self.real = real
+
+    def write(self, s: str) -> int:
+        if _HOOK_CALL.get() is not None:
+            *lines, rest = (getattr(_partial, "text", "") + s).split("\n")
+            for line in lines:
+                _log_printed(line)
+            _partial.text = rest
+            return len(s)
+        buffer = _captured.get()
+        return (buffer if buffer is not None else self.real).write(s)
+
+    def flush(self) -> None:
+        self.real.flush()
+
+    def isatty(self) -> bool:
+        return self.real.isatty()
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def writable(self) -> bool:
+        return True
+
+    # Read-only here as in io's own streams (TextIOBase's are None): click writes to a
+    # stream whose encoding it knows, instead of wrapping the buffer behind it.
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self.real.encoding
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return self.real.errors
+
+    def __getattr__(self, name: str) -> Any:  # encoding, buffer, errors: the real stream's
+        return getattr(self.real, name)
+
+
+def route_hook_output() -> None:
+    """Send what hooks print to the log, not to stdout. Idempotent."""
+    if not isinstance(sys.stdout, _RoutedStdout):
+        sys.stdout = _RoutedStdout(sys.stdout)
+
+
+@contextmanager
+def captured_stdout() -> Iterator[io.StringIO]:
+    """What this block prints while stdout is routed; the caller logs it."""
+    buffer = io.StringIO()
+    token = _captured.set(buffer)
+    try:
+        yield buffer
+    finally:
+        _captured.reset(token)

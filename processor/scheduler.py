@@ -8,12 +8,20 @@ that is, and ends on SIGTERM/SIGINT; a run in progress finishes its chunk first.
 from __future__ import annotations
 
 import datetime as dt
-import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import schedule
 import structlog
+
+
+class StopRequest(Protocol):
+    """What tells the loop to end: a threading.Event, or the CLI's signal flag (whose
+    handler must not take the Event's lock)."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float) -> bool: ...
 
 
 def nightly(times: Sequence[str], zone: str, job: Callable[[], Any]) -> schedule.Scheduler:
@@ -30,7 +38,7 @@ def next_run(scheduler: schedule.Scheduler, zone: dt.tzinfo) -> dt.datetime | No
     return when.astimezone(zone) if when else None
 
 
-def serve(scheduler: schedule.Scheduler, stop: threading.Event, zone: dt.tzinfo, *, longest_sleep: float = 60) -> None:
+def serve(scheduler: schedule.Scheduler, stop: StopRequest, zone: dt.tzinfo, *, longest_sleep: float = 60) -> None:
     """Run due jobs until `stop` is set; sleep in between (at most `longest_sleep` seconds,
     so a changed clock is noticed)."""
     log = structlog.get_logger("cancelproc.schedule")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,8 +35,10 @@ class WorkerProcesses:
         """Start the workers and wait for them, renewing the run's lease; on a stop request,
         ask each to finish its chunk and stop. True if they were asked to stop."""
         log = structlog.get_logger("cancelproc.workers")
+        # Their stdout goes to this process's stderr, with the log: this process's stdout
+        # holds its own report alone (a `--json` document).
         procs = [subprocess.Popen(list(self.command), env=dict(self.env) if self.env is not None else None,
-                                  stdin=subprocess.DEVNULL) for _ in range(self.count)]
+                                  stdin=subprocess.DEVNULL, stdout=_stderr_fd()) for _ in range(self.count)]
         log.info("workers started", pids=[p.pid for p in procs])
         stopping = False
         try:
@@ -61,3 +64,10 @@ class WorkerProcesses:
         if died:
             log.warning("workers ended abnormally; their unfinished chunks are taken up again", workers=died)
         return stopping
+
+
+def _stderr_fd() -> int | None:
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # no file behind it (a test's capture): inherit stdout
+        return None

@@ -25,6 +25,14 @@ def process_env(database_url: str, **settings: str) -> dict[str, str]:
     return env
 
 
+def error_text(line: str) -> str:
+    """An error line of a process whose log is JSON (cron, systemd: no terminal) as the
+    person's line reads ("error: ..."): it is one JSON object with the same text."""
+    record = json.loads(line)
+    assert record["level"] == "error", record
+    return f"{record['event']}: {record['error']}"
+
+
 def ok(result: Result, code: int = 0) -> Result:
     assert result.exit_code == code, (
         f"exit {result.exit_code} (expected {code})\nstdout: {result.stdout}\nstderr: {result.stderr}\n"

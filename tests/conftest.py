@@ -119,6 +119,9 @@ def invoke(url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Invoke:
     monkeypatch.chdir(tmp_path)
     base_env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("CANCELPROC_")}
     base_env["CANCELPROC_DATABASE_URL"] = url
+    # CliRunner's streams are no terminal: these tests read what a person at one gets (the
+    # human run summary; JSON lines are tested in test_logs.py), so they ask for it.
+    base_env["CANCELPROC_LOG_FORMAT"] = "console"
 
     def _invoke(*args: Any, env: dict[str, str | None] | None = None) -> Result:
         return CliRunner().invoke(cli, [str(a) for a in args], env={**base_env, **(env or {})})

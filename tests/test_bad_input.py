@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 from processor.cli import cli
 from processor.config import EmailSettings, Settings, SmtpSettings, load_settings
-from tests.cli_helpers import ok, process_env
+from tests.cli_helpers import error_text, ok, process_env
 from tests.pg_server import find_bin
 
 # --- values that are wrong for any argument of their kind -------------------------------
@@ -310,7 +310,11 @@ def refused(root: Path, args: list[str], env: dict[str, str | None] | None = Non
     shown = f"cancelproc {' '.join(a[:80] for a in args)[:400]}"
     assert result.exit_code == 2, (f"{shown}: exit {result.exit_code}\nstdout: {result.stdout[:2000]}\n"
                                    f"stderr: {result.stderr[:2000]}\n{result.exception!r}")
-    lines = result.stderr.strip().splitlines()
+    for line in result.stderr.strip().splitlines():
+        line.encode("utf-8")  # printable on a UTF-8 terminal (no lone surrogates)
+    # No terminal here: each error line is a JSON object (as in the cron log) holding the
+    # line a person would read; that line is checked.
+    lines = [error_text(line) for line in result.stderr.strip().splitlines()]
     # `import` names each bad row on a line of its own, then the verdict on the file.
     assert len(lines) == 1 or args[0] == "import", f"{shown}:\n{result.stderr[:2000]}"
     assert all(line.startswith("error: ") for line in lines), f"{shown}:\n{result.stderr[:2000]}"
@@ -550,7 +554,7 @@ def test_an_unknown_config_key_is_refused_with_the_allowed_ones(app_root, name):
 def test_bytes_that_are_not_utf8_in_a_real_process_are_refused_in_one_line(app_root, argv):
     """As the shell passes them: bytes, not text. Python decodes them with surrogates, and
     printing one back on a UTF-8 terminal would raise instead of showing the error."""
-    env = process_env(_url(app_root), LC_ALL="C.UTF-8", PYTHONIOENCODING="")
+    env = process_env(_url(app_root), LC_ALL="C.UTF-8", PYTHONIOENCODING="", CANCELPROC_LOG_FORMAT="console")
     before = snapshot(app_root)
     done = subprocess.run([sys.executable, "-m", "processor", *argv], cwd=app_root, env=env, capture_output=True,
                           timeout=60)
@@ -563,7 +567,7 @@ def test_bytes_that_are_not_utf8_in_a_real_process_are_refused_in_one_line(app_r
 
 @pytest.mark.sqlite_only
 def test_an_environment_variable_that_is_not_utf8_is_refused_naming_it(app_root):
-    env = {k.encode(): v.encode() for k, v in process_env(_url(app_root)).items()}
+    env = {k.encode(): v.encode() for k, v in process_env(_url(app_root), CANCELPROC_LOG_FORMAT="console").items()}
     env[b"CANCELPROC_EMAIL__COMPANY_NAME"] = b"Soci\xe9t\xe9"  # bytes: os.environ cannot hold them as text
     before = snapshot(app_root)
     done = subprocess.run([sys.executable, "-m", "processor", "run"], cwd=app_root, env=env, capture_output=True,

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from processor import lease
-from tests.cli_helpers import process_env
+from tests.cli_helpers import error_text, process_env
 
 CHUNK_SIZE = 50
 EXIT_LEASE_HELD = 75
@@ -457,7 +457,7 @@ def test_two_runs_at_once(tmp_path: Path) -> None:
             assert (pid, status, completed) == (winner.pid, "completed", 2000), runs
             lines = errors[loser.pid].splitlines()
             assert len(lines) == 1, f"round {n}: exit 75 should print one line, got: {errors[loser.pid]!r}"
-            match = LEASE_HELD_LINE.match(lines[0])
+            match = LEASE_HELD_LINE.match(error_text(lines[0]))  # a JSON line, as in the cron log
             assert match, f"round {n}: exit 75 does not name the active run: {lines[0]!r}"
             assert (int(match[1]), match[2], int(match[3])) == (run_id, socket.gethostname(), winner.pid), \
                 f"round {n}: {lines[0]!r} names another run than run {run_id} (pid {winner.pid})"

@@ -402,7 +402,7 @@ def test_at_the_cli_an_outage_exits_1_and_emails_send_delivers_each_once_later(d
     env.update(CANCELPROC_DATABASE_URL=settings.database_url, CANCELPROC_EMAIL__DELIVERY="smtp",
                CANCELPROC_EMAIL__SMTP__HOST="127.0.0.1", CANCELPROC_EMAIL__SMTP__PORT=str(port),
                CANCELPROC_EMAIL__SMTP__SECURITY="none", CANCELPROC_EMAIL__SMTP__USERNAME="mailer",
-               CANCELPROC_SMTP_PASSWORD=PASSWORD)
+               CANCELPROC_SMTP_PASSWORD=PASSWORD, CANCELPROC_LOG_FORMAT="console")  # the summary for a person
     down = CliRunner().invoke(cli, ["run", "--as-of", str(D)], env=env)
     assert down.exit_code == 1, down.output
     assert "cancelled                 3" in down.stdout

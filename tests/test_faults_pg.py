@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from processor.db import open_database, upgrade
 from processor.models import AuditEntry, CancellationRequest, OutboxEmail, RequestStatus
+from tests.cli_helpers import error_text
 from tests.conftest import throwaway_pg
 from tests.test_workers import env, seed  # the workers' data and slow TerminateAccount hook
 
@@ -48,7 +49,7 @@ def test_a_server_restart_mid_run_loses_nothing_and_a_rerun_finishes(own_server,
     own_server.restart()
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err
-    last = err.strip().splitlines()[-1]
+    last = error_text(err.strip().splitlines()[-1])
     assert last.startswith("error: run 1 stopped: database error:") and "what was committed stays" in last
     with db.read_session() as s:
         committed = s.scalar(select(func.count()).where(CancellationRequest.status == RequestStatus.COMPLETED))

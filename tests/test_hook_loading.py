@@ -210,7 +210,8 @@ def cli_env(tmp_path: Path, hooks_dir: Path, monkeypatch: pytest.MonkeyPatch) ->
     """A migrated database at tmp_path/x.db (through `cancelproc init`) and the env to reach it."""
     monkeypatch.chdir(tmp_path)  # no ./config/processor.toml from the repo
     env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("CANCELPROC_")}
-    env.update(CANCELPROC_DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}", CANCELPROC_HOOKS_DIR=str(hooks_dir))
+    env.update(CANCELPROC_DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}", CANCELPROC_HOOKS_DIR=str(hooks_dir),
+               CANCELPROC_LOG_FORMAT="console")  # the lines a person reads (tests that want JSON say so)
     result = CliRunner().invoke(cli, ["init"], env=env)
     assert result.exit_code == 0, result.output
     return env

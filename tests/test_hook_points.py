@@ -260,7 +260,8 @@ def invoke(settings: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ca
     """`cancelproc ARGS` in-process, on this test's database and hooks dir, at a frozen time."""
     monkeypatch.chdir(tmp_path)
     env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("CANCELPROC_")}
-    env.update(CANCELPROC_DATABASE_URL=settings.database_url, CANCELPROC_HOOKS_DIR=str(tmp_path / "hooks"))
+    env.update(CANCELPROC_DATABASE_URL=settings.database_url, CANCELPROC_HOOKS_DIR=str(tmp_path / "hooks"),
+               CANCELPROC_LOG_FORMAT="console")  # a person's view: the summary table, not a log event
 
     def _invoke(*args: Any) -> Result:
         with freeze_time(dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC)):

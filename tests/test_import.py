@@ -691,7 +691,8 @@ def _cli(tmp_path: Path, *args: str):
 
     from processor.cli import cli
 
-    env = {"CANCELPROC_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}", "CANCELPROC_CONFIG": ""}
+    env = {"CANCELPROC_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}", "CANCELPROC_CONFIG": "",
+           "CANCELPROC_LOG_FORMAT": "console"}  # the lines a person reads
     with contextlib.chdir(tmp_path):  # the app folder: `init` makes config/, hooks/, var/ there, not in the checkout
         return CliRunner().invoke(cli, list(args), env=env)
 

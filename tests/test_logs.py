@@ -5,11 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import logging
+import warnings
 
 import structlog
 
 from processor.cli.run import _run_with_progress
-from processor.logs import configure_logging
+from processor.logs import captured_stdout, configure_logging, route_hook_output
 from processor.run import Runner, RunOptions
 from tests import factories
 
@@ -62,3 +64,42 @@ def test_progress_bar_only_above_the_threshold(db, settings, now, capsys):
         factories.request(s, factories.service(s))
     _run_with_progress(runner, RunOptions(as_of=D), show_progress=True)
     assert "cancelling" not in capsys.readouterr().err
+
+
+def test_stdlib_records_are_json_lines_with_the_bound_context():
+    """A hook's `logging.getLogger(__name__)`: info is kept (at the configured level), and
+    each record is rendered like structlog's own lines, with run_id and request_id."""
+    stream = io.StringIO()
+    logging.captureWarnings(False)  # an earlier test's capture holds a showwarning of its own test
+    configure_logging("info", "json", stream)
+    try:
+        with structlog.contextvars.bound_contextvars(run_id=5, request_id=9):
+            logging.getLogger("my_hooks").info("deprovisioned %s", "site.test")
+            logging.getLogger("my_hooks").debug("not at info level")
+            warnings.warn("a library warns", UserWarning, stacklevel=1)
+            try:
+                raise ValueError("no panel")
+            except ValueError:
+                logging.getLogger("my_hooks").exception("panel call failed")
+        configure_logging("info", "json", stream)  # again (each CLI command): still one handler
+        logging.getLogger("my_hooks").warning("outside the run")
+    finally:
+        structlog.reset_defaults()
+        logging.captureWarnings(False)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(e["event"], e["level"], e.get("run_id"), e.get("request_id"), e["logger"]) for e in lines] == [
+        ("deprovisioned site.test", "info", 5, 9, "my_hooks"),
+        (lines[1]["event"], "warning", 5, 9, "py.warnings"),
+        ("panel call failed", "error", 5, 9, "my_hooks"),
+        ("outside the run", "warning", None, None, "my_hooks")]
+    assert "UserWarning: a library warns" in lines[1]["event"]
+    assert "ValueError: no panel" in lines[2]["exception"]
+
+
+def test_what_hook_files_print_as_they_load_is_captured_while_stdout_is_routed(capsys):
+    route_hook_output()
+    with captured_stdout() as printed:
+        print("from the hook")
+    print("from the command")
+    assert printed.getvalue() == "from the hook\n"
+    assert capsys.readouterr().out == "from the command\n"

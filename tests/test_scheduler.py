@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import signal
 import sqlite3
 import subprocess
@@ -131,11 +132,31 @@ def test_the_signal_handler_only_sets_a_flag_and_the_loop_logs() -> None:
     from processor.cli.run import StopOnSignal
 
     stop = StopOnSignal()
-    with structlog.testing.capture_logs() as logs:
+    with stop, structlog.testing.capture_logs() as logs:
+        assert stop() is False and stop.wait(0) is False
         stop._handle(signal.SIGTERM, None)
-        assert logs == [] and stop.event.is_set()
+        assert logs == [] and stop.is_set()
         assert stop() is True and stop() is True
+        with pytest.raises(KeyboardInterrupt):  # a second signal stops at once
+            stop._handle(signal.SIGTERM, None)
     assert [(e["event"], e["signal"]) for e in logs] == [
         ("stopping after the current chunk (signal again to stop at once)", "SIGTERM")]
-    with pytest.raises(KeyboardInterrupt):  # a second signal stops at once
-        stop._handle(signal.SIGTERM, None)
+
+
+def test_a_real_signal_wakes_the_sleeping_scheduler_at_once() -> None:
+    """`wait` sleeps on the handler's pipe: a SIGTERM ends a 60-second sleep at once, with no
+    threading.Event in between (its set() in a handler can wait for ever on the Event's lock
+    when the signal lands inside Event.wait)."""
+    from processor.cli.run import StopOnSignal
+
+    stop = StopOnSignal()
+    with stop:
+        timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.start()
+        started = time.monotonic()
+        try:
+            assert stop.wait(60) is True
+        finally:
+            timer.cancel()
+        assert time.monotonic() - started < 30 and stop.received == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back as it was

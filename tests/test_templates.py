@@ -34,7 +34,8 @@ def run(db, settings, tmp_path, monkeypatch):
     (tmp_path / "mine").mkdir()
     monkeypatch.chdir(tmp_path)
     env = {k: None for k in os.environ if k.startswith("CANCELPROC_")}
-    env.update(CANCELPROC_DATABASE_URL=settings.database_url, CANCELPROC_EMAIL__TEMPLATES_DIR=str(tmp_path / "mine"))
+    env.update(CANCELPROC_DATABASE_URL=settings.database_url, CANCELPROC_EMAIL__TEMPLATES_DIR=str(tmp_path / "mine"),
+               CANCELPROC_LOG_FORMAT="console")  # the line a person reads
 
     def _run(template: str):
         (tmp_path / "mine" / NAME).write_text(template)

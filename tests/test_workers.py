@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import json
 import signal
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from processor.models import (
     Service,
     ServiceStatus,
 )
-from tests.cli_helpers import process_env
+from tests.cli_helpers import error_text, process_env
 
 pytestmark = pytest.mark.slow
 N = 3000
@@ -115,6 +116,9 @@ def test_workers_share_a_run_and_apply_each_request_once(pg, tmp_path, workers):
     proc = cancelproc(tmp_path, env(url, tmp_path), "run", "--workers", str(workers), "--json")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
+    summary = json.loads(out)  # stdout is the JSON document alone: the workers' output is not in it
+    assert (summary["due"], summary["completed"]) == (N, N)
+    assert all(json.loads(line) for line in err.splitlines())  # theirs is with the log, JSON too
     assert_each_applied_once(db, N, tmp_path, exactly_once_hooks=True)
 
 
@@ -151,13 +155,15 @@ def test_a_second_host_joins_the_run_in_progress(pg, tmp_path):
             if s.scalar(select(func.count()).where(CancellationRequest.status == RequestStatus.COMPLETED)):
                 break
         time.sleep(0.05)
-    joined = cancelproc(tmp_path, environ, "run", "--join")
+    joined = cancelproc(tmp_path, dict(environ, CANCELPROC_LOG_LEVEL="info"), "run", "--join")
     j_out, j_err = joined.communicate(timeout=300)
     out, err = main.communicate(timeout=300)
     assert main.returncode == 0, err
     assert joined.returncode == 0, j_err
-    assert j_out.startswith("worker ") and " on run 1: " in j_out
-    done_by_worker = int(j_out.split(": ")[1].split(" due")[0])
+    assert j_out == ""  # JSON logs (no terminal): the worker's report is its "worker done" log line
+    done, = [line for line in map(json.loads, j_err.splitlines()) if line["event"] == "worker done"]
+    assert done["run_id"] == 1
+    done_by_worker = done["due"]
     assert 0 < done_by_worker < N  # it did a share, not all
     assert_each_applied_once(db, N, tmp_path, exactly_once_hooks=True)
 
@@ -170,11 +176,12 @@ def test_workers_need_postgresql_and_join_needs_a_run(pg, tmp_path):
     refused = subprocess.run([sys.executable, "-m", "processor", "run", "--workers", "2"], cwd=tmp_path, env=sqlite,
                              capture_output=True, text=True)
     assert refused.returncode == 2
-    assert refused.stderr.strip().splitlines()[-1] == (
+    assert error_text(refused.stderr.strip().splitlines()[-1]) == (
         "error: --workers 2: parallel workers need PostgreSQL (database_url); SQLite lets one process write at a time")
     nothing = subprocess.run([sys.executable, "-m", "processor", "run", "--join"], cwd=tmp_path, env=env(url, tmp_path),
                              capture_output=True, text=True)
-    assert nothing.returncode == 2 and nothing.stderr.strip().endswith("error: no run in progress to join")
+    assert nothing.returncode == 2
+    assert error_text(nothing.stderr.strip().splitlines()[-1]) == "error: no run in progress to join"
 
 
 def test_limit_and_join_take_no_other_options(pg, tmp_path):
@@ -183,4 +190,4 @@ def test_limit_and_join_take_no_other_options(pg, tmp_path):
                            (["--join", "--workers", "2"], "--join takes no other option")):
         result = subprocess.run([sys.executable, "-m", "processor", "run", *args], cwd=tmp_path,
                                 env=env(url, tmp_path), capture_output=True, text=True)
-        assert result.returncode == 2 and fragment in result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 2 and fragment in error_text(result.stderr.strip().splitlines()[-1])

@@ -108,7 +108,7 @@ def import_command(app: App, files: tuple[Path, ...], kind: str | None, as_json:
                                           actor=f"import:{app.operator}")
         except importer.ImportRejected as exc:
             for error in exc.errors:
-                echo_error(f"error: {error}")
+                echo_error(f"error: {error}", as_json=app.json_logs)
             skipped = [str(p) for p in files[position + 1:]]
             raise InputError(f"{path}: rejected, {len(exc.errors)} bad row(s); nothing of it was imported"
                              + (f"; not attempted: {', '.join(skipped)}" if skipped else "")) from None

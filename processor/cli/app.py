@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
+import json
 import os
 import re
 import sys
@@ -34,7 +35,7 @@ from processor.errors import (
     one_line,
 )
 from processor.hooks import HookRegistry, load_hooks
-from processor.logs import configure_logging
+from processor.logs import captured_stdout, configure_logging, json_wanted, route_hook_output
 from processor.models import (
     AuditEntry,
     CancellationRequest,
@@ -59,13 +60,27 @@ class App:
     _hooks: HookRegistry | None = None
     _templates: EmailTemplates | None = None
     operator: str = field(default_factory=lambda: os.environ.get("SUDO_USER") or getpass.getuser())
+    _json_logs: bool = False
 
     @property
     def settings(self) -> Settings:
         if self._settings is None:
             self._settings = load_settings(self.config_path)
-            configure_logging("debug" if self.debug else self._settings.log_level, self._settings.log_format)
+            self._json_logs = configure_logging("debug" if self.debug else self._settings.log_level,
+                                                self._settings.log_format)
         return self._settings
+
+    @property
+    def settings_loaded(self) -> bool:
+        return self._settings is not None
+
+    @property
+    def json_logs(self) -> bool:
+        """The log is JSON lines (log_format json, or auto off a terminal: cron, systemd), so a
+        command's report for people becomes one JSON log event instead of text on stdout:
+        every line of the combined output is then one JSON object."""
+        _ = self.settings
+        return self._json_logs
 
     def database(self, *, create: bool = False, migrated: bool = True) -> Database:
         if self._db is None:
@@ -79,9 +94,15 @@ class App:
     def hooks(self) -> HookRegistry:
         """Hook files and plugins, loaded once; a failure stops the command before any write."""
         if self._hooks is None:
-            self._hooks = load_hooks(self.settings.path(self.settings.hooks_dir),
-                                     trace=os.environ.get("CANCELPROC_TRACE_HOOKS") == "1",
-                                     check_permissions=not self.settings.hooks_allow_unsafe_permissions)
+            route_hook_output()  # a hook's print() is logged, never in a command's stdout
+            with captured_stdout() as printed:  # what a hook file prints as it loads, too
+                try:
+                    self._hooks = load_hooks(self.settings.path(self.settings.hooks_dir),
+                                             trace=os.environ.get("CANCELPROC_TRACE_HOOKS") == "1",
+                                             check_permissions=not self.settings.hooks_allow_unsafe_permissions)
+                finally:
+                    for line in printed.getvalue().splitlines():
+                        structlog.get_logger("cancelproc.hooks").info("hook output", output=line)
         return self._hooks
 
     @property
@@ -129,14 +150,32 @@ class App:
 _LONG_WORD = re.compile(r"\S{200,}")
 
 
-def echo_error(line: str) -> None:
+def echo_error(line: str, *, as_json: bool = False, exit_code: int | None = None) -> None:
     """An error line as the operator reads it: one line, whatever value it quotes. A value
     with control characters or bytes that are not UTF-8 is shown escaped (it would break
-    the line, or the terminal's encoding), and a very long one is cut, with its length."""
+    the line, or the terminal's encoding), and a very long one is cut, with its length.
+    `as_json` (the log is JSON lines: cron, systemd): the same line as one JSON log event,
+    its `error` holding the text, so the cron log stays JSON lines throughout."""
     line = "".join(ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
                    for ch in line)
     line = _LONG_WORD.sub(lambda m: f"{m.group()[:100]}...[{len(m.group())} characters]", line)
+    if as_json:
+        event, _, error = line.partition(": ")
+        record: dict[str, Any] = {"event": event, "error": error, "level": "error"}
+        if exit_code is not None:
+            record["exit_code"] = exit_code
+        record["timestamp"] = utc_now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        line = json.dumps(record, ensure_ascii=False)
     click.echo(line, err=True)
+
+
+def errors_as_json(app: App | None) -> bool:
+    """Are error lines JSON? As the log is: by the settings' log_format once they are loaded;
+    before (a config error), by CANCELPROC_LOG_FORMAT, else JSON unless stderr is a terminal."""
+    if app is not None and app.settings_loaded:
+        return app.json_logs
+    fmt = os.environ.get("CANCELPROC_LOG_FORMAT", "auto").strip().lower()
+    return json_wanted(fmt if fmt in ("auto", "json", "console") else "auto", sys.stderr)
 
 
 class CancelprocCommand(click.Command):
@@ -168,11 +207,18 @@ class CancelprocGroup(click.Group):
 
     command_class = CancelprocCommand
     group_class = type  # subgroups are CancelprocGroups, so their commands are CancelprocCommands
+    app: App | None = None  # the App of the command under way: its log format is that of the error lines
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
         argv = _debug_first(list(sys.argv[1:] if args is None else args))
         debug = argv[:1] == ["--debug"] or os.environ.get("CANCELPROC_DEBUG") == "1"
+        self.app = None
+
+        def fail(line: str, code: int) -> int:
+            echo_error(line, as_json=errors_as_json(self.app), exit_code=code)
+            return code
+
         try:
             code = super().main(argv, prog_name or "cancelproc", complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as exc:
@@ -183,26 +229,21 @@ class CancelprocGroup(click.Group):
             code = 0
         except click.UsageError as exc:
             where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
-            echo_error(f"error: {exc.format_message()}{where}")
-            code = 2
+            code = fail(f"error: {exc.format_message()}{where}", 2)
         except click.exceptions.Abort:
-            click.echo("aborted", err=True)
-            code = 130
+            code = fail("aborted", 130)
         except CancelprocError as exc:
             if debug:
                 raise
-            echo_error(f"error: {exc}")
-            code = exc.exit_code
+            code = fail(f"error: {exc}", exc.exit_code)
         except OperationalError as exc:  # the database went away, or is locked: not a bug
             if debug:
                 raise
-            echo_error(f"error: {database_trouble(exc)}")
-            code = DatabaseUnavailable.exit_code
+            code = fail(f"error: {database_trouble(exc)}", DatabaseUnavailable.exit_code)
         except Exception as exc:
             if debug:
                 raise
-            echo_error(f"internal error: {one_line(exc)} (run with --debug for the traceback)")
-            code = EXIT_INTERNAL
+            code = fail(f"internal error: {one_line(exc)} (run with --debug for the traceback)", EXIT_INTERNAL)
         code = 0 if code is None else code
         if standalone_mode:
             sys.exit(code)
@@ -226,6 +267,8 @@ def cli(ctx: click.Context, config_path: Path | None, debug: bool) -> None:
     """
     app = App(config_path=config_path, debug=debug)
     ctx.obj = app
+    if isinstance(ctx.command, CancelprocGroup):
+        ctx.command.app = app
     ctx.call_on_close(app.close)
 
 

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from processor import outbox
 from processor.cli.app import App, cli, pass_app, utc_now
 from processor.cli.arguments import COUNT, ID, LanguageType
-from processor.cli.output import echo_fields, echo_json, echo_rows
+from processor.cli.output import echo_fields, echo_json, echo_rows, log_report
 from processor.delivery import DeliveryReport, build_message, get_email, message_id, retry_emails
 from processor.digest import preview_digest
 from processor.emails import CRON_JOB_ACTIVITY, TEMPLATES
@@ -151,8 +151,11 @@ def emails_send(app: App, limit: int | None, ignore_backoff: bool, as_json: bool
         report = app.deliverer().deliver(limit=limit, ignore_backoff=ignore_backoff)
     finally:
         app.write_metrics()
+    data = {k: getattr(report, k) for k in ("sent", "retrying", "failed", "queued", "stopped", "failed_emails")}
     if as_json:
-        echo_json({k: getattr(report, k) for k in ("sent", "retrying", "failed", "queued", "stopped", "failed_emails")})
+        echo_json(data)
+    elif app.json_logs:  # cron, systemd: one more JSON line of the log
+        log_report("delivery summary", data, problem=not report.ok)
     else:
         _echo_delivery(report)
     return 0 if report.ok else 1

@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 import click
+import structlog
 
 
 def to_jsonable(value: Any) -> Any:
@@ -68,3 +69,10 @@ def echo_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, as_j
         echo_json(rows)
     else:
         echo_table(rows, columns, empty=empty)
+
+
+def log_report(event: str, data: Mapping[str, Any], *, problem: bool = False) -> None:
+    """A command's report as one log event (JSON off a terminal), its values as --json has
+    them: what cron's log and the journal get instead of text for people on stdout."""
+    log = structlog.get_logger("cancelproc")
+    (log.warning if problem else log.info)(event, **json.loads(dumps(dict(data))))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import gc
 import os
+import select
 import signal
 import sys
-import threading
+import time
 from typing import Any
 
 import click
@@ -15,7 +17,7 @@ import structlog
 
 from processor.cli.app import App, cli, pass_app
 from processor.cli.arguments import COUNT, DATE
-from processor.cli.output import dumps, echo_fields, echo_json, echo_table
+from processor.cli.output import dumps, echo_fields, echo_json, echo_table, log_report
 from processor.config import clock_time_problem
 from processor.errors import (
     CancelprocError,
@@ -34,17 +36,27 @@ PROGRESS_THRESHOLD = 300  # a manual run on a terminal shows a bar above this ma
 
 class StopOnSignal:
     """SIGTERM or SIGINT asks the work to stop after its current chunk (the run is recorded
-    as stopped, its lease released); a second signal stops at once."""
+    as stopped, its lease released); a second signal stops at once.
+
+    The handler only sets a flag and writes a byte to a pipe of its own (async-signal-safe,
+    non-blocking). It takes no lock: a handler that logs waits for the logger's lock, and
+    one that calls threading.Event.set() waits for the Event's lock, each held by the very
+    code the signal interrupted (a structlog write; the scheduler inside Event.wait), for
+    ever. `wait` sleeps on that pipe, so a signal wakes the scheduler at once."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.event = threading.Event()
         self.received: int | None = None
         self._logged = False
         self._previous: dict[int, Any] = {}
+        self._wakeup: tuple[int, int] | None = None  # (read end, write end) while entered
 
     def __enter__(self) -> StopOnSignal:
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        os.set_blocking(write_end, False)
+        self._wakeup = (read_end, write_end)
         for signum in self.SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
@@ -52,24 +64,40 @@ class StopOnSignal:
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        if self._wakeup is not None:
+            for fd in self._wakeup:
+                os.close(fd)
+            self._wakeup = None
 
     def _handle(self, signum: int, frame: Any) -> None:
-        # Only a flag (and the signal's name): logging here could wait for the logger's
-        # lock, held by the very code this signal interrupted, for ever.
-        if self.event.is_set():
+        if self.received is not None:
             raise KeyboardInterrupt
         self.received = signum
-        self.event.set()
+        if self._wakeup is not None:
+            with contextlib.suppress(OSError):  # the pipe is full: it is readable anyway
+                os.write(self._wakeup[1], b"\0")
+
+    def is_set(self) -> bool:
+        return self.received is not None
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to `timeout` seconds or until a signal comes; True if one came."""
+        if self.received is None:
+            if self._wakeup is None:
+                time.sleep(timeout)
+            else:  # a signal before select() left a byte in the pipe: select returns at once
+                select.select([self._wakeup[0]], [], [], timeout)
+        return self.received is not None
 
     def __call__(self) -> bool:
         """Asked to stop? Polled between chunks; says so in the log the first time."""
-        if not self.event.is_set():
+        if self.received is None:
             return False
         if not self._logged:
             self._logged = True
             structlog.get_logger("cancelproc").warning(
                 "stopping after the current chunk (signal again to stop at once)",
-                signal=signal.Signals(self.received).name if self.received else None)
+                signal=signal.Signals(self.received).name)
         return True
 
 
@@ -199,6 +227,8 @@ def run(app: App, as_of: dt.date | None, dry_run: bool, as_json: bool, limit: in
         app.write_metrics()
     if as_json:
         echo_json(summary.as_dict())
+    elif app.json_logs:  # cron, systemd: the summary is one more JSON line of the log
+        log_report("run summary", summary.as_dict(), problem=summary.exit_code != 0)
     else:
         echo_summary(summary)
     return summary.exit_code
@@ -226,11 +256,11 @@ def _join(app: App, as_json: bool) -> int:
         try:
             summary = runner.join()
         except RunStopped as exc:
-            click.echo(f"worker {os.getpid()}: {exc}")
+            structlog.get_logger("cancelproc").warning("worker stopped", worker=os.getpid(), reason=str(exc))
             return 1
     if as_json:
         echo_json(summary.as_dict())
-    else:
+    elif not app.json_logs:  # with JSON logs, the runner's "worker done" line says it
         click.echo(f"worker {os.getpid()} on run {summary.run_id}: {summary.due} due, {summary.completed} cancelled, "
                    f"{summary.noop} no-op, {summary.retrying + summary.vetoed} to retry, {summary.failed} failed")
     return 1 if summary.retrying or summary.failed or summary.vetoed else 0
@@ -276,4 +306,4 @@ def schedule_command(app: App, times: tuple[str, ...]) -> None:
     scheduler = nightly(settings.schedule_times, settings.business_timezone, nightly_run)
     log.info("scheduler started", times=settings.schedule_times, zone=settings.business_timezone)
     with stop:
-        serve(scheduler, stop.event, settings.zone)
+        serve(scheduler, stop, settings.zone)

@@ -12,6 +12,7 @@ import structlog
 
 from processor.errors import InputError, one_line
 from processor.hooks.points import POINTS, Policy
+from processor.logs import in_hook_context
 
 
 class HookDefinitionError(InputError):
@@ -122,7 +123,8 @@ class HookRegistry:
         impls = self._impls.setdefault(impl.point, [])
         impls.append(impl)
         impls.sort(key=lambda i: i.order)
-        self._calls[impl.point] = tuple((i, self._traced(i) if self.trace else i.invoke) for i in impls)
+        self._calls[impl.point] = tuple(
+            (i, in_hook_context(i.label, self._traced(i) if self.trace else i.invoke)) for i in impls)
 
     def has(self, point: str) -> bool:
         return bool(self._impls.get(point))
