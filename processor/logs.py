@@ -1,7 +1,7 @@
 """Logging with structlog: readable lines on a terminal, JSON lines otherwise (cron, systemd).
 
 The run binds run_id into structlog's context variables, so every line of a run carries
-it; what a hook logs also carries the request_id it is called for (`in_hook_context`).
+it; what a hook logs also carries the request_id it is called for (`_add_hook_call`).
 
 Records of the standard library's `logging` (a hook's `logging.getLogger(__name__)`, a
 library) go through the same processors and renderer (structlog's ProcessorFormatter on
@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
+from types import CodeType, FrameType
 from typing import Any, TextIO
 
 import structlog
@@ -92,58 +93,82 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
 
 # --- what hooks print, and whose lines they are ------------------------------------------
 
-# The hook being called in this context (thread), and the request it is called for: set
-# around every hook call by `in_hook_context`, read by what the hook prints or logs.
-_HOOK_CALL: ContextVar[tuple[str, Any] | None] = ContextVar("cancelproc_hook_call", default=None)
-# Or a block's own capture (`captured_stdout`: what hook files print as they load).
+# A block's own capture (`captured_stdout`: what hook files print as they load).
 _captured: ContextVar[io.StringIO | None] = ContextVar("cancelproc_hook_stdout", default=None)
-_partial = threading.local()  # a hook's printed text not yet ended by a newline, per thread
+
+
+# The code of the functions that call hooks (HookRegistry.apply and .call, registered by
+# the registry): a frame of one of them up the stack means "inside a hook call", and its
+# locals say which hook (`impl`) and for which request (`params`).
+_HOOK_CALLERS: set[CodeType] = set()
+
+
+def hook_callers(*functions: Callable[..., Any]) -> None:
+    """Name the functions that call hooks (their loop variable `impl` is the hook being
+    called, `params` what it was given): what runs under them is the hook's."""
+    _HOOK_CALLERS.update(f.__code__ for f in functions)
+
+
+def _hook_call(frame: FrameType | None) -> tuple[str, Any] | None:
+    """(hook label, request id) if `frame` runs inside a hook call, else None.
+
+    Found by walking up the stack, only when a line is logged or printed: nothing is set
+    around each hook call, which runs several times per request (a marker set and reset
+    there cost a twentieth of a run with hooks)."""
+    while frame is not None:
+        if frame.f_code in _HOOK_CALLERS:
+            local = frame.f_locals
+            impl, params = local.get("impl"), local.get("params")
+            request_id = params.get("request_id") if isinstance(params, Mapping) else None
+            return getattr(impl, "label", "?"), request_id
+        frame = frame.f_back
+    return None
 
 
 def _add_hook_call(logger: Any, method: str, event_dict: structlog.typing.EventDict) -> structlog.typing.EventDict:
     """A line logged while a hook runs carries the request it runs for (shared processor)."""
-    call = _HOOK_CALL.get()
-    if call is not None and call[1] is not None:
-        event_dict.setdefault("request_id", call[1])
+    if _HOOK_CALLERS and "request_id" not in event_dict:
+        call = _hook_call(sys._getframe(1))
+        if call is not None and call[1] is not None:
+            event_dict["request_id"] = call[1]
     return event_dict
 
 
-def in_hook_context(label: str, call: Callable[[Mapping[str, Any]], Any]) -> Callable[[Mapping[str, Any]], Any]:
-    """`call` (one hook) wrapped so that, while it runs, what it logs carries the request's
-    id and what it prints is logged as "hook output" lines naming it. One context variable
-    set and reset per call, no context manager: this runs for every hook call."""
-    def hook_call(params: Mapping[str, Any]) -> Any:
-        token = _HOOK_CALL.set((label, params.get("request_id")))
-        try:
-            return call(params)
-        finally:
-            if getattr(_partial, "text", ""):
-                _log_printed(_partial.text)
-                _partial.text = ""
-            _HOOK_CALL.reset(token)
-    return hook_call
+class _Unfinished(threading.local):
+    """Per thread: printed text not yet ended by a newline, and whose (print() writes its
+    arguments, separators and end one by one). Class defaults: nothing in a new thread."""
+
+    call: tuple[str, Any] | None = None
+    text = ""
 
 
-def _log_printed(line: str) -> None:
-    call = _HOOK_CALL.get()
-    structlog.get_logger("cancelproc.hooks").info("hook output", hook=call[0] if call else None, output=line)
+_unfinished = _Unfinished()
+
+
+def _log_printed(call: tuple[str, Any], line: str) -> None:
+    structlog.get_logger("cancelproc.hooks").info("hook output", hook=call[0], request_id=call[1], output=line)
 
 
 class _RoutedStdout(io.TextIOBase):
-    """sys.stdout once hooks are loaded: what a hook prints (inside `in_hook_context`, in
-    whatever thread) is logged line by line; inside `captured_stdout` it goes to that
-    capture; everything else to the real stdout."""
+    """sys.stdout once hooks are loaded: what a hook prints (under a hook call, in whatever
+    thread) is logged line by line; inside `captured_stdout` it goes to that capture;
+    everything else to the real stdout."""
 
     def __init__(self, real: TextIO) -> None:
         super().__init__()
         self.real = real
 
     def write(self, s: str) -> int:
-        if _HOOK_CALL.get() is not None:
-            *lines, rest = (getattr(_partial, "text", "") + s).split("\n")
+        call = _hook_call(sys._getframe(1))
+        if _unfinished.text and _unfinished.call != call:  # another hook call's unfinished line
+            assert _unfinished.call is not None
+            _log_printed(_unfinished.call, _unfinished.text)
+            _unfinished.text = ""
+        if call is not None:
+            *lines, _unfinished.text = (_unfinished.text + s).split("\n")
+            _unfinished.call = call
             for line in lines:
-                _log_printed(line)
-            _partial.text = rest
+                _log_printed(call, line)
             return len(s)
         buffer = _captured.get()
         return (buffer if buffer is not None else self.real).write(s)

@@ -103,3 +103,43 @@ def test_what_hook_files_print_as_they_load_is_captured_while_stdout_is_routed(c
     print("from the command")
     assert printed.getvalue() == "from the hook\n"
     assert capsys.readouterr().out == "from the command\n"
+
+
+def test_what_a_hook_prints_and_logs_is_its_own_in_any_thread(capsys):
+    """print() under a hook call is logged line by line as "hook output" naming the hook and
+    the request, in the main thread or a worker's; a line left unfinished is logged when
+    the next one of another call comes; the command's own prints still reach stdout."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from processor.hooks import HookImpl, HookRegistry
+    from processor.hooks.registry import check_signature
+
+    def hook(params):  # an operator's hook, as they write them
+        print("deprovisioned", params["request_id"], sep=": ")
+        print("no newline", end="")
+        logging.getLogger("my_hooks").warning("from the stdlib")
+
+    hooks = HookRegistry()
+    hooks.register(HookImpl("ServiceCancelled", hook, 0, "mine.py", 3, 0,
+                            check_signature("ServiceCancelled", hook, 0, "mine.py")))
+    route_hook_output()
+    stream = io.StringIO()
+    configure_logging("info", "json", stream)
+    try:
+        hooks.apply("ServiceCancelled", {"request_id": 7})
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(hooks.apply, "ServiceCancelled", {"request_id": 8}).result()
+        print("from the command")
+    finally:
+        structlog.reset_defaults()
+        logging.captureWarnings(False)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    label = "test_what_a_hook_prints_and_logs_is_its_own_in_any_thread.<locals>.hook (mine.py:3)"
+    assert [(e["event"], e.get("hook"), e.get("request_id"), e.get("output")) for e in lines] == [
+        ("hook output", label, 7, "deprovisioned: 7"),
+        ("from the stdlib", None, 7, None),
+        ("hook output", label, 8, "deprovisioned: 8"),
+        ("from the stdlib", None, 8, None),
+        ("hook output", label, 7, "no newline"),  # once the main thread prints something else
+    ]
+    assert capsys.readouterr().out == "from the command\n"

@@ -12,7 +12,7 @@ import structlog
 
 from processor.errors import InputError, one_line
 from processor.hooks.points import POINTS, Policy
-from processor.logs import in_hook_context
+from processor.logs import hook_callers
 
 
 class HookDefinitionError(InputError):
@@ -124,7 +124,7 @@ class HookRegistry:
         impls.append(impl)
         impls.sort(key=lambda i: i.order)
         self._calls[impl.point] = tuple(
-            (i, in_hook_context(i.label, self._traced(i) if self.trace else i.invoke)) for i in impls)
+            (i, self._traced(i) if self.trace else i.invoke) for i in impls)
 
     def has(self, point: str) -> bool:
         return bool(self._impls.get(point))
@@ -250,3 +250,8 @@ def _failure(result: Any) -> str | None:
 def _short(value: Any, limit: int = 2000) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+# What runs under these is a hook's: its log lines carry the request id, and what it
+# prints is logged, not written to stdout (logs.py finds the hook from their frames).
+hook_callers(HookRegistry.apply, HookRegistry.call)
