@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
 
 from processor.config import Settings
 from processor.db import Database
-from processor.due import business_today, due_clause, start_of_day
+from processor.due import business_today, due_clause, ready_clause, start_of_day
 from processor.models import (
     CancellationRequest,
     EmailStatus,
@@ -79,7 +79,7 @@ class Health:
     last_successful_run: RunInfo | None
     last_success_age_hours: float | None
     requests_pending: int
-    requests_due: int  # pending and due today (what the next run would take, backoff aside)
+    requests_due: int  # what the next run would take: pending, due today, not waiting out a backoff
     requests_failed: int  # manual cancellation required
     oldest_due_request_age_seconds: float | None
     emails_queued: int
@@ -106,12 +106,18 @@ def _seconds_since(now: dt.datetime, then: dt.datetime) -> float:
     return max(0.0, (now - then).total_seconds())  # never negative, whatever the clocks say
 
 
+def due_now(settings: Settings, now: dt.datetime) -> tuple[ColumnElement[bool], ...]:
+    """What the next run would take: pending, due today, and not waiting out a backoff (a
+    failed or vetoed attempt); the same rule as the run's due query."""
+    return (R.status == RequestStatus.PENDING, due_clause(business_today(now, settings.zone), settings.zone),
+            ready_clause(now))
+
+
 def _oldest_due(session: Any, settings: Settings, now: dt.datetime) -> dt.datetime | None:
     """When the longest-waiting due request became due: an Immediate (or undated) one when
     it was made, a dated one at the start of its date in the business time zone."""
     zone = settings.zone
-    due = session.query(R).join(Service, Service.id == R.service_id).filter(
-        R.status == RequestStatus.PENDING, due_clause(business_today(now, zone), zone))
+    due = session.query(R).join(Service, Service.id == R.service_id).filter(*due_now(settings, now))
     undated = (R.type == RequestType.IMMEDIATE) | ((R.type == RequestType.END_OF_BILLING_PERIOD)
                                                    & Service.next_due_date.is_(None))
     made = due.filter(undated).with_entities(func.min(R.created_at)).scalar()
@@ -130,7 +136,7 @@ def health(db: Database, settings: Settings, *, now: dt.datetime, max_age_hours:
             select(Run).where(Run.status.in_(SUCCESSFUL)).order_by(Run.id.desc()).limit(1)).one_or_none()
         requests = dict(s.execute(select(R.status, func.count()).group_by(R.status)).all())
         due = s.scalar(select(func.count()).select_from(R).join(Service, Service.id == R.service_id).where(
-            R.status == RequestStatus.PENDING, due_clause(business_today(now, settings.zone), settings.zone))) or 0
+            *due_now(settings, now))) or 0
         emails = dict(s.execute(select(OutboxEmail.status, func.count()).group_by(OutboxEmail.status)).all())
         oldest_email = s.scalar(
             select(func.min(OutboxEmail.created_at)).where(OutboxEmail.status == EmailStatus.QUEUED))

@@ -139,3 +139,49 @@ def test_an_email_that_is_tried_and_waits_out_its_backoff_is_no_problem(invoke, 
     health = as_json(status(invoke, NIGHT + dt.timedelta(hours=30), "--json"))
     # The first night's confirmation and digest, both tried and waiting; the second digest went.
     assert (health["healthy"], health["emails_queued"], health["emails_untried"]) == (True, 2, 0)
+
+
+WAITING_HOOKS = """\
+from processor.hooks import add_hook
+
+
+@add_hook("PreModuleTerminate")
+def hold_service_1(service):
+    if service["id"] == 1:
+        return {"abortcmd": True, "reason": "on hold"}
+
+
+@add_hook("TerminateAccount")
+def provisioning_down_for_service_2(service):
+    if service["id"] == 2:
+        return {"error": "provisioning API unreachable"}
+"""
+
+
+def test_requests_waiting_out_a_veto_or_a_backoff_are_not_due_now(invoke, db, tmp_path):
+    """One rule of "due now" for the run, the dry run, `status` and the metrics: a request
+    vetoed, or failed and backing off, waits for its next attempt time."""
+    seed(db, 3)
+    (tmp_path / "hooks").mkdir()
+    (tmp_path / "hooks" / "waiting.py").write_text(WAITING_HOOKS)
+    with freeze_time(NIGHT):
+        summary = as_json(invoke("run", "--json", env={"CANCELPROC_METRICS_FILE": "var/cancelproc.prom"}), code=1)
+    assert (summary["vetoed"], summary["retrying"], summary["completed"]) == (1, 1, 1)
+    later = NIGHT + dt.timedelta(minutes=30)  # before either's next attempt time
+    health = as_json(status(invoke, later, "--json"))
+    assert (health["requests_pending"], health["requests_due"]) == (2, 0)
+    assert health["oldest_due_request_age_seconds"] is None
+    with freeze_time(later):
+        assert "nothing is due" in ok(invoke("run", "--dry-run")).stdout
+    assert "2 (0 due now" in ok(status(invoke, later)).stdout
+    with freeze_time(later):
+        assert as_json(invoke("requests", "show", 1, "--json"))["due_now"] is False
+    text = (tmp_path / "var" / "cancelproc.prom").read_text()
+    due_metric = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+                  if s.name == "cancelproc_requests_due"]
+    assert due_metric == [0]
+    # A new request is due at once: status and the dry run agree on it too.
+    seed(db, 1)
+    assert as_json(status(invoke, later, "--json"))["requests_due"] == 1
+    with freeze_time(later):
+        assert "1 to cancel, 0 no-op, 0 vetoed, 0 would fail" in ok(invoke("run", "--dry-run")).stdout
