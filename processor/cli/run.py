@@ -85,8 +85,7 @@ def echo_summary(summary: RunSummary) -> None:
                             f"{summary.emails_still_queued} still queued"
                             if summary.emails_retrying or summary.emails_failed or summary.delivery_error else 0),
         ("applied late", f"{summary.late} (up to {summary.max_days_late} days)" if summary.late else 0),
-        ("staff digest", "queued" if summary.digest_queued else "suppressed by a hook" if summary.digest_suppressed
-         else "none"),
+        ("staff digest", _digest_line(summary)),
     ])
     for f in summary.failures:
         what = "MANUAL CANCELLATION REQUIRED" if f["gave_up"] else "vetoed, will retry" if f["vetoed"] else "will retry"
@@ -97,6 +96,14 @@ def echo_summary(summary: RunSummary) -> None:
         # --now: the email that met the fault waits out a backoff, which a fixed server need not.
         click.echo(f"  email delivery stopped: {summary.delivery_error}; the emails stay queued "
                    "(once fixed: cancelproc emails send --now)")
+
+
+def _digest_line(summary: RunSummary) -> str:
+    if summary.digest_sent:
+        return "sent"
+    if summary.digest_queued:
+        return f"queued, not sent: {summary.digest_error}" if summary.digest_error else "queued"
+    return "suppressed by a hook" if summary.digest_suppressed else "none"
 
 
 def _run_with_progress(runner: Runner, options: RunOptions, show_progress: bool) -> RunSummary:

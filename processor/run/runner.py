@@ -325,20 +325,36 @@ class Runner:
         self.hooks.apply("AfterCronJob", with_params({}, run_id=run_id, summary=summary.as_dict()))
 
     def _digest(self, run_id: int, summary: RunSummary) -> None:
-        """Queue the staff digest and send it. A failure here is logged: the run is done."""
+        """Queue the staff digest and send it. A failure here is logged: the run is done.
+
+        The digest is not in the run's email counts (`emails_sent`...): it reports them, so
+        it is written after they are final and cannot count itself. Its own delivery is
+        `digest_sent` / `digest_error`, so the run output, `runs show`, the digest and the
+        metrics give the same counts."""
         try:
             with self.db.engine.begin() as conn:
-                summary.digest_queued = queue_digest(conn, self.composer, run_id=run_id, summary=summary.as_dict(),
-                                                     now=self.clock(), settings=self.settings)
+                digest_id = queue_digest(conn, self.composer, run_id=run_id, summary=summary.as_dict(),
+                                         now=self.clock(), settings=self.settings)
         except Exception as exc:  # a digest hook or template failure must not turn a done run into an error
             self.log.error("staff digest not queued", error=one_line(exc))
             return
-        if self.deliverer is not None and summary.digest_queued and not summary.delivery_error:
-            try:
-                self._deliver(summary)
-            except Exception as exc:  # it stays queued for the next delivery
-                summary.delivery_error = one_line(exc)
-                self.log.error("staff digest not sent", error=summary.delivery_error)
+        summary.digest_queued = digest_id is not None
+        if self.deliverer is None or digest_id is None:
+            return
+        if summary.delivery_error:
+            summary.digest_error = f"not tried: {summary.delivery_error}"
+            return
+        try:
+            report = self.deliverer.deliver(ids=[digest_id])
+        except Exception as exc:  # it stays queued for the next delivery
+            summary.digest_error = one_line(exc)
+        else:
+            summary.digest_sent = report.sent == 1
+            if not summary.digest_sent:
+                summary.digest_error = report.stopped or "; ".join(
+                    str(e["error"]) for e in report.failed_emails) or "refused; it will be retried"
+        if summary.digest_error:
+            self.log.error("staff digest not sent", error=summary.digest_error)
 
     def _finish(self, run_id: int, status: RunStatus, error: str | None = None,
                 summary: RunSummary | None = None) -> None:
