@@ -28,16 +28,21 @@ from processor.models import (
     RequestType,
     Run,
     RunStatus,
+    RunTrigger,
     Service,
 )
 
 SUCCESSFUL = (RunStatus.COMPLETED, RunStatus.COMPLETED_WITH_FAILURES)
+# The nightly job's runs. A manual run (or a staff `requests process`) does work too, but
+# must not keep a dead crontab or scheduler looking healthy.
+SCHEDULED = (RunTrigger.CRON, RunTrigger.SCHEDULE)
 R = CancellationRequest
 
 
 @dataclass
 class RunInfo:
     id: int
+    trigger: str
     status: str
     started_at: dt.datetime
     finished_at: dt.datetime | None
@@ -57,7 +62,8 @@ class RunInfo:
     def of(cls, run: Run) -> RunInfo:
         duration = (run.finished_at - run.started_at).total_seconds() if run.finished_at else None
         counts: dict[str, int] = {k: getattr(run, k) for k in (*Run.REQUEST_COUNTS, *Run.DELIVERY_COUNTS)}
-        return cls(id=run.id, status=run.status.value, started_at=run.started_at, finished_at=run.finished_at,
+        return cls(id=run.id, trigger=run.trigger.value, status=run.status.value, started_at=run.started_at,
+                   finished_at=run.finished_at,
                    duration_seconds=duration, error=run.error, **counts)
 
 
@@ -76,8 +82,10 @@ class LeaseInfo:
 class Health:
     checked_at: dt.datetime
     last_run: RunInfo | None
-    last_successful_run: RunInfo | None
-    last_success_age_hours: float | None
+    last_successful_run: RunInfo | None  # of any trigger
+    last_scheduled_run: RunInfo | None  # trigger cron or schedule: the nightly job
+    last_successful_scheduled_run: RunInfo | None  # what `status` and the metrics judge
+    last_success_age_hours: float | None  # of the last successful scheduled run
     requests_pending: int
     requests_due: int  # what the next run would take: pending, due today, not waiting out a backoff
     requests_failed: int  # manual cancellation required
@@ -134,6 +142,10 @@ def health(db: Database, settings: Settings, *, now: dt.datetime, max_age_hours:
         last = s.scalars(select(Run).order_by(Run.id.desc()).limit(1)).one_or_none()
         success = s.scalars(
             select(Run).where(Run.status.in_(SUCCESSFUL)).order_by(Run.id.desc()).limit(1)).one_or_none()
+        scheduled = s.scalars(
+            select(Run).where(Run.trigger.in_(SCHEDULED)).order_by(Run.id.desc()).limit(1)).one_or_none()
+        nightly = s.scalars(select(Run).where(Run.status.in_(SUCCESSFUL), Run.trigger.in_(SCHEDULED))
+                            .order_by(Run.id.desc()).limit(1)).one_or_none()
         requests = dict(s.execute(select(R.status, func.count()).group_by(R.status)).all())
         due = s.scalar(select(func.count()).select_from(R).join(Service, Service.id == R.service_id).where(
             *due_now(settings, now))) or 0
@@ -149,8 +161,10 @@ def health(db: Database, settings: Settings, *, now: dt.datetime, max_age_hours:
             checked_at=now,
             last_run=RunInfo.of(last) if last else None,
             last_successful_run=RunInfo.of(success) if success else None,
-            last_success_age_hours=round(_seconds_since(now, success.finished_at) / 3600, 2)
-            if success and success.finished_at else None,
+            last_scheduled_run=RunInfo.of(scheduled) if scheduled else None,
+            last_successful_scheduled_run=RunInfo.of(nightly) if nightly else None,
+            last_success_age_hours=round(_seconds_since(now, nightly.finished_at) / 3600, 2)
+            if nightly and nightly.finished_at else None,
             requests_pending=requests.get(RequestStatus.PENDING, 0),
             requests_due=due,
             requests_failed=requests.get(RequestStatus.FAILED, 0),
@@ -169,11 +183,17 @@ def health(db: Database, settings: Settings, *, now: dt.datetime, max_age_hours:
 def _problems(h: Health, max_age_hours: float) -> list[str]:
     """One line per thing to look at (WHMCS mails 'Daily System Cron Attention Needed')."""
     problems = []
-    if h.last_successful_run is None:
-        problems.append("no run has completed yet: is `cancelproc run` in the crontab?")
+    nightly, scheduled = h.last_successful_scheduled_run, h.last_scheduled_run
+    if nightly is None:
+        tried = (f" (the last, {scheduled.id}, ended {scheduled.status})" if scheduled else "")
+        problems.append(f"no scheduled run (cron or schedule) has completed yet{tried}: "
+                        "is `cancelproc run` in the crontab?")
     elif h.last_success_age_hours is not None and h.last_success_age_hours > max_age_hours:
-        problems.append(f"the last successful run ({h.last_successful_run.id}) finished "
-                        f"{h.last_success_age_hours:.1f} hours ago (more than {max_age_hours:g}): is cron running it?")
+        last_tried = (f"; the last scheduled run, {scheduled.id}, ended {scheduled.status}"
+                      if scheduled and scheduled.id != nightly.id else "")
+        problems.append(f"the last successful scheduled run ({nightly.id}, {nightly.trigger}) finished "
+                        f"{h.last_success_age_hours:.1f} hours ago (more than {max_age_hours:g}){last_tried}: "
+                        "is cron running it?")
     if h.last_run is not None and h.last_run.status in (RunStatus.ERROR, RunStatus.ABANDONED):
         problems.append(f"the last run ({h.last_run.id}) ended {h.last_run.status}: {h.last_run.error or '-'}")
     if h.requests_failed:
@@ -204,7 +224,7 @@ def write_metrics(path: Path, h: Health) -> None:
         return Gauge(name, doc, labels, registry=registry)
 
     gauge("cancelproc_metrics_timestamp_seconds", "When these metrics were written").set(h.checked_at.timestamp())
-    last, success = h.last_run, h.last_successful_run
+    last, success = h.last_run, h.last_successful_scheduled_run
     if last is not None:
         gauge("cancelproc_last_run_id", "The last run's id").set(last.id)
         gauge("cancelproc_last_run_start_timestamp_seconds", "When the last run started").set(
@@ -220,7 +240,8 @@ def write_metrics(path: Path, h: Health) -> None:
         emails.labels("sent").set(last.emails_sent)
         emails.labels("failed").set(last.emails_failed)
     if success is not None and success.finished_at is not None:
-        gauge("cancelproc_last_success_timestamp_seconds", "When the last successful run finished").set(
+        gauge("cancelproc_last_success_timestamp_seconds",
+              "When the last successful scheduled run (trigger cron or schedule) finished").set(
             success.finished_at.timestamp())
     requests = gauge("cancelproc_requests", "Requests by status", ("status",))
     requests.labels("pending").set(h.requests_pending)

@@ -245,12 +245,15 @@ def _echo_health(h: monitoring.Health) -> None:
             return "-"
         return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
-    last, ok = h.last_run, h.last_successful_run
+    last, ok, scheduled = h.last_run, h.last_successful_scheduled_run, h.last_scheduled_run
     echo_fields([
         ("health", "OK" if h.healthy else f"{len(h.problems)} problem(s)"),
-        ("last run", f"{last.id} {last.status}, started {cell(last.started_at)}" if last else "none yet"),
-        ("last successful run", f"{ok.id}, finished {cell(ok.finished_at)} ({h.last_success_age_hours} h ago)"
-         if ok else "none yet"),
+        ("last run", f"{last.id} {last.trigger} {last.status}, started {cell(last.started_at)}" if last
+         else "none yet"),
+        ("last scheduled run", f"{scheduled.id} {scheduled.trigger} {scheduled.status}, started "
+                               f"{cell(scheduled.started_at)}" if scheduled else "none yet"),
+        ("last scheduled success", f"{ok.id}, finished {cell(ok.finished_at)} "
+                                   f"({h.last_success_age_hours} h ago)" if ok else "none yet"),
         ("requests pending", f"{h.requests_pending} ({h.requests_due} due now, the longest waiting for "
                              f"{ago(h.oldest_due_request_age_seconds)})"),
         ("requests failed", f"{h.requests_failed} (manual cancellation required)"),
@@ -271,7 +274,8 @@ def status(app: App, as_json: bool, max_age_hours: float | None) -> int:
 
     \b
     Exit 0 when healthy; 1 with one line per problem on stderr when the last
-    successful run is too old, the last run ended in error, requests need a
+    successful scheduled run (trigger cron or schedule; a manual run or
+    `requests process` does not count) is too old, the last run ended in error, requests need a
     manual cancellation, emails failed, or a lease went stale.
     """
     h = monitoring.health(app.database(), app.settings, now=utc_now(),
