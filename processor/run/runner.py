@@ -341,8 +341,7 @@ class Runner:
         summary.digest_queued = digest_id is not None
         if self.deliverer is None or digest_id is None:
             return
-        if summary.delivery_error:
-            summary.digest_error = f"not tried: {summary.delivery_error}"
+        if summary.delivery_error:  # not tried: it stays queued, and the output says why delivery stopped
             return
         try:
             report = self.deliverer.deliver(ids=[digest_id])
