@@ -16,6 +16,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 from sqlalchemy import ColumnElement, func, select
 
+from processor.attention import Attention
 from processor.config import Settings
 from processor.db import Database
 from processor.due import business_today, due_clause, ready_clause, start_of_day
@@ -96,6 +97,7 @@ class Health:
     emails_untried: int  # queued and not tried once
     oldest_untried_email_age_seconds: float | None
     leases: list[LeaseInfo] = field(default_factory=list)
+    failed_before_run: Attention | None = None  # the nightly job stopped before its run began (attention.py)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -136,7 +138,8 @@ def _oldest_due(session: Any, settings: Settings, now: dt.datetime) -> dt.dateti
     return min((m for m in moments if m is not None), default=None)
 
 
-def health(db: Database, settings: Settings, *, now: dt.datetime, max_age_hours: float) -> Health:
+def health(db: Database, settings: Settings, *, now: dt.datetime, max_age_hours: float,
+           failed_before_run: Attention | None = None) -> Health:
     """The processor's state, and the problems an operator must look at."""
     with db.read_session() as s:
         last = s.scalars(select(Run).order_by(Run.id.desc()).limit(1)).one_or_none()
@@ -175,6 +178,7 @@ def health(db: Database, settings: Settings, *, now: dt.datetime, max_age_hours:
             emails_untried=untried,
             oldest_untried_email_age_seconds=_age(now, oldest_untried),
             leases=leases,
+            failed_before_run=failed_before_run,
         )
     h.problems = _problems(h, max_age_hours)
     return h
@@ -182,7 +186,7 @@ def health(db: Database, settings: Settings, *, now: dt.datetime, max_age_hours:
 
 def _problems(h: Health, max_age_hours: float) -> list[str]:
     """One line per thing to look at (WHMCS mails 'Daily System Cron Attention Needed')."""
-    problems = []
+    problems = [h.failed_before_run.line()] if h.failed_before_run else []
     nightly, scheduled = h.last_successful_scheduled_run, h.last_scheduled_run
     if nightly is None:
         tried = (f" (the last, {scheduled.id}, ended {scheduled.status})" if scheduled else "")
@@ -255,5 +259,22 @@ def write_metrics(path: Path, h: Health) -> None:
     gauge("cancelproc_oldest_queued_email_age_seconds",
           "How long the oldest queued email has waited (0: none)").set(h.oldest_queued_email_age_seconds or 0)
     gauge("cancelproc_problems", "Problems `cancelproc status` reports").set(len(h.problems))
+    _failed_before_run_gauge(registry, h.failed_before_run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_to_textfile(str(path), registry)
+
+
+def _failed_before_run_gauge(registry: CollectorRegistry, attention: Attention | None) -> None:
+    Gauge("cancelproc_failed_before_run", "Failures in a row of the nightly job before its run began (0: none)",
+          registry=registry).set(attention.failures if attention else 0)
+
+
+def write_failure_metrics(path: Path, attention: Attention, now: dt.datetime) -> None:
+    """The metrics when the database cannot be read: only what is known (the failure)."""
+    registry = CollectorRegistry()
+    Gauge("cancelproc_metrics_timestamp_seconds", "When these metrics were written",
+          registry=registry).set(now.timestamp())
+    Gauge("cancelproc_problems", "Problems `cancelproc status` reports", registry=registry).set(1)
+    _failed_before_run_gauge(registry, attention)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_to_textfile(str(path), registry)

@@ -14,7 +14,7 @@ import click
 from sqlalchemy import select
 from sqlalchemy.orm import joinedload
 
-from processor import cancellations, monitoring, reports
+from processor import attention, cancellations, monitoring, reports
 from processor.cli.app import App, audit_rows, cli, pass_app, request_row, utc_now
 from processor.cli.arguments import COUNT, DATE, HOURS, ID, RunRefType
 from processor.cli.output import (
@@ -273,12 +273,20 @@ def status(app: App, as_json: bool, max_age_hours: float | None) -> int:
     """Is the processor healthy? One screen for the operator on call.
 
     \b
-    Exit 0 when healthy; 1 with one line per problem on stderr when the last
+    Exit 0 when healthy; 1 with one line per problem on stderr when the nightly
+    job failed before its run began (config, hooks, templates, database), the last
     successful scheduled run (trigger cron or schedule; a manual run or
     `requests process` does not count) is too old, the last run ended in error, requests need a
     manual cancellation, emails failed, or a lease went stale.
     """
-    h = monitoring.health(app.database(), app.settings, now=utc_now(),
+    failed = attention.read(app.attention_path())
+    try:
+        db = app.database()
+    except Exception:
+        if failed is not None:  # the database is what is broken: still name the failed job
+            click.echo(f"problem: {failed.line()}", err=True)
+        raise
+    h = monitoring.health(db, app.settings, now=utc_now(), failed_before_run=failed,
                           max_age_hours=max_age_hours or app.settings.status_max_age_hours)
     if as_json:
         echo_json(h.as_dict())

@@ -13,13 +13,14 @@ from typing import Any
 import click
 import structlog
 
-from processor.cli.app import App, cli, pass_app
+from processor.cli.app import App, cli, nightly_job, pass_app
 from processor.cli.arguments import COUNT, DATE
 from processor.cli.output import dumps, echo_fields, echo_json, echo_table
 from processor.config import clock_time_problem
 from processor.errors import (
     CancelprocError,
     InputError,
+    LeaseHeld,
     one_line,
 )
 from processor.models import (
@@ -157,6 +158,7 @@ def _echo_preview(runner: Runner, options: RunOptions, as_json: bool) -> int:
               help="Worker processes sharing the run (PostgreSQL).")
 @click.option("--join", is_flag=True, help="Work on the run in progress (from another host; PostgreSQL).")
 @pass_app
+@nightly_job("run", unless=("dry_run", "join"))
 def run(app: App, as_of: dt.date | None, dry_run: bool, as_json: bool, limit: int | None, trigger: str | None,
         workers: int, join: bool) -> int:
     """Apply every due cancellation request (the nightly job).
@@ -271,10 +273,13 @@ def schedule_command(app: App, times: tuple[str, ...]) -> None:
         runner = app.runner(should_stop=stop, settings=settings)
         try:
             summary = runner.run(options)
+            app.clear_failed_before_run()
             log.info("scheduled run done", run_id=summary.run_id, status=str(summary.status), due=summary.due,
                      completed=summary.completed, failed=summary.failed)
         except CancelprocError as exc:  # another run holds the lease, a bad template, the database: try next time
             log.error("scheduled run did not complete", error=str(exc))
+            if runner.started_run_id is None and not isinstance(exc, LeaseHeld):
+                app.failed_before_run("schedule", exc)
         except Exception as exc:  # noqa: BLE001 - a bug must not stop the nightly schedule; it is logged
             log.exception("scheduled run failed", error=one_line(exc))
         finally:

@@ -93,6 +93,7 @@ class Runner:
             hooked=self.decider.hooked, returning_addons=self.hooks.has("AddonCancelled"),
             returning_invoices=self.hooks.has("InvoiceCancelled"))
         self.log = structlog.get_logger("cancelproc.run")
+        self.started_run_id: int | None = None  # set once a run record exists (a failure after it is the run's)
 
     # --- the API ---------------------------------------------------------------------------
 
@@ -160,6 +161,7 @@ class Runner:
         self.check_ready()
         with self._writing() as store:
             run_id = store.open_run(options, self.clock)
+        self.started_run_id = run_id
         self.log.info("run started", run_id=run_id, as_of=str(options.as_of), trigger=str(options.trigger),
                       operator=options.operator)
         self.hooks.apply("PreCronJob", with_params({}, run_id=run_id, as_of=options.as_of,
