@@ -88,6 +88,11 @@ def echo_summary(summary: RunSummary) -> None:
         ("applied late", f"{summary.late} (up to {summary.max_days_late} days)" if summary.late else 0),
         ("staff digest", _digest_line(summary)),
     ])
+    share = summary.this_process
+    if share is not None and summary.run_total is not None and share["due"] != summary.run_total["due"]:
+        # Other processes (run --join) did part of it: the counts above are the run's.
+        click.echo(f"this process's share: {share['due']} due, {share['completed']} cancelled "
+                   f"(the counts above are the whole run's)")
     for f in summary.failures:
         what = "MANUAL CANCELLATION REQUIRED" if f["gave_up"] else "vetoed, will retry" if f["vetoed"] else "will retry"
         click.echo(f"  request {f['request_id']} (service {f['service_id']}): {f['error']} [{what}]")
@@ -241,7 +246,8 @@ def _join(app: App, as_json: bool) -> int:
         echo_json(summary.as_dict())
     else:
         click.echo(f"worker {os.getpid()} on run {summary.run_id}: {summary.due} due, {summary.completed} cancelled, "
-                   f"{summary.noop} no-op, {summary.retrying + summary.vetoed} to retry, {summary.failed} failed")
+                   f"{summary.noop} no-op, {summary.retrying + summary.vetoed} to retry, {summary.failed} failed"
+                   + (f" (the run so far: {summary.run_total['due']} due)" if summary.run_total else ""))
     return 1 if summary.retrying or summary.failed or summary.vetoed else 0
 
 

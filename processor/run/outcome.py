@@ -92,6 +92,10 @@ class Tally:
                 t.retrying += action is Action.ERROR and not o.gave_up
         return t
 
+    def share(self) -> dict[str, int]:
+        """The counts alone (a share of a run, or its total)."""
+        return {f.name: getattr(self, f.name) for f in fields(Tally)}
+
     def add(self, other: Tally) -> None:
         for f in fields(Tally):
             if f.name != "max_days_late":
@@ -121,6 +125,13 @@ class RunSummary(Tally):
     failed_emails: list[dict[str, Any]] = field(default_factory=list)  # given up at the end of the run
     digest_suppressed: bool = False  # a DailyCronJobPreEmail hook asked for no staff digest
     digest_queued: bool = False
+    # A run shared between processes (run --workers, run --join): the top-level counts are
+    # `counts_are` ("run_total" for the process that owns the run, "this_process" for a joined
+    # one); `this_process` is this process's share, `run_total` the run's recorded counts
+    # (for a joined process: when it finished, the run may still be going).
+    counts_are: str = "run_total"
+    this_process: dict[str, int] | None = None
+    run_total: dict[str, int] | None = None
     digest_sent: bool = False  # the staff digest was delivered after the run
     digest_error: str | None = None  # why the queued digest was not delivered (it stays queued)
 

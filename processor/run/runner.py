@@ -124,8 +124,10 @@ class Runner:
                     raise RunStopped(f"stopped on request after {summary.due} requests; the next run does the rest")
                 self._work(run_id, options, summary)  # with helpers: what a dead one left (usually nothing)
                 self._fail_orphans(options, run_id, summary)
-                if helpers is not None:
+                summary.this_process = summary.share()
+                if helpers is not None or self.db.is_postgresql:  # `run --join` may have shared the work
                     self._reload_counts(run_id, summary)
+                summary.run_total = summary.share()
                 if self.deliverer is not None:
                     self._deliver(summary)
             except RunStopped as exc:
@@ -150,6 +152,9 @@ class Runner:
         with structlog.contextvars.bound_contextvars(run_id=run_id, worker=os.getpid()):
             self.log.info("joined the run")
             self._work(run_id, options, summary)
+            summary.counts_are, summary.this_process = "this_process", summary.share()
+            with self._reading() as store:
+                summary.run_total = store.recorded(run_id)[0]
             self.log.info("worker done", due=summary.due, completed=summary.completed, retrying=summary.retrying,
                           failed=summary.failed, vetoed=summary.vetoed)
         return summary
