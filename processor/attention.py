@@ -51,6 +51,8 @@ def read(path: Path) -> Attention | None:
         text = path.read_text()
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        return Attention("run", f"{path} cannot be read: {exc.strerror}", "?", "?", 1, True)
     try:
         return Attention(**json.loads(text))
     except (ValueError, TypeError):

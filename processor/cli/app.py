@@ -27,7 +27,7 @@ from processor.config import Settings, load_settings
 from processor.db import Database, open_database
 from processor.delivery import Deliverer, mailer_from_settings
 from processor.due import business_today
-from processor.emails import EmailTemplates
+from processor.emails import EmailTemplates, TemplateProblem
 from processor.errors import (
     CancelprocError,
     DatabaseUnavailable,
@@ -37,7 +37,7 @@ from processor.errors import (
     database_trouble,
     one_line,
 )
-from processor.hooks import HookRegistry, load_hooks
+from processor.hooks import HookDefinitionError, HookLoadError, HookRegistry, load_hooks
 from processor.logs import configure_logging
 from processor.models import (
     AuditEntry,
@@ -46,6 +46,8 @@ from processor.models import (
 from processor.run import Runner
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug, not the operator's input
+# Input errors that are the app folder's, not the command line's: the nightly job is broken.
+BROKEN_FILES = (HookLoadError, HookDefinitionError, TemplateProblem)
 
 
 def utc_now() -> dt.datetime:
@@ -116,12 +118,8 @@ class App:
         return business_today(utc_now(), self.settings.zone)
 
     def attention_path(self) -> Path:
-        """The before-run failure record (attention.py), under the app root; when the config
-        itself does not load, under the root it would have: its folder's parent, or here."""
-        if self._settings is not None:
-            return attention.state_path(self._settings.app_root)
-        root = self.config_path.resolve().parent.parent if self.config_path else Path.cwd()
-        return attention.state_path(root)
+        """The before-run failure record (attention.py), under the app root."""
+        return attention.state_path(self.settings.app_root)
 
     @contextmanager
     def nightly_job(self, command: str) -> Iterator[None]:
@@ -133,7 +131,11 @@ class App:
         except (LeaseHeld, click.ClickException, click.exceptions.Exit, KeyboardInterrupt):
             raise  # another run is at work, or the command line was wrong: not the job failing
         except Exception as exc:
-            if self._runner is None or self._runner.started_run_id is None:
+            bad_argument = isinstance(exc, InputError) and not isinstance(exc, BROKEN_FILES)  # refused, nothing written
+            # A config that does not load is refused like bad input (nothing written): `status`,
+            # reading the same config, fails with the same line.
+            if self._settings is not None and not bad_argument and (
+                    self._runner is None or self._runner.started_run_id is None):
                 self.failed_before_run(command, exc)
             raise
         else:
@@ -155,14 +157,12 @@ class App:
         except OSError as write_error:
             log.error("failure record not written", path=str(self.attention_path()), error=one_line(write_error))
             return
-        if self._settings is None:
-            return  # the config does not load: no metrics file or mail settings to use
         self.write_metrics(record)
-        email = self._settings.email
+        email = self.settings.email
         if record.staff_notified or not email.staff_address:
             return
         try:
-            attention.notify_staff(mailer_from_settings(self._settings), record, from_address=email.from_address,
+            attention.notify_staff(mailer_from_settings(self.settings), record, from_address=email.from_address,
                                    to_address=email.staff_address, host=socket.gethostname())
         except Exception as send_error:  # noqa: BLE001 - delivery may be what is broken; the record stays
             log.error("attention email not sent", error=one_line(send_error))

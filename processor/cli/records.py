@@ -279,6 +279,7 @@ def status(app: App, as_json: bool, max_age_hours: float | None) -> int:
     `requests process` does not count) is too old, the last run ended in error, requests need a
     manual cancellation, emails failed, or a lease went stale.
     """
+    app.settings  # noqa: B018 - a config that does not load is the first thing to say
     failed = attention.read(app.attention_path())
     try:
         db = app.database()
