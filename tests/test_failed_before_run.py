@@ -102,6 +102,7 @@ def test_an_unreachable_database_is_reported_by_status_and_the_metrics(tmp_path)
     metrics = gauges(tmp_path)
     assert (metrics["cancelproc_failed_before_run"], metrics["cancelproc_problems"]) == (2, 1)
     status = cancelproc("status")
-    assert status.returncode != 0
+    assert status.returncode == 1
     named = problems(status.stderr)
     assert len(named) == 1 and named[0].startswith("`cancelproc run` failed before its run began at ")
+    assert "Connection refused" in named[0] and status.stderr.count("\n") == 1  # one line

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import joinedload
 
 from processor import attention, cancellations, monitoring, reports
@@ -27,6 +28,7 @@ from processor.cli.output import (
 )
 from processor.digest import failure_entries
 from processor.errors import (
+    CancelprocError,
     InputError,
     NotFound,
 )
@@ -283,10 +285,12 @@ def status(app: App, as_json: bool, max_age_hours: float | None) -> int:
     failed = attention.read(app.attention_path())
     try:
         db = app.database()
-    except Exception:
-        if failed is not None:  # the database is what is broken: still name the failed job
-            click.echo(f"problem: {failed.line()}", err=True)
-        raise
+    except (CancelprocError, OperationalError):
+        if failed is None:
+            raise
+        # The database is what is broken: the failed job's line names it (and its error).
+        click.echo(f"problem: {failed.line()}", err=True)
+        return 1
     h = monitoring.health(db, app.settings, now=utc_now(), failed_before_run=failed,
                           max_age_hours=max_age_hours or app.settings.status_max_age_hours)
     if as_json:
