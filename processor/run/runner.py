@@ -125,7 +125,7 @@ class Runner:
                 self._work(run_id, options, summary)  # with helpers: what a dead one left (usually nothing)
                 self._fail_orphans(options, run_id, summary)
                 summary.this_process = summary.share()
-                if helpers is not None or self.db.is_postgresql:  # `run --join` may have shared the work
+                if helpers is not None or self._joined(run_id, summary):
                     self._reload_counts(run_id, summary)
                 summary.run_total = summary.share()
                 if self.deliverer is not None:
@@ -378,6 +378,13 @@ class Runner:
     def _renew_lease(self, run_id: int) -> None:
         with self._writing() as store:
             store.renew_lease(run_id, self.clock())
+
+    def _joined(self, run_id: int, summary: RunSummary) -> bool:
+        """Did another process (`run --join`, PostgreSQL) do part of this run?"""
+        if not self.db.is_postgresql:
+            return False
+        with self._reading() as store:
+            return store.recorded(run_id)[0]["due"] != summary.due
 
     def _reload_counts(self, run_id: int, summary: RunSummary) -> None:
         """The run's counts and failures as recorded by every process that worked on it."""
