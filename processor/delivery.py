@@ -424,7 +424,7 @@ class DeliveryReport:
     sent: int = 0
     retrying: int = 0  # failed this time, queued for a later attempt
     failed: int = 0  # given up (or refused as unsafe): named in the digest
-    queued: int = 0  # still queued after this delivery (not due yet, or delivery stopped)
+    queued: int = 0  # queued and not tried by this delivery (not due yet, or delivery stopped); not `retrying`
     stopped: str | None = None  # why delivery stopped early (server down, ...)
     failed_emails: list[dict[str, Any]] = field(default_factory=list)
 
@@ -493,7 +493,9 @@ class Deliverer:
             with self.db.session.begin() as session:
                 lease.release_delivery(session, self.me)
         with self.db.read_engine.connect() as conn:
-            report.queued = conn.scalar(select(func.count()).where(E.status == EmailStatus.QUEUED)) or 0
+            queued = conn.scalar(select(func.count()).where(E.status == EmailStatus.QUEUED)) or 0
+        # The retrying ones are queued too: counted once, as retrying (README, "Email counts").
+        report.queued = max(0, queued - report.retrying)
         self.log.info("emails delivered", via=self.mailer.description, sent=report.sent, retrying=report.retrying,
                       failed=report.failed, still_queued=report.queued, stopped=report.stopped)
         return report

@@ -67,22 +67,27 @@ def digest_fields(conn: Connection, run_id: int, summary: dict[str, Any], settin
         "failures_not_listed": len(failures) - len(listed),
         "failed_emails": summary.get("failed_emails", []),
         "emails_failed_total": outbox.get(EmailStatus.FAILED, 0),
-        "emails_queued_now": outbox.get(EmailStatus.QUEUED, 0),
+        # The run's retrying emails are queued too: counted once, as retrying (README, "Email counts").
+        "emails_retrying": summary.get("emails_retrying", 0),
+        "emails_queued_now": max(0, outbox.get(EmailStatus.QUEUED, 0) - summary.get("emails_retrying", 0)),
         "delivery_error": summary.get("delivery_error") or "",
     }
 
 
 def queue_digest(conn: Connection, composer: Composer, *, run_id: int, summary: dict[str, Any], now: dt.datetime,
-                 settings: Settings) -> bool:
-    """Queue the digest of this run to staff; False when an EmailPreSend hook aborted it."""
+                 settings: Settings) -> int | None:
+    """Queue the digest of this run to staff: its outbox id; None when an EmailPreSend hook
+    aborted it."""
     fields = {**composer.common_fields(now.astimezone(settings.zone).date()),
               **digest_fields(conn, run_id, summary, settings)}
-    composed = composer.compose(CRON_JOB_ACTIVITY, key=email_key(CRON_JOB_ACTIVITY, "run", run_id),
-                                to_address=settings.email.staff_address, fields=fields, run_id=run_id)
+    key = email_key(CRON_JOB_ACTIVITY, "run", run_id)
+    composed = composer.compose(CRON_JOB_ACTIVITY, key=key, to_address=settings.email.staff_address, fields=fields,
+                                run_id=run_id)
     if composed.email is None:
-        return False
+        return None
     queue(conn, [composed.email], run_id=run_id, now=now, from_address=settings.email.from_address)
-    return True
+    digest_id: int = conn.execute(select(OutboxEmail.id).where(OutboxEmail.key == key)).scalar_one()
+    return digest_id
 
 
 def _name(row: Any) -> str:

@@ -82,6 +82,14 @@ def due_clause(as_of: dt.date, zone: ZoneInfo) -> ColumnElement[bool]:
     )
 
 
+def ready_clause(now: dt.datetime) -> ColumnElement[bool]:
+    """Not waiting out a backoff: a request that failed or was vetoed waits for its next
+    attempt time. With `due_clause`, the one rule of what a run takes now (the run, the
+    dry run, `status` and the metrics all use it)."""
+    r = CancellationRequest
+    return or_(r.next_attempt_at.is_(None), r.next_attempt_at <= now)
+
+
 def days_late(
     type_: RequestType | str,
     next_due_date: dt.date | None,

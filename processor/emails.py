@@ -313,7 +313,8 @@ SAMPLE_DIGEST: dict[str, Any] = dict(
     operator="root", host="billing1", started_at="2026-12-01 02:00 UTC", finished_at="2026-12-01 02:01 UTC",
     due=3, completed=1, retrying=1, failed=1, vetoed=1, late=1, max_days_late=2,
     late_by_days=[{"days": 2, "count": 1}],
-    emails_queued=1, emails_sent=1, emails_failed=1, emails_queued_now=0, emails_failed_total=1, delivery_error="",
+    emails_queued=1, emails_sent=1, emails_retrying=1, emails_failed=1, emails_queued_now=0, emails_failed_total=1,
+    delivery_error="",
     failures=[
         {"request_id": 7, "service_id": 7, "client_name": "Jane Doe", "domain": "vps7.example.test",
          "error": "TerminateAccount hook failed", "attempts": 5, "gave_up": True, "vetoed": False},

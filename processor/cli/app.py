@@ -5,12 +5,15 @@ one line and an exit code (0 all done, 1 some requests failed, 2 usage/config/da
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import getpass
 import json
 import os
 import re
+import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -19,22 +22,23 @@ import click
 import structlog
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from processor import __version__, monitoring, outbox
+from processor import __version__, attention, monitoring, outbox
 from processor import db as dbmod
 from processor.config import Settings, load_settings
 from processor.db import Database, open_database
 from processor.delivery import Deliverer, mailer_from_settings
 from processor.due import business_today
-from processor.emails import EmailTemplates
+from processor.emails import EmailTemplates, TemplateProblem
 from processor.errors import (
     CancelprocError,
     DatabaseUnavailable,
     FieldError,
     InputError,
+    LeaseHeld,
     database_trouble,
     one_line,
 )
-from processor.hooks import HookRegistry, load_hooks
+from processor.hooks import HookDefinitionError, HookLoadError, HookRegistry, load_hooks
 from processor.logs import captured_stdout, configure_logging, json_wanted, route_hook_output
 from processor.models import (
     AuditEntry,
@@ -43,6 +47,8 @@ from processor.models import (
 from processor.run import Runner
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug, not the operator's input
+# Input errors that are the app folder's, not the command line's: the nightly job is broken.
+BROKEN_FILES = (HookLoadError, HookDefinitionError, TemplateProblem)
 
 
 def utc_now() -> dt.datetime:
@@ -59,6 +65,7 @@ class App:
     _db: Database | None = None
     _hooks: HookRegistry | None = None
     _templates: EmailTemplates | None = None
+    _runner: Runner | None = None
     operator: str = field(default_factory=lambda: os.environ.get("SUDO_USER") or getpass.getuser())
     _json_logs: bool = False
 
@@ -124,22 +131,85 @@ class App:
         `deliver`, it sends the outbox after the run when the settings say so."""
         settings = settings or self.settings
         deliverer = self.deliverer() if deliver and settings.email.send_after_run else None
-        return Runner(self.database(), settings, clock=utc_now, templates=self.templates, hooks=self.hooks,
-                      deliverer=deliverer, should_stop=should_stop)
+        self._runner = Runner(self.database(), settings, clock=utc_now, templates=self.templates, hooks=self.hooks,
+                              deliverer=deliverer, should_stop=should_stop)
+        return self._runner
 
     def today(self) -> dt.date:
         return business_today(utc_now(), self.settings.zone)
 
-    def write_metrics(self) -> None:
+    def attention_path(self) -> Path:
+        """The before-run failure record (attention.py), under the app root."""
+        return attention.state_path(self.settings.app_root)
+
+    @contextmanager
+    def nightly_job(self, command: str) -> Iterator[None]:
+        """The nightly job's command: a failure before its run began (config, hooks,
+        templates, database) is recorded for `status` and the metrics, and staff get one
+        email per streak; a run that began and completed ends the streak."""
+        try:
+            yield
+        except (LeaseHeld, click.ClickException, click.exceptions.Exit, KeyboardInterrupt):
+            raise  # another run is at work, or the command line was wrong: not the job failing
+        except Exception as exc:
+            bad_argument = isinstance(exc, InputError) and not isinstance(exc, BROKEN_FILES)  # refused, nothing written
+            # A config that does not load is refused like bad input (nothing written): `status`,
+            # reading the same config, fails with the same line.
+            if self._settings is not None and not bad_argument and (
+                    self._runner is None or self._runner.started_run_id is None):
+                self.failed_before_run(command, exc)
+            raise
+        else:
+            path = self.attention_path()
+            if self._runner is not None and self._runner.started_run_id is not None and path.exists():
+                attention.clear(path)
+                self.write_metrics()  # written by the run before the streak ended
+
+    def clear_failed_before_run(self) -> None:
+        attention.clear(self.attention_path())
+
+    def failed_before_run(self, command: str, exc: BaseException) -> None:
+        """Record the failure, write the metrics, and email staff once per streak. Every
+        step is best effort: the command's own error line must still come out."""
+        log = structlog.get_logger("cancelproc")
+        error = database_trouble(exc) if isinstance(exc, OperationalError) else one_line(exc)
+        try:
+            record = attention.record_failure(self.attention_path(), command, error, utc_now())
+        except OSError as write_error:
+            log.error("failure record not written", path=str(self.attention_path()), error=one_line(write_error))
+            return
+        self.write_metrics(record)
+        email = self.settings.email
+        if record.staff_notified or not email.staff_address:
+            return
+        try:
+            attention.notify_staff(mailer_from_settings(self.settings), record, from_address=email.from_address,
+                                   to_address=email.staff_address, host=socket.gethostname())
+        except Exception as send_error:  # noqa: BLE001 - delivery may be what is broken; the record stays
+            log.error("attention email not sent", error=one_line(send_error))
+            return
+        record.staff_notified = True
+        attention.write(self.attention_path(), record)
+
+    def write_metrics(self, failed: attention.Attention | None = None) -> None:
         """The Prometheus file, when one is configured. A failure to write it is logged,
         never fails the command: the run's work is done."""
-        if not self.settings.metrics_file or self._db is None:
+        if not self.settings.metrics_file:
             return
         path = self.settings.path(self.settings.metrics_file)
+        failed = failed or attention.read(self.attention_path())
         try:
-            monitoring.write_metrics(path, monitoring.health(self._db, self.settings, now=utc_now(),
-                                                             max_age_hours=self.settings.status_max_age_hours))
-        except (OSError, SQLAlchemyError) as exc:
+            try:
+                db = self.database()
+                health = monitoring.health(db, self.settings, now=utc_now(), failed_before_run=failed,
+                                           max_age_hours=self.settings.status_max_age_hours)
+            except (CancelprocError, SQLAlchemyError):
+                if failed is None:
+                    raise
+                monitoring.write_failure_metrics(path, failed, utc_now())  # the database is what is broken
+                return
+            monitoring.write_metrics(path, health)
+        except (OSError, SQLAlchemyError, CancelprocError) as exc:
             structlog.get_logger("cancelproc").error("metrics file not written", path=str(path), error=one_line(exc))
 
     def close(self) -> None:
@@ -273,6 +343,20 @@ def cli(ctx: click.Context, config_path: Path | None, debug: bool) -> None:
 
 
 pass_app = click.make_pass_decorator(App)
+
+
+def nightly_job(command: str, *, unless: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Under @pass_app: run the command in `App.nightly_job` (a failure before its run
+    began is recorded), except when one of the `unless` flags is given (--dry-run...)."""
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(f)
+        def wrapper(app: App, *args: Any, **kwargs: Any) -> Any:
+            if any(kwargs.get(flag) for flag in unless):
+                return f(app, *args, **kwargs)
+            with app.nightly_job(command):
+                return f(app, *args, **kwargs)
+        return wrapper
+    return decorate
 
 
 def request_row(r: CancellationRequest) -> dict[str, Any]:

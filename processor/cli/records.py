@@ -12,9 +12,10 @@ from typing import Any
 
 import click
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import joinedload
 
-from processor import cancellations, monitoring, reports
+from processor import attention, cancellations, monitoring, reports
 from processor.cli.app import App, audit_rows, cli, pass_app, request_row, utc_now
 from processor.cli.arguments import COUNT, DATE, HOURS, ID, RunRefType
 from processor.cli.output import (
@@ -27,6 +28,7 @@ from processor.cli.output import (
 )
 from processor.digest import failure_entries
 from processor.errors import (
+    CancelprocError,
     InputError,
     NotFound,
 )
@@ -245,12 +247,15 @@ def _echo_health(h: monitoring.Health) -> None:
             return "-"
         return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
-    last, ok = h.last_run, h.last_successful_run
+    last, ok, scheduled = h.last_run, h.last_successful_scheduled_run, h.last_scheduled_run
     echo_fields([
         ("health", "OK" if h.healthy else f"{len(h.problems)} problem(s)"),
-        ("last run", f"{last.id} {last.status}, started {cell(last.started_at)}" if last else "none yet"),
-        ("last successful run", f"{ok.id}, finished {cell(ok.finished_at)} ({h.last_success_age_hours} h ago)"
-         if ok else "none yet"),
+        ("last run", f"{last.id} {last.trigger} {last.status}, started {cell(last.started_at)}" if last
+         else "none yet"),
+        ("last scheduled run", f"{scheduled.id} {scheduled.trigger} {scheduled.status}, started "
+                               f"{cell(scheduled.started_at)}" if scheduled else "none yet"),
+        ("last scheduled success", f"{ok.id}, finished {cell(ok.finished_at)} "
+                                   f"({h.last_success_age_hours} h ago)" if ok else "none yet"),
         ("requests pending", f"{h.requests_pending} ({h.requests_due} due now, the longest waiting for "
                              f"{ago(h.oldest_due_request_age_seconds)})"),
         ("requests failed", f"{h.requests_failed} (manual cancellation required)"),
@@ -270,11 +275,23 @@ def status(app: App, as_json: bool, max_age_hours: float | None) -> int:
     """Is the processor healthy? One screen for the operator on call.
 
     \b
-    Exit 0 when healthy; 1 with one line per problem on stderr when the last
-    successful run is too old, the last run ended in error, requests need a
+    Exit 0 when healthy; 1 with one line per problem on stderr when the nightly
+    job failed before its run began (config, hooks, templates, database), the last
+    successful scheduled run (trigger cron or schedule; a manual run or
+    `requests process` does not count) is too old, the last run ended in error, requests need a
     manual cancellation, emails failed, or a lease went stale.
     """
-    h = monitoring.health(app.database(), app.settings, now=utc_now(),
+    app.settings  # noqa: B018 - a config that does not load is the first thing to say
+    failed = attention.read(app.attention_path())
+    try:
+        db = app.database()
+    except (CancelprocError, OperationalError):
+        if failed is None:
+            raise
+        # The database is what is broken: the failed job's line names it (and its error).
+        click.echo(f"problem: {failed.line()}", err=True)
+        return 1
+    h = monitoring.health(db, app.settings, now=utc_now(), failed_before_run=failed,
                           max_age_hours=max_age_hours or app.settings.status_max_age_hours)
     if as_json:
         echo_json(h.as_dict())

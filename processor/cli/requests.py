@@ -141,8 +141,10 @@ def requests_show(app: App, request_id: int, as_json: bool) -> None:
         service = request.service  # None if deleted outside cancelproc (foreign keys off)
         row = request_row(request)
         row["due_on"] = request_due_on(request, app.settings.zone) if service else None
-        row["due_now"] = service is not None and request.status is RequestStatus.PENDING and request_is_due(
-            request, app.settings.zone, app.today())
+        # As the run decides: due by its date, and not waiting out a backoff (due.ready_clause).
+        row["due_now"] = (service is not None and request.status is RequestStatus.PENDING
+                          and request_is_due(request, app.settings.zone, app.today())
+                          and (request.next_attempt_at is None or request.next_attempt_at <= utc_now()))
         row["service"] = service and {"id": service.id, "status": service.status, "domain": service.domain,
                                       "next_due_date": service.next_due_date,
                                       "termination_date": service.termination_date}

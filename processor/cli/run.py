@@ -15,13 +15,14 @@ from typing import Any
 import click
 import structlog
 
-from processor.cli.app import App, cli, pass_app
+from processor.cli.app import App, cli, nightly_job, pass_app
 from processor.cli.arguments import COUNT, DATE
 from processor.cli.output import dumps, echo_fields, echo_json, echo_table, log_report
 from processor.config import clock_time_problem
 from processor.errors import (
     CancelprocError,
     InputError,
+    LeaseHeld,
     one_line,
 )
 from processor.models import (
@@ -113,9 +114,13 @@ def echo_summary(summary: RunSummary) -> None:
                             f"{summary.emails_still_queued} still queued"
                             if summary.emails_retrying or summary.emails_failed or summary.delivery_error else 0),
         ("applied late", f"{summary.late} (up to {summary.max_days_late} days)" if summary.late else 0),
-        ("staff digest", "queued" if summary.digest_queued else "suppressed by a hook" if summary.digest_suppressed
-         else "none"),
+        ("staff digest", _digest_line(summary)),
     ])
+    share = summary.this_process
+    if share is not None and summary.run_total is not None and share["due"] != summary.run_total["due"]:
+        # Other processes (run --join) did part of it: the counts above are the run's.
+        click.echo(f"this process's share: {share['due']} due, {share['completed']} cancelled "
+                   f"(the counts above are the whole run's)")
     for f in summary.failures:
         what = "MANUAL CANCELLATION REQUIRED" if f["gave_up"] else "vetoed, will retry" if f["vetoed"] else "will retry"
         click.echo(f"  request {f['request_id']} (service {f['service_id']}): {f['error']} [{what}]")
@@ -125,6 +130,14 @@ def echo_summary(summary: RunSummary) -> None:
         # --now: the email that met the fault waits out a backoff, which a fixed server need not.
         click.echo(f"  email delivery stopped: {summary.delivery_error}; the emails stay queued "
                    "(once fixed: cancelproc emails send --now)")
+
+
+def _digest_line(summary: RunSummary) -> str:
+    if summary.digest_sent:
+        return "sent"
+    if summary.digest_queued:
+        return f"queued, not sent: {summary.digest_error}" if summary.digest_error else "queued"
+    return "suppressed by a hook" if summary.digest_suppressed else "none"
 
 
 def _run_with_progress(runner: Runner, options: RunOptions, show_progress: bool) -> RunSummary:
@@ -178,6 +191,7 @@ def _echo_preview(runner: Runner, options: RunOptions, as_json: bool) -> int:
               help="Worker processes sharing the run (PostgreSQL).")
 @click.option("--join", is_flag=True, help="Work on the run in progress (from another host; PostgreSQL).")
 @pass_app
+@nightly_job("run", unless=("dry_run", "join"))
 def run(app: App, as_of: dt.date | None, dry_run: bool, as_json: bool, limit: int | None, trigger: str | None,
         workers: int, join: bool) -> int:
     """Apply every due cancellation request (the nightly job).
@@ -262,7 +276,8 @@ def _join(app: App, as_json: bool) -> int:
         echo_json(summary.as_dict())
     elif not app.json_logs:  # with JSON logs, the runner's "worker done" line says it
         click.echo(f"worker {os.getpid()} on run {summary.run_id}: {summary.due} due, {summary.completed} cancelled, "
-                   f"{summary.noop} no-op, {summary.retrying + summary.vetoed} to retry, {summary.failed} failed")
+                   f"{summary.noop} no-op, {summary.retrying + summary.vetoed} to retry, {summary.failed} failed"
+                   + (f" (the run so far: {summary.run_total['due']} due)" if summary.run_total else ""))
     return 1 if summary.retrying or summary.failed or summary.vetoed else 0
 
 
@@ -294,10 +309,13 @@ def schedule_command(app: App, times: tuple[str, ...]) -> None:
         runner = app.runner(should_stop=stop, settings=settings)
         try:
             summary = runner.run(options)
+            app.clear_failed_before_run()
             log.info("scheduled run done", run_id=summary.run_id, status=str(summary.status), due=summary.due,
                      completed=summary.completed, failed=summary.failed)
         except CancelprocError as exc:  # another run holds the lease, a bad template, the database: try next time
             log.error("scheduled run did not complete", error=str(exc))
+            if runner.started_run_id is None and not isinstance(exc, LeaseHeld):
+                app.failed_before_run("schedule", exc)
         except Exception as exc:  # noqa: BLE001 - a bug must not stop the nightly schedule; it is logged
             log.exception("scheduled run failed", error=one_line(exc))
         finally:

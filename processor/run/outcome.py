@@ -92,6 +92,10 @@ class Tally:
                 t.retrying += action is Action.ERROR and not o.gave_up
         return t
 
+    def share(self) -> dict[str, int]:
+        """The counts alone (a share of a run, or its total)."""
+        return {f.name: getattr(self, f.name) for f in fields(Tally)}
+
     def add(self, other: Tally) -> None:
         for f in fields(Tally):
             if f.name != "max_days_late":
@@ -110,14 +114,26 @@ class RunSummary(Tally):
     as_of: dt.date | None = None
     status: str = ""
     failures: list[dict[str, Any]] = field(default_factory=list)
-    emails_sent: int = 0  # delivered at the end of the run (this run's and older queued ones)
-    emails_retrying: int = 0  # not sent at the end of the run; queued for a later attempt
-    emails_failed: int = 0  # given up at the end of the run (named in the digest)
-    emails_still_queued: int = 0  # in the outbox after the run's delivery
+    # The emails delivered at the end of the run (this run's and older queued ones), the staff
+    # digest aside (it reports these counts; see digest_sent). The same counts are in the run
+    # record (`runs show`, the metrics) and in the digest.
+    emails_sent: int = 0  # sent
+    emails_retrying: int = 0  # tried, not sent; queued for a later attempt
+    emails_failed: int = 0  # given up (named in the digest)
+    emails_still_queued: int = 0  # queued and not tried by this delivery (not due yet, or delivery stopped)
     delivery_error: str | None = None  # why delivery stopped early (the emails stay queued)
     failed_emails: list[dict[str, Any]] = field(default_factory=list)  # given up at the end of the run
     digest_suppressed: bool = False  # a DailyCronJobPreEmail hook asked for no staff digest
     digest_queued: bool = False
+    # A run shared between processes (run --workers, run --join): the top-level counts are
+    # `counts_are` ("run_total" for the process that owns the run, "this_process" for a joined
+    # one); `this_process` is this process's share, `run_total` the run's recorded counts
+    # (for a joined process: when it finished, the run may still be going).
+    counts_are: str = "run_total"
+    this_process: dict[str, int] | None = None
+    run_total: dict[str, int] | None = None
+    digest_sent: bool = False  # the staff digest was delivered after the run
+    digest_error: str | None = None  # why the queued digest was not delivered (it stays queued)
 
     def as_dict(self) -> dict[str, Any]:
         """The summary as plain data (for --json and the hooks)."""
@@ -129,9 +145,11 @@ class RunSummary(Tally):
     @property
     def exit_code(self) -> int:
         """0 all done; 1 some requests failed or were vetoed (they stay pending, or failed for
-        good), or some emails could not be delivered, or the run was stopped before the end."""
+        good), or some emails (or the staff digest) could not be delivered, or the run was
+        stopped before the end."""
         return 1 if (self.status == RunStatus.STOPPED or self.retrying or self.failed or self.vetoed
-                     or self.emails_retrying or self.emails_failed or self.delivery_error) else 0
+                     or self.emails_retrying or self.emails_failed or self.delivery_error
+                     or self.digest_error) else 0
 
     def count_delivery(self, report: DeliveryReport) -> None:
         self.emails_sent += report.sent

@@ -93,6 +93,7 @@ class Runner:
             hooked=self.decider.hooked, returning_addons=self.hooks.has("AddonCancelled"),
             returning_invoices=self.hooks.has("InvoiceCancelled"))
         self.log = structlog.get_logger("cancelproc.run")
+        self.started_run_id: int | None = None  # set once a run record exists (a failure after it is the run's)
 
     # --- the API ---------------------------------------------------------------------------
 
@@ -123,8 +124,10 @@ class Runner:
                     raise RunStopped(f"stopped on request after {summary.due} requests; the next run does the rest")
                 self._work(run_id, options, summary)  # with helpers: what a dead one left (usually nothing)
                 self._fail_orphans(options, run_id, summary)
-                if helpers is not None:
+                summary.this_process = summary.share()
+                if helpers is not None or self._joined(run_id, summary):
                     self._reload_counts(run_id, summary)
+                summary.run_total = summary.share()
                 if self.deliverer is not None:
                     self._deliver(summary)
             except RunStopped as exc:
@@ -149,6 +152,9 @@ class Runner:
         with structlog.contextvars.bound_contextvars(run_id=run_id, worker=os.getpid()):
             self.log.info("joined the run")
             self._work(run_id, options, summary)
+            summary.counts_are, summary.this_process = "this_process", summary.share()
+            with self._reading() as store:
+                summary.run_total = store.recorded(run_id)[0]
             self.log.info("worker done", due=summary.due, completed=summary.completed, retrying=summary.retrying,
                           failed=summary.failed, vetoed=summary.vetoed)
         return summary
@@ -160,6 +166,7 @@ class Runner:
         self.check_ready()
         with self._writing() as store:
             run_id = store.open_run(options, self.clock)
+        self.started_run_id = run_id
         self.log.info("run started", run_id=run_id, as_of=str(options.as_of), trigger=str(options.trigger),
                       operator=options.operator)
         self.hooks.apply("PreCronJob", with_params({}, run_id=run_id, as_of=options.as_of,
@@ -325,20 +332,35 @@ class Runner:
         self.hooks.apply("AfterCronJob", with_params({}, run_id=run_id, summary=summary.as_dict()))
 
     def _digest(self, run_id: int, summary: RunSummary) -> None:
-        """Queue the staff digest and send it. A failure here is logged: the run is done."""
+        """Queue the staff digest and send it. A failure here is logged: the run is done.
+
+        The digest is not in the run's email counts (`emails_sent`...): it reports them, so
+        it is written after they are final and cannot count itself. Its own delivery is
+        `digest_sent` / `digest_error`, so the run output, `runs show`, the digest and the
+        metrics give the same counts."""
         try:
             with self.db.engine.begin() as conn:
-                summary.digest_queued = queue_digest(conn, self.composer, run_id=run_id, summary=summary.as_dict(),
-                                                     now=self.clock(), settings=self.settings)
+                digest_id = queue_digest(conn, self.composer, run_id=run_id, summary=summary.as_dict(),
+                                         now=self.clock(), settings=self.settings)
         except Exception as exc:  # a digest hook or template failure must not turn a done run into an error
             self.log.error("staff digest not queued", error=one_line(exc))
             return
-        if self.deliverer is not None and summary.digest_queued and not summary.delivery_error:
-            try:
-                self._deliver(summary)
-            except Exception as exc:  # it stays queued for the next delivery
-                summary.delivery_error = one_line(exc)
-                self.log.error("staff digest not sent", error=summary.delivery_error)
+        summary.digest_queued = digest_id is not None
+        if self.deliverer is None or digest_id is None:
+            return
+        if summary.delivery_error:  # not tried: it stays queued, and the output says why delivery stopped
+            return
+        try:
+            report = self.deliverer.deliver(ids=[digest_id])
+        except Exception as exc:  # it stays queued for the next delivery
+            summary.digest_error = one_line(exc)
+        else:
+            summary.digest_sent = report.sent == 1
+            if not summary.digest_sent:
+                summary.digest_error = report.stopped or "; ".join(
+                    str(e["error"]) for e in report.failed_emails) or "refused; it will be retried"
+        if summary.digest_error:
+            self.log.error("staff digest not sent", error=summary.digest_error)
 
     def _finish(self, run_id: int, status: RunStatus, error: str | None = None,
                 summary: RunSummary | None = None) -> None:
@@ -356,6 +378,13 @@ class Runner:
     def _renew_lease(self, run_id: int) -> None:
         with self._writing() as store:
             store.renew_lease(run_id, self.clock())
+
+    def _joined(self, run_id: int, summary: RunSummary) -> bool:
+        """Did another process (`run --join`, PostgreSQL) do part of this run?"""
+        if not self.db.is_postgresql:
+            return False
+        with self._reading() as store:
+            return store.recorded(run_id)[0]["due"] != summary.due
 
     def _reload_counts(self, run_id: int, summary: RunSummary) -> None:
         """The run's counts and failures as recorded by every process that worked on it."""

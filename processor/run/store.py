@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from processor import lease
 from processor.db import Database
 from processor.digest import recorded_failures
-from processor.due import due_clause
+from processor.due import due_clause, ready_clause
 from processor.emails import SERVICE_CANCELLATION_CONFIRMATION
 from processor.errors import one_line
 from processor.models import (
@@ -93,7 +93,7 @@ class RunStore:
             stmt = stmt.where(R.id.in_(options.request_ids))
         else:
             # Backoff: a request that failed recently waits for its next attempt time.
-            stmt = stmt.where(or_(R.next_attempt_at.is_(None), R.next_attempt_at <= now))
+            stmt = stmt.where(ready_clause(now))
         if not options.ignore_due_date:
             stmt = stmt.where(due_clause(options.as_of, self.rules.zone))
         return stmt

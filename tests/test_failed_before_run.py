@@ -1,0 +1,108 @@
+"""The nightly job failed before its run began (a hook file that does not load, the
+database unreachable): `status` names it (one line), the metrics show it, and staff get
+one "Cron Job Attention Needed" email per streak, through a real SMTP server."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from freezegun import freeze_time
+from prometheus_client.parser import text_string_to_metric_families
+
+from processor.db import Database
+from tests import factories
+from tests.cli_helpers import as_json, ok
+from tests.smtp_server import HOST, free_port, smtp_server
+
+NIGHT = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC)
+STATE = Path("var") / "cancelproc-attention.json"
+
+
+def env_for(port: int) -> dict[str, str]:
+    return {"CANCELPROC_EMAIL__DELIVERY": "smtp", "CANCELPROC_EMAIL__SMTP__HOST": HOST,
+            "CANCELPROC_EMAIL__SMTP__PORT": str(port), "CANCELPROC_EMAIL__SMTP__SECURITY": "none",
+            "CANCELPROC_EMAIL__SMTP__USERNAME": "", "CANCELPROC_EMAIL__STAFF_ADDRESS": "ops@example.test",
+            "CANCELPROC_METRICS_FILE": "var/cancelproc.prom"}
+
+
+def gauges(tmp_path: Path) -> dict[str, float]:
+    text = (tmp_path / "var" / "cancelproc.prom").read_text()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+
+
+def problems(stderr: str) -> list[str]:
+    return [line.removeprefix("problem: ") for line in stderr.splitlines() if line.startswith("problem: ")]
+
+
+def attention_emails(server) -> list[str]:
+    return [r.message["Subject"] for r in server.received if "Attention Needed" in r.message["Subject"]]
+
+
+def test_a_hook_file_that_does_not_load_is_reported_until_a_run_completes(invoke, db: Database, tmp_path):
+    with db.session.begin() as s:
+        factories.request(s, factories.service(s))
+    (tmp_path / "hooks").mkdir()
+    (tmp_path / "hooks" / "broken.py").write_text("def oops(:\n")
+    with smtp_server(tmp_path) as server:
+        env = env_for(server.port)
+        for night in (NIGHT, NIGHT + dt.timedelta(days=1)):  # two failures in a row: one email
+            with freeze_time(night):
+                failed = invoke("run", env=env)
+            assert failed.exit_code == 2 and "broken.py" in failed.stderr and "Traceback" not in failed.output
+        assert attention_emails(server) == ["Cron Job Attention Needed - cancelproc run on " + os.uname().nodename]
+        body = next(r.message for r in server.received).get_body(("plain",)).get_content()
+        assert "broken.py" in body and "failed before its run began" in body
+        record = json.loads((tmp_path / STATE).read_text())
+        assert (record["command"], record["failures"], record["staff_notified"]) == ("run", 2, True)
+        assert record["first_failed_at"] == "2026-11-26T02:00:00+00:00"
+        assert gauges(tmp_path)["cancelproc_failed_before_run"] == 2
+        with freeze_time(NIGHT + dt.timedelta(days=1, minutes=5)):
+            result = invoke("status", env=env)
+        assert result.exit_code == 1
+        named = [p for p in problems(result.stderr) if "failed before its run began" in p]
+        assert len(named) == 1 and named[0].startswith(
+            "`cancelproc run` failed before its run began at 2026-11-27T02:00:00+00:00 (2 times since "
+            "2026-11-26T02:00:00+00:00): ") and "broken.py" in named[0]
+        # Fixed: the next run completes and ends the streak; status and the metrics say so.
+        (tmp_path / "hooks" / "broken.py").unlink()
+        with freeze_time(NIGHT + dt.timedelta(days=2)):
+            ok(invoke("run", env=env))
+        assert not (tmp_path / STATE).exists()
+        assert gauges(tmp_path)["cancelproc_failed_before_run"] == 0
+        with freeze_time(NIGHT + dt.timedelta(days=2, minutes=5)):
+            health = as_json(invoke("status", "--json", env=env))
+        assert health["failed_before_run"] is None and health["healthy"]
+        assert len(attention_emails(server)) == 1
+
+
+def test_an_unreachable_database_is_reported_by_status_and_the_metrics(tmp_path):
+    """As cron runs it: a process, a database URL nothing listens on."""
+    port = free_port()  # nothing listens here
+    with smtp_server(tmp_path) as server:
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("CANCELPROC_")}
+        environ.update(env_for(server.port), CANCELPROC_DATABASE_URL=f"postgresql://cp@{HOST}:{port}/cancelproc")
+
+        def cancelproc(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "processor", *args], cwd=tmp_path, env=environ,
+                                  capture_output=True, text=True, timeout=120)
+
+        first = cancelproc("run")
+        assert first.returncode == 2, first.stderr  # DatabaseError at open (exit code as before)
+        errors = [line for line in first.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in first.stderr
+        cancelproc("run")  # the next try: same streak, no second email
+        assert len(attention_emails(server)) == 1
+    record = json.loads((tmp_path / STATE).read_text())
+    assert (record["failures"], record["staff_notified"]) == (2, True)
+    metrics = gauges(tmp_path)
+    assert (metrics["cancelproc_failed_before_run"], metrics["cancelproc_problems"]) == (2, 1)
+    status = cancelproc("status")
+    assert status.returncode == 1
+    named = problems(status.stderr)
+    assert len(named) == 1 and named[0].startswith("`cancelproc run` failed before its run began at ")
+    assert "Connection refused" in named[0] and status.stderr.count("\n") == 1  # one line
