@@ -20,7 +20,7 @@ from email.mime.text import MIMEText
 from email.utils import formatdate, make_msgid
 from pathlib import Path
 
-from processor.delivery import Mailer
+from processor.mailers import Mailer
 
 STATE_FILE = Path("var") / "cancelproc-attention.json"
 

@@ -31,7 +31,8 @@ import pytest
 from sqlalchemy import select
 
 from processor.db import Database, open_database, upgrade
-from processor.delivery import BATCH, message_id
+from processor.delivery import BATCH
+from processor.mailers import message_id
 from processor.models import EmailStatus, OutboxEmail
 from processor.outbox import QueuedEmail, queue
 from tests.cli_helpers import process_env

@@ -27,8 +27,9 @@ from processor import lease
 from processor.cli import cli
 from processor.config import Settings
 from processor.db import Database
-from processor.delivery import ConsoleMailer, Deliverer, FolderMailer, MailerDown, mailer_from_settings, message_id
+from processor.delivery import Deliverer
 from processor.errors import ConfigError, LeaseHeld
+from processor.mailers import ConsoleMailer, FolderMailer, MailerDown, mailer_from_settings, message_id
 from processor.models import AuditEntry, EmailStatus, Lease, OutboxEmail, Run
 from processor.outbox import QueuedEmail, queue
 from processor.run import Runner, RunOptions

@@ -11,8 +11,9 @@ from sqlalchemy import select
 
 from processor.config import Settings
 from processor.db import Database
-from processor.delivery import Deliverer, FolderMailer
+from processor.delivery import Deliverer
 from processor.hooks import HookRegistry, load_hooks
+from processor.mailers import FolderMailer
 from processor.models import EmailStatus, OutboxEmail
 from processor.outbox import QueuedEmail, queue
 from processor.run import Runner, RunOptions, RunSummary

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from processor.db import Database
 from tests import factories
-from tests.cli_helpers import as_json, ok
+from tests.cli_helpers import as_json, error_text, ok
 from tests.smtp_server import HOST, free_port, smtp_server
 
 NIGHT = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC)
@@ -93,8 +93,9 @@ def test_an_unreachable_database_is_reported_by_status_and_the_metrics(tmp_path)
 
         first = cancelproc("run")
         assert first.returncode == 2, first.stderr  # DatabaseError at open (exit code as before)
-        errors = [line for line in first.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and "Traceback" not in first.stderr
+        # No terminal, as under cron: the log and the error line are JSON lines.
+        errors = [error_text(line) for line in first.stderr.splitlines() if '"exit_code"' in line]
+        assert len(errors) == 1 and errors[0].startswith("error: ") and "Traceback" not in first.stderr
         cancelproc("run")  # the next try: same streak, no second email
         assert len(attention_emails(server)) == 1
     record = json.loads((tmp_path / STATE).read_text())

@@ -36,7 +36,7 @@ from freezegun import freeze_time
 from sqlalchemy import func, select
 
 from processor.db import Database
-from processor.delivery import message_id
+from processor.mailers import message_id
 from processor.models import (
     AuditEntry,
     CancellationRequest,

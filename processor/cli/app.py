@@ -26,7 +26,7 @@ from processor import __version__, attention, monitoring, outbox
 from processor import db as dbmod
 from processor.config import Settings, load_settings
 from processor.db import Database, open_database
-from processor.delivery import Deliverer, mailer_from_settings
+from processor.delivery import Deliverer
 from processor.due import business_today
 from processor.emails import EmailTemplates, TemplateProblem
 from processor.errors import (
@@ -40,6 +40,7 @@ from processor.errors import (
 )
 from processor.hooks import HookDefinitionError, HookLoadError, HookRegistry, load_hooks
 from processor.logs import captured_stdout, configure_logging, json_wanted, route_hook_output
+from processor.mailers import mailer_from_settings
 from processor.models import (
     AuditEntry,
     CancellationRequest,

@@ -11,12 +11,13 @@ from processor import outbox
 from processor.cli.app import App, cli, pass_app, utc_now
 from processor.cli.arguments import COUNT, ID, LanguageType
 from processor.cli.output import echo_fields, echo_json, echo_rows, log_report
-from processor.delivery import DeliveryReport, build_message, get_email, message_id, retry_emails
+from processor.delivery import DeliveryReport, get_email, retry_emails
 from processor.digest import preview_digest
 from processor.emails import CRON_JOB_ACTIVITY, TEMPLATES
 from processor.errors import (
     InputError,
 )
+from processor.mailers import build_message, message_id
 from processor.models import (
     EmailStatus,
     OutboxEmail,
