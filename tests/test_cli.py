@@ -778,6 +778,22 @@ def test_runs_list_and_show(invoke: Invoke, seeded: Database) -> None:
     one_line_error(invoke("runs", "show", "99"), "run 99 not found")
 
 
+def test_people_read_times_in_the_business_time_zone_and_json_keeps_the_offset(invoke: Invoke,
+                                                                               seeded: Database) -> None:
+    """Lists and records show times in business_timezone with its abbreviation (NOW is
+    02:00 UTC: 03:00 in Berlin in November); JSON carries ISO 8601 with the offset."""
+    berlin = {"CANCELPROC_BUSINESS_TIMEZONE": "Europe/Berlin"}
+    ok(invoke("run", env=berlin))
+    table = ok(invoke("runs", "list", env=berlin)).stdout.splitlines()
+    assert "2026-11-26 03:00 CET" in table[1]
+    shown = ok(invoke("runs", "show", "1", env=berlin)).stdout.splitlines()
+    assert ["started_at", "2026-11-26", "03:00", "CET"] in [line.split() for line in shown]
+    assert "2026-11-26 02:00 UTC" in ok(invoke("runs", "list")).stdout  # the default zone, labelled too
+    assert as_json(invoke("runs", "list", "--json", env=berlin))[0]["started_at"] == "2026-11-26T02:00:00+00:00"
+    created = as_json(invoke("requests", "show", "1", "--json", env=berlin))["created_at"]
+    assert created.endswith("+00:00") and f"{created[:10]} " in ok(invoke("requests", "list", env=berlin)).stdout
+
+
 def test_runs_show_names_vetoes(invoke: Invoke, seeded: Database, tmp_path: Path) -> None:
     """A vetoed request is a failure of its run: `runs show` names it, as the run and its digest do."""
     (tmp_path / "hooks").mkdir()
@@ -796,7 +812,8 @@ def test_runs_show_names_vetoes(invoke: Invoke, seeded: Database, tmp_path: Path
     assert all("on hold by billing" in f["detail"] for f in shown["failures"])
     text = ok(invoke("runs", "show", "last")).stdout
     rows = text[text.index("failures:"):].splitlines()[2:]  # after the heading and the table's header
-    assert [(row.split()[2], row.split()[3]) for row in rows] == [(str(r), "vetoed") for r in vetoed]
+    # AT is "2026-11-26 02:00 UTC" (three words), then ENTITY_ID and ACTION
+    assert [(row.split()[3], row.split()[4]) for row in rows] == [(str(r), "vetoed") for r in vetoed]
     assert all("on hold by billing" in row for row in rows)
     one_line_error(invoke("runs", "show", "abc"), "'abc' is not a run id")
     one_line_error(invoke("runs", "show", "1.5"), "'1.5' is not a run id")

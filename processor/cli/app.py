@@ -24,6 +24,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from processor import __version__, attention, monitoring, outbox
 from processor import db as dbmod
+from processor.cli.output import ZONE_KEY
 from processor.config import Settings, load_settings
 from processor.db import Database, open_database
 from processor.delivery import Deliverer
@@ -76,6 +77,9 @@ class App:
             self._settings = load_settings(self.config_path)
             self._json_logs = configure_logging("debug" if self.debug else self._settings.log_level,
                                                 self._settings.log_format)
+            ctx = click.get_current_context(silent=True)
+            if ctx is not None:  # the tables show times in the business time zone
+                ctx.meta[ZONE_KEY] = self._settings.zone
         return self._settings
 
     @property

@@ -31,13 +31,26 @@ def echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, default=to_jsonable, sort_keys=True, indent=2, ensure_ascii=False))
 
 
+# Where the command's business time zone is kept for the tables (click's shared `meta`,
+# set by the App once the settings are read): people read times in it, with its
+# abbreviation; JSON keeps ISO 8601 with the offset.
+ZONE_KEY = "cancelproc.zone"
+
+
+def local_time(moment: dt.datetime) -> str:
+    """A moment as people at the business read it: '2026-11-30 21:20 CET'."""
+    ctx = click.get_current_context(silent=True)
+    zone = ctx.meta.get(ZONE_KEY) if ctx is not None else None
+    return moment.astimezone(zone or dt.UTC).strftime("%Y-%m-%d %H:%M %Z")
+
+
 def cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, enum.Enum):
         return str(value.value)
     if isinstance(value, dt.datetime):
-        return value.astimezone().strftime("%Y-%m-%d %H:%M")
+        return local_time(value)
     if isinstance(value, bool):
         return "yes" if value else "no"
     return str(value)
