@@ -111,3 +111,14 @@ def test_a_digest_that_cannot_be_sent_stays_queued(db, settings, now, tmp_path):
     assert summary.digest_queued and not summary.digest_sent and summary.exit_code == 1
     assert "cannot write" in summary.digest_error and summary.delivery_error is None
     assert [d.status for d in digests(db)] == [EmailStatus.QUEUED]
+
+
+def test_the_digest_gives_times_in_the_business_time_zone(db, settings, now):
+    """now is 02:00 UTC on 2026-11-26: staff in Berlin read 03:00 CET, in both parts."""
+    with db.session.begin() as s:
+        factories.request(s, factories.service(s))
+    berlin = staff_settings(settings).model_copy(update={"business_timezone": "Europe/Berlin"})
+    run(db, berlin, now)
+    digest = digests(db)[0]
+    assert "Started 2026-11-26 03:00 CET, finished 2026-11-26 03:00 CET" in digest.text_body
+    assert "Started 2026-11-26 03:00 CET" in digest.html_body
