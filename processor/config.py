@@ -265,6 +265,7 @@ def load_settings(config_path: Path | None = None) -> Settings:
     """Read the config file (explicit, $CANCELPROC_CONFIG, or ./config/processor.toml if present).
 
     CANCELPROC_* environment variables override the file (pydantic-settings reads them).
+    A ConfigError names the file it was read from in `config_file` (None: no file found).
     """
     environ = os.environ
     explicit = config_path or (Path(environ[ENV_PREFIX + "CONFIG"]) if environ.get(ENV_PREFIX + "CONFIG") else None)
@@ -275,26 +276,72 @@ def load_settings(config_path: Path | None = None) -> Settings:
         raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from None
     if explicit is not None and not found:
         raise ConfigError(f"{path}: config file not found")
-    data: dict[str, Any] = {}
-    if found:
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot be read: {exc}") from None
-    app_root = path.resolve().parent.parent if found else Path.cwd()
     try:
-        settings = Settings(**data, app_root=app_root, config_file=path if found else None)
+        settings = _settings(_read_toml(path) if found else {}, path if found else None, environ)
+        _refuse_unknown_variables(environ, settings.email.smtp.password_env)
+    except ConfigError as exc:
+        exc.config_file = path.resolve() if found else None
+        raise
+    return settings
+
+
+def settings_without_errors(config_file: Path) -> Settings | None:
+    """The settings of a config file that does not load, its wrong keys left at their
+    defaults: for the nightly job's failure record, whose metrics file and staff email
+    should still go where the operator set them (cli/app.py). None when the file is not
+    TOML, or what is wrong does not come from the file (an environment variable)."""
+    try:
+        data = _read_toml(config_file)
+        try:
+            return _settings(data, config_file, os.environ)
+        except ConfigError as exc:
+            if not isinstance(exc.__cause__, ValidationError):
+                return None
+            for error in exc.__cause__.errors():
+                _drop(data, error["loc"])
+            return _settings(data, config_file, os.environ)
+    except (ConfigError, KeyError):
+        return None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc}") from None
+
+
+def _settings(data: dict[str, Any], path: Path | None, environ: Mapping[str, str]) -> Settings:
+    """The file's data validated, with the environment's overrides. Paths are relative to the
+    app root: the folder holding config/ (the working directory when there is no file)."""
+    app_root = path.resolve().parent.parent if path is not None else Path.cwd()
+    try:
+        return Settings(**data, app_root=app_root, config_file=path)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path if found else None, environ)) from None
+        raise ConfigError(_describe(exc, path, environ)) from exc
     except SettingsError as exc:  # a list or table in a variable that is not JSON
         field = re.search(r'field "(\w+)"', str(exc))
         name = field.group(1) if field else "?"
         raise ConfigError(f"environment variable {ENV_PREFIX}{name.upper()}: {name}: not valid JSON "
                           '(a list is written ["a", "b"])') from None
-    _refuse_unknown_variables(environ, settings.email.smtp.password_env)
-    return settings
+
+
+def _drop(data: dict[str, Any], loc: tuple[int | str, ...]) -> None:
+    """Remove the key a validation error is about (`reason_codes.0`: the whole list).
+    KeyError when the file does not hold it: the value came from the environment."""
+    if not loc:  # about the settings as a whole
+        raise KeyError(loc)
+    table = data
+    for part in loc[:-1]:
+        if not isinstance(table.get(str(part)), dict):
+            break
+        table = table[str(part)]
+    else:
+        del table[str(loc[-1])]
+        return
+    del table[str(part)]
 
 
 # CANCELPROC_* variables read besides the settings: the config file's path, --debug for

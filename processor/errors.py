@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 
 class CancelprocError(Exception):
@@ -13,6 +14,8 @@ class CancelprocError(Exception):
 
 class ConfigError(CancelprocError):
     """The configuration file or an environment variable holds an invalid value."""
+
+    config_file: Path | None = None  # the file that was read (config.load_settings), if any
 
 
 class InputError(CancelprocError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,3 +60,17 @@ def one_line_error(result: Result, *fragments: str, code: int = 2) -> str:
     for fragment in fragments:
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
     return lines[0]
+
+
+def uncomment_setting(config: Path, section: str, key: str, value: str) -> None:
+    """Set a key the way an operator does: uncomment its line in the file init wrote."""
+    lines = config.read_text().splitlines()
+    current = ""
+    for n, line in enumerate(lines):
+        if line.startswith("["):
+            current = line.strip("[]")
+        elif current == section and re.match(rf"# {key} = ", line):
+            lines[n] = f"{key} = {value}"
+            config.write_text("\n".join(lines) + "\n")
+            return
+    raise AssertionError(f"no commented line for {section or 'top level'} {key} in {config}")

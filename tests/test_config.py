@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from processor.config import EmailSettings, Settings, SmtpSettings, load_settings
+from processor.config import EmailSettings, Settings, SmtpSettings, load_settings, settings_without_errors
 from processor.errors import ConfigError
 from processor.resources import shipped
 
@@ -125,3 +125,24 @@ def test_the_other_variables_cancelproc_reads_are_not_refused(tmp_path, monkeypa
 def test_missing_explicit_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_a_config_that_does_not_load_names_its_file_and_keeps_its_good_keys(tmp_path, monkeypatch):
+    """For the nightly job's failure record (cli/app.py): the wrong keys at their defaults,
+    the rest as the operator wrote them."""
+    config = tmp_path / "config" / "processor.toml"
+    config.parent.mkdir()
+    config.write_text('metrics_file = "var/m.prom"\nreason_codes = [1]\nemial = 1\n\n[email]\nstaff_address = '
+                      '"ops@example.test"\n\n[email.smtp]\nhost = "mail.example.test"\nport = "twenty-five"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    assert caught.value.config_file == config.resolve()
+    kept = settings_without_errors(config)
+    assert kept is not None and kept.app_root == tmp_path.resolve()
+    assert (kept.metrics_file, kept.email.staff_address, kept.email.smtp.host) == (
+        "var/m.prom", "ops@example.test", "mail.example.test")
+    assert (kept.reason_codes, kept.email.smtp.port) == (Settings().reason_codes, SmtpSettings().port)
+    monkeypatch.setenv("CANCELPROC_BUSINESS_TIMEZONE", "Mars/Olympus")  # not the file's: nothing to leave out
+    assert settings_without_errors(config) is None
+    config.write_text("[email\n")
+    assert settings_without_errors(config) is None

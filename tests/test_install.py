@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from processor.config import Settings, load_settings
+from tests.cli_helpers import uncomment_setting
 from tests.conftest import REPO
 from tests.smtp_server import HOST, SmtpServer, smtp_server
 
@@ -118,20 +119,6 @@ def test_the_wheel_holds_every_file_of_the_package(installed: Installed) -> None
     assert "processor/resources/templates/de/service_cancellation_confirmation.jinja" in packed
 
 
-def _uncomment(config: Path, section: str, key: str, value: str) -> None:
-    """Set a key the way an operator does: uncomment its line in the file init wrote."""
-    lines = config.read_text().splitlines()
-    current = ""
-    for n, line in enumerate(lines):
-        if line.startswith("["):
-            current = line.strip("[]")
-        elif current == section and re.match(rf"# {key} = ", line):
-            lines[n] = f"{key} = {value}"
-            config.write_text("\n".join(lines) + "\n")
-            return
-    raise AssertionError(f"no commented line for {section or 'top level'} {key} in {config}")
-
-
 def _write(path: Path, *lines: str) -> Path:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -162,9 +149,9 @@ def test_the_installed_wheel_inits_imports_runs_and_delivers_by_smtp(installed: 
     assert config.read_text() == (REPO / "processor" / "resources" / "app" / "config" / "processor.toml").read_text()
     assert load_settings(config).model_dump() == Settings(app_root=app.resolve()).model_dump()
     for key, value in (("company_name", '"Acme Hosting"'), ("delivery", '"smtp"')):
-        _uncomment(config, "email", key, value)
+        uncomment_setting(config, "email", key, value)
     for key, value in (("host", f'"{HOST}"'), ("port", str(smtp.port)), ("security", '"none"')):
-        _uncomment(config, "email.smtp", key, value)
+        uncomment_setting(config, "email.smtp", key, value)
     # The app folder's templates/ comes before the built-in ones, and can extend them.
     _write(app / "templates" / "new_cancellation_request.jinja",
            '{% extends "default:new_cancellation_request.jinja" %}',

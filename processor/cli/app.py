@@ -25,13 +25,14 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from processor import __version__, attention, monitoring, outbox
 from processor import db as dbmod
 from processor.cli.output import ZONE_KEY
-from processor.config import Settings, load_settings
+from processor.config import Settings, load_settings, settings_without_errors
 from processor.db import Database, open_database
 from processor.delivery import Deliverer
 from processor.due import business_today
 from processor.emails import EmailTemplates, TemplateProblem
 from processor.errors import (
     CancelprocError,
+    ConfigError,
     DatabaseUnavailable,
     FieldError,
     InputError,
@@ -74,13 +75,16 @@ class App:
     @property
     def settings(self) -> Settings:
         if self._settings is None:
-            self._settings = load_settings(self.config_path)
-            self._json_logs = configure_logging("debug" if self.debug else self._settings.log_level,
-                                                self._settings.log_format)
-            ctx = click.get_current_context(silent=True)
-            if ctx is not None:  # the tables show times in the business time zone
-                ctx.meta[ZONE_KEY] = self._settings.zone
+            self._use_settings(load_settings(self.config_path))
+            assert self._settings is not None
         return self._settings
+
+    def _use_settings(self, settings: Settings) -> None:
+        self._settings = settings
+        self._json_logs = configure_logging("debug" if self.debug else settings.log_level, settings.log_format)
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:  # the tables show times in the business time zone
+            ctx.meta[ZONE_KEY] = settings.zone
 
     @property
     def settings_loaded(self) -> bool:
@@ -156,10 +160,12 @@ class App:
             yield
         except (LeaseHeld, click.ClickException, click.exceptions.Exit, KeyboardInterrupt):
             raise  # another run is at work, or the command line was wrong: not the job failing
+        except ConfigError as exc:
+            if self._settings is None:
+                self.config_failed(command, exc)
+            raise
         except Exception as exc:
             bad_argument = isinstance(exc, InputError) and not isinstance(exc, BROKEN_FILES)  # refused, nothing written
-            # A config that does not load is refused like bad input (nothing written): `status`,
-            # reading the same config, fails with the same line.
             if self._settings is not None and not bad_argument and (
                     self._runner is None or self._runner.started_run_id is None):
                 self.failed_before_run(command, exc)
@@ -169,6 +175,25 @@ class App:
             if self._runner is not None and self._runner.started_run_id is not None and path.exists():
                 attention.clear(path)
                 self.write_metrics()  # written by the run before the streak ended
+
+    def config_failed(self, command: str, exc: ConfigError) -> None:
+        """The config file does not load: the nightly job is as broken as by a hook file
+        that does not load, so it is recorded the same way, under the app root of the file
+        (when no file was found, there is no app folder to record it in). The metrics file
+        and the staff email are those of the file with its wrong keys left at their
+        defaults; a file that is not TOML gets the record alone."""
+        if exc.config_file is None:
+            return
+        settings = settings_without_errors(exc.config_file)
+        if settings is not None:
+            self._use_settings(settings)
+            self.failed_before_run(command, exc)
+            return
+        path = attention.state_path(exc.config_file.parent.parent)
+        try:
+            attention.record_failure(path, command, str(exc), utc_now())
+        except OSError as write_error:  # logging is not set up: no settings
+            echo_error(f"failure record not written: {path}: {one_line(write_error)}", as_json=errors_as_json(self))
 
     def clear_failed_before_run(self) -> None:
         attention.clear(self.attention_path())

@@ -285,6 +285,7 @@ def _join(app: App, as_json: bool) -> int:
 @click.option("--at", "times", multiple=True, metavar="HH:MM",
               help="Run daily at this local time (business_timezone); repeatable. Default: schedule_times.")
 @pass_app
+@nightly_job("schedule")
 def schedule_command(app: App, times: tuple[str, ...]) -> None:
     """Run the nightly job daily in the foreground, for hosts without cron.
 
