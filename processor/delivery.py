@@ -63,10 +63,14 @@ _COLUMNS = (E.id, E.key, E.template, E.request_id, E.to_address, E.from_address,
             E.html_body, E.attempts, E.created_at)
 
 
+# An email sent is recorded as sent, even when its request was withdrawn while the email
+# was in flight (outbox.withdraw_queued_emails): the record must not say it never went.
+_SENDABLE = (EmailStatus.QUEUED, EmailStatus.WITHDRAWN)
 # Built once (SQLAlchemy then reuses its compiled form): recorded per message over SMTP.
-_MARK_ONE_SENT = update(E).where(E.id == bindparam("email_id"), E.status == EmailStatus.QUEUED).values(
+_MARK_ONE_SENT = update(E).where(E.id == bindparam("email_id"), E.status.in_(_SENDABLE)).values(
     status=EmailStatus.SENT, sent_at=bindparam("now"), attempts=E.attempts + 1, last_error=None,
     next_attempt_at=None)
+_STATUS_OF_ONE = select(E.status).where(E.id == bindparam("email_id"))
 
 
 class Deliverer:
@@ -157,6 +161,8 @@ class Deliverer:
             if problem:
                 results.append((row, f"refused, never sent: {problem} (header injection)", True))
                 continue
+            if record_now is not None and not self._still_queued(record_now, row.id):
+                continue  # withdrawn with its request since the batch was read: not sent
             try:
                 self.mailer.send(build_message(row, company), sender=row.from_address, recipient=row.to_address,
                                  name=f"{row.id:08d}-{row.template}")
@@ -171,6 +177,15 @@ class Deliverer:
                 report.stopped = str(exc)
                 break
         return results
+
+    @staticmethod
+    def _still_queued(conn: Connection, email_id: int) -> bool:
+        """Read just before an SMTP send, which takes a round trip each: a batch's later
+        emails may have been withdrawn while the earlier ones went. (A batch to the folder
+        is written at once after it is read: what is withdrawn meanwhile was in flight.)"""
+        status = conn.execute(_STATUS_OF_ONE, {"email_id": email_id}).scalar_one()
+        conn.rollback()  # ends the read: the next check sees what was committed since
+        return bool(status == EmailStatus.QUEUED)
 
     def _durable(self, results: list[tuple[Row[Any], str | None, bool]],
                  report: DeliveryReport) -> list[tuple[Row[Any], str | None, bool]]:
@@ -203,7 +218,7 @@ class Deliverer:
         report.sent += 1
 
     def _mark_sent(self, conn: Connection, ids: list[int], now: dt.datetime, report: DeliveryReport) -> None:
-        conn.execute(update(E).where(self.db.in_ids(E.id, ids), E.status == EmailStatus.QUEUED).values(
+        conn.execute(update(E).where(self.db.in_ids(E.id, ids), E.status.in_(_SENDABLE)).values(
             status=EmailStatus.SENT, sent_at=now, attempts=E.attempts + 1, last_error=None, next_attempt_at=None))
         report.sent += len(ids)
 

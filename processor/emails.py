@@ -53,11 +53,13 @@ BLOCKS = ("subject", "text", "html")
 REQUEST_CONFIRMATION = "cancellation_request_confirmation"  # client, when a request is made
 NEW_REQUEST = "new_cancellation_request"  # staff, when a request is made
 SERVICE_CANCELLATION_CONFIRMATION = "service_cancellation_confirmation"  # client, when done
+REQUEST_WITHDRAWN = "cancellation_request_withdrawn"  # client, when staff withdraw the request
 CRON_JOB_ACTIVITY = "cron_job_activity"  # staff digest after each run
 TEMPLATES = {
     REQUEST_CONFIRMATION: "Cancellation Request Confirmation",
     NEW_REQUEST: "New Cancellation Request",
     SERVICE_CANCELLATION_CONFIRMATION: "Service Cancellation Confirmation",
+    REQUEST_WITHDRAWN: "Cancellation Request Withdrawn",
     CRON_JOB_ACTIVITY: "Cron Job Activity",
 }
 DEFAULT_LANGUAGE = "en"

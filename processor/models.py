@@ -149,6 +149,7 @@ class EmailStatus(enum.StrEnum):
     QUEUED = "queued"  # waiting to be sent (again, after next_attempt_at when a send failed)
     SENT = "sent"  # handed to the mail server (or written to the outbox folder)
     FAILED = "failed"  # given up, or refused as unsafe: never sent; `emails retry` queues it again
+    WITHDRAWN = "withdrawn"  # never sent: the request it is about was withdrawn while it was queued
 
 
 class AuditEntity(enum.StrEnum):
@@ -168,7 +169,7 @@ class AuditAction(enum.StrEnum):
     """What happened to the entity of an audit row."""
 
     CREATED = "created"  # a request was created (`requests create`, the demo)
-    WITHDRAWN = "withdrawn"  # staff withdrew a request
+    WITHDRAWN = "withdrawn"  # staff withdrew a request; for an email: not sent because of that
     RETRY = "retry"  # staff sent a failed request or email back to pending / queued
     RESOLVED_BY_HAND = "resolved_by_hand"  # staff closed a failed request after cancelling by hand
     COMPLETED = "completed"  # a run completed the request (a no-op: the service was already closed)

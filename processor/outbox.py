@@ -11,7 +11,7 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Row
+from sqlalchemy import Connection, Row, select
 from sqlalchemy.orm import Session
 
 from processor.config import EmailSettings, Settings
@@ -20,6 +20,7 @@ from processor.due import business_today, effective_date
 from processor.emails import (
     NEW_REQUEST,
     REQUEST_CONFIRMATION,
+    REQUEST_WITHDRAWN,
     SERVICE_CANCELLATION_CONFIRMATION,
     EmailTemplates,
     format_date,
@@ -152,23 +153,27 @@ def queue(conn: Connection, emails: Sequence[QueuedEmail], *, run_id: int | None
 
 
 def queue_request_emails(session: Session, request_id: int, *, composer: Composer, settings: Settings,
-                         now: dt.datetime, actor: str) -> list[str]:
-    """When a request is recorded: the client's Cancellation Request Confirmation and the
-    staff's New Cancellation Request, queued in the caller's transaction. An email that a
-    hook aborted or that is refused as unsafe is not queued but audited; the request stands.
-    Returns a line for each email not queued."""
-    composer.check(REQUEST_CONFIRMATION, NEW_REQUEST)
+                         now: dt.datetime, actor: str,
+                         templates: Sequence[str] = (REQUEST_CONFIRMATION, NEW_REQUEST)) -> list[str]:
+    """The emails of a staff action on a request, queued in the caller's transaction: when
+    it is recorded, the client's Cancellation Request Confirmation and the staff's New
+    Cancellation Request; when it is withdrawn, the client's Cancellation Request Withdrawn
+    (dated the day it is withdrawn). An email that a hook aborted or that is refused as
+    unsafe is not queued but audited; the action stands. Returns a line for each email not
+    queued."""
+    composer.check(*templates)
     row = session.execute(request_select(for_hooks=False).where(CancellationRequest.id == request_id)).one()
     created_on = business_today(row.created_at, settings.zone)
     applied_on = effective_date(row.type, row.next_due_date, row.cancel_on, created_on)
     email = settings.email
-    wanted = [(REQUEST_CONFIRMATION, row.email, row.language)]
-    if email.staff_address:
-        wanted.append((NEW_REQUEST, email.staff_address, None))
     queued: list[QueuedEmail] = []
     not_queued: list[str] = []
-    for template, to_address, language in wanted:
-        fields = request_fields(row, composer.common_fields(created_on, language, cancellation_date=applied_on))
+    for template in templates:
+        to_address, language = (email.staff_address, None) if template == NEW_REQUEST else (row.email, row.language)
+        if not to_address:
+            continue  # no staff address: no staff notice
+        date = business_today(now, settings.zone) if template == REQUEST_WITHDRAWN else created_on
+        fields = request_fields(row, composer.common_fields(date, language, cancellation_date=applied_on))
         try:
             composed = composer.compose(template, key=email_key(template, "request", request_id), to_address=to_address,
                                         fields=fields, language=language, request_id=request_id)
@@ -187,6 +192,21 @@ def queue_request_emails(session: Session, request_id: int, *, composer: Compose
     return not_queued
 
 
+def withdraw_queued_emails(session: Session, request_id: int, *, now: dt.datetime, actor: str) -> list[OutboxEmail]:
+    """The request was withdrawn: the emails about it still queued (its confirmation, the
+    staff notice) are not sent. Each becomes `withdrawn`, saying why, with an audit row. An
+    email a sender has in flight at this moment is recorded as sent once sent (delivery.py
+    marks a withdrawn email sent): the record never says an email was not sent when it was."""
+    emails = list(session.scalars(select(OutboxEmail).where(
+        OutboxEmail.request_id == request_id, OutboxEmail.status == EmailStatus.QUEUED).order_by(OutboxEmail.id)))
+    for e in emails:
+        e.status, e.next_attempt_at = EmailStatus.WITHDRAWN, None
+        e.last_error = f"not sent: request {request_id} was withdrawn while this was queued"
+        session.add(AuditEntry(at=now, actor=actor, request_id=request_id, entity=AuditEntity.EMAIL, entity_id=e.id,
+                               action=AuditAction.WITHDRAWN, detail=f"{e.template} to {e.to_address}: {e.last_error}"))
+    return emails
+
+
 def preview_request_email(session: Session, template: str, request_id: int, *, composer: Composer,
                           settings: Settings, today: dt.date,
                           language: str | None = None) -> tuple[Composed, str | None]:
@@ -203,6 +223,10 @@ def preview_request_email(session: Session, template: str, request_id: int, *, c
     applied_on: dt.date | None
     if template == SERVICE_CANCELLATION_CONFIRMATION:  # as the run sends it: cancelled today
         date, applied_on, status = today, today, "Cancelled"
+    elif template == REQUEST_WITHDRAWN:  # as sent when withdrawn today
+        date, status = today, None
+        applied_on = effective_date(row.type, row.next_due_date, row.cancel_on, business_today(row.created_at,
+                                                                                                settings.zone))
     else:  # as sent when the request was made
         date = business_today(row.created_at, settings.zone)
         applied_on, status = effective_date(row.type, row.next_due_date, row.cancel_on, date), None

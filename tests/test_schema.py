@@ -109,3 +109,29 @@ def test_datetimes_come_back_aware_in_utc(db):
                                .where(CancellationRequest.id == request_id)).scalar_one()
         assert got == expected and got.utcoffset() == dt.timedelta(0), text
 
+
+
+def test_migration_0006_lets_an_email_be_withdrawn_and_its_downgrade_makes_it_failed(db):
+    """Only the email status's CHECK constraint changes (on SQLite rewritten in place, still
+    an OR chain): `withdrawn` is accepted at head, refused again after the downgrade, which
+    turns withdrawn emails into failed ones (never sent, which `emails retry` may send)."""
+    insert = ("INSERT INTO email_outbox (key, template, to_address, from_address, subject, text_body, html_body, "
+              "status, attempts, created_at) VALUES ('{key}', 't', 'a@example.test', 'b@example.test', 's', '', '', "
+              "'withdrawn', 0, '2026-11-30 00:00:00')")
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql(insert.format(key="k1"))
+    if db.engine.dialect.name == "sqlite":
+        assert "status = 'failed' OR status = 'withdrawn')" in _check_constraints(db)
+    with db.engine.begin() as conn:
+        cfg = dbmod._alembic_config(db)
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0005")
+    with db.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT status FROM email_outbox").scalars().all() == ["failed"]
+    with pytest.raises(IntegrityError), db.engine.begin() as conn:
+        conn.exec_driver_sql(insert.format(key="k2"))
+    dbmod.upgrade(db)
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql(insert.format(key="k3"))
+    if db.engine.dialect.name == "sqlite":
+        assert " IN (" not in _check_constraints(db)

@@ -14,6 +14,7 @@ from processor.cli.arguments import COUNT, DATE, ID, FreeTextType
 from processor.cli.output import echo_fields, echo_json, echo_rows, echo_table
 from processor.cli.run import echo_summary
 from processor.due import request_due_on, request_is_due
+from processor.emails import REQUEST_WITHDRAWN
 from processor.errors import (
     CancelprocError,
     InputError,
@@ -166,14 +167,40 @@ def requests_show(app: App, request_id: int, as_json: bool) -> None:
 @requests_group.command("withdraw")
 @click.argument("request_id", type=ID)
 @click.option("--note", default="", type=FreeTextType(MAX_NOTE), help="Why (goes into the audit log).")
+@click.option("--json", "as_json", is_flag=True)
 @pass_app
-def requests_withdraw(app: App, request_id: int, note: str) -> None:
-    """Withdraw a pending (or failed) request: the service stays as it is."""
-    database, hooks = app.database(), app.hooks
-    with database.session.begin() as session:
-        cancellations.withdraw_request(session, request_id, actor=app.operator, now=utc_now(), note=note)
+def requests_withdraw(app: App, request_id: int, note: str, as_json: bool) -> int:
+    """Withdraw a pending (or failed) request: the service stays as it is.
+
+    \b
+    Emails about the request still queued (its confirmation, the staff notice) are not
+    sent: `emails list` shows them withdrawn. The client gets Cancellation Request
+    Withdrawn, saying the service continues, sent at once (email.send_after_create).
+    Exit 1 if it could not be sent now: it stays queued for the next run or `emails send`.
+    """
+    database, hooks, composer = app.database(), app.hooks, app.composer()
+    now = utc_now()
+    try:
+        with database.session.begin() as session:
+            cancellations.withdraw_request(session, request_id, actor=app.operator, now=now, note=note)
+            held = [e.id for e in outbox.withdraw_queued_emails(session, request_id, now=now, actor=app.operator)]
+            not_queued = outbox.queue_request_emails(session, request_id, composer=composer, settings=app.settings,
+                                                     now=now, actor=app.operator, templates=(REQUEST_WITHDRAWN,))
+    except HookFailed as exc:  # fail closed, as `create`: no withdrawal the client is not told of
+        raise CancelprocError(f"request not withdrawn: {exc}") from None
     cancellations.fire_request_withdrawn(database, hooks, request_id, actor=app.operator, note=note)
-    click.echo(f"request {request_id} withdrawn")
+    sent, not_sent, failed = (_send_request_emails(app, request_id) if app.settings.email.send_after_create
+                              else (0, None, False))
+    if as_json:
+        echo_json({"id": request_id, "status": RequestStatus.WITHDRAWN.value, "emails_withdrawn": held,
+                   "emails_not_queued": not_queued, "emails_sent": sent, "emails_not_sent": not_sent})
+    else:
+        click.echo(f"request {request_id} withdrawn"
+                   + (f"; {len(held)} queued email(s) about it will not be sent" if held else "")
+                   + (f"; {sent} email(s) sent" if sent else ""))
+        for line in [*not_queued, *([not_sent] if not_sent else [])]:
+            click.echo(f"warning: {line}", err=True)
+    return 1 if failed else 0
 
 
 @requests_group.command("retry")
