@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from email.mime.text import MIMEText
 from email.utils import formatdate, make_msgid
 from pathlib import Path
 
+from processor.files import write_atomically
 from processor.mailers import Mailer
 
 STATE_FILE = Path("var") / "cancelproc-attention.json"
@@ -75,16 +74,7 @@ def record_failure(path: Path, command: str, error: str, now: dt.datetime) -> At
 def write(path: Path, attention: Attention) -> None:
     """Atomically: a reader sees the old record or the new, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".attention-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(attention), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, json.dumps(asdict(attention)).encode(), temp_prefix=".attention-")
 
 
 def clear(path: Path) -> None:

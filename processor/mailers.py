@@ -20,7 +20,6 @@ import smtplib
 import socket
 import ssl
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from email.charset import QP, Charset
@@ -39,6 +38,7 @@ from sqlalchemy import Row
 
 from processor.config import Settings, SmtpSettings
 from processor.errors import ConfigError, one_line
+from processor.files import write_atomically
 
 
 class SendFailed(Exception):
@@ -210,18 +210,8 @@ class FolderMailer:
             if self._already_written(final, message):
                 return
             self.folder.mkdir(parents=True, exist_ok=True)
-            # Written under a temporary name, then renamed: a reader never sees half a file.
-            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".cancelproc.{self._host}.{os.getpid()}.",
-                                       suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(message.as_bytes())
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, final)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            # The temp name says whose it is: the next sender removes those a killed one left.
+            write_atomically(final, message.as_bytes(), temp_prefix=f".cancelproc.{self._host}.{os.getpid()}.")
         except OSError as exc:
             raise MailerDown(f"{self.description}: cannot write: {exc.strerror or exc}") from None
 
