@@ -119,6 +119,11 @@ class RequestType(enum.StrEnum):
     ON_DATE = "On Date"  # a date chosen by the client or staff
 
 
+# The short spellings `requests create --type` takes; imports accept them beside the values.
+REQUEST_TYPE_WORDS = {"immediate": RequestType.IMMEDIATE, "end-of-period": RequestType.END_OF_BILLING_PERIOD,
+                      "on-date": RequestType.ON_DATE}
+
+
 class RequestStatus(enum.StrEnum):
     PENDING = "pending"  # waiting to be due, or retrying after an error
     COMPLETED = "completed"  # applied (or found already cancelled: a no-op)

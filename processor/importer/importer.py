@@ -64,7 +64,7 @@ def import_file(
     kind_name = kind or infer_kind(path, parsed.columns)
     spec = KIND_SPECS[kind_name]
     check_columns(path, kind_name, parsed.columns, jsonl=parsed.jsonl)
-    rows, errors = validate_rows(path, spec, parsed, settings)
+    rows, errors = validate_rows(path, spec, parsed, settings, now)
     del parsed  # the raw rows: only the validated ones are needed from here on
     # The rows it updates are locked (see plan.py's `_rows_by_external_id`): one that a run's
     # chunk also wants can deadlock, and the loser is rolled back. If that is the import, it
