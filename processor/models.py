@@ -235,6 +235,9 @@ class Service(Base):
     # None for free and one-time services: a request for them is due at once.
     next_due_date: Mapped[dt.date | None] = mapped_column(Date)
     termination_date: Mapped[dt.date | None] = mapped_column(Date)
+    registration_date: Mapped[dt.date | None] = mapped_column(Date)
+    # The payment gateway's subscription (WHMCS subscriptionid): what a gateway hook cancels.
+    subscription_id: Mapped[str | None] = mapped_column(String(255))
 
     client: Mapped[Client] = relationship(back_populates="services")
     product: Mapped[Product] = relationship()

@@ -8,12 +8,13 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from processor import db as dbmod
 from processor.errors import DatabaseError
-from processor.models import Base, CancellationRequest, RequestStatus
+from processor.models import Base, CancellationRequest, RequestStatus, Service
 from tests import factories
 
 
@@ -109,3 +110,22 @@ def test_datetimes_come_back_aware_in_utc(db):
                                .where(CancellationRequest.id == request_id)).scalar_one()
         assert got == expected and got.utcoffset() == dt.timedelta(0), text
 
+
+
+def test_migration_0006_adds_the_service_columns_and_goes_back(db):
+    """0006 (registration_date, subscription_id for the WHMCS import): down to 0005 drops
+    them and keeps the rows, up again adds them; on SQLite the checks stay OR chains."""
+    with db.session.begin() as s:
+        service_id = factories.service(s).id
+    cfg = dbmod._alembic_config(db)
+    with db.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0005")
+    with db.engine.connect() as conn:
+        columns = {c["name"] for c in sa_inspect(conn).get_columns("services")}
+    assert "subscription_id" not in columns and "registration_date" not in columns
+    dbmod.upgrade(db)
+    with db.read_session() as s:
+        assert s.get(Service, service_id).subscription_id is None
+    if db.engine.dialect.name == "sqlite":
+        assert " IN (" not in _check_constraints(db)

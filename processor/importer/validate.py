@@ -251,6 +251,8 @@ class ServiceRow(ImportRow):
     amount: Amount = Decimal("0")
     next_due_date: OptionalDate = None
     termination_date: OptionalDate = None
+    registration_date: OptionalDate = None
+    subscription_id: str | None = Field(None, max_length=255)
 
 
 class AddonRow(ImportRow):
