@@ -134,6 +134,22 @@ class EmailSettings(BaseModel):
         return _address(value) if value else value
 
 
+class WhmcsImportSettings(BaseModel):
+    """`cancelproc import --from whmcs`: what WHMCS has no column for."""
+
+    model_config = ConfigDict(**_MODEL)  # type: ignore[typeddict-item]
+
+    # Language code for a client whose WHMCS language is empty (WHMCS's own default) or
+    # one this importer does not know.
+    default_language: str = Field("en", pattern=r"^[A-Za-z]{2,3}(_[A-Za-z0-9]{2,8})?$")
+    # WHMCS keeps only free text: a request's reason code is the first of these whose
+    # keyword (any letter case) its reason contains, else default_reason_code.
+    reason_keywords: dict[str, str] = Field(default_factory=dict)
+    default_reason_code: str = "other"
+
+    _check_text = field_validator("*")(_plain_text)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False, **_MODEL  # type: ignore[typeddict-item]
@@ -178,6 +194,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     email: EmailSettings = Field(default_factory=EmailSettings)
+    whmcs: WhmcsImportSettings = Field(default_factory=WhmcsImportSettings)
 
     # Not settings: where they came from, so relative paths and errors can name them.
     app_root: Path = Field(default=Path("."), exclude=True)

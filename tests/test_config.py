@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from processor.config import EmailSettings, Settings, SmtpSettings, load_settings, settings_without_errors
+from processor.config import (
+    EmailSettings,
+    Settings,
+    SmtpSettings,
+    WhmcsImportSettings,
+    load_settings,
+    settings_without_errors,
+)
 from processor.errors import ConfigError
 from processor.resources import shipped
 
@@ -38,10 +45,11 @@ def test_shipped_config_has_every_setting_commented_out_at_its_default(tmp_path)
             lines[n] = f"{match.group(1)} = {match.group(2)}"
         else:
             assert not re.match(r"\s*[a-z_]+\s*=", line), f"line {n + 1} sets a value: {line}"
-    models: dict[str, type[BaseModel]] = {"": Settings, "email": EmailSettings, "email.smtp": SmtpSettings}
+    models: dict[str, type[BaseModel]] = {"": Settings, "email": EmailSettings, "email.smtp": SmtpSettings,
+                                          "whmcs": WhmcsImportSettings}
     for name, model in models.items():
         keys = {key for key, field in model.model_fields.items()
-                if not field.exclude and key not in ("email", "smtp")}
+                if not field.exclude and key not in ("email", "smtp", "whmcs")}
         assert found.get(name) == keys, f"[{name or 'top level'}]: missing {sorted(keys - found.get(name, set()))}, " \
                                         f"unknown {sorted(found.get(name, set()) - keys)}"
     uncommented = write(tmp_path, "\n".join(lines) + "\n")
