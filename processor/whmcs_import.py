@@ -12,7 +12,7 @@ none. A bad value is named by its file (or table), line (or id) and WHMCS column
 What WHMCS has no column for, or keeps differently, is decided here: language names
 become codes, a free-text reason gets a reason code through the keyword map of the
 settings, an invoice is tied to the one service its items bill, a client's balance is
-its unpaid invoices less its credit. docs/whmcs.md lists the mapping.
+its unpaid invoices less its credit. docs/whmcs-import.md lists the mapping.
 """
 
 from __future__ import annotations
@@ -140,7 +140,8 @@ def read_folder(folder: Path) -> dict[str, Table]:
         if parsed.jsonl:
             raise InputError(f"{path}: not CSV")
         _check_columns(path, name, parsed.columns)
-        tables[name] = Table(name, path, [(line, {k: _cell(v) for k, v in row.items()}) for line, row in parsed.rows])
+        rows = [(line, {k: _csv_cell(v) for k, v in row.items()}) for line, row in parsed.rows]
+        tables[name] = Table(name, path, rows)
     if not tables:
         expected = ", ".join(f"{t}.csv" for t in TABLES)
         raise InputError(f"{folder}: none of WHMCS's tables is there (expected {expected})")
@@ -200,6 +201,12 @@ def _check_columns(where: Path, table: str, columns: Sequence[str]) -> None:
     missing = [c for c in TABLES[table] if c not in columns]
     if missing:
         raise InputError(f"{where}: missing column(s) of WHMCS's {table}: {', '.join(missing)}")
+
+
+def _csv_cell(value: Any) -> str:
+    """A CSV cell; `NULL` is how phpMyAdmin's CSV export writes a NULL by default."""
+    cell = _cell(value)
+    return "" if cell == "NULL" else cell
 
 
 def _cell(value: Any) -> str:

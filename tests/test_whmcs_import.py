@@ -110,7 +110,7 @@ def check_imported(db: Database) -> None:
     }
     assert {k: (i.service_id, i.amount, i.status, i.due_date) for k, i in by_ext(db, Invoice).items()} == {
         "1001": (ids["10"], Decimal("14.95"), InvoiceStatus.UNPAID, dt.date(2026, 11, 20)),
-        "1002": (ids["10"], Decimal("14.95"), InvoiceStatus.PAID, dt.date(2026, 10, 20)),
+        "1002": (ids["10"], Decimal("14.95"), InvoiceStatus.PAID, None),  # duedate NULL
         "1004": (ids["14"], Decimal("30.00"), InvoiceStatus.UNPAID, dt.date(2026, 12, 10)),
     }
     utc = dt.UTC
@@ -322,8 +322,8 @@ def _load_whmcs_tables(server: Any, database: str) -> None:
                             for c in header)
         statements.append(f"CREATE TABLE `{path.stem}` ({columns}, PRIMARY KEY (`id`)) ENGINE=InnoDB")
         marks = ", ".join(["%s"] * len(header))
-        params = [[None if v == "" and (TABLE_TYPES.get((path.stem, c)) or TYPES.get(c)) in (DATE, DATETIME) else v
-                   for c, v in zip(header, row, strict=True)] for row in rows]
+        params = [[None if v == "NULL" or (v == "" and (TABLE_TYPES.get((path.stem, c)) or TYPES.get(c)) in (
+            DATE, DATETIME)) else v for c, v in zip(header, row, strict=True)] for row in rows]
         inserts.append((f"INSERT INTO `{path.stem}` VALUES ({marks})", params))
     server.admin(*statements, database=database, rows=tuple(inserts))
 

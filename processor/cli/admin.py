@@ -104,7 +104,7 @@ def import_command(app: App, files: tuple[str, ...], kind: str | None, source_fo
     requests); the first rejected file stops the import. Exit 1 if some rows were
     conflicts (they would undo a cancellation the processor applied; not applied).
     \b
-    --from whmcs reads WHMCS's own tables (ids become external ids; docs/whmcs.md has
+    --from whmcs reads WHMCS's own tables (ids become external ids; docs/whmcs-import.md has
     the mapping) and imports them all in one transaction: every table or none.
     """
     if source_format == "whmcs":
