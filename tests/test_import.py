@@ -240,17 +240,18 @@ def test_requests_keep_the_date_the_client_asked(
     assert one(db, CancellationRequest, "R1").created_at == dt.datetime(2026, 11, 1, 23, 0, tzinfo=dt.UTC)
 
 
-def test_requested_at_must_be_a_past_date(tmp_path: Path, base: None, db: Database, run) -> None:
+def test_requested_at_must_not_be_days_ahead(tmp_path: Path, base: None, db: Database, run) -> None:
     path = write_csv(
         tmp_path / "requests.csv",
         "external_id,service_external_id,type,reason_code,requested_at",
         "R1,S1,Immediate,other,2026-12-24",
         "R2,S2,Immediate,other,1700000000",
+        "R3,S2,Immediate,other,2026-11-26 09:00:00",  # hours ahead (another zone's clock): taken
     )
     with pytest.raises(ImportRejected) as exc:
         run(path)
     assert [(e.line, e.field, e.message.split(" (")[0]) for e in exc.value.errors] == [
-        (2, "requested_at", "2026-12-24T00:00:00+00:00 is in the future"),
+        (2, "requested_at", "2026-12-24T00:00:00+00:00 is more than a day in the future"),
         (3, "requested_at", "must be a date as YYYY-MM-DD, or a date and time as YYYY-MM-DD HH:MM:SS"),
     ]
     assert counts(db)["cancellation_requests"] == 0

@@ -293,8 +293,11 @@ class RequestRow(ImportRow):
         context = info.context or {}
         moment = parse_moment(value, context.get("zone", dt.UTC))
         now: dt.datetime | None = context.get("now")
-        if moment is not None and now is not None and moment > now:
-            raise ValueError(f"{moment.isoformat()} is in the future (now {now.isoformat(timespec='seconds')})")
+        # A few hours ahead is a clock or a time zone that differs (WHMCS writes its server's
+        # local time); more than a day ahead is not a date a client asked on.
+        if moment is not None and now is not None and moment > now + dt.timedelta(days=1):
+            raise ValueError(f"{moment.isoformat()} is more than a day in the future "
+                             f"(now {now.isoformat(timespec='seconds')})")
         return moment
 
     @field_validator("reason_code")
