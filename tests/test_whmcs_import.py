@@ -191,6 +191,9 @@ def test_whmcs_csv_folder_import_then_run(invoke: Invoke, db: Database) -> None:
         "clients": (0, 0, 4), "products": (0, 0, 3), "services": (0, 0, 6), "addons": (0, 0, 3),
         "invoices": (0, 0, 3), "requests": (0, 0, 4)}
 
+    shown = as_json(invoke("services", "show", by_ext(db, Service)["10"].id, "--json"))
+    assert (shown["registration_date"], shown["subscription_id"]) == ("2019-03-04", "sub_A10")
+
     check_run(invoke, db)
     check_reimport_after_run(invoke, db, str(DATA))
 
