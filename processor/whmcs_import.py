@@ -60,6 +60,21 @@ TABLES: dict[str, tuple[str, ...]] = {
     "tblcancelrequests": ("id", "relid", "type"),
 }
 
+# Every column read (the required ones and those used when present). From the database
+# only these are selected: no password column, no card data, leaves WHMCS.
+USED: dict[str, tuple[str, ...]] = {
+    "tblclients": ("id", "firstname", "lastname", "companyname", "email", "language", "credit"),
+    "tblproducts": ("id", "name", "servertype"),
+    "tblhosting": ("id", "userid", "packageid", "domainstatus", "domain", "billingcycle", "amount", "nextduedate",
+                   "termination_date", "regdate", "subscriptionid"),
+    "tbladdons": ("id", "name"),
+    "tblhostingaddons": ("id", "hostingid", "addonid", "name", "status", "recurring"),
+    "tblinvoices": ("id", "userid", "status", "total", "duedate"),
+    "tblinvoiceitems": ("id", "invoiceid", "type", "relid"),
+    "tblcancelrequests": ("id", "date", "relid", "reason", "type"),
+}
+assert all(set(TABLES[t]) <= set(USED[t]) for t in TABLES)
+
 # WHMCS's language names (its lang/ files) -> the codes templates and dates use.
 LANGUAGES = {
     "arabic": "ar", "azerbaijani": "az", "catalan": "ca", "chinese": "zh", "croatian": "hr", "czech": "cs",
@@ -140,7 +155,7 @@ def read_folder(folder: Path) -> dict[str, Table]:
         if parsed.jsonl:
             raise InputError(f"{path}: not CSV")
         _check_columns(path, name, parsed.columns)
-        rows = [(line, {k: _csv_cell(v) for k, v in row.items()}) for line, row in parsed.rows]
+        rows = [(line, {k: _csv_cell(v) for k, v in row.items() if k in USED[name]}) for line, row in parsed.rows]
         tables[name] = Table(name, path, rows)
     if not tables:
         expected = ", ".join(f"{t}.csv" for t in TABLES)
@@ -161,14 +176,18 @@ def read_database(url: str) -> tuple[str, dict[str, Table]]:
             # Read only, one snapshot: what a WHMCS cron writes meanwhile is not half seen.
             conn.exec_driver_sql("SET SESSION TRANSACTION READ ONLY")
             conn.exec_driver_sql("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
-            present = set(conn.execute(text(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE()")).scalars())
+            present: dict[str, list[str]] = defaultdict(list)
+            for table, column in conn.execute(text(
+                    "SELECT table_name, column_name FROM information_schema.columns "
+                    "WHERE table_schema = DATABASE() ORDER BY table_name, ordinal_position")):
+                present[str(table)].append(str(column).lower())
             for name in TABLES:
                 if name not in present:
                     continue
-                result = conn.exec_driver_sql(f"SELECT * FROM `{name}` ORDER BY id")
-                columns = [str(c).lower() for c in result.keys()]  # noqa: SIM118 - a Result, not a dict
-                _check_columns(Path(name), name, columns)
+                _check_columns(Path(name), name, present[name])
+                columns = [c for c in USED[name] if c in present[name]]
+                result = conn.exec_driver_sql(
+                    f"SELECT {', '.join(f'`{c}`' for c in columns)} FROM `{name}` ORDER BY id")
                 rows = [dict(zip(columns, (_cell(v) for v in row), strict=True)) for row in result]
                 tables[name] = Table(name, Path(name), [(int(r["id"]), r) for r in rows], by_id=True)
             conn.rollback()

@@ -28,6 +28,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pymysql
 import pytest
 from freezegun import freeze_time
 from sqlalchemy import func, select
@@ -46,7 +47,7 @@ from processor.models import (
     ServiceAddon,
     ServiceStatus,
 )
-from processor.whmcs_import import reason_code
+from processor.whmcs_import import USED, reason_code
 from tests.cli_helpers import Invoke, as_json, ok
 from tests.conftest import IN_CI
 
@@ -339,7 +340,7 @@ def _csv_rows(path: Path) -> list[list[str]]:
 @pytest.fixture(scope="session")
 def mariadb() -> Iterator[Any]:
     """One MariaDB server for the session, holding the dataset as database `whmcs`, and a
-    user who may only read it (the import needs no more)."""
+    user who may only read it (the import needs no more: it never writes)."""
     from tests.mariadb_server import start_server
 
     try:
@@ -350,8 +351,13 @@ def mariadb() -> Iterator[Any]:
         pytest.skip(f"no MariaDB test server (make test installs Debian's mariadb-server): {exc}")
     try:
         _load_whmcs_tables(server, "whmcs")
-        server.admin("CREATE USER 'reader'@'127.0.0.1' IDENTIFIED BY 's3cret'",
-                     "GRANT SELECT ON whmcs.* TO 'reader'@'127.0.0.1'")
+        # SELECT alone; on tblclients and tblhosting only the columns the import uses (not
+        # their passwords): what it reads, and no more, is all it can read.
+        grants = [f"GRANT SELECT ON whmcs.{t} TO 'reader'@'127.0.0.1'" for t in USED
+                  if t not in ("tblclients", "tblhosting")]
+        grants += [f"GRANT SELECT ({', '.join(USED[t])}) ON whmcs.{t} TO 'reader'@'127.0.0.1'"
+                   for t in ("tblclients", "tblhosting")]
+        server.admin("CREATE USER 'reader'@'127.0.0.1' IDENTIFIED BY 's3cret'", *grants)
         yield server
     finally:
         server.stop()
@@ -362,6 +368,9 @@ def test_whmcs_database_import_then_run(invoke: Invoke, db: Database, mariadb: A
     """The same dataset from the database, by a user who can only SELECT: the same rows,
     the same run; the password never shows."""
     url = mariadb.url("reader", "s3cret", "whmcs")
+    reader = pymysql.connect(host="127.0.0.1", port=mariadb.port, user="reader", password="s3cret", database="whmcs")
+    with reader, reader.cursor() as cur, pytest.raises(pymysql.err.OperationalError, match="denied"):
+        cur.execute("SELECT password FROM tblclients")  # what the grants keep from it
     result = ok(invoke("import", "--from", "whmcs", url, env=ENV))
     assert result.stdout.splitlines()[0] == f"WHMCS mysql+pymysql://reader:***@127.0.0.1:{mariadb.port}/whmcs:"
     assert "tblhosting (services): 6 inserted, 0 updated, 0 unchanged, 0 conflict(s)" in result.stdout
