@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 DEMO_DIR := var/demo
 DEMO := cd $(DEMO_DIR) && CANCELPROC_LOG_FORMAT=console $(CURDIR)/$(BIN)/cancelproc
 
-.PHONY: install demo lint test bench docs clean postgresql-binaries
+.PHONY: install demo lint test bench docs clean postgresql-binaries mariadb-binaries
 
 define SHOW_EML
 import email, email.policy, sys
@@ -62,12 +62,24 @@ postgresql-binaries:
 	  sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	else echo "warning: no PostgreSQL binaries and no way to install them: the PostgreSQL tests will be skipped"; fi
 
+# The WHMCS import tests read a throwaway MariaDB server they start themselves
+# (tests/mariadb_server.py): Debian's mariadb-server, installed here when it is missing.
+mariadb-binaries:
+	@if command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian's mariadb-server (the WHMCS import tests start their own server)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server >/dev/null; \
+	elif command -v sudo >/dev/null 2>&1; then \
+	  echo "installing Debian's mariadb-server with sudo (the WHMCS import tests start their own server)"; \
+	  sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server >/dev/null; \
+	else echo "warning: no MariaDB binaries and no way to install them: the WHMCS database tests will be skipped"; fi
+
 # Zero findings: ruff (lint and import order) on the code and the tests, mypy on the package.
 lint: install
 	$(BIN)/ruff check processor tests bench
 	$(BIN)/mypy
 
-test: install lint postgresql-binaries
+test: install lint postgresql-binaries mariadb-binaries
 	$(BIN)/python -m pytest -q
 
 # docs/architecture.md's dependency lines, from the imports (tests/test_docs.py fails when they are stale)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import json
 import os
 import re
 import tomllib
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -134,6 +136,32 @@ class EmailSettings(BaseModel):
         return _address(value) if value else value
 
 
+class WhmcsImportSettings(BaseModel):
+    """`cancelproc import --from whmcs`: what WHMCS has no column for."""
+
+    model_config = ConfigDict(**_MODEL)  # type: ignore[typeddict-item]
+
+    # Language code for a client whose WHMCS language is empty (WHMCS's own default) or
+    # one this importer does not know.
+    default_language: str = Field("en", pattern=r"^[A-Za-z]{2,3}(_[A-Za-z0-9]{2,8})?$")
+    # WHMCS keeps only free text: a request's reason code is the first of these whose
+    # keyword (any letter case) its reason contains, else default_reason_code.
+    reason_keywords: dict[str, str] = Field(default_factory=dict)
+    default_reason_code: str = "other"
+
+    _check_text = field_validator("*")(_plain_text)
+
+    @field_validator("reason_keywords")
+    @classmethod
+    def _keywords(cls, keywords: dict[str, str]) -> dict[str, str]:
+        for word, code in keywords.items():
+            if not word.strip():
+                raise ValueError("a keyword must not be empty (it would match every reason)")
+            _plain_text(word)
+            _plain_text(code)
+        return keywords
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False, **_MODEL  # type: ignore[typeddict-item]
@@ -178,6 +206,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     email: EmailSettings = Field(default_factory=EmailSettings)
+    whmcs: WhmcsImportSettings = Field(default_factory=WhmcsImportSettings)
 
     # Not settings: where they came from, so relative paths and errors can name them.
     app_root: Path = Field(default=Path("."), exclude=True)
@@ -324,8 +353,29 @@ def _settings(data: dict[str, Any], path: Path | None, environ: Mapping[str, str
     except SettingsError as exc:  # a list or table in a variable that is not JSON
         field = re.search(r'field "(\w+)"', str(exc))
         name = field.group(1) if field else "?"
-        raise ConfigError(f"environment variable {ENV_PREFIX}{name.upper()}: {name}: not valid JSON "
-                          '(a list is written ["a", "b"])') from None
+        variable, key = _variable_not_json(name, environ)
+        raise ConfigError(f"environment variable {variable}: {key}: not valid JSON "
+                          '(a list is written ["a", "b"], a table {"key": "value"})') from None
+
+
+def _variable_not_json(name: str, environ: Mapping[str, str]) -> tuple[str, str]:
+    """(variable, dotted key) of the value pydantic-settings could not read as JSON. It names
+    the top-level field alone; for a section ([whmcs]) the variable is one of its keys'."""
+    top = f"{ENV_PREFIX}{name.upper()}"
+    field = Settings.model_fields.get(name)
+    section = field.annotation if field else None
+    if not (isinstance(section, type) and issubclass(section, BaseModel)):
+        return top, name
+    # Only a list's or a table's value is read as JSON.
+    structured = {k for k, f in section.model_fields.items() if typing.get_origin(f.annotation) in (list, dict)}
+    for variable, value in environ.items():
+        key = variable.upper().removeprefix(top + "__").lower()
+        if variable.upper().startswith(top + "__") and key in structured:
+            try:
+                json.loads(value)
+            except ValueError:
+                return variable.upper(), f"{name}.{key}"
+    return top, name
 
 
 def _drop(data: dict[str, Any], loc: tuple[int | str, ...]) -> None:

@@ -119,6 +119,11 @@ class RequestType(enum.StrEnum):
     ON_DATE = "On Date"  # a date chosen by the client or staff
 
 
+# The short spellings `requests create --type` takes; imports accept them beside the values.
+REQUEST_TYPE_WORDS = {"immediate": RequestType.IMMEDIATE, "end-of-period": RequestType.END_OF_BILLING_PERIOD,
+                      "on-date": RequestType.ON_DATE}
+
+
 class RequestStatus(enum.StrEnum):
     PENDING = "pending"  # waiting to be due, or retrying after an error
     COMPLETED = "completed"  # applied (or found already cancelled: a no-op)
@@ -231,6 +236,9 @@ class Service(Base):
     # None for free and one-time services: a request for them is due at once.
     next_due_date: Mapped[dt.date | None] = mapped_column(Date)
     termination_date: Mapped[dt.date | None] = mapped_column(Date)
+    registration_date: Mapped[dt.date | None] = mapped_column(Date)
+    # The payment gateway's subscription (WHMCS subscriptionid): what a gateway hook cancels.
+    subscription_id: Mapped[str | None] = mapped_column(String(255))
 
     client: Mapped[Client] = relationship(back_populates="services")
     product: Mapped[Product] = relationship()

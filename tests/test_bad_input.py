@@ -31,7 +31,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from processor.cli import cli
-from processor.config import EmailSettings, Settings, SmtpSettings, load_settings
+from processor.config import EmailSettings, Settings, SmtpSettings, WhmcsImportSettings, load_settings
 from tests.cli_helpers import error_text, ok, process_env
 from tests.pg_server import find_bin
 
@@ -380,9 +380,10 @@ def test_an_unknown_option_or_an_extra_argument_is_refused(app_root, path):
 def config_keys() -> list[tuple[str, Any]]:
     """(dotted key, pydantic field) of every setting, [email] and [email.smtp] included."""
     keys = []
-    for prefix, model in (("", Settings), ("email.", EmailSettings), ("email.smtp.", SmtpSettings)):
+    for prefix, model in (("", Settings), ("email.", EmailSettings), ("email.smtp.", SmtpSettings),
+                          ("whmcs.", WhmcsImportSettings)):
         for name, field in model.model_fields.items():
-            if name not in ("app_root", "config_file", "email", "smtp"):
+            if name not in ("app_root", "config_file", "email", "smtp", "whmcs"):
                 keys.append((prefix + name, field))
     return keys
 
@@ -406,6 +407,7 @@ def toml_string(text: str) -> str:
 SPECIFIC = {  # keys whose strings mean something: values of the right type that are still wrong
     "database_url": ['"nosuchdb://x"', '"sqlite:///' + "x" * 300 + '/db"', '"sqlite://"', '"postgresql://u:p@[::1"'],
     "business_timezone": ['"Mars/Olympus"', '"../../../etc/passwd"', '""'],
+    "whmcs.default_language": ['"english"', '""', '"de-DE"'],
     "reason_codes": ['[""]', '["has space"]', "[]"],
     "schedule_times": ['["25:00"]', '["2:05"]', "[]", '["02:05", "noon"]'],
     "email.from_address": ['"not an address"', '"a@b.test\\r\\nBcc: x@y.test"', '""'],
@@ -433,6 +435,9 @@ def bad_literals(key: str, field: Any, env: bool = False) -> st.SearchStrategy[s
         choices += [str(high + 1) if annotation is int and high is not None else "9223372036854775807"]
         if annotation is float:
             choices += ["nan", "inf", "-inf"]
+    elif annotation == dict[str, str]:
+        choices = ['"one string"', "[1, 2]", "{ a = 1 }", '{ "" = "other" }', '{ "  " = "other" }',
+                   '{ a = "b\\u0007" }']
     elif annotation == list[str]:
         choices = ['"one string"', "[1, 2]", "{ a = 1 }", *SPECIFIC.get(key, [])]
     elif getattr(annotation, "__origin__", None) is not None and str(annotation).startswith("typing.Literal"):

@@ -599,11 +599,12 @@ def test_requests_create_uses_reason_codes_from_the_config_file(invoke: Invoke, 
 def test_requests_list_filters_and_json(invoke: Invoke, seeded: Database) -> None:
     text = ok(invoke("requests", "list")).stdout.splitlines()
     assert text[0].split()[:3] == ["ID", "SERVICE_ID", "TYPE"]
-    assert [line.split()[0] for line in text[1:]] == ["5", "4", "3", "2", "1"]  # newest first
+    # Newest first by when they were made (request 3 yesterday, the others ten days ago), then by id.
+    assert [line.split()[0] for line in text[1:]] == ["3", "5", "4", "2", "1"]
 
-    assert [r["id"] for r in as_json(invoke("requests", "list", "--json"))] == [5, 4, 3, 2, 1]
+    assert [r["id"] for r in as_json(invoke("requests", "list", "--json"))] == [3, 5, 4, 2, 1]
     assert [r["id"] for r in as_json(invoke("requests", "list", "--service", "2", "--json"))] == [2]
-    assert [r["id"] for r in as_json(invoke("requests", "list", "--limit", "2", "--json"))] == [5, 4]
+    assert [r["id"] for r in as_json(invoke("requests", "list", "--limit", "2", "--json"))] == [3, 5]
     ok(invoke("run"))
     completed = as_json(invoke("requests", "list", "--status", "completed", "--json"))
     assert sorted(r["id"] for r in completed) == [1, 3, 4, 5]

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from processor.config import EmailSettings, Settings, SmtpSettings, load_settings, settings_without_errors
+from processor.config import (
+    EmailSettings,
+    Settings,
+    SmtpSettings,
+    WhmcsImportSettings,
+    load_settings,
+    settings_without_errors,
+)
 from processor.errors import ConfigError
 from processor.resources import shipped
 
@@ -38,10 +45,11 @@ def test_shipped_config_has_every_setting_commented_out_at_its_default(tmp_path)
             lines[n] = f"{match.group(1)} = {match.group(2)}"
         else:
             assert not re.match(r"\s*[a-z_]+\s*=", line), f"line {n + 1} sets a value: {line}"
-    models: dict[str, type[BaseModel]] = {"": Settings, "email": EmailSettings, "email.smtp": SmtpSettings}
+    models: dict[str, type[BaseModel]] = {"": Settings, "email": EmailSettings, "email.smtp": SmtpSettings,
+                                          "whmcs": WhmcsImportSettings}
     for name, model in models.items():
         keys = {key for key, field in model.model_fields.items()
-                if not field.exclude and key not in ("email", "smtp")}
+                if not field.exclude and key not in ("email", "smtp", "whmcs")}
         assert found.get(name) == keys, f"[{name or 'top level'}]: missing {sorted(keys - found.get(name, set()))}, " \
                                         f"unknown {sorted(found.get(name, set()) - keys)}"
     uncommented = write(tmp_path, "\n".join(lines) + "\n")
@@ -61,6 +69,24 @@ def test_environment_beats_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("CANCELPROC_EMAIL__COMPANY_NAME", "Acme Hosting")
     settings = load_settings(write(tmp_path, "chunk_size = 500\n"))
     assert (settings.chunk_size, settings.email.company_name) == (250, "Acme Hosting")
+
+
+def test_whmcs_settings_from_the_file_and_the_environment(tmp_path, monkeypatch):
+    text = '[whmcs]\ndefault_language = "de"\nreason_keywords = {"zu teuer" = "too_expensive"}\n'
+    settings = load_settings(write(tmp_path, text))
+    assert (settings.whmcs.default_language, settings.whmcs.reason_keywords) == ("de", {"zu teuer": "too_expensive"})
+    monkeypatch.setenv("CANCELPROC_WHMCS__REASON_KEYWORDS", '{"support": "poor_support"}')
+    # A table from the environment is merged into the file's (pydantic-settings merges tables).
+    assert load_settings(write(tmp_path, text)).whmcs.reason_keywords == {
+        "zu teuer": "too_expensive", "support": "poor_support"}
+    # Not JSON: the message names the variable, not only its section.
+    monkeypatch.setenv("CANCELPROC_WHMCS__REASON_KEYWORDS", "{support = poor_support}")
+    with pytest.raises(ConfigError, match=r"^environment variable CANCELPROC_WHMCS__REASON_KEYWORDS: "
+                                          r"whmcs\.reason_keywords: not valid JSON"):
+        load_settings(write(tmp_path, text))
+    monkeypatch.delenv("CANCELPROC_WHMCS__REASON_KEYWORDS")
+    with pytest.raises(ConfigError, match=r"whmcs\.reason_keywords: a keyword must not be empty"):
+        load_settings(write(tmp_path, '[whmcs]\nreason_keywords = {" " = "other"}\n'))
 
 
 @pytest.mark.parametrize(

@@ -215,6 +215,48 @@ def test_requests_csv(tmp_path: Path, base: None, db: Database, run, now: dt.dat
         RequestType.ON_DATE, dt.date(2027, 1, 15), one(db, Service, "S2").id)
 
 
+def test_requests_keep_the_date_the_client_asked(
+    tmp_path: Path, base: None, db: Database, settings: Settings, now: dt.datetime
+) -> None:
+    """requested_at is the request's created_at: a date alone is the start of that day in the
+    business time zone, a time without an offset is a time there; empty means the import's time."""
+    settings.business_timezone = "Europe/Berlin"
+    path = write_csv(
+        tmp_path / "requests.csv",
+        "external_id,service_external_id,type,reason_code,requested_at",
+        "R1,S1,end-of-period,other,2026-11-02",
+        "R2,S2,immediate,other,2026-11-20 10:23:45",
+    )
+    import_file(db, path, settings=settings, now=now)
+    r1, r2 = one(db, CancellationRequest, "R1"), one(db, CancellationRequest, "R2")
+    midnight_berlin = dt.datetime(2026, 11, 1, 23, 0, tzinfo=dt.UTC)
+    assert (r1.type, r1.created_at) == (RequestType.END_OF_BILLING_PERIOD, midnight_berlin)
+    assert (r2.type, r2.created_at) == (RequestType.IMMEDIATE, dt.datetime(2026, 11, 20, 9, 23, 45, tzinfo=dt.UTC))
+    # The same file again: nothing to write.
+    assert import_file(db, path, settings=settings, now=now).unchanged == 2
+    # A later export without the column keeps the stored date.
+    path.write_text("external_id,service_external_id,type,reason_code\nR1,S1,End of Billing Period,other\n")
+    assert import_file(db, path, settings=settings, now=now).unchanged == 1
+    assert one(db, CancellationRequest, "R1").created_at == dt.datetime(2026, 11, 1, 23, 0, tzinfo=dt.UTC)
+
+
+def test_requested_at_must_not_be_days_ahead(tmp_path: Path, base: None, db: Database, run) -> None:
+    path = write_csv(
+        tmp_path / "requests.csv",
+        "external_id,service_external_id,type,reason_code,requested_at",
+        "R1,S1,Immediate,other,2026-12-24",
+        "R2,S2,Immediate,other,1700000000",
+        "R3,S2,Immediate,other,2026-11-26 09:00:00",  # hours ahead (another zone's clock): taken
+    )
+    with pytest.raises(ImportRejected) as exc:
+        run(path)
+    assert [(e.line, e.field, e.message.split(" (")[0]) for e in exc.value.errors] == [
+        (2, "requested_at", "2026-12-24T00:00:00+00:00 is more than a day in the future"),
+        (3, "requested_at", "must be a date as YYYY-MM-DD, or a date and time as YYYY-MM-DD HH:MM:SS"),
+    ]
+    assert counts(db)["cancellation_requests"] == 0
+
+
 def test_requests_jsonl(tmp_path: Path, base: None, db: Database, run) -> None:
     path = write_jsonl(
         tmp_path / "requests.jsonl",
@@ -307,6 +349,13 @@ def test_unknown_column_is_an_error(tmp_path: Path, run, db: Database) -> None:
     path = write_csv(tmp_path / "c.csv", "external_id,first_name,email,phone", "C1,Ann,a@x.test,123")
     with pytest.raises(InputError,
                        match=r"c\.csv: unknown column 'phone' for clients \(allowed: external_id, first_name, email,"):
+        run(path, kind="clients")
+    assert counts(db)["clients"] == 0
+
+
+def test_every_unknown_column_is_named_at_once(tmp_path: Path, run, db: Database) -> None:
+    path = write_csv(tmp_path / "c.csv", "external_id,first_name,phone,email,city,country", "C1,Ann,1,a@x.test,B,DE")
+    with pytest.raises(InputError, match=r"c\.csv: unknown columns 'phone', 'city', 'country' for clients \(allowed"):
         run(path, kind="clients")
     assert counts(db)["clients"] == 0
 

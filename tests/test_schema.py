@@ -8,12 +8,13 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from processor import db as dbmod
 from processor.errors import DatabaseError
-from processor.models import Base, CancellationRequest, RequestStatus
+from processor.models import Base, CancellationRequest, RequestStatus, Service
 from tests import factories
 
 
@@ -110,7 +111,6 @@ def test_datetimes_come_back_aware_in_utc(db):
         assert got == expected and got.utcoffset() == dt.timedelta(0), text
 
 
-
 def test_migration_0006_lets_an_email_be_withdrawn_and_its_downgrade_makes_it_failed(db):
     """Only the email status's CHECK constraint changes (on SQLite rewritten in place, still
     an OR chain): `withdrawn` is accepted at head, refused again after the downgrade, which
@@ -133,5 +133,24 @@ def test_migration_0006_lets_an_email_be_withdrawn_and_its_downgrade_makes_it_fa
     dbmod.upgrade(db)
     with db.engine.begin() as conn:
         conn.exec_driver_sql(insert.format(key="k3"))
+    if db.engine.dialect.name == "sqlite":
+        assert " IN (" not in _check_constraints(db)
+
+
+def test_migration_0007_adds_the_service_columns_and_goes_back(db):
+    """0007 (registration_date, subscription_id for the WHMCS import): down to 0006 drops
+    them and keeps the rows, up again adds them; on SQLite the checks stay OR chains."""
+    with db.session.begin() as s:
+        service_id = factories.service(s).id
+    cfg = dbmod._alembic_config(db)
+    with db.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0006")
+    with db.engine.connect() as conn:
+        columns = {c["name"] for c in sa_inspect(conn).get_columns("services")}
+    assert "subscription_id" not in columns and "registration_date" not in columns
+    dbmod.upgrade(db)
+    with db.read_session() as s:
+        assert s.get(Service, service_id).subscription_id is None
     if db.engine.dialect.name == "sqlite":
         assert " IN (" not in _check_constraints(db)

@@ -8,7 +8,7 @@ import click
 from sqlalchemy import func, select
 
 from processor import db as dbmod
-from processor import importer
+from processor import importer, whmcs_import
 from processor.appfolder import make_app_folder
 from processor.cli.app import App, cli, echo_error, pass_app, utc_now
 from processor.cli.output import echo_json, echo_table
@@ -87,41 +87,84 @@ def init(app: App, demo: bool) -> None:
 # --- import ------------------------------------------------------------------------------
 
 @cli.command("import")
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("files", nargs=-1, required=True)
 @click.option("--kind", type=click.Choice(importer.KINDS), help="What the rows are (default: from the columns).")
+@click.option("--from", "source_format", type=click.Choice(["files", "whmcs"]), default="files", show_default=True,
+              help="whmcs: one SOURCE, a folder of WHMCS table exports (tblclients.csv, ...) or a WHMCS "
+                   "database URL (mysql+pymysql://user:password@host/whmcs), read only.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
-def import_command(app: App, files: tuple[Path, ...], kind: str | None, as_json: bool) -> int:
-    """Import clients, products, services, add-ons, invoices or requests (CSV or JSON Lines).
+def import_command(app: App, files: tuple[str, ...], kind: str | None, source_format: str, as_json: bool) -> int:
+    """Import clients, products, services, add-ons, invoices or requests (CSV or JSON Lines),
+    or everything from WHMCS (--from whmcs SOURCE).
 
     \b
     Rows are matched by external_id (the billing system's id); each file is all or
     nothing. Files are imported in the order given (clients before services before
     requests); the first rejected file stops the import. Exit 1 if some rows were
     conflicts (they would undo a cancellation the processor applied; not applied).
+    \b
+    --from whmcs reads WHMCS's own tables (ids become external ids; docs/whmcs-import.md has
+    the mapping) and imports them all in one transaction: every table or none.
     """
+    if source_format == "whmcs":
+        if len(files) != 1 or kind:
+            raise InputError("--from whmcs takes one SOURCE (a folder of table exports, or a database URL) "
+                             "and no --kind")
+        return _import_whmcs(app, files[0], as_json=as_json)
     database = app.database()
     reports: list[importer.FileReport] = []
-    for position, path in enumerate(files):
+    paths = [Path(f) for f in files]
+    for position, path in enumerate(paths):
         try:
             report = importer.import_file(database, path, settings=app.settings, now=utc_now(), kind=kind,
                                           actor=f"import:{app.operator}")
         except importer.ImportRejected as exc:
-            for error in exc.errors:
-                echo_error(f"error: {error}", as_json=app.json_logs)
-            skipped = [str(p) for p in files[position + 1:]]
+            _echo_row_errors(app, exc)
+            skipped = [str(p) for p in paths[position + 1:]]
             raise InputError(f"{path}: rejected, {len(exc.errors)} bad row(s); nothing of it was imported"
                              + (f"; not attempted: {', '.join(skipped)}" if skipped else "")) from None
         reports.append(report)
         if not as_json:
-            click.echo(f"{report.path} ({report.kind}): {report.inserted} inserted, {report.updated} updated, "
-                       f"{report.unchanged} unchanged, {len(report.conflicts)} conflict(s)")
-            for c in report.conflicts:
-                click.echo(f"  conflict {report.path}:{c.line} ({c.external_id}): {c.message}")
+            _echo_report(report)
     if as_json:
-        echo_json([{"path": str(r.path), "kind": r.kind, "inserted": r.inserted, "updated": r.updated,
-                    "unchanged": r.unchanged, "conflicts": [vars(c) for c in r.conflicts]} for r in reports])
+        echo_json([_report_json(r) for r in reports])
     return 1 if any(r.conflicts for r in reports) else 0
+
+
+def _import_whmcs(app: App, source: str, *, as_json: bool) -> int:
+    database = app.database()
+    try:
+        done = whmcs_import.import_whmcs(database, source, settings=app.settings, now=utc_now(),
+                                         actor=f"import:{app.operator}")
+    except importer.ImportRejected as exc:
+        _echo_row_errors(app, exc)
+        shown = whmcs_import.shown_source(source)
+        raise InputError(f"{shown}: rejected, {len(exc.errors)} bad row(s); nothing was imported") from None
+    if as_json:
+        echo_json({"source": done.source, "tables": [_report_json(r) for r in done.reports], "notes": done.notes})
+    else:
+        click.echo(f"WHMCS {done.source}:")
+        for report in done.reports:
+            _echo_report(report)  # what was left out (done.notes) is in the log, as warnings
+    return 1 if any(r.conflicts for r in done.reports) else 0
+
+
+def _echo_row_errors(app: App, exc: importer.ImportRejected) -> None:
+    for error in exc.errors:
+        echo_error(f"error: {error}", as_json=app.json_logs)
+
+
+def _echo_report(report: importer.FileReport) -> None:
+    click.echo(f"{report.path} ({report.kind}): {report.inserted} inserted, {report.updated} updated, "
+               f"{report.unchanged} unchanged, {len(report.conflicts)} conflict(s)")
+    for c in report.conflicts:
+        click.echo(f"  conflict {report.path}:{c.line} ({c.external_id}): {c.message}")
+
+
+def _report_json(r: importer.FileReport) -> dict[str, object]:
+    return {"path": str(r.path), "kind": r.kind, "inserted": r.inserted, "updated": r.updated,
+            "unchanged": r.unchanged, "conflicts": [vars(c) for c in r.conflicts]}
 
 
 # --- hooks -------------------------------------------------------------------------------

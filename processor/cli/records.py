@@ -112,7 +112,8 @@ def _service_row(s: Service) -> dict[str, Any]:
             "client": s.client.name if s.client else f"#{s.client_id} {GONE}",
             "product": s.product.name if s.product else f"#{s.product_id} {GONE}", "domain": s.domain,
             "status": s.status, "billing_cycle": s.billing_cycle, "amount": s.amount,
-            "next_due_date": s.next_due_date, "termination_date": s.termination_date}
+            "next_due_date": s.next_due_date, "termination_date": s.termination_date,
+            "registration_date": s.registration_date, "subscription_id": s.subscription_id}
 
 
 @cli.group("services")
@@ -164,7 +165,8 @@ def services_show(app: App, service_id: int, as_json: bool) -> None:
         echo_json(row)
         return
     echo_fields([(k, row[k]) for k in ("id", "external_id", "client", "client_email", "product", "domain", "status",
-                                       "billing_cycle", "amount", "next_due_date", "termination_date")])
+                                       "billing_cycle", "amount", "next_due_date", "termination_date",
+                                       "registration_date", "subscription_id")])
     for title, key, cols in (("add-ons", "addons", ["id", "name", "status", "amount"]),
                              ("invoices", "invoices", ["id", "amount", "status", "due_date"]),
                              ("requests", "requests", ["id", "type", "status", "created_at", "processed_at"]),

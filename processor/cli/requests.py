@@ -23,17 +23,16 @@ from processor.errors import (
 )
 from processor.hooks import HookFailed
 from processor.models import (
+    REQUEST_TYPE_WORDS,
     AuditEntry,
     CancellationRequest,
     RequestStatus,
-    RequestType,
     RunTrigger,
 )
 from processor.run import RunOptions
 from processor.text import MAX_NOTE, MAX_REASON
 
-REQUEST_TYPES = {"immediate": RequestType.IMMEDIATE, "end-of-period": RequestType.END_OF_BILLING_PERIOD,
-                 "on-date": RequestType.ON_DATE}
+REQUEST_TYPES = REQUEST_TYPE_WORDS
 
 
 @cli.group("requests")
@@ -119,8 +118,9 @@ def _send_request_emails(app: App, request_id: int) -> tuple[int, str | None, bo
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def requests_list(app: App, status: str | None, service_id: int | None, limit: int, as_json: bool) -> None:
-    """List requests, newest first."""
-    query = select(CancellationRequest).order_by(CancellationRequest.id.desc()).limit(limit)
+    """List requests, newest first (by when they were made: an imported request keeps its date)."""
+    R = CancellationRequest
+    query = select(R).order_by(R.created_at.desc(), R.id.desc()).limit(limit)
     if status:
         query = query.where(CancellationRequest.status == RequestStatus(status))
     if service_id is not None:

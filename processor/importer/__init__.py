@@ -15,7 +15,9 @@ The stages, each depending only on the ones before it: `read` (the file's rows),
 (the SQL, inside the caller's transaction); `importer` runs them for one file.
 """
 
-from processor.importer.importer import FileReport, ImportRejected, import_file
-from processor.importer.validate import KINDS, RowError, infer_kind
+from processor.importer.importer import Batch, FileReport, ImportRejected, apply, import_file, validate
+from processor.importer.read import ParsedFile, read_file
+from processor.importer.validate import KINDS, RowError, infer_kind, parse_moment
 
-__all__ = ["KINDS", "FileReport", "ImportRejected", "RowError", "import_file", "infer_kind"]
+__all__ = ["KINDS", "Batch", "FileReport", "ImportRejected", "ParsedFile", "RowError", "apply", "import_file",
+           "infer_kind", "parse_moment", "read_file", "validate"]

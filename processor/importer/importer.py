@@ -7,12 +7,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy.orm import Session
+
 from processor.config import Settings
 from processor.db import Database, retrying_transaction
 from processor.errors import InputError
 from processor.importer.plan import Conflict, plan_rows
-from processor.importer.read import read_file
-from processor.importer.validate import KIND_SPECS, KINDS, RowError, check_columns, infer_kind, validate_rows
+from processor.importer.read import ParsedFile, read_file
+from processor.importer.validate import (
+    KIND_SPECS,
+    KINDS,
+    ImportRow,
+    RowError,
+    check_columns,
+    infer_kind,
+    validate_rows,
+)
 from processor.importer.write import write_plan
 
 
@@ -33,10 +43,12 @@ class FileReport:
 
 
 class ImportRejected(InputError):
-    """A file had bad rows; nothing of it was written. ``errors`` lists every one, in line order."""
+    """A file had bad rows; nothing of it was written. ``errors`` lists every one, in line
+    order (file by file, in the order the files first appear)."""
 
     def __init__(self, errors: Sequence[RowError]) -> None:
-        self.errors = sorted(errors, key=lambda e: e.line)
+        files = {path: n for n, path in enumerate(dict.fromkeys(e.path for e in errors))}
+        self.errors = sorted(errors, key=lambda e: (files[e.path], e.line))
         more = len(self.errors) - 1
         super().__init__(str(self.errors[0]) + (f" (and {more} more)" if more else ""))
 
@@ -62,17 +74,41 @@ def import_file(
         raise ValueError("now must be an aware datetime")
     parsed = read_file(path)
     kind_name = kind or infer_kind(path, parsed.columns)
-    spec = KIND_SPECS[kind_name]
     check_columns(path, kind_name, parsed.columns, jsonl=parsed.jsonl)
-    rows, errors = validate_rows(path, spec, parsed, settings)
+    batch = validate(path, kind_name, parsed, settings=settings, now=now)
     del parsed  # the raw rows: only the validated ones are needed from here on
     # The rows it updates are locked (see plan.py's `_rows_by_external_id`): one that a run's
     # chunk also wants can deadlock, and the loser is rolled back. If that is the import, it
     # is planned and written again, from what is committed by then.
     for attempt in retrying_transaction():
         with attempt, db.session.begin() as s:
-            plan = plan_rows(s, path, spec, rows, errors)
-            if plan.errors:
-                raise ImportRejected(plan.errors)  # leaving the block rolls the transaction back
-            write_plan(s, path, spec, plan, actor=actor, now=now)
-    return FileReport(path, kind_name, len(plan.inserts), len(plan.updates), len(plan.unchanged), list(plan.conflicts))
+            report = apply(s, batch, actor=actor, now=now)
+    return report
+
+
+@dataclass
+class Batch:
+    """A file's rows of one kind, validated, with the errors found so far."""
+
+    path: Path
+    kind: str
+    rows: list[tuple[int, ImportRow]]
+    errors: list[RowError]
+
+
+def validate(path: Path, kind: str, parsed: ParsedFile, *, settings: Settings, now: dt.datetime) -> Batch:
+    """Every row of `parsed` through the kind's row model (no database needed)."""
+    rows, errors = validate_rows(path, KIND_SPECS[kind], parsed, settings, now)
+    return Batch(path, kind, rows, errors)
+
+
+def apply(s: Session, batch: Batch, *, actor: str, now: dt.datetime) -> FileReport:
+    """Plan and write a batch inside the caller's transaction; ImportRejected (before
+    anything of it is written) if any row is bad. The caller rolls back on it."""
+    spec = KIND_SPECS[batch.kind]
+    plan = plan_rows(s, batch.path, spec, batch.rows, batch.errors)
+    if plan.errors:
+        raise ImportRejected(plan.errors)
+    write_plan(s, batch.path, spec, plan, actor=actor, now=now)
+    return FileReport(batch.path, batch.kind, len(plan.inserts), len(plan.updates), len(plan.unchanged),
+                      list(plan.conflicts))

@@ -29,6 +29,7 @@ from processor.config import Settings
 from processor.errors import InputError
 from processor.importer.read import ParsedFile
 from processor.models import (
+    REQUEST_TYPE_WORDS,
     Base,
     CancellationRequest,
     Client,
@@ -62,11 +63,15 @@ class RowError:
 # --------------------------------------------------------------------------- value types
 
 
-def _enum_lookup(cls: type[enum.Enum], allowed: Iterable[enum.Enum] | None = None) -> Callable[[Any], Any]:
-    """A before-validator accepting the enum's values in any letter case ("active", "ACTIVE")."""
+def _enum_lookup(
+    cls: type[enum.Enum], allowed: Iterable[enum.Enum] | None = None, aliases: dict[str, Any] | None = None
+) -> Callable[[Any], Any]:
+    """A before-validator accepting the enum's values in any letter case ("active", "ACTIVE"),
+    and the given other spellings of them."""
     members = list(allowed) if allowed is not None else list(cls)
     by_word = {str(m.value).casefold(): m for m in members}
-    words = ", ".join(str(m.value) for m in members)
+    by_word.update({word.casefold(): m for word, m in (aliases or {}).items() if m in members})
+    words = ", ".join([str(m.value) for m in members] + list(aliases or {}))
 
     def parse(value: Any) -> Any:
         if isinstance(value, cls) and value in members:
@@ -98,13 +103,41 @@ def _parse_date(value: Any) -> dt.date | None:
     raise ValueError(f"must be a date as YYYY-MM-DD (got {value!r})")
 
 
+_ISO_MOMENT = re.compile(r"\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:?\d{2})?)?")
+
+
+def parse_moment(value: Any, zone: dt.tzinfo) -> dt.datetime | None:
+    """An instant as YYYY-MM-DD[ HH:MM[:SS]][offset], aware in UTC; without an offset it is a
+    time in `zone` (the business time zone), a date alone the start of that day there.
+    Empty and WHMCS's 0000-00-00 (00:00:00) mean none."""
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        moment = value
+    elif isinstance(value, dt.date):
+        moment = dt.datetime.combine(value, dt.time())
+    elif isinstance(value, str) and not value.strip().strip("0-: "):
+        return None  # "", "0000-00-00", "0000-00-00 00:00:00"
+    elif isinstance(value, str) and _ISO_MOMENT.fullmatch(value.strip()):
+        try:
+            moment = dt.datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError(f"{value.strip()!r} is not a valid date and time") from None
+    else:
+        raise ValueError(f"must be a date as YYYY-MM-DD, or a date and time as YYYY-MM-DD HH:MM:SS (got {value!r})")
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=zone)
+    return moment.astimezone(dt.UTC)
+
+
 ExternalId = Annotated[str, Field(min_length=1, max_length=64)]
 OptionalDate = Annotated[dt.date | None, BeforeValidator(_parse_date)]
 Money = Annotated[Decimal, Field(max_digits=12, decimal_places=2, allow_inf_nan=False)]
 Amount = Annotated[Decimal, Field(ge=0, max_digits=12, decimal_places=2, allow_inf_nan=False)]
 ServiceStatusWord = Annotated[ServiceStatus, BeforeValidator(_enum_lookup(ServiceStatus))]
 InvoiceStatusWord = Annotated[InvoiceStatus, BeforeValidator(_enum_lookup(InvoiceStatus))]
-RequestTypeWord = Annotated[RequestType, BeforeValidator(_enum_lookup(RequestType))]
+# "End of Billing Period" as stored and as WHMCS writes it, or "end-of-period" as `requests create --type` takes it.
+RequestTypeWord = Annotated[RequestType, BeforeValidator(_enum_lookup(RequestType, aliases=REQUEST_TYPE_WORDS))]
 # Only these two make sense from outside: completed and failed are the processor's verdicts.
 ImportedRequestStatus = Annotated[
     RequestStatus,
@@ -218,6 +251,8 @@ class ServiceRow(ImportRow):
     amount: Amount = Decimal("0")
     next_due_date: OptionalDate = None
     termination_date: OptionalDate = None
+    registration_date: OptionalDate = None
+    subscription_id: str | None = Field(None, max_length=255)
 
 
 class AddonRow(ImportRow):
@@ -248,6 +283,22 @@ class RequestRow(ImportRow):
     # Declared after `type` so its validator sees it; validated even when absent (required iff On Date).
     cancel_on: OptionalDate = Field(None, validate_default=True)
     status: ImportedRequestStatus = RequestStatus.PENDING
+    # When the client asked (stored as the request's created_at): lateness, the list order and
+    # whether a run for a past date takes it come from it. Empty: the time of the import.
+    requested_at: dt.datetime | None = None
+
+    @field_validator("requested_at", mode="before")
+    @classmethod
+    def _moment(cls, value: Any, info: ValidationInfo) -> dt.datetime | None:
+        context = info.context or {}
+        moment = parse_moment(value, context.get("zone", dt.UTC))
+        now: dt.datetime | None = context.get("now")
+        # A few hours ahead is a clock or a time zone that differs (WHMCS writes its server's
+        # local time); more than a day ahead is not a date a client asked on.
+        if moment is not None and now is not None and moment > now + dt.timedelta(days=1):
+            raise ValueError(f"{moment.isoformat()} is more than a day in the future "
+                             f"(now {now.isoformat(timespec='seconds')})")
+        return moment
 
     @field_validator("reason_code")
     @classmethod
@@ -272,6 +323,11 @@ class RequestRow(ImportRow):
         # A new type without On Date clears an old cancel_on date even if the column was left out.
         if "type" in out:
             out["cancel_on"] = self.cancel_on
+        # The model's attribute is created_at; left empty, a new row gets the import's time
+        # (write.py) and a stored one keeps its own.
+        requested_at = out.pop("requested_at", None)
+        if requested_at is not None:
+            out["created_at"] = requested_at
         return out
 
 
@@ -348,7 +404,9 @@ def check_columns(path: Path, kind: str, columns: Sequence[str], *, jsonl: bool)
     allowed = allowed_columns(kind)
     unknown = [c for c in columns if c not in allowed]
     if unknown:
-        raise InputError(f"{path}: unknown column {unknown[0]!r} for {kind} (allowed: {', '.join(allowed)})")
+        names = ", ".join(repr(c) for c in unknown)
+        raise InputError(f"{path}: unknown column{'s' if len(unknown) > 1 else ''} {names} for {kind} "
+                         f"(allowed: {', '.join(allowed)})")
     # A JSON Lines row may leave out a column (each row is checked); a CSV header may not.
     missing = [c for c in required_columns(kind) if c not in columns]
     if missing and not jsonl:
@@ -376,13 +434,13 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> tuple[str, str]:
 
 
 def validate_rows(
-    path: Path, kind: Kind, parsed: ParsedFile, settings: Settings
+    path: Path, kind: Kind, parsed: ParsedFile, settings: Settings, now: dt.datetime
 ) -> tuple[list[tuple[int, ImportRow]], list[RowError]]:
     """Every row through its pydantic model: the good ones, and an error per bad value."""
     good: list[tuple[int, ImportRow]] = []
     errors: list[RowError] = []
     first_line: dict[str, int] = {}
-    context = {"reason_codes": list(settings.reason_codes)}
+    context = {"reason_codes": list(settings.reason_codes), "zone": settings.zone, "now": now}
     for line, raw in parsed.rows:
         try:
             row = kind.row.model_validate(raw, context=context)

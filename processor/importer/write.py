@@ -55,7 +55,8 @@ def _insert_rows(
 ) -> dict[str, int]:
     """INSERT the new rows; their ids by external id."""
     extra = {"created_at": now, "created_by": actor} if kind.model is CancellationRequest else {}
-    params = [dict(i.values, external_id=i.row.external_id, **extra) for i in inserts]
+    # A request's own created_at (its requested_at column) beats the import's time.
+    params = [{**extra, **i.values, "external_id": i.row.external_id} for i in inserts]
     # Plain executemany, then the new ids by external id: SQLite cannot return ids in
     # parameter order from one multi-row INSERT, and SQLAlchemy would fall back to a
     # statement per row.
