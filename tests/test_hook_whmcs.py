@@ -21,7 +21,7 @@ from sqlalchemy import select, update
 
 from processor.cli import cli
 from processor.db import Database
-from processor.hooks import MODULE_PARAMS, load_hooks
+from processor.hooks import MODULE_PARAMS, HookDefinitionError, load_hooks
 from processor.models import CancellationRequest, Invoice, OutboxEmail, Product, RequestStatus, ServiceAddon
 from processor.params import ModuleParams
 from tests.test_hook_points import DOCS, PROBE, Probe, get, load, ok, recorder, run, seed, write_hook
@@ -262,3 +262,19 @@ def test_the_ported_hook_file_loads_on_its_own(tmp_path):
         ("CancellationRequest", 1), ("PreModuleTerminate", 1), ("AfterModuleTerminateFailed", 1),
         ("DailyCronJob", 1)]
 
+
+
+def test_vars_beside_named_parameters_and_whmcs_names_checked_at_load(db, settings, now, tmp_path, probe):
+    it = seed(db)
+    write_hook(tmp_path, "both.py", "\n@add_hook('ServiceCancelled', 1)\n"
+               "def both(vars, service, days_late):\n"
+               "    probe.record('both', dict(same=vars['service'] is service, days_late=days_late,\n"
+               "                              serviceid=vars['params']['serviceid']))\n")
+    run(db, settings, now, load(tmp_path))
+    assert probe.one("both").kwargs == {"same": True, "days_late": 0, "serviceid": it.service_id}
+    # A WHMCS name its point does not give is refused when the file loads, as any other name.
+    path = write_hook(tmp_path, "wrong.py", "\n@add_hook('AfterModuleTerminate', 1)\n"
+                      "def wrong(failureResponseMessage):\n    pass\n")
+    with pytest.raises(HookDefinitionError, match=r"asks for 'failureResponseMessage', which AfterModuleTerminate"):
+        load(tmp_path)
+    path.unlink()
