@@ -21,7 +21,7 @@ from sqlalchemy import select, update
 
 from processor.cli import cli
 from processor.db import Database
-from processor.hooks import MODULE_PARAMS, HookDefinitionError, load_hooks
+from processor.hooks import MODULE_PARAMS, HookDefinitionError, HookImpl, HookRegistry, load_hooks
 from processor.models import CancellationRequest, Invoice, OutboxEmail, Product, RequestStatus, ServiceAddon
 from processor.params import ModuleParams
 from tests.test_hook_points import DOCS, PROBE, Probe, get, load, ok, recorder, run, seed, write_hook
@@ -278,3 +278,13 @@ def test_vars_beside_named_parameters_and_whmcs_names_checked_at_load(db, settin
     with pytest.raises(HookDefinitionError, match=r"asks for 'failureResponseMessage', which AfterModuleTerminate"):
         load(tmp_path)
     path.unlink()
+
+
+def test_overrides_reach_a_plain_module_params_dict_too():
+    """`HookRegistry.apply` as tools and tests call it, with a plain dict for WHMCS's params."""
+    registry = HookRegistry()
+    registry.register(HookImpl("PreModuleTerminate", lambda params: {"username": "u1", "vm": 7}, 0, "t.py", 1, 0,
+                               ("params",)))
+    params: dict[str, Any] = {"params": {"username": "", "domain": "d.example.test"}}
+    assert registry.apply("PreModuleTerminate", params).vetoed is None
+    assert params == {"params": {"username": "u1", "domain": "d.example.test"}, "username": "u1", "vm": 7}

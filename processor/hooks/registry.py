@@ -253,8 +253,8 @@ def _override_module_params(params: dict[str, Any], result: dict[str, Any]) -> N
     overrides = {k: v for k, v in result.items() if k in MODULE_PARAMS}
     if isinstance(result.get("params"), dict):  # WHMCS's shape: {'params': {'username': ...}}
         overrides.update((k, v) for k, v in result["params"].items() if k in MODULE_PARAMS)
-    if overrides:
-        module.override(overrides)
+    if overrides:  # a ModuleParams (params.py) takes them with `override`; a plain dict (tools, tests) with update
+        (module.override if hasattr(module, "override") else module.update)(overrides)
 
 
 def _failure(result: Any) -> tuple[str, str] | None:
