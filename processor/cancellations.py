@@ -31,7 +31,7 @@ from processor.models import (
     RequestType,
     Service,
 )
-from processor.params import request_params, request_select
+from processor.params import cancellation_request_names, request_params, request_select
 
 
 def get_service(session: Session, service_id: int) -> Service:
@@ -198,4 +198,7 @@ def _fire(db: Database, hooks: HookRegistry, point: str, request_id: int, **more
             "hook not called: the request's service, client or product no longer exists", point=point,
             request_id=request_id)
         return
-    hooks.apply(point, request_params(row, **more))
+    params = request_params(row, **more)
+    if point == "CancellationRequest":  # WHMCS's names for it too
+        params.update(cancellation_request_names(params))
+    hooks.apply(point, params)

@@ -18,6 +18,7 @@ from processor.config import EmailSettings, Settings
 from processor.db import insert_rows
 from processor.due import business_today, effective_date
 from processor.emails import (
+    CRON_JOB_ACTIVITY,
     NEW_REQUEST,
     REQUEST_CONFIRMATION,
     REQUEST_WITHDRAWN,
@@ -100,6 +101,15 @@ class Composed(NamedTuple):
     aborted_by: str | None = None  # that hook's name
 
 
+# Our email templates by the names WHMCS gives its own (EmailPreSend's `messagename`).
+WHMCS_TEMPLATE_NAMES = {
+    REQUEST_CONFIRMATION: "Cancellation Request Confirmation",
+    NEW_REQUEST: "New Cancellation Request",
+    SERVICE_CANCELLATION_CONFIRMATION: "Service Cancellation Confirmation",
+    CRON_JOB_ACTIVITY: "Cron Job Activity",
+}
+
+
 class Composer:
     """EmailPreSend hooks, then the template, then the header checks: one email, ready to queue."""
 
@@ -133,7 +143,11 @@ class Composer:
         if self.hooks.has("EmailPreSend"):
             params: dict[str, Any] = {"template": template, "to_address": to_address, "fields": fields,
                                       "language": language, "request_id": request_id, "run_id": run_id,
-                                      "dry_run": dry_run}
+                                      "dry_run": dry_run,
+                                      # WHMCS's names: its template's name, the service (None for the
+                                      # digest), and the merge fields (the same dict as `fields`).
+                                      "messagename": WHMCS_TEMPLATE_NAMES.get(template, template),
+                                      "relid": fields.get("service_id"), "mergefields": fields}
             aborted_by = self.hooks.apply("EmailPreSend", params).stopped_by  # other answers merge into fields
             if aborted_by:
                 return Composed(None, aborted_by)

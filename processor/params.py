@@ -8,7 +8,7 @@ whether it fires in a run or at the CLI.
 from __future__ import annotations
 
 from collections import namedtuple
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from sqlalchemy import Row, Select, String, select, type_coerce
@@ -88,10 +88,83 @@ def request_params(row: Any, **more: Any) -> dict[str, Any]:
     }
 
 
+# --- WHMCS's names -------------------------------------------------------------------------
+# Beside our own parameters every point gives WHMCS's names for that point (docs/hooks.md,
+# "Coming from WHMCS"), so a hook file ported from WHMCS reads what it read there. The ids
+# are cancelproc's, as WHMCS's are WHMCS's; after `import` the billing system's id of each
+# record is its `external_id` in our dicts.
+
+class ModuleParams(Mapping[str, Any]):
+    """WHMCS's module parameters of a request's service ($vars['params'] at the module
+    points; the names are `hooks.points.MODULE_PARAMS`), built on first read.
+
+    Every request at the module points gets one (shared by all its points, so a
+    PreModuleTerminate override reaches TerminateAccount and the points after the commit),
+    but most hooks never read it: building the dicts only when one does keeps the run's
+    per-request cost at one small object.
+    """
+
+    __slots__ = ("_data", "_row")
+
+    def __init__(self, row: Any) -> None:
+        self._row = row
+        self._data: dict[str, Any] | None = None
+
+    def _built(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = module_params(self._row)
+        return self._data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._built()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._built())
+
+    def __len__(self) -> int:
+        return len(self._built())
+
+    def __repr__(self) -> str:
+        return repr(self._built())
+
+    def override(self, values: Mapping[str, Any]) -> None:
+        """New values from a PreModuleTerminate hook, for the hooks after it."""
+        self._built().update(values)
+
+
+def module_params(row: Any) -> dict[str, Any]:
+    """WHMCS's module parameters (developers.whmcs.com/provisioning-modules/module-parameters)
+    from a `request_select` row: what cancelproc has of them. No password, server or
+    configurable options: cancelproc keeps none."""
+    return {
+        "serviceid": row.service_id, "accountid": row.service_id, "userid": row.client_id,
+        "pid": row.product_id, "packageid": row.product_id, "domain": row.domain,
+        # cancelproc keeps no hosting username: "" (as WHMCS for a service without one);
+        # a PreModuleTerminate hook may return the real one.
+        "username": "",
+        "producttype": "other",  # cancelproc has no product types: WHMCS's catch-all
+        "moduletype": row.module or "",
+        "clientsdetails": {
+            "userid": row.client_id, "id": row.client_id, "client_id": row.client_id,
+            "firstname": row.first_name, "lastname": row.last_name,
+            "fullname": f"{row.first_name} {row.last_name}".strip(), "companyname": row.company_name,
+            "email": row.email, "language": row.language,
+        },
+    }
+
+
+def cancellation_request_names(params: Mapping[str, Any]) -> dict[str, Any]:
+    """WHMCS's CancellationRequest parameters, from ours."""
+    request = params["request"]
+    return {"userid": params["client"]["id"], "relid": params["service"]["id"], "reason": request["reason"],
+            "type": request["type"]}
+
+
 def with_params(params: dict[str, Any], **more: Any) -> dict[str, Any]:
     """A point's params: `params` plus its own keys. (A hook asking for `params` gets this
     whole dict, WHMCS's $params; the registry hands it over.)"""
     return {**params, **more}
 
 
-__all__ = ["plain_rows", "request_params", "request_select", "with_params"]
+__all__ = ["ModuleParams", "cancellation_request_names", "module_params", "plain_rows",
+           "request_params", "request_select", "with_params"]

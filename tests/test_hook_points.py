@@ -33,6 +33,7 @@ from sqlalchemy import func, insert, select
 from processor.cli import cli
 from processor.db import Database
 from processor.hooks import (
+    MODULE_POINTS,
     POINTS,
     HookDefinitionError,
     HookLoadError,
@@ -49,6 +50,7 @@ from processor.models import (
     RequestStatus,
     RequestType,
     Run,
+    RunStatus,
     RunTrigger,
     Service,
     ServiceAddon,
@@ -184,8 +186,15 @@ def assert_keys(call: Call, point: str, known_bug: str = "") -> None:
         f"{point}: a **kwargs hook got {sorted(call.keys)}, but points.py declares {sorted(keys_of(point))} "
         f"(extra: {sorted(call.keys - keys_of(point))}, missing: {sorted(keys_of(point) - call.keys)})"
         + (f"\n{known_bug}" if known_bug else ""))
-    # `params` holds every other argument (WHMCS's $params), not itself.
-    assert call.params_keys == keys_of(point) - {"params"}, f"{point}: params holds {sorted(call.params_keys)}"
+    # `params` holds every other argument (WHMCS's $vars), not itself; at the module points
+    # its "params" is WHMCS's module parameters ($vars['params']).
+    # (every per-request point of a run carries it along; WHMCS gives it at MODULE_POINTS).
+    module = {"idempotency_key", "run_id"} <= keys_of(point)
+    assert module or point not in MODULE_POINTS
+    expected = keys_of(point) - ({"params"} if not module else set())
+    assert call.params_keys == expected, f"{point}: params holds {sorted(call.params_keys)}"
+    if module:
+        assert call.kwargs["params"]["params"]["serviceid"] == call.kwargs["service"]["id"]
 
 
 def get(db: Database, model: type, id_: Any) -> Any:
@@ -513,6 +522,67 @@ def test_hook_ServiceCancelled(db, settings, now, tmp_path, probe):
     assert (call.seen["service_status"], call.seen["request_status"]) == ("Cancelled", "completed")
     with db.read_session() as s:
         assert s.get(CancellationRequest, it.request_id).days_late == 3
+
+
+CRON_POINTS = ("PreCronJob", "PreAutomationTask", "PostAutomationTask", "AfterCronJob", "DailyCronJob",
+               "DailyCronJobPreEmail")
+
+
+def test_hook_PreAutomationTask(db, settings, now, tmp_path, probe):
+    seed(db)
+    seed(db)
+    write_hook(tmp_path, "cron.py", *(recorder(p) for p in CRON_POINTS), recorder("ServiceCancelled"))
+    summary = run(db, settings, now, load(tmp_path))
+    # Once per run each, around the cancellation step (docs/hooks.md, "Where the cron points fire").
+    assert probe.labels() == ["PreCronJob", "PreAutomationTask", "ServiceCancelled", "ServiceCancelled",
+                              "PostAutomationTask", "AfterCronJob", "DailyCronJob", "DailyCronJobPreEmail"]
+    call = probe.one("PreAutomationTask")
+    assert_keys(call, "PreAutomationTask")
+    assert (call.kwargs["task"], call.kwargs["run_id"], call.kwargs["as_of"]) == (
+        "CancellationRequests", summary.run_id, D)
+    assert call.seen["run_status"] == "running"
+
+
+def test_hook_PostAutomationTask(db, settings, now, tmp_path, probe):
+    it = seed(db)
+    write_hook(tmp_path, "cron.py", *(recorder(p) for p in CRON_POINTS))
+    summary = run(db, settings, now, load(tmp_path))
+    call = probe.one("PostAutomationTask")
+    assert_keys(call, "PostAutomationTask")
+    assert (call.kwargs["task"], call.kwargs["completed"], call.kwargs["run_id"]) == (
+        "CancellationRequests", True, summary.run_id)
+    assert get(db, CancellationRequest, it.request_id).status is RequestStatus.COMPLETED  # after the requests
+    assert call.seen["run_finished"] is False  # before the run record is closed
+
+
+def test_hook_PostAutomationTask_fires_not_completed_when_the_run_stops(db, settings, now, tmp_path, probe):
+    seed(db)
+    seed(db)
+    settings.chunk_size = 1
+    write_hook(tmp_path, "cron.py", *(recorder(p) for p in CRON_POINTS))
+    summary = Runner(db, settings, clock=lambda: now, hooks=load(tmp_path), should_stop=lambda: True).run(
+        RunOptions(as_of=D))
+    assert summary.status is RunStatus.STOPPED and summary.completed == 1
+    # Stopped: the task ended without going through; no DailyCronJob, no digest.
+    assert probe.labels() == ["PreCronJob", "PreAutomationTask", "PostAutomationTask", "AfterCronJob"]
+    assert probe.one("PostAutomationTask").kwargs["completed"] is False
+
+
+def test_hook_DailyCronJob(db, settings, now, tmp_path, probe):
+    it = seed(db)
+    write_hook(tmp_path, "cron.py", *(recorder(p) for p in CRON_POINTS))
+    summary = run(db, settings, now, load(tmp_path))
+    call = probe.one("DailyCronJob")
+    assert_keys(call, "DailyCronJob")
+    assert (call.kwargs["run_id"], call.kwargs["as_of"]) == (summary.run_id, D)
+    assert call.seen["run_finished"] is True
+    # `requests process` applies a few requests at once: not the daily job.
+    probe.calls.clear()
+    other = seed(db)
+    run(db, settings, now, load(tmp_path), request_ids=[other.request_id], trigger=RunTrigger.MANUAL)
+    assert "DailyCronJob" not in probe.labels()
+    assert probe.one("PostAutomationTask").kwargs["completed"] is True
+    assert get(db, CancellationRequest, it.request_id).status is RequestStatus.COMPLETED
 
 
 def test_hook_AfterCronJob(db, settings, now, tmp_path, probe):

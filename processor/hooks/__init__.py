@@ -11,11 +11,14 @@ The points are declared in `processor.hooks.points`; docs/hooks.md describes eac
 """
 
 from processor.hooks.loader import ENTRY_POINT_GROUP, HookLoadError, add_hook, load_hooks
-from processor.hooks.points import POINTS, HookPoint
+from processor.hooks.points import CANCELLATION_TASK, MODULE_PARAMS, MODULE_POINTS, POINTS, HookPoint
 from processor.hooks.registry import HookDefinitionError, HookFailed, HookImpl, HookRegistry
 
 __all__ = [
+    "CANCELLATION_TASK",
     "ENTRY_POINT_GROUP",
+    "MODULE_PARAMS",
+    "MODULE_POINTS",
     "POINTS",
     "HookDefinitionError",
     "HookFailed",

@@ -2,7 +2,9 @@
 
 A hook function names the parameters it wants (any subset, or **kwargs for all); asking
 for one its point does not give is an error when the hook file loads. Every point also
-gives `params`: all of its parameters in one dict, as WHMCS passes `$params`.
+gives `params` (or by WHMCS's usual name, `vars`): all of its parameters in one dict, as
+WHMCS passes `$vars`. Beside ours, each point gives WHMCS's parameter names for it
+(`HookPoint.whmcs`); at the module points `params["params"]` is WHMCS's module parameters.
 
 What a hook's return value does is the point's `Policy`, applied in one place
 (`HookRegistry.apply`); no caller reads return values itself.
@@ -45,6 +47,7 @@ class HookPoint:
     when: str
     returns: str  # the policy in words, for `hooks list` and docs/hooks.md
     policy: Policy = Policy.NOTHING
+    whmcs: tuple[str, ...] = ()  # the parameters named as WHMCS names them (also in `params`)
 
     @property
     def fails_the_attempt(self) -> bool:
@@ -53,6 +56,15 @@ class HookPoint:
         return self.policy in FAILS_THE_ATTEMPT
 
 
+# WHMCS's module parameters, `params["params"]` at the module points (params.module_params
+# builds them). A dict a PreModuleTerminate hook returns may give new values for them.
+MODULE_PARAMS = ("serviceid", "accountid", "userid", "pid", "packageid", "domain", "username", "producttype",
+                 "moduletype", "clientsdetails")
+# The points where WHMCS passes the module parameters as $vars['params'].
+MODULE_POINTS = ("PreModuleTerminate", "TerminateAccount", "AfterModuleTerminate", "AfterModuleTerminateFailed")
+# WHMCS's name of the one automation task a run is (PreAutomationTask / PostAutomationTask).
+CANCELLATION_TASK = "CancellationRequests"
+
 # What every per-request point gives. `idempotency_key` is the request id as a string:
 # TerminateAccount may run more than once for one request (at least once, see docs/hooks.md).
 REQUEST = ("params", "request_id", "idempotency_key", "request", "service", "client", "product",
@@ -60,9 +72,10 @@ REQUEST = ("params", "request_id", "idempotency_key", "request", "service", "cli
 
 POINTS: dict[str, HookPoint] = {p.name: p for p in (
     HookPoint("CancellationRequest",
-              ("params", "request_id", "idempotency_key", "request", "service", "client", "product", "actor"),
+              ("params", "request_id", "idempotency_key", "request", "service", "client", "product", "actor",
+               "userid", "relid", "reason", "type"),
               "a request was created (`requests create`), after it is committed",
-              "ignored"),
+              "ignored", whmcs=("userid", "relid", "reason", "type")),
     HookPoint("CancellationRequestWithdrawn",
               ("params", "request_id", "idempotency_key", "request", "service", "client", "product", "actor",
                "note"),
@@ -72,47 +85,63 @@ POINTS: dict[str, HookPoint] = {p.name: p for p in (
               ("params", "run_id", "as_of", "trigger", "operator"),
               "a run has taken the lease, before the first request",
               "ignored"),
+    HookPoint("PreAutomationTask",
+              ("params", "task", "run_id", "as_of"),
+              "once per run, after PreCronJob, before the first request (task 'CancellationRequests')",
+              "ignored", whmcs=("task",)),
     HookPoint("PreModuleTerminate", REQUEST,
               "before a due request is applied (also in --dry-run, so vetoes show in the preview)",
               "{'abortcmd': True, 'reason': ...} vetoes: the request stays pending and is retried; "
-              "any other dict merges its keys into `params` for the hooks after it",
-              Policy.VETO),
+              "any other dict merges its keys into `params` for the hooks after it (WHMCS's module parameter "
+              "names also into `params['params']`)",
+              Policy.VETO, whmcs=("params",)),
     HookPoint("EmailPreSend",
-              ("params", "template", "to_address", "fields", "language", "request_id", "run_id", "dry_run"),
+              ("params", "template", "to_address", "fields", "language", "request_id", "run_id", "dry_run",
+               "messagename", "relid", "mergefields"),
               "before any email is rendered and queued: the client's confirmations, the staff notice of a new "
               "request, the staff digest (`template` says which)",
               "a dict: its keys become merge fields; {'abortsend': True} queues no email (recorded)",
-              Policy.ABORT_SEND),
+              Policy.ABORT_SEND, whmcs=("messagename", "relid", "mergefields")),
     HookPoint("TerminateAccount", REQUEST,
               "the external deprovisioning, after PreModuleTerminate; never in --dry-run",
               "{'error': ...}, an error string as a WHMCS module returns (anything but 'success'), False, "
               "or raising fails the attempt: nothing is changed, AfterModuleTerminateFailed fires, the "
               "request is retried with backoff",
-              Policy.FAIL),
+              Policy.FAIL, whmcs=("params",)),
     HookPoint("AfterModuleTerminate", REQUEST,
               "the cancellation was committed (service and request dicts show the committed state)",
-              "ignored"),
-    HookPoint("AfterModuleTerminateFailed", (*REQUEST, "error"),
+              "ignored", whmcs=("params",)),
+    HookPoint("AfterModuleTerminateFailed", (*REQUEST, "error", "failureResponseMessage"),
               "an attempt to apply the request failed, after it is recorded: a PreModuleTerminate, EmailPreSend "
               "or TerminateAccount hook raised or returned an error, or the request's data was refused "
               "(not for a veto)",
-              "ignored"),
-    HookPoint("AddonCancelled", (*REQUEST, "addon_id", "addon"),
+              "ignored", whmcs=("params", "failureResponseMessage")),
+    HookPoint("AddonCancelled", (*REQUEST, "addon_id", "addon", "id", "userid", "serviceid", "addonid"),
               "an add-on of a cancelled service was cancelled, after the commit",
-              "ignored"),
-    HookPoint("InvoiceCancelled", (*REQUEST, "invoice_id", "invoice"),
+              "ignored", whmcs=("id", "userid", "serviceid", "addonid")),
+    HookPoint("InvoiceCancelled", (*REQUEST, "invoice_id", "invoice", "invoiceid"),
               "an unpaid invoice of a cancelled service was cancelled, after the commit",
-              "ignored"),
+              "ignored", whmcs=("invoiceid",)),
     HookPoint("ServiceCancelled", (*REQUEST, "days_late"),
               "after the cancellation is committed (after AfterModuleTerminate and the add-on and invoice hooks)",
               "ignored"),
+    HookPoint("PostAutomationTask",
+              ("params", "task", "completed", "run_id"),
+              "once per run, after its last request (task 'CancellationRequests'; completed False when the run "
+              "stopped or failed), before the emails are sent",
+              "ignored", whmcs=("task", "completed")),
     HookPoint("AfterCronJob",
               ("params", "run_id", "summary"),
               "a run ended, with its summary (also when it stopped on an error: status 'error')",
               "ignored"),
+    HookPoint("DailyCronJob",
+              ("params", "run_id", "as_of"),
+              "once per run that went through (not `requests process`), at its very end: after AfterCronJob, "
+              "before DailyCronJobPreEmail",
+              "ignored"),
     HookPoint("DailyCronJobPreEmail",
               ("params", "run_id", "summary"),
-              "after AfterCronJob, before the staff digest would be sent",
+              "after DailyCronJob, before the staff digest would be sent",
               "truthy: suppress the digest",
               Policy.SUPPRESS),
 )}

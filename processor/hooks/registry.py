@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 
 from processor.errors import InputError, one_line
-from processor.hooks.points import POINTS, Policy
+from processor.hooks.points import MODULE_PARAMS, POINTS, Policy
 from processor.logs import hook_callers
 
 
@@ -22,9 +22,16 @@ class HookDefinitionError(InputError):
 class HookFailed(Exception):
     """A hook that may fail the request raised, or returned an error."""
 
-    def __init__(self, impl: HookImpl, message: str) -> None:
+    def __init__(self, impl: HookImpl, message: str, response: str | None = None) -> None:
         super().__init__(f"{impl.point} hook {impl.label}: {message}")
         self.impl = impl
+        # What the hook itself said: the error it returned, or its exception in one line
+        # (WHMCS's failureResponseMessage).
+        self.response = message if response is None else response
+
+
+# The names a hook may give to the whole of its point's parameters: ours, and WHMCS's `$vars`.
+WHOLE = frozenset({"params", "vars"})
 
 
 @dataclass(frozen=True)
@@ -47,15 +54,17 @@ class HookImpl:
         itself is a reference cycle per request."""
         if self.wants is None:
             return {**params, "params": params}
-        return {name: params if name == "params" else params[name] for name in self.wants}
+        return {name: params if name in WHOLE else params[name] for name in self.wants}
 
     @functools.cached_property
     def invoke(self) -> Callable[[Mapping[str, Any]], Any]:
         """Call the hook with its arguments; the common shapes skip building a dict (hot path)."""
         fn, wants = self.fn, self.wants
-        if wants == ("params",):
-            # `def hook(params)`, WHMCS's shape and the usual one: the function itself, no wrapper.
-            return fn if _params_first(fn) else lambda params: fn(params=params)
+        if wants is not None and len(wants) == 1 and wants[0] in WHOLE:
+            # `def hook(params)` or `def hook(vars)`, WHMCS's shape and the usual one: the
+            # function itself, no wrapper.
+            name = wants[0]
+            return fn if _params_first(fn) else lambda params: fn(**{name: params})
         if wants == ():
             return lambda params: fn()
         return lambda params: fn(**self.arguments(params))
@@ -67,9 +76,9 @@ class HookImpl:
 
 
 def _params_first(fn: Callable[..., Any]) -> bool:
-    """True if fn(x) passes x as its `params` (its first parameter, positional or keyword)."""
+    """True if fn(x) passes x as its `params` or `vars` (its first parameter, positional or keyword)."""
     first = next(iter(inspect.signature(fn).parameters.values()), None)
-    return first is not None and first.name == "params" and first.kind is first.POSITIONAL_OR_KEYWORD
+    return first is not None and first.name in WHOLE and first.kind is first.POSITIONAL_OR_KEYWORD
 
 
 def check_signature(point_name: str, fn: Callable[..., Any], priority: Any, where: str) -> tuple[str, ...] | None:
@@ -93,7 +102,7 @@ def check_signature(point_name: str, fn: Callable[..., Any], priority: Any, wher
             raise HookDefinitionError(
                 f"{where}: {getattr(fn, '__qualname__', fn)} has positional-only parameter {p.name!r}; "
                 "hooks are called with keyword arguments (remove the '/')")
-        if p.name not in point.params:
+        if p.name not in point.params and p.name != "vars":
             if p.default is not p.empty:
                 continue  # an optional parameter the point does not give keeps its default
             raise HookDefinitionError(
@@ -197,13 +206,15 @@ class HookRegistry:
             if policy is Policy.FAIL:
                 error = None if result is None else _failure(result)
                 if error is not None:
-                    raise HookFailed(impl, error)
+                    raise HookFailed(impl, *error)
             elif isinstance(result, dict):
                 stop, kept, target = _STOP[policy]
                 if result.get(stop):
                     return Applied(impl.label, str(result.get("reason") or "no reason given"))
                 (params if target is None else params[target]).update(
                     (k, v) for k, v in result.items() if k not in kept)
+                if policy is Policy.VETO:
+                    _override_module_params(params, result)
         return NOTHING_APPLIED
 
 
@@ -233,17 +244,32 @@ _STOP: dict[Policy, tuple[str, frozenset[str], str | None]] = {
 }
 
 
-def _failure(result: Any) -> str | None:
-    """A FAIL point's answer as an error message, or None for success. WHMCS modules answer
-    "success" or an error message for the admin; ours may also answer a dict."""
+def _override_module_params(params: dict[str, Any], result: dict[str, Any]) -> None:
+    """WHMCS's module parameter names in a PreModuleTerminate answer give new values to
+    `params["params"]` (params.ModuleParams) for the hooks after it."""
+    module = params.get("params")
+    if module is None:
+        return
+    overrides = {k: v for k, v in result.items() if k in MODULE_PARAMS}
+    if isinstance(result.get("params"), dict):  # WHMCS's shape: {'params': {'username': ...}}
+        overrides.update((k, v) for k, v in result["params"].items() if k in MODULE_PARAMS)
+    if overrides:  # a ModuleParams (params.py) takes them with `override`; a plain dict (tools, tests) with update
+        (module.override if hasattr(module, "override") else module.update)(overrides)
+
+
+def _failure(result: Any) -> tuple[str, str] | None:
+    """A FAIL point's answer as (the error message, what the hook said), or None for
+    success. WHMCS modules answer "success" or an error message for the admin; ours may
+    also answer a dict."""
     if result is None or result is True:
         return None
     if result is False:
-        return "returned False"
+        return "returned False", "returned False"
     if isinstance(result, str):
-        return None if result in ("", "success") else f"returned error: {result}"
+        return None if result in ("", "success") else (f"returned error: {result}", result)
     if isinstance(result, dict):
-        return f"returned error: {result['error']}" if result.get("error") else None
+        error = result.get("error")
+        return (f"returned error: {error}", str(error)) if error else None
     return None
 
 

@@ -23,7 +23,7 @@ from processor.errors import InputError, one_line
 from processor.hooks import HookFailed, HookRegistry
 from processor.models import CLOSED_SERVICE_STATUSES, ServiceStatus
 from processor.outbox import Composed, Composer, UnsafeEmail, email_key, request_fields
-from processor.params import request_params
+from processor.params import ModuleParams, request_params
 from processor.run.outcome import Action, Outcome
 
 RunFields = Callable[[str | None], dict[str, Any]]
@@ -77,7 +77,8 @@ class Decider:
                 return Outcome(row.id, row.service_id, Action.NOOP, late, row.attempts,
                                service_status=row.service_status._value_)
             if self.hooked:
-                params = request_params(row, run_id=run_id, as_of=as_of, dry_run=dry_run)
+                # WHMCS's module parameters ride along as params["params"], built only if read.
+                params = request_params(row, run_id=run_id, as_of=as_of, dry_run=dry_run, params=ModuleParams(row))
                 veto = self.hooks.apply("PreModuleTerminate", params).vetoed
                 if veto is not None:
                     return Outcome(row.id, row.service_id, Action.VETOED, late, row.attempts, error=veto,
@@ -90,7 +91,8 @@ class Decider:
                            email_aborted_by=composed.aborted_by)
         except Exception as exc:  # one bad request never stops the others
             message = str(exc) if isinstance(exc, HookFailed) else one_line(exc)
-            return Outcome(row.id, row.service_id, Action.ERROR, attempts=row.attempts, error=message, params=params)
+            return Outcome(row.id, row.service_id, Action.ERROR, attempts=row.attempts, error=message, params=params,
+                           response=exc.response if isinstance(exc, HookFailed) else message)
 
     def _compose(self, row: Any, run_fields: RunFields, run_id: int | None, dry_run: bool) -> Composed:
         """The Service Cancellation Confirmation of this request (the service now Cancelled)."""

@@ -47,6 +47,7 @@ class Outcome:
     attempts: int = 0  # attempts before this one
     email: QueuedEmail | None = None
     error: str | None = None
+    response: str | None = None  # ERROR: what the failing hook said (WHMCS's failureResponseMessage)
     gave_up: bool = False  # an ERROR or VETOED that used the last attempt: the request is now failed
     service_status: str = ""
     params: dict[str, Any] | None = None  # the hooks' params, when any per-request hook is registered

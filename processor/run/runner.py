@@ -1,11 +1,13 @@
 """The run's lifecycle: start, work chunk by chunk, deliver, close the record, the digest.
 
-    run_id = start()                    lease taken, run record open, PreCronJob
+    run_id = start()                    lease taken, run record open, PreCronJob,
+                                        PreAutomationTask
     for each chunk:                     read (or, on PostgreSQL, claim) due requests,
         decide each (decide.py)         in Python; hooks, email, TerminateAccount
         write them (store.py)           one transaction: changes, counts, lease
         after-commit hooks              AfterModuleTerminate, ServiceCancelled, ...
-    deliver the outbox, close the run record, AfterCronJob, the staff digest
+    PostAutomationTask, deliver the outbox, close the run record, AfterCronJob,
+    DailyCronJob, the staff digest (after DailyCronJobPreEmail)
 
 A crash loses at most the chunk in flight, whose transaction never committed; the next
 run picks it up.
@@ -31,7 +33,7 @@ from processor.delivery import Deliverer
 from processor.digest import queue_digest
 from processor.emails import EmailTemplates
 from processor.errors import DatabaseUnavailable, LeaseHeld, StateError, database_trouble, one_line
-from processor.hooks import HookRegistry
+from processor.hooks import CANCELLATION_TASK, HookRegistry
 from processor.models import RequestStatus, RunStatus, ServiceStatus
 from processor.outbox import Composer
 from processor.params import with_params
@@ -116,6 +118,7 @@ class Runner:
         process sweeps up after them), record the run. Raises LeaseHeld."""
         run_id = self._start(options)
         summary = RunSummary(run_id=run_id, as_of=options.as_of, status=RunStatus.RUNNING)
+        task_ended = False  # PostAutomationTask fired
         with structlog.contextvars.bound_contextvars(run_id=run_id):
             try:
                 if helpers is not None and helpers.work_alongside(
@@ -124,6 +127,8 @@ class Runner:
                     raise RunStopped(f"stopped on request after {summary.due} requests; the next run does the rest")
                 self._work(run_id, options, summary)  # with helpers: what a dead one left (usually nothing)
                 self._fail_orphans(options, run_id, summary)
+                task_ended = True
+                self._post_automation_task(run_id, completed=True)
                 summary.this_process = summary.share()
                 if helpers is not None or self._joined(run_id, summary):
                     self._reload_counts(run_id, summary)
@@ -131,8 +136,12 @@ class Runner:
                 if self.deliverer is not None:
                     self._deliver(summary)
             except RunStopped as exc:
+                if not task_ended:
+                    self._post_automation_task(run_id, completed=False)
                 return self._stopped(run_id, summary, exc)
             except BaseException as exc:
+                if not task_ended and isinstance(exc, Exception):  # not on Ctrl-C, as AfterCronJob
+                    self._post_automation_task(run_id, completed=False)
                 self._failed(run_id, summary, exc)
                 raise
             return self._complete(run_id, options, summary)
@@ -171,7 +180,15 @@ class Runner:
                       operator=options.operator)
         self.hooks.apply("PreCronJob", with_params({}, run_id=run_id, as_of=options.as_of,
                                                    trigger=options.trigger.value, operator=options.operator))
+        # WHMCS runs its cancellation requests as one automation task of its cron: a run is that task.
+        self.hooks.apply("PreAutomationTask", with_params({}, task=CANCELLATION_TASK, run_id=run_id,
+                                                          as_of=options.as_of))
         return run_id
+
+    def _post_automation_task(self, run_id: int, *, completed: bool) -> None:
+        """After the run's last request (completed False: it stopped or failed first)."""
+        self.hooks.apply("PostAutomationTask", with_params({}, task=CANCELLATION_TASK, completed=completed,
+                                                           run_id=run_id))
 
     def _work(self, run_id: int, options: RunOptions, summary: RunSummary) -> None:
         """Apply due requests of this run, chunk by chunk (on PostgreSQL, the share this
@@ -274,13 +291,19 @@ class Runner:
                 params = {**o.params, "service": {**o.params["service"], "status": _CANCELLED},
                           "request": {**o.params["request"], "status": _COMPLETED}}
                 apply("AfterModuleTerminate", params)
+                # WHMCS's names beside ours: its AddonCancelled `addonid` is the add-on's product in
+                # its catalogue, which cancelproc does not keep (None).
                 for addon in o.addons:
-                    apply("AddonCancelled", {**params, "addon_id": addon["id"], "addon": addon})
+                    apply("AddonCancelled", {**params, "addon_id": addon["id"], "addon": addon, "id": addon["id"],
+                                             "userid": params["client"]["id"], "serviceid": o.service_id,
+                                             "addonid": None})
                 for invoice in o.invoices:
-                    apply("InvoiceCancelled", {**params, "invoice_id": invoice["id"], "invoice": invoice})
+                    apply("InvoiceCancelled", {**params, "invoice_id": invoice["id"], "invoice": invoice,
+                                               "invoiceid": invoice["id"]})
                 apply("ServiceCancelled", {**params, "days_late": o.days_late})
             elif o.action is Action.ERROR:
-                apply("AfterModuleTerminateFailed", {**o.params, "error": o.error})
+                apply("AfterModuleTerminateFailed", {**o.params, "error": o.error,
+                                                     "failureResponseMessage": o.response})
 
     def _deliver(self, summary: RunSummary) -> None:
         """Send the outbox (this run's emails and any older ones due a retry)."""
@@ -304,6 +327,8 @@ class Runner:
                       emails_queued=summary.emails_queued, emails_sent=summary.emails_sent,
                       emails_failed=summary.emails_failed, late=summary.late, max_days_late=summary.max_days_late)
         self._after_cron_job(run_id, summary)
+        if options.request_ids is None:  # the nightly run; not `requests process` of a few requests
+            self.hooks.apply("DailyCronJob", with_params({}, run_id=run_id, as_of=options.as_of))
         summary.digest_suppressed = self.hooks.apply(
             "DailyCronJobPreEmail", with_params({}, run_id=run_id, summary=summary.as_dict())).suppressed
         if options.digest and not summary.digest_suppressed and self.settings.email.staff_address:
