@@ -230,6 +230,8 @@ class Service(Base):
     # None for free and one-time services: a request for them is due at once.
     next_due_date: Mapped[dt.date | None] = mapped_column(Date)
     termination_date: Mapped[dt.date | None] = mapped_column(Date)
+    # When the service was registered (WHMCS's regdate): the merge field service_reg_date.
+    reg_date: Mapped[dt.date | None] = mapped_column(Date)
 
     client: Mapped[Client] = relationship(back_populates="services")
     product: Mapped[Product] = relationship()

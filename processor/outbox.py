@@ -22,6 +22,10 @@ from processor.emails import (
     REQUEST_CONFIRMATION,
     SERVICE_CANCELLATION_CONFIRMATION,
     EmailTemplates,
+    Link,
+    cancellation_type_names,
+    for_language,
+    format_amount,
     format_date,
     sample_fields,
 )
@@ -66,27 +70,38 @@ def email_key(template: str, entity: str, entity_id: int) -> str:
     return f"{template}:{entity}:{entity_id}"
 
 
-def request_fields(row: Row[Any], common: dict[str, Any]) -> dict[str, Any]:
-    """The WHMCS merge fields of an email about one request (a `params.request_select` row).
+def request_fields(row: Row[Any], common: dict[str, Any], language: str | None = None) -> dict[str, Any]:
+    """The WHMCS merge fields of an email about one request (a `params.request_select` row),
+    written in `language` (`EmailTemplates.text_language`: the client's when the message has
+    a template in it, else the default; None for staff emails).
 
     `common` holds the fields that do not come from the row: company_name, signature,
-    date, service_cancellation_date (see `Composer.common_fields`), and service_status
-    when the email reports a status other than the service's current one. In a run it is
-    built once per language, not per request.
+    date, service_cancellation_date, the URLs (see `Composer.common_fields`, in the same
+    language), and service_status when the email reports a status other than the
+    service's current one. In a run it is built once per language, not per request.
     """
-    language = row.language
-    return {  # per request: an enum's plain `_value_`, not the `.value` property (five times the cost)
+    name = f"{row.first_name} {row.last_name}".strip()
+    type_ = row.type._value_  # per request: an enum's plain `_value_`, not the `.value` property (five times the cost)
+    return {
         "service_status": row.service_status._value_,
         "request_id": row.id,
-        "client_name": f"{row.first_name} {row.last_name}".strip(),
+        "client_id": row.client_id,
+        "client_name": name,
+        "clientname": name,  # WHMCS's New Cancellation Request spells it so
         "client_first_name": row.first_name,
+        "client_last_name": row.last_name,
+        "client_company_name": row.company_name,
         "client_email": row.email,
         "service_id": row.service_id,
         "service_product_name": row.product_name,
+        "product_name": row.product_name,  # WHMCS's New Cancellation Request
         "service_domain": row.domain,
         "service_next_due_date": format_date(row.next_due_date, language),
+        "service_reg_date": format_date(row.reg_date, language),
+        "service_recurring_amount": format_amount(row.amount, language, common["currency"]),
         "service_billing_cycle": row.billing_cycle,
-        "service_cancellation_type": row.type._value_,
+        "service_cancellation_type": type_,
+        "service_cancellation_type_name": cancellation_type_names(language)[type_],
         "service_cancellation_reason": row.reason,
         "service_cancellation_reason_code": row.reason_code,
         "service_is_immediate_cancellation": row.type is RequestType.IMMEDIATE,
@@ -117,8 +132,11 @@ class Composer:
     def common_fields(self, date: dt.date, language: str | None = None, *,
                       cancellation_date: dt.date | None = None, **more: Any) -> dict[str, Any]:
         """The merge fields not read from a request: the company's, and dates in `language`."""
-        fields = dict(company_name=self.settings.company_name, signature=self.settings.signature,
-                      date=format_date(date, language), **more)
+        settings = self.settings
+        fields = dict(company_name=settings.company_name, date=format_date(date, language),
+                      signature=for_language(settings.signatures, settings.signature, language),
+                      currency=settings.currency, whmcs_url=settings.system_url,
+                      whmcs_admin_url=settings.admin_url, whmcs_admin_link=Link(settings.admin_url), **more)
         fields["service_cancellation_date"] = format_date(cancellation_date, language)
         return fields
 
@@ -168,7 +186,9 @@ def queue_request_emails(session: Session, request_id: int, *, composer: Compose
     queued: list[QueuedEmail] = []
     not_queued: list[str] = []
     for template, to_address, language in wanted:
-        fields = request_fields(row, composer.common_fields(created_on, language, cancellation_date=applied_on))
+        text_language = composer.templates.text_language(template, language) if language else None
+        fields = request_fields(row, composer.common_fields(created_on, text_language, cancellation_date=applied_on),
+                                text_language)
         try:
             composed = composer.compose(template, key=email_key(template, "request", request_id), to_address=to_address,
                                         fields=fields, language=language, request_id=request_id)
@@ -208,7 +228,9 @@ def preview_request_email(session: Session, template: str, request_id: int, *, c
         applied_on, status = effective_date(row.type, row.next_due_date, row.cancel_on, date), None
     to_address = settings.email.staff_address if template == NEW_REQUEST else row.email
     more = {"service_status": status} if status else {}
-    fields = request_fields(row, composer.common_fields(date, lang, cancellation_date=applied_on, **more))
     lang = None if template == NEW_REQUEST else lang
+    text_language = composer.templates.text_language(template, lang) if lang else None
+    fields = request_fields(row, composer.common_fields(date, text_language, cancellation_date=applied_on, **more),
+                            text_language)
     return composer.compose(template, key=email_key(template, "request", request_id), to_address=to_address,
                             fields=fields, language=lang, request_id=request_id, dry_run=True), lang

@@ -175,7 +175,7 @@ def write_config(tmp_path: Path, text: str, name: str = "processor.toml") -> Pat
 def test_init_creates_a_migrated_empty_database(invoke: Invoke, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'var' / 'c.db'}"  # the folder does not exist yet: init creates it
     result = ok(invoke("init", env={"CANCELPROC_DATABASE_URL": url}))
-    assert "ready (schema 0005)" in result.stdout
+    assert "ready (schema 0006)" in result.stdout
     db = open_database(url)
     try:
         assert count(db, Client) == 0 and count(db, Service) == 0
@@ -256,11 +256,11 @@ def test_db_upgrade_creates_then_is_idempotent(invoke: Invoke, backend: str, req
     env = {} if backend == "sqlite" else {
         "CANCELPROC_DATABASE_URL": request.getfixturevalue("pg_server").empty_database()}
     first = ok(invoke("db", "upgrade", env=env))
-    assert "schema empty -> 0005" in first.stdout
+    assert "schema empty -> 0006" in first.stdout
     second = ok(invoke("db", "upgrade", env=env))
-    assert "schema already at 0005" in second.stdout
+    assert "schema already at 0006" in second.stdout
     # init on a database already migrated is fine too.
-    assert "ready (schema 0005)" in ok(invoke("init")).stdout
+    assert "ready (schema 0006)" in ok(invoke("init")).stdout
 
 
 def test_unmigrated_database_is_refused_with_a_hint(invoke: Invoke, tmp_path: Path) -> None:

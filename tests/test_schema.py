@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from processor import db as dbmod
 from processor.errors import DatabaseError
-from processor.models import Base, CancellationRequest, RequestStatus
+from processor.models import Base, CancellationRequest, RequestStatus, Service
 from tests import factories
 
 
@@ -109,3 +109,24 @@ def test_datetimes_come_back_aware_in_utc(db):
                                .where(CancellationRequest.id == request_id)).scalar_one()
         assert got == expected and got.utcoffset() == dt.timedelta(0), text
 
+
+
+def test_migration_0006_adds_and_removes_the_service_reg_date(tmp_path):
+    """services.reg_date (service_reg_date) by ADD COLUMN: the CHECK constraints keep their
+    OR form; down to 0005 drops it, with the rows."""
+    db = dbmod.open_database(f"sqlite:///{tmp_path / 'r.db'}", create=True)
+    dbmod.upgrade(db)
+    with db.session.begin() as s:
+        svc = factories.service(s)
+        svc.reg_date = dt.date(2024, 3, 1)
+    with db.engine.begin() as conn:
+        cfg = dbmod._alembic_config(db)
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0005")
+        columns = [row[1] for row in conn.exec_driver_sql("PRAGMA table_info(services)")]
+    assert "reg_date" not in columns and "domain" in columns
+    assert " IN (" not in _check_constraints(db)
+    dbmod.upgrade(db)
+    with db.read_session() as s:
+        assert s.scalars(select(Service.reg_date)).all() == [None]
+    db.dispose()
