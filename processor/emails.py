@@ -300,7 +300,7 @@ class EmailTemplates:
         """The language this message is written in for a client of `language`: theirs when
         a template of that language exists, else the default. Dates, cancellation types,
         amounts and the signature follow it, so an email is in one language throughout."""
-        return language or DEFAULT_LANGUAGE if "/" in self.filename(name, language) else DEFAULT_LANGUAGE
+        return (language or DEFAULT_LANGUAGE) if "/" in self.filename(name, language) else DEFAULT_LANGUAGE
 
     def languages(self) -> list[str]:
         """Language folders present (in the operator's folder or the shipped one)."""

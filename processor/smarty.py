@@ -209,10 +209,15 @@ class _Converter:
         return SmartyError(*self.where(offset), message)
 
     def literal(self, text: str) -> None:
-        if text:
-            self.literal_chunks.append((len(self.html_chunks), text))
-            self.html_chunks.append("")
-            self.text_chunks.append("")
+        if not text:
+            return
+        if self.literal_chunks and self.literal_chunks[-1][0] == len(self.html_chunks) - 1:
+            index, before = self.literal_chunks.pop()  # one run of text, so its braces are seen together
+            self.literal_chunks.append((index, before + text))
+            return
+        self.literal_chunks.append((len(self.html_chunks), text))
+        self.html_chunks.append("")
+        self.text_chunks.append("")
 
     def code(self, html_code: str, text_code: str | None = None) -> None:
         self.html_chunks.append(html_code)
@@ -315,6 +320,8 @@ class _Converter:
     def _open(self, kind: str, start: int, tag: str) -> _Block:
         if not self.blocks or self.blocks[-1].kind != kind:
             raise self.error(start, f"{{{tag}}} without an open {{{kind}}}")
+        if self.blocks[-1].seen_else and not tag.startswith("/"):
+            raise self.error(start, f"{{{tag}}} after the {{{kind}}}'s else")
         return self.blocks[-1]
 
     def _condition(self, opening: str, rest: str, offset: int, start: int) -> None:
@@ -359,8 +366,9 @@ class _Converter:
 
 
 def _jinja_text(text: str) -> str:
-    """Text that Jinja would read as its own syntax, written so it is printed as it is."""
-    return re.sub(r"\{(?=[{%#])", '{{ "{" }}', text)
+    """Text that Jinja would read as its own syntax, written so it is printed as it is: a
+    brace before another, % or #, or last (a tag may follow: `{ldelim}{$x}`)."""
+    return re.sub(r"\{(?=[{%#]|$)", '{{ "{" }}', text)
 
 
 _JINJA = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.DOTALL)

@@ -95,6 +95,7 @@ def test_literal_ldelim_comments_and_braces_of_text():
     html = render(smarty)
     assert html == ("{$not_a_field} {if} {x} <style>p { color: red }</style> {{ jinja }} {% not %} {# this #}")
     assert convert(smarty).names == {}
+    assert render("{ldelim}{ldelim}{$a}{rdelim}{rdelim} {ldelim}%x%{rdelim}", a=1) == "{{1}} {%x%}"
     assert render(smarty, "text") == "{$not_a_field} {if} {x} {{ jinja }} {% not %} {# this #}"  # style dropped
 
 
@@ -131,9 +132,10 @@ def test_a_plain_text_template_keeps_its_lines_and_gets_an_html_part():
     ("{foreach from=$a item=i key=k}{/foreach}", 1, 1, "key not converted"),
     ("{else}", 1, 1, "{else} without an open {if}"),
     ("{if}x{/if}", 1, 1, "a condition is missing"),
+    ("{if $a}x{else}y\n{elseif $b}z{/if}", 2, 1, "{elseif} after the {if}'s else"),
 ], ids=["unknown-modifier", "unclosed-if", "stray-close", "crossed-blocks", "include", "assign", "$smarty",
         "php-function", "is-even", "unclosed-brace", "unclosed-comment", "unclosed-literal", "var-in-string",
-        "foreach-key-arrow", "foreach-key", "stray-else", "empty-if"])
+        "foreach-key-arrow", "foreach-key", "stray-else", "empty-if", "elseif-after-else"])
 def test_what_cannot_be_converted_is_named_by_line_and_column(smarty, line, column, message):
     with pytest.raises(SmartyError) as exc:
         convert(smarty)
