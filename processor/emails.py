@@ -299,8 +299,12 @@ class EmailTemplates:
     def text_language(self, name: str, language: str | None) -> str:
         """The language this message is written in for a client of `language`: theirs when
         a template of that language exists, else the default. Dates, cancellation types,
-        amounts and the signature follow it, so an email is in one language throughout."""
-        return (language or DEFAULT_LANGUAGE) if "/" in self.filename(name, language) else DEFAULT_LANGUAGE
+        amounts and the signature follow it, so an email is in one language throughout.
+        English variants (en_GB) keep their own: the default template is English."""
+        folders = language_folders(language)
+        if language and ("/" in self.filename(name, language) or folders[-1:] == [DEFAULT_LANGUAGE]):
+            return language
+        return DEFAULT_LANGUAGE
 
     def languages(self) -> list[str]:
         """Language folders present (in the operator's folder or the shipped one)."""

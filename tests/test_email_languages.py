@@ -75,6 +75,13 @@ def test_a_language_we_do_not_ship_gets_english_text_and_english_dates(invoke, d
     assert "2026年" not in client.text_body and "請求チーム" not in client.text_body
 
 
+def test_an_english_variant_keeps_its_date_format(invoke, db):
+    with db.session.begin() as s:
+        sid = factories.service(s, first_name="Ian", language="en_GB").id
+    ok(invoke("requests", "create", sid, "--reason-code", "other"))
+    assert "on 26 November 2026" in emails(db)[0].text_body
+
+
 def test_an_operator_template_in_another_language_gets_its_dates_and_signature(invoke, db, tmp_path):
     (tmp_path / "mine" / "ja").mkdir(parents=True)
     (tmp_path / "mine" / "ja" / f"{CLIENT}.jinja").write_text(
