@@ -23,9 +23,8 @@ from processor.emails import (
     SERVICE_CANCELLATION_CONFIRMATION,
     EmailTemplates,
     Link,
-    cancellation_type_names,
+    Writing,
     for_language,
-    format_amount,
     format_date,
     sample_fields,
 )
@@ -70,10 +69,10 @@ def email_key(template: str, entity: str, entity_id: int) -> str:
     return f"{template}:{entity}:{entity_id}"
 
 
-def request_fields(row: Row[Any], common: dict[str, Any], language: str | None = None) -> dict[str, Any]:
+def request_fields(row: Row[Any], common: dict[str, Any], writing: Writing) -> dict[str, Any]:
     """The WHMCS merge fields of an email about one request (a `params.request_select` row),
-    written in `language` (`EmailTemplates.text_language`: the client's when the message has
-    a template in it, else the default; None for staff emails).
+    written as `writing` writes (`Composer.writing`: in the client's language when the
+    message has a template in it, else the default; the default for staff emails).
 
     `common` holds the fields that do not come from the row: company_name, signature,
     date, service_cancellation_date, the URLs (see `Composer.common_fields`, in the same
@@ -96,12 +95,12 @@ def request_fields(row: Row[Any], common: dict[str, Any], language: str | None =
         "service_product_name": row.product_name,
         "product_name": row.product_name,  # WHMCS's New Cancellation Request
         "service_domain": row.domain,
-        "service_next_due_date": format_date(row.next_due_date, language),
-        "service_reg_date": format_date(row.reg_date, language),
-        "service_recurring_amount": format_amount(row.amount, language, common["currency"]),
+        "service_next_due_date": writing.date(row.next_due_date),
+        "service_reg_date": writing.date(row.reg_date),
+        "service_recurring_amount": writing.amount(row.amount),
         "service_billing_cycle": row.billing_cycle,
         "service_cancellation_type": type_,
-        "service_cancellation_type_name": cancellation_type_names(language)[type_],
+        "service_cancellation_type_name": writing.type_names[type_],
         "service_cancellation_reason": row.reason,
         "service_cancellation_reason_code": row.reason_code,
         "service_is_immediate_cancellation": row.type is RequestType.IMMEDIATE,
@@ -128,6 +127,10 @@ class Composer:
         just these (a template that loops for ever stops it with one line, not a hang)."""
         for name in templates:
             self.templates.check(name, sample_fields(name, self.settings.company_name, self.settings.signature))
+
+    def writing(self, template: str, language: str | None) -> Writing:
+        """How `template` for a client of `language` writes its values (None: staff)."""
+        return Writing(self.templates.text_language(template, language), self.settings.currency)
 
     def common_fields(self, date: dt.date, language: str | None = None, *,
                       cancellation_date: dt.date | None = None, **more: Any) -> dict[str, Any]:
@@ -186,9 +189,9 @@ def queue_request_emails(session: Session, request_id: int, *, composer: Compose
     queued: list[QueuedEmail] = []
     not_queued: list[str] = []
     for template, to_address, language in wanted:
-        text_language = composer.templates.text_language(template, language) if language else None
-        fields = request_fields(row, composer.common_fields(created_on, text_language, cancellation_date=applied_on),
-                                text_language)
+        writing = composer.writing(template, language)
+        fields = request_fields(
+            row, composer.common_fields(created_on, writing.language, cancellation_date=applied_on), writing)
         try:
             composed = composer.compose(template, key=email_key(template, "request", request_id), to_address=to_address,
                                         fields=fields, language=language, request_id=request_id)
@@ -229,8 +232,8 @@ def preview_request_email(session: Session, template: str, request_id: int, *, c
     to_address = settings.email.staff_address if template == NEW_REQUEST else row.email
     more = {"service_status": status} if status else {}
     lang = None if template == NEW_REQUEST else lang
-    text_language = composer.templates.text_language(template, lang) if lang else None
-    fields = request_fields(row, composer.common_fields(date, text_language, cancellation_date=applied_on, **more),
-                            text_language)
+    writing = composer.writing(template, lang)
+    fields = request_fields(row, composer.common_fields(date, writing.language, cancellation_date=applied_on, **more),
+                            writing)
     return composer.compose(template, key=email_key(template, "request", request_id), to_address=to_address,
                             fields=fields, language=lang, request_id=request_id, dry_run=True), lang
