@@ -473,14 +473,13 @@ def port_whmcs_template(source: str, name: str, *, subject: str | None = None, s
     body = convert(source)
     title = convert_line(subject if subject is not None else TEMPLATES[name])
     known = sample_fields(name, company_name, signature)
-    for converted, where in ((title, "subject"), (body, "")):
+    for converted, part in ((title, "subject"), (body, "body")):
         missing = unknown_fields(converted, known)
         if missing:
             field, line, column = missing[0]
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            place = f"{where}, " if where else ""
-            raise SmartyError(line, column, f"{place}{{${field}}}: no merge field {field} in cancelproc's "
-                                            f"{name}{more}; docs/templates.md lists them")
+            raise SmartyError(line, column, f"{{${field}}}: no merge field {field} in cancelproc's "
+                                            f"{name}{more}; docs/templates.md lists them", part=part)
     html_part = body.html if re.search(r"<html\b", body.html, re.IGNORECASE) else \
         f"<!DOCTYPE html>\n<html><body>\n{body.html}\n</body></html>"
     origin = re.sub(r"[{}#%\n]", "_", source_name) or "a WHMCS template"

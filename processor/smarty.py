@@ -25,10 +25,11 @@ from processor.errors import InputError
 class SmartyError(InputError):
     """Something the converter cannot turn into Jinja, at a line and column (1-based)."""
 
-    def __init__(self, line: int, column: int, message: str) -> None:
+    def __init__(self, line: int, column: int, message: str, part: str = "body") -> None:
         super().__init__(f"line {line}, column {column}: {message}")
         self.line = line
         self.column = column
+        self.part = part  # "body" or "subject"
 
 
 @dataclass(frozen=True)
@@ -413,9 +414,13 @@ def convert(source: str) -> Converted:
 def convert_line(source: str) -> Converted:
     """A subject line: one line of text, no HTML."""
     if "\n" in source.strip():
-        raise SmartyError(1, 1, "the subject must be one line")
+        raise SmartyError(1, 1, "the subject must be one line", part="subject")
     converter = _Converter(source.strip())
-    converter.run()
+    try:
+        converter.run()
+    except SmartyError as exc:
+        exc.part = "subject"
+        raise
     _, text = converter.parts(as_html=False)
     return Converted(text, text, converter.names)
 

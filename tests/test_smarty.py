@@ -225,6 +225,14 @@ def test_convert_refuses_in_one_line_and_writes_nothing(invoke, tmp_path):
     assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.output
     assert not target.exists()
 
+    good = tmp_path / "ok.tpl"
+    good.write_text("<p>Dear {$client_name},</p>\n")
+    result = invoke("emails", "convert", good, "--template", "new_cancellation_request", "--subject", "Hi {$nobody}")
+    assert result.exit_code == 2 and result.stderr == (
+        "error: --subject: line 1, column 5: {$nobody}: no merge field nobody in cancelproc's "
+        "new_cancellation_request; docs/templates.md lists them\n"), result.output
+    assert not (tmp_path / "templates" / "new_cancellation_request.jinja").exists()
+
     unknown = tmp_path / "Invoice Created.tpl"
     unknown.write_text("x")
     result = invoke("emails", "convert", unknown)

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from processor import outbox
 from processor.cli.app import App, cli, pass_app, utc_now
-from processor.cli.arguments import COUNT, ID, LanguageType
+from processor.cli.arguments import COUNT, ID, FreeTextType, LanguageType
 from processor.cli.output import echo_fields, echo_json, echo_rows, log_report
 from processor.delivery import DeliveryReport, get_email, retry_emails
 from processor.digest import preview_digest
@@ -30,6 +30,9 @@ from processor.models import (
     EmailStatus,
     OutboxEmail,
 )
+from processor.smarty import SmartyError
+
+MAX_SUBJECT = 998  # the longest line an email may have (RFC 5322)
 
 
 def _email_row(e: OutboxEmail) -> dict[str, Any]:
@@ -188,7 +191,8 @@ def emails_retry(app: App, email_ids: tuple[int, ...], all_failed: bool) -> None
 @click.option("--template", "name", type=click.Choice(list(TEMPLATES)),
               help="The message it is for (default: from FILE's name, e.g. 'Cancellation Request Confirmation.tpl').")
 @click.option("--language", type=LanguageType(), help="Write it as this language's template (<folder>/<language>/).")
-@click.option("--subject", help="The subject, Smarty as in WHMCS (default: the message's WHMCS title).")
+@click.option("--subject", type=FreeTextType(MAX_SUBJECT),
+              help="The subject, Smarty as in WHMCS (default: the message's WHMCS title).")
 @click.option("--force", is_flag=True, help="Replace the template if the folder has one already.")
 @pass_app
 def emails_convert(app: App, file: Path, name: str | None, language: str | None, subject: str | None,
@@ -217,6 +221,8 @@ def emails_convert(app: App, file: Path, name: str | None, language: str | None,
     try:
         text = port_whmcs_template(source, name, subject=subject, source_name=file.name,
                                    company_name=email.company_name, signature=email.signature)
+    except SmartyError as exc:
+        raise InputError(f"{'--subject' if exc.part == 'subject' else file}: {exc}") from None
     except InputError as exc:
         raise InputError(f"{file}: {exc}") from None
     target = app.settings.path(folder) / (language_folders(language)[0] if language else "") / f"{name}.jinja"
