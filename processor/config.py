@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from babel.numbers import list_currencies
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 from sqlalchemy.engine import make_url
@@ -104,6 +105,13 @@ class SmtpSettings(BaseModel):
         return value
 
 
+def _url(value: str) -> str:
+    """A web address for a merge field: http(s), one line, no spaces ("" = none)."""
+    if value and not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", value):
+        raise ValueError(f"{value!r} is not a web address (https://billing.example.com/)")
+    return value
+
+
 class EmailSettings(BaseModel):
     model_config = ConfigDict(**_MODEL)  # type: ignore[typeddict-item]
 
@@ -111,6 +119,13 @@ class EmailSettings(BaseModel):
     from_address: str = "billing@example.test"
     staff_address: str = "support@example.test"
     signature: str = "Example Hosting Billing Team"
+    # The signature per language, for the emails written in it (de = "..."); others get `signature`.
+    signatures: dict[str, str] = Field(default_factory=dict)
+    # Merge fields whmcs_url (WHMCS's System URL) and whmcs_admin_url / whmcs_admin_link.
+    system_url: str = "https://billing.example.test/"
+    admin_url: str = "https://billing.example.test/admin/"
+    # ISO 4217 code of service_recurring_amount ("EUR": "10,00 €" for a German client); "" = the number alone.
+    currency: str = ""
     # The operator's own templates, searched before the built-in ones ("" = none).
     templates_dir: str = "templates"
     delivery: Literal["folder", "smtp", "console"] = "folder"
@@ -129,6 +144,26 @@ class EmailSettings(BaseModel):
 
     _check_from = field_validator("from_address")(_address)
     _check_company = field_validator("company_name")(_header_safe)
+    _check_urls = field_validator("system_url", "admin_url")(_url)
+
+    @field_validator("signatures")
+    @classmethod
+    def _by_language(cls, signatures: dict[str, str]) -> dict[str, str]:
+        # Keys as template folders are named ("de_at"), so "de-AT" finds the same one.
+        checked = {}
+        for language, signature in signatures.items():
+            if not re.fullmatch(r"[A-Za-z]{2,3}([_-][A-Za-z0-9]{2,8})?", language):
+                raise ValueError(f"{language!r} is not a language code (de, de_AT)")
+            _plain_text(signature)
+            checked[language.lower().replace("-", "_")] = signature
+        return checked
+
+    @field_validator("currency")
+    @classmethod
+    def _iso_currency(cls, value: str) -> str:
+        if value and value not in list_currencies():
+            raise ValueError(f"{value!r} is not an ISO 4217 currency code (USD, EUR, GBP, ...)")
+        return value
 
     @field_validator("staff_address")
     @classmethod

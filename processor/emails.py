@@ -7,7 +7,9 @@ is rendered by an autoescaping environment, the subject and text by a plain one.
 
 Per language: a client whose language is "de" (or "de_AT", "de-AT") gets
 `<folder>/de/<name>.jinja` when it exists (the operator's folder, then the shipped one),
-else `<name>.jinja`; dates are formatted for that language (Babel).
+else `<name>.jinja`. The language of the text is the language of the dates, cancellation
+types, amounts and signature: a language without a template of its own gets the default
+(English) template with English dates, never English text with Japanese dates.
 """
 
 from __future__ import annotations
@@ -15,15 +17,20 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
+import os
+import re
 import signal
+import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from babel import Locale, UnknownLocaleError
 from babel.dates import format_date as babel_format_date
+from babel.numbers import format_currency, format_decimal
 from jinja2 import (
     BaseLoader,
     ChoiceLoader,
@@ -40,10 +47,12 @@ from jinja2 import (
 from jinja2.exceptions import SecurityError
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from markupsafe import Markup, escape
 
 from processor.errors import InputError, one_line
 from processor.models import Run
 from processor.resources import shipped_folder
+from processor.smarty import SmartyError, convert, convert_line, unknown_fields
 
 # The built-in templates, shipped in the package: the fallback behind the operator's folder.
 DEFAULT_TEMPLATES = shipped_folder("templates")
@@ -96,10 +105,103 @@ def _locale(language: str | None) -> Locale:
     return Locale.parse(DEFAULT_LANGUAGE)
 
 
+class DateText(str):
+    """A date merge field: the text a template prints, and the day itself, so that a
+    template ported from WHMCS can still write it its own way (`|date_format("%d.%m.%Y")`)."""
+
+    day: dt.date
+
+
 @functools.lru_cache(maxsize=4096)  # a run formats the same few dozen dates thousands of times
 def format_date(value: dt.date | None, language: str | None = DEFAULT_LANGUAGE) -> str:
     """A date as the client's language writes it in full ("December 1, 2026", "1. Dezember 2026")."""
-    return babel_format_date(value, format="long", locale=_locale(language)) if value else ""
+    if not value:
+        return ""
+    text = DateText(babel_format_date(value, format="long", locale=_locale(language)))
+    text.day = value
+    return text
+
+
+def date_format(value: Any, pattern: str = "%b %e, %Y") -> str:
+    """Smarty's date_format (strftime patterns) for the date merge fields; other text as it is."""
+    day = getattr(value, "day", None) if isinstance(value, DateText) else None
+    return day.strftime(pattern) if day is not None else str(value)
+
+
+@functools.lru_cache(maxsize=4096)  # a few dozen prices, thousands of services
+def format_amount(value: Decimal | None, language: str | None = DEFAULT_LANGUAGE, currency: str = "") -> str:
+    """An amount as the language writes it: "$10.00" / "10,00 $" with a currency (ISO 4217
+    code), "10.00" / "10,00" without."""
+    if value is None:
+        return ""
+    locale = _locale(language)
+    if currency:
+        return format_currency(value, currency, locale=locale)
+    return format_decimal(value, format="#,##0.00", locale=locale)
+
+
+# The cancellation types as the shipped languages write them (service_cancellation_type_name).
+# service_cancellation_type stays WHMCS's own value in every language, so that a ported
+# template's {if $service_cancellation_type eq "Immediate"} holds for every client.
+CANCELLATION_TYPE_NAMES: dict[str, dict[str, str]] = {
+    "en": {"Immediate": "Immediate", "End of Billing Period": "End of Billing Period", "On Date": "On Date"},
+    "de": {"Immediate": "Sofort", "End of Billing Period": "Zum Ende des Abrechnungszeitraums",
+           "On Date": "Zu einem bestimmten Datum"},
+    "fr": {"Immediate": "Immédiate", "End of Billing Period": "À la fin de la période de facturation",
+           "On Date": "À une date précise"},
+    "es": {"Immediate": "Inmediata", "End of Billing Period": "Al final del período de facturación",
+           "On Date": "En una fecha concreta"},
+    "nl": {"Immediate": "Onmiddellijk", "End of Billing Period": "Aan het einde van de factuurperiode",
+           "On Date": "Op een bepaalde datum"},
+}
+
+
+@functools.lru_cache(maxsize=64)
+def cancellation_type_names(language: str | None) -> dict[str, str]:
+    """The type names of a language ("de_AT" -> German), English for one we do not have."""
+    return next((CANCELLATION_TYPE_NAMES[code] for code in language_folders(language)
+                 if code in CANCELLATION_TYPE_NAMES), CANCELLATION_TYPE_NAMES[DEFAULT_LANGUAGE])
+
+
+class Writing:
+    """How an email in one language writes a request's values: dates, amounts and
+    cancellation type names, each distinct value formatted once (a run writes the same
+    few dozen dates and prices thousands of times; a dict lookup is a third of the cost of
+    an lru_cache call with its key tuple)."""
+
+    def __init__(self, language: str | None, currency: str = "") -> None:
+        self.language = language
+        self.currency = currency
+        self.type_names = cancellation_type_names(language)
+        self._dates: dict[dt.date | None, str] = {}
+        self._amounts: dict[Decimal | None, str] = {}
+
+    def date(self, value: dt.date | None) -> str:
+        text = self._dates.get(value)
+        if text is None:
+            text = self._dates[value] = format_date(value, self.language)
+        return text
+
+    def amount(self, value: Decimal | None) -> str:
+        text = self._amounts.get(value)
+        if text is None:
+            text = self._amounts[value] = format_amount(value, self.language, self.currency)
+        return text
+
+
+def for_language(by_language: Mapping[str, str], default: str, language: str | None) -> str:
+    """A setting given per language (email.signatures): the most specific entry, else `default`."""
+    return next((by_language[code] for code in language_folders(language) if code in by_language), default)
+
+
+class Link(str):
+    """A URL merge field: the URL in the text part, an <a> to it in the HTML part (WHMCS's
+    whmcs_admin_link is a link in its HTML emails). Autoescape calls __html__."""
+
+    __slots__ = ()
+
+    def __html__(self) -> Markup:
+        return Markup('<a href="{0}">{0}</a>').format(escape(str(self))) if self else Markup("")
 
 
 def _loader(override_dir: Path | None, default_dir: Path) -> BaseLoader:
@@ -203,6 +305,8 @@ class EmailTemplates:
         common: dict[str, Any] = dict(loader=loader, undefined=StrictUndefined, keep_trailing_newline=False)
         self._plain = _Sandbox(autoescape=False, **common)
         self._html = _Sandbox(autoescape=True, **common)
+        for env in (self._plain, self._html):
+            env.filters["date_format"] = date_format
         self._cache: dict[str, tuple[_Compiled, _Compiled]] = {}
         self._resolved: dict[tuple[str, str | None], str] = {}
 
@@ -219,6 +323,16 @@ class EmailTemplates:
             found = next((c for c in candidates if any((d / c).is_file() for d in self.folders)), None)
             self._resolved[key] = found or f"{name}.jinja"
         return self._resolved[key]
+
+    def text_language(self, name: str, language: str | None) -> str:
+        """The language this message is written in for a client of `language`: theirs when
+        a template of that language exists, else the default. Dates, cancellation types,
+        amounts and the signature follow it, so an email is in one language throughout.
+        English variants (en_GB) keep their own: the default template is English."""
+        folders = language_folders(language)
+        if language and ("/" in self.filename(name, language) or folders[-1:] == [DEFAULT_LANGUAGE]):
+            return language
+        return DEFAULT_LANGUAGE
 
     def languages(self) -> list[str]:
         """Language folders present (in the operator's folder or the shipped one)."""
@@ -285,24 +399,38 @@ def _where(exc: BaseException, filename: str) -> str:
 def sample_fields(name: str, company_name: str, signature: str) -> dict[str, Any]:
     """Merge fields with plausible values for this message, to check templates before a
     run touches anything."""
-    common = dict(company_name=company_name, signature=signature, date=format_date(dt.date(2026, 12, 1)))
+    common = dict(company_name=company_name, signature=signature, date=format_date(dt.date(2026, 12, 1)),
+                  **SAMPLE_URLS)
     if name == CRON_JOB_ACTIVITY:
         return {**common, **SAMPLE_DIGEST}
     return {**common, **SAMPLE_REQUEST}
 
 
+SAMPLE_URLS: dict[str, Any] = dict(
+    currency="", whmcs_url="https://billing.example.test/", whmcs_admin_url="https://billing.example.test/admin/",
+    whmcs_admin_link=Link("https://billing.example.test/admin/"),
+)
+
 SAMPLE_REQUEST: dict[str, Any] = dict(
     request_id=1,
+    client_id=1,
     client_name="Jane Doe",
+    clientname="Jane Doe",
     client_first_name="Jane",
+    client_last_name="Doe",
+    client_company_name="Doe Ltd",
     client_email="jane@example.test",
     service_id=1,
     service_product_name="VPS 4GB",
+    product_name="VPS 4GB",
     service_domain="vps1.example.test",
     service_next_due_date=format_date(dt.date(2026, 12, 1)),
+    service_reg_date=format_date(dt.date(2025, 12, 1)),
+    service_recurring_amount=format_amount(Decimal("10.00")),
     service_status="Active",
     service_billing_cycle="Monthly",
     service_cancellation_type="End of Billing Period",
+    service_cancellation_type_name="End of Billing Period",
     service_cancellation_reason="Too expensive",
     service_cancellation_reason_code="too_expensive",
     service_cancellation_date=format_date(dt.date(2026, 12, 1)),
@@ -327,3 +455,66 @@ SAMPLE_DIGEST: dict[str, Any] = dict(
     failed_emails=[{"id": 3, "template": "service_cancellation_confirmation", "to_address": "jane@example.test",
                     "error": "550 mailbox unavailable"}],
 )
+
+
+# --- templates ported from WHMCS (`cancelproc emails convert`) ---------------------------------
+
+def template_for(file_name: str) -> str | None:
+    """The message a WHMCS template file is for, from its name: "Cancellation Request
+    Confirmation.tpl" or "cancellation_request_confirmation.txt"; None when it says none."""
+    stem = re.sub(r"[^a-z0-9]+", "_", Path(file_name).stem.lower()).strip("_")
+    return next((name for name, title in TEMPLATES.items()
+                 if stem in (name, re.sub(r"[^a-z0-9]+", "_", title.lower()))), None)
+
+
+def port_whmcs_template(source: str, name: str, *, subject: str | None = None, source_name: str = "",
+                        company_name: str = "Example Hosting", signature: str = "") -> str:
+    """A WHMCS email template (Smarty) as a cancelproc template of message `name`: the
+    file's text. Raises SmartyError (what cannot be converted, where) or TemplateProblem
+    (it names a merge field we do not have, or does not render with sample fields)."""
+    body = convert(source)
+    title = convert_line(subject if subject is not None else TEMPLATES[name])
+    known = sample_fields(name, company_name, signature)
+    for converted, part in ((title, "subject"), (body, "body")):
+        missing = unknown_fields(converted, known)
+        if missing:
+            field, line, column = missing[0]
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise SmartyError(line, column, f"{{${field}}}: no merge field {field} in cancelproc's "
+                                            f"{name}{more}; docs/templates.md lists them", part=part)
+    html_part = body.html if re.search(r"<html\b", body.html, re.IGNORECASE) else \
+        f"<!DOCTYPE html>\n<html><body>\n{body.html}\n</body></html>"
+    origin = re.sub(r"[{}#%\n]", "_", source_name) or "a WHMCS template"
+    text = (f"{{#- {TEMPLATES[name]}: converted from {origin} by `cancelproc emails convert`.\n"
+            f"    docs/templates.md lists the merge fields and the blocks. -#}}\n"
+            f"{{% block subject %}}{title.text}{{% endblock %}}\n"
+            f"{{% block text %}}{body.text}{{% endblock %}}\n"
+            f"{{% block html %}}{html_part}{{% endblock %}}\n")
+    _check_ported(text, name, known)
+    return text
+
+
+def _check_ported(text: str, name: str, fields: Mapping[str, Any]) -> None:
+    """Render the converted template once, as a run would, with sample fields."""
+    with tempfile.TemporaryDirectory(prefix="cancelproc-convert-") as folder:
+        (Path(folder) / f"{name}.jinja").write_text(text, encoding="utf-8")
+        templates = EmailTemplates(Path(folder))
+        with _time_limit(templates.check_seconds, f"converted template {name}"):
+            templates.render(name, fields)
+
+
+def write_template(path: Path, text: str, *, overwrite: bool = False) -> None:
+    """Write a template file whole (a temporary file, then linked or renamed into place);
+    an existing one only with `overwrite`. Raises InputError."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    try:
+        if overwrite:
+            os.replace(temporary, path)
+        else:
+            os.link(temporary, path)  # fails when the file exists: never replaced unasked
+    except FileExistsError:
+        raise InputError(f"{path} exists; --force replaces it") from None
+    finally:
+        temporary.unlink(missing_ok=True)

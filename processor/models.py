@@ -236,6 +236,7 @@ class Service(Base):
     # None for free and one-time services: a request for them is due at once.
     next_due_date: Mapped[dt.date | None] = mapped_column(Date)
     termination_date: Mapped[dt.date | None] = mapped_column(Date)
+    # When the service was registered (WHMCS's regdate): the merge field service_reg_date.
     registration_date: Mapped[dt.date | None] = mapped_column(Date)
     # The payment gateway's subscription (WHMCS subscriptionid): what a gateway hook cancels.
     subscription_id: Mapped[str | None] = mapped_column(String(255))

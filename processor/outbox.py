@@ -24,6 +24,9 @@ from processor.emails import (
     REQUEST_WITHDRAWN,
     SERVICE_CANCELLATION_CONFIRMATION,
     EmailTemplates,
+    Link,
+    Writing,
+    for_language,
     format_date,
     sample_fields,
 )
@@ -68,27 +71,38 @@ def email_key(template: str, entity: str, entity_id: int) -> str:
     return f"{template}:{entity}:{entity_id}"
 
 
-def request_fields(row: Row[Any], common: dict[str, Any]) -> dict[str, Any]:
-    """The WHMCS merge fields of an email about one request (a `params.request_select` row).
+def request_fields(row: Row[Any], common: dict[str, Any], writing: Writing) -> dict[str, Any]:
+    """The WHMCS merge fields of an email about one request (a `params.request_select` row),
+    written as `writing` writes (`Composer.writing`: in the client's language when the
+    message has a template in it, else the default; the default for staff emails).
 
     `common` holds the fields that do not come from the row: company_name, signature,
-    date, service_cancellation_date (see `Composer.common_fields`), and service_status
-    when the email reports a status other than the service's current one. In a run it is
-    built once per language, not per request.
+    date, service_cancellation_date, the URLs (see `Composer.common_fields`, in the same
+    language), and service_status when the email reports a status other than the
+    service's current one. In a run it is built once per language, not per request.
     """
-    language = row.language
-    return {  # per request: an enum's plain `_value_`, not the `.value` property (five times the cost)
+    name = f"{row.first_name} {row.last_name}".strip()
+    type_ = row.type._value_  # per request: an enum's plain `_value_`, not the `.value` property (five times the cost)
+    return {
         "service_status": row.service_status._value_,
         "request_id": row.id,
-        "client_name": f"{row.first_name} {row.last_name}".strip(),
+        "client_id": row.client_id,
+        "client_name": name,
+        "clientname": name,  # WHMCS's New Cancellation Request spells it so
         "client_first_name": row.first_name,
+        "client_last_name": row.last_name,
+        "client_company_name": row.company_name,
         "client_email": row.email,
         "service_id": row.service_id,
         "service_product_name": row.product_name,
+        "product_name": row.product_name,  # WHMCS's New Cancellation Request
         "service_domain": row.domain,
-        "service_next_due_date": format_date(row.next_due_date, language),
+        "service_next_due_date": writing.date(row.next_due_date),
+        "service_reg_date": writing.date(row.registration_date),
+        "service_recurring_amount": writing.amount(row.amount),
         "service_billing_cycle": row.billing_cycle,
-        "service_cancellation_type": row.type._value_,
+        "service_cancellation_type": type_,
+        "service_cancellation_type_name": writing.type_names[type_],
         "service_cancellation_reason": row.reason,
         "service_cancellation_reason_code": row.reason_code,
         "service_is_immediate_cancellation": row.type is RequestType.IMMEDIATE,
@@ -125,11 +139,18 @@ class Composer:
         for name in templates:
             self.templates.check(name, sample_fields(name, self.settings.company_name, self.settings.signature))
 
+    def writing(self, template: str, language: str | None) -> Writing:
+        """How `template` for a client of `language` writes its values (None: staff)."""
+        return Writing(self.templates.text_language(template, language), self.settings.currency)
+
     def common_fields(self, date: dt.date, language: str | None = None, *,
                       cancellation_date: dt.date | None = None, **more: Any) -> dict[str, Any]:
         """The merge fields not read from a request: the company's, and dates in `language`."""
-        fields = dict(company_name=self.settings.company_name, signature=self.settings.signature,
-                      date=format_date(date, language), **more)
+        settings = self.settings
+        fields = dict(company_name=settings.company_name, date=format_date(date, language),
+                      signature=for_language(settings.signatures, settings.signature, language),
+                      currency=settings.currency, whmcs_url=settings.system_url,
+                      whmcs_admin_url=settings.admin_url, whmcs_admin_link=Link(settings.admin_url), **more)
         fields["service_cancellation_date"] = format_date(cancellation_date, language)
         return fields
 
@@ -187,7 +208,9 @@ def queue_request_emails(session: Session, request_id: int, *, composer: Compose
         if not to_address:
             continue  # no staff address: no staff notice
         date = business_today(now, settings.zone) if template == REQUEST_WITHDRAWN else created_on
-        fields = request_fields(row, composer.common_fields(date, language, cancellation_date=applied_on))
+        writing = composer.writing(template, language)
+        fields = request_fields(
+            row, composer.common_fields(date, writing.language, cancellation_date=applied_on), writing)
         try:
             composed = composer.compose(template, key=email_key(template, "request", request_id), to_address=to_address,
                                         fields=fields, language=language, request_id=request_id)
@@ -246,7 +269,9 @@ def preview_request_email(session: Session, template: str, request_id: int, *, c
         applied_on, status = effective_date(row.type, row.next_due_date, row.cancel_on, date), None
     to_address = settings.email.staff_address if template == NEW_REQUEST else row.email
     more = {"service_status": status} if status else {}
-    fields = request_fields(row, composer.common_fields(date, lang, cancellation_date=applied_on, **more))
     lang = None if template == NEW_REQUEST else lang
+    writing = composer.writing(template, lang)
+    fields = request_fields(row, composer.common_fields(date, writing.language, cancellation_date=applied_on, **more),
+                            writing)
     return composer.compose(template, key=email_key(template, "request", request_id), to_address=to_address,
                             fields=fields, language=lang, request_id=request_id, dry_run=True), lang

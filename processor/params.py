@@ -23,12 +23,14 @@ _RUN_COLUMNS = (
     R.id, R.type, R.cancel_on, R.reason, R.reason_code, R.created_at, R.attempts,
     S.id.label("service_id"), S.status.label("service_status"), S.domain, S.next_due_date, S.billing_cycle,
     C.first_name, C.last_name, C.email, C.language, P.name.label("product_name"),
+    # The WHMCS merge fields beside ours (client_id, client_company_name, service_recurring_amount, ...).
+    C.id.label("client_id"), C.company_name, S.amount, S.registration_date,
 )
 _HOOK_COLUMNS = (
     # Hooks get the status as its plain string: read as stored, no enum made per row to be undone.
     R.external_id.label("request_external_id"), type_coerce(R.status, String).label("request_status"),
-    S.amount, S.external_id.label("service_external_id"),
-    C.id.label("client_id"), C.external_id.label("client_external_id"), C.company_name, C.balance,
+    S.external_id.label("service_external_id"),
+    C.external_id.label("client_external_id"), C.balance,
     P.id.label("product_id"), P.module,
 )
 
@@ -65,12 +67,13 @@ def request_select(for_hooks: bool = True) -> Select:
 
 def request_params(row: Any, **more: Any) -> dict[str, Any]:
     """The params of a per-request hook (docs/hooks.md); `more` adds the point's own."""
-    # One tuple unpack instead of 27 attribute lookups: this runs for every request. An
+    # One tuple unpack instead of 28 attribute lookups: this runs for every request. An
     # enum's `_value_` is a plain attribute; `.value` is a property, five times the cost.
     (request_id, type_, cancel_on, reason, reason_code, created_at, attempts, service_id, service_status, domain,
      next_due_date, billing_cycle, first_name, last_name, email, language, product_name,
-     request_external_id, request_status, amount, service_external_id,
-     client_id, client_external_id, company_name, balance, product_id, module) = row
+     client_id, company_name, amount, _registration_date,
+     request_external_id, request_status, service_external_id,
+     client_external_id, balance, product_id, module) = row
     return {
         "request_id": request_id,
         "idempotency_key": str(request_id),

@@ -111,13 +111,14 @@ VALID: dict[str, list[str]] = {
     "emails preview": ["cancellation_request_confirmation", "--request", "1"],
     "emails send": [],
     "emails retry": ["1"],
+    "emails convert": ["whmcs.tpl", "--template", "new_cancellation_request"],
     "report reasons": [],
     "report runs": [],
     "status": [],
     "hooks list": [],
 }
 FLAGS = {"as_json", "dry_run", "join", "demo", "ignore_due_date", "raw", "html", "ignore_backoff", "all_failed",
-         "debug", "version", "help"}
+         "force", "debug", "version", "help"}
 
 free_text = st.one_of(very_long, not_utf8, with_nul)
 ARGUMENT_IDS = {"service_id", "request_id", "email_id"}
@@ -159,6 +160,11 @@ def bad_values(path: str, param: click.Parameter) -> st.SearchStrategy[str]:
         return st.sampled_from(["missing.csv", "x" * 300 + ".csv", f"{NOT_UTF8}.csv", "folder", "latin1.csv",
                                 "binary.csv", "empty.csv", "no_header.csv", "unknown_columns.csv", "nul.csv",
                                 "long_cell.csv"])
+    if name == "file":  # emails convert: a WHMCS template
+        return st.sampled_from(["missing.tpl", "folder", "latin1.tpl", "binary.csv", "unconvertible.tpl",
+                                "unknown_field.tpl", "x" * 300 + ".tpl", f"{NOT_UTF8}.tpl"])
+    if name == "subject":
+        return st.one_of(free_text, st.sampled_from(["{$no_such_field}", "{if $a}x", "a\nb", "{$a|money}"]))
     if name == "config_path":
         return st.sampled_from(["missing.toml", "folder", "latin1.toml", "binary.toml", "x" * 300 + ".toml",
                                 f"{NOT_UTF8}.toml", "folder/" * 700 + "x.toml"])
@@ -259,6 +265,10 @@ def seeded(root: Path) -> Path:
     (root / "long_cell.csv").write_text("external_id,first_name,last_name,email\nC-LONG," + "x" * 3000
                                         + ",Lovelace,ada@example.test\n")
     (root / "nul.csv").write_text("external_id,first_name,last_name,email\nC-NUL,Ada\x00,Lovelace,ada@example.test\n")
+    (root / "whmcs.tpl").write_text("<p>Client: {$clientname}</p>\n")
+    (root / "latin1.tpl").write_bytes("<p>Soci\xe9t\xe9 {$clientname}</p>\n".encode("latin-1"))
+    (root / "unconvertible.tpl").write_text("<p>{include file='header.tpl'}</p>\n")
+    (root / "unknown_field.tpl").write_text("<p>{$service_password}</p>\n")
     (root / "latin1.toml").write_bytes('[email]\ncompany_name = "Soci\xe9t\xe9"\n'.encode("latin-1"))
     (root / "binary.toml").write_bytes(os.urandom(64))
     return root

@@ -97,7 +97,8 @@ def test_whmcs_settings_from_the_file_and_the_environment(tmp_path, monkeypatch)
         ("chunksize = 10\n", "chunksize: unknown setting (allowed: business_timezone,"),
         ('log_format = "xml"\n', "log_format: Input should be 'auto', 'json' or 'console'"),
         ("reason_codes = []\n", "reason_codes: List should have at least 1 item"),
-        ("[email]\ncompany = 'x'\n", "email.company: unknown setting (allowed in [email]: company_name, "),
+        ("[email]\ncompany = 'x'\n",
+         "email.company: unknown setting (allowed in [email]: admin_url, company_name, currency, "),
         ("[email.smtp]\nhostname = 'x'\n",
          "email.smtp.hostname: unknown setting (allowed in [email.smtp]: ca_file, host, "),
         ("chunk_size = \n", "not valid TOML"),
@@ -133,7 +134,7 @@ def test_unknown_environment_variable_names_the_closest_setting(tmp_path, monkey
 def test_unknown_key_of_a_table_in_a_variable_lists_that_table(tmp_path, monkeypatch):
     monkeypatch.setenv("CANCELPROC_EMAIL__SMTP_HOST", "mail.example.test")
     with pytest.raises(ConfigError, match=r"^environment variable CANCELPROC_EMAIL__SMTP_HOST: email.smtp_host: "
-                       r"unknown setting \(allowed in \[email\]: company_name, delivery, "):
+                       r"unknown setting \(allowed in \[email\]: admin_url, company_name, currency, delivery, "):
         load_settings(write(tmp_path, ""))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -9,11 +10,18 @@ from sqlalchemy import select
 
 from processor import outbox
 from processor.cli.app import App, cli, pass_app, utc_now
-from processor.cli.arguments import COUNT, ID, LanguageType
+from processor.cli.arguments import COUNT, ID, FreeTextType, LanguageType
 from processor.cli.output import echo_fields, echo_json, echo_rows, log_report
 from processor.delivery import DeliveryReport, get_email, retry_emails
 from processor.digest import preview_digest
-from processor.emails import CRON_JOB_ACTIVITY, TEMPLATES
+from processor.emails import (
+    CRON_JOB_ACTIVITY,
+    TEMPLATES,
+    language_folders,
+    port_whmcs_template,
+    template_for,
+    write_template,
+)
 from processor.errors import (
     InputError,
 )
@@ -22,6 +30,9 @@ from processor.models import (
     EmailStatus,
     OutboxEmail,
 )
+from processor.smarty import SmartyError
+
+MAX_SUBJECT = 998  # the longest line an email may have (RFC 5322)
 
 
 def _email_row(e: OutboxEmail) -> dict[str, Any]:
@@ -173,3 +184,49 @@ def emails_retry(app: App, email_ids: tuple[int, ...], all_failed: bool) -> None
     with app.database().session.begin() as session:
         count = retry_emails(session, None if all_failed else email_ids, actor=app.operator, now=utc_now())
     click.echo(f"{count} email(s) queued again; `cancelproc emails send` sends them now")
+
+
+@emails_group.command("convert")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--template", "name", type=click.Choice(list(TEMPLATES)),
+              help="The message it is for (default: from FILE's name, e.g. 'Cancellation Request Confirmation.tpl').")
+@click.option("--language", type=LanguageType(), help="Write it as this language's template (<folder>/<language>/).")
+@click.option("--subject", type=FreeTextType(MAX_SUBJECT),
+              help="The subject, Smarty as in WHMCS (default: the message's WHMCS title).")
+@click.option("--force", is_flag=True, help="Replace the template if the folder has one already.")
+@pass_app
+def emails_convert(app: App, file: Path, name: str | None, language: str | None, subject: str | None,
+                   force: bool) -> None:
+    """Convert a WHMCS email template (Smarty) into a template in your templates folder.
+
+    \b
+    FILE is the template's body as WHMCS has it (HTML or plain text): {$var} and
+    {$var|modifier}, {if}/{elseif}/{else}, {foreach}, {literal}. The text part is made
+    from the HTML, as WHMCS does. What cannot be converted is named with its line and
+    column, and nothing is written. The result is rendered once with sample fields.
+    """
+    name = name or template_for(file.name)
+    if name is None:
+        raise click.UsageError(f"{file.name}: which message is it? Give --template ({', '.join(TEMPLATES)})")
+    folder = app.settings.email.templates_dir
+    if not folder:
+        raise InputError('email.templates_dir is "" (no templates folder of your own): set it to convert into it')
+    try:
+        source = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{file}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise InputError(f"{file}: cannot be read: {exc.strerror}") from None
+    email = app.settings.email
+    try:
+        text = port_whmcs_template(source, name, subject=subject, source_name=file.name,
+                                   company_name=email.company_name, signature=email.signature)
+    except SmartyError as exc:
+        raise InputError(f"{'--subject' if exc.part == 'subject' else file}: {exc}") from None
+    except InputError as exc:
+        raise InputError(f"{file}: {exc}") from None
+    target = app.settings.path(folder) / (language_folders(language)[0] if language else "") / f"{name}.jinja"
+    write_template(target, text, overwrite=force)
+    click.echo(f"wrote {target}; try it: cancelproc emails preview {name} "
+               f"{'--run RUN_ID' if name == CRON_JOB_ACTIVITY else '--request REQUEST_ID'}"
+               f"{f' --language {language}' if language else ''}")

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 from processor.due import business_today, days_late
-from processor.emails import SERVICE_CANCELLATION_CONFIRMATION
+from processor.emails import SERVICE_CANCELLATION_CONFIRMATION, Writing
 from processor.errors import InputError, one_line
 from processor.hooks import HookFailed, HookRegistry
 from processor.models import CLOSED_SERVICE_STATUSES, ServiceStatus
@@ -26,7 +26,8 @@ from processor.outbox import Composed, Composer, UnsafeEmail, email_key, request
 from processor.params import ModuleParams, request_params
 from processor.run.outcome import Action, Outcome
 
-RunFields = Callable[[str | None], dict[str, Any]]
+# A client's language -> the run's common merge fields in the language its email is written in, and how it writes.
+RunFields = Callable[[str | None], tuple[dict[str, Any], Writing]]
 
 # The points that fire for each request: when none has a hook, no request's params are built.
 PER_REQUEST_POINTS = ("PreModuleTerminate", "EmailPreSend", "TerminateAccount", "AfterModuleTerminate",
@@ -55,12 +56,14 @@ class Decider:
 
     def run_fields(self, as_of: dt.date) -> RunFields:
         """Merge fields that are the same for every confirmation of a run in one language."""
-        by_language: dict[str | None, dict[str, Any]] = {}
+        by_language: dict[str | None, tuple[dict[str, Any], Writing]] = {}
 
-        def fields(language: str | None) -> dict[str, Any]:
+        def fields(language: str | None) -> tuple[dict[str, Any], Writing]:
             if language not in by_language:
-                by_language[language] = self.composer.common_fields(
-                    as_of, language, cancellation_date=as_of, service_status=ServiceStatus.CANCELLED.value)
+                writing = self.composer.writing(SERVICE_CANCELLATION_CONFIRMATION, language)
+                by_language[language] = (self.composer.common_fields(
+                    as_of, writing.language, cancellation_date=as_of, service_status=ServiceStatus.CANCELLED.value),
+                    writing)
             return by_language[language]
         return fields
 
@@ -96,11 +99,12 @@ class Decider:
 
     def _compose(self, row: Any, run_fields: RunFields, run_id: int | None, dry_run: bool) -> Composed:
         """The Service Cancellation Confirmation of this request (the service now Cancelled)."""
+        common, writing = run_fields(row.language)
         try:
             return self.composer.compose(
                 SERVICE_CANCELLATION_CONFIRMATION,
                 key=email_key(SERVICE_CANCELLATION_CONFIRMATION, "request", row.id), to_address=row.email,
-                fields=request_fields(row, run_fields(row.language)), language=row.language, request_id=row.id,
+                fields=request_fields(row, common, writing), language=row.language, request_id=row.id,
                 run_id=run_id, dry_run=dry_run)
         except UnsafeEmail as exc:
             if exc.header != "recipient":
