@@ -8,8 +8,11 @@ import math
 from typing import Any
 
 import click
+from sqlalchemy import select
 
+from processor.cli.app import App
 from processor.emails import language_folders
+from processor.models import CancellationRequest, Client, Invoice, Service, ServiceAddon
 from processor.text import text_problem
 
 
@@ -30,7 +33,61 @@ DATE = DateType()
 # and past 2**63 SQLite's driver cannot even bind it.
 MAX_ID = 2**31 - 1
 ID = click.IntRange(1, MAX_ID)
-COUNT = click.IntRange(1, MAX_ID)  # --limit
+COUNT = click.IntRange(1, MAX_ID)  # --limit of what is done (run, emails send)
+LIMIT = click.IntRange(0, MAX_ID)  # --limit of a list: 0 means all
+OFFSET = click.IntRange(0, MAX_ID)
+EXT_PREFIX = "ext:"
+MAX_EXTERNAL_ID = 64  # the external_id columns are String(64)
+
+
+class RecordRefType(click.ParamType):
+    """The id of a client, service, add-on, invoice or request: ours (a number), or the
+    billing system's, written `ext:ID` (`services show ext:1003`), looked up here once for
+    every command. An external id that names nothing is refused as the value of its
+    option or argument, naming both."""
+
+    MODELS: dict[str, Any] = {"client": Client, "service": Service, "add-on": ServiceAddon, "invoice": Invoice,
+                              "request": CancellationRequest}
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.model = self.MODELS[kind]
+        self.name = f"{kind.upper().replace('-', '')}_ID|ext:ID"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str:
+        return self.name
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value)
+        if text[:len(EXT_PREFIX)].lower() != EXT_PREFIX:
+            if text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_ID:
+                return int(text)
+            self.fail(f"{text!r} is not a {self.kind} id (1 to {MAX_ID}) or ext:ID (the billing system's id)",
+                      param, ctx)
+        external = text[len(EXT_PREFIX):]
+        problem = text_problem(external, MAX_EXTERNAL_ID) or ("is empty" if not external.strip() else None)
+        if problem:
+            self.fail(f"the external id {problem}", param, ctx)
+        found = self._lookup(external, ctx)
+        if found is None:
+            self.fail(f"no {self.kind} has the external id {external!r}", param, ctx)
+        return found
+
+    def _lookup(self, external: str, ctx: click.Context | None) -> int | None:
+        app = ctx.find_object(App) if ctx is not None else None
+        if app is None:  # pragma: no cover - every cancelproc command has its App
+            raise RuntimeError("ext:ID is resolved within a cancelproc command")
+        with app.database().read_session() as session:
+            return session.scalar(select(self.model.id).where(self.model.external_id == external))
+
+
+CLIENT = RecordRefType("client")
+SERVICE = RecordRefType("service")
+ADDON = RecordRefType("add-on")
+INVOICE = RecordRefType("invoice")
+REQUEST = RecordRefType("request")
 
 
 class HoursType(click.FloatRange):

@@ -9,8 +9,9 @@ from sqlalchemy import select
 
 from processor import outbox
 from processor.cli.app import App, cli, pass_app, utc_now
-from processor.cli.arguments import COUNT, ID, LanguageType
-from processor.cli.output import echo_fields, echo_json, echo_rows, log_report
+from processor.cli.arguments import COUNT, ID, REQUEST, LanguageType
+from processor.cli.listing import echo_page, fetch_page, page_options
+from processor.cli.output import echo_fields, echo_json, log_report
 from processor.delivery import DeliveryReport, get_email, retry_emails
 from processor.digest import preview_digest
 from processor.emails import CRON_JOB_ACTIVITY, TEMPLATES
@@ -39,15 +40,21 @@ def emails_group() -> None:
 
 @emails_group.command("list")
 @click.option("--status", type=click.Choice([s.value for s in EmailStatus]), help="Only emails in this state.")
-@click.option("--request", "request_id", type=ID, help="Only emails about this request.")
+@click.option("--request", "request_id", type=REQUEST, help="Only emails about this request (id or ext:ID).")
 @click.option("--template", type=click.Choice(list(TEMPLATES)), help="Only this message.")
-@click.option("--limit", type=COUNT, default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@page_options(50)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: total, limit, offset and rows (docs/json.md).")
 @pass_app
-def emails_list(app: App, status: str | None, request_id: int | None, template: str | None, limit: int,
+def emails_list(app: App, status: str | None, request_id: int | None, template: str | None, limit: int, offset: int,
                 as_json: bool) -> None:
-    """List emails, newest first."""
-    query = select(OutboxEmail).order_by(OutboxEmail.id.desc()).limit(limit)
+    """List emails, newest first.
+
+    \b
+    Examples:
+      cancelproc emails list --status failed
+      cancelproc emails list --request ext:R-1001 --json
+    """
+    query = select(OutboxEmail).order_by(OutboxEmail.id.desc())
     if status:
         query = query.where(OutboxEmail.status == EmailStatus(status))
     if request_id is not None:
@@ -55,8 +62,8 @@ def emails_list(app: App, status: str | None, request_id: int | None, template: 
     if template:
         query = query.where(OutboxEmail.template == template)
     with app.database().read_session() as session:
-        rows = [_email_row(e) for e in session.scalars(query)]
-    echo_rows(rows, ["id", "template", "request_id", "to", "status", "attempts", "created_at", "sent_at",
+        page = fetch_page(session, query, _email_row, limit=limit, offset=offset)
+    echo_page(page, ["id", "template", "request_id", "to", "status", "attempts", "created_at", "sent_at",
                      "last_error"], as_json=as_json, empty="no emails")
 
 
@@ -87,7 +94,7 @@ def emails_show(app: App, email_id: int, raw: bool, html: bool, as_json: bool) -
 
 @emails_group.command("preview")
 @click.argument("template", type=click.Choice(list(TEMPLATES)), metavar="TEMPLATE")
-@click.option("--request", "request_id", type=ID, help="Render it for this request (client and request emails).")
+@click.option("--request", "request_id", type=REQUEST, help="Render it for this request (client and request emails).")
 @click.option("--run", "run_id", type=ID, help="Render it for this run (cron_job_activity).")
 @click.option("--language", type=LanguageType(),
               help="Use this language's templates and dates instead of the client's (e.g. de, de_AT).")

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
+from zoneinfo import ZoneInfo
 
 import click
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import contains_eager
 
 from processor import cancellations, outbox
 from processor.cli.app import App, audit_rows, cli, pass_app, request_row, utc_now
-from processor.cli.arguments import COUNT, DATE, ID, FreeTextType
-from processor.cli.output import echo_fields, echo_json, echo_rows, echo_table
+from processor.cli.arguments import CLIENT, DATE, REQUEST, SERVICE, FreeTextType
+from processor.cli.listing import echo_page, fetch_page, page_options
+from processor.cli.output import echo_fields, echo_json, echo_table
 from processor.cli.run import echo_summary
-from processor.due import request_due_on, request_is_due
+from processor.due import due_before_clause, request_due_on, request_is_due
 from processor.errors import (
     CancelprocError,
     InputError,
@@ -27,6 +31,7 @@ from processor.models import (
     RequestStatus,
     RequestType,
     RunTrigger,
+    Service,
 )
 from processor.run import RunOptions
 from processor.text import MAX_NOTE, MAX_REASON
@@ -41,7 +46,7 @@ def requests_group() -> None:
 
 
 @requests_group.command("create")
-@click.argument("service_id", type=ID)
+@click.argument("service_id", type=SERVICE, metavar="SERVICE_ID|ext:ID")
 @click.option("--type", "type_name", type=click.Choice(list(REQUEST_TYPES)), default="end-of-period", show_default=True)
 @click.option("--reason-code", required=True, help="One of the configured reason_codes.")
 @click.option("--reason", default="", type=FreeTextType(MAX_REASON),
@@ -113,25 +118,57 @@ def _send_request_emails(app: App, request_id: int) -> tuple[int, str | None, bo
 
 @requests_group.command("list")
 @click.option("--status", type=click.Choice([s.value for s in RequestStatus]), help="Only requests in this state.")
-@click.option("--service", "service_id", type=ID, help="Only requests for this service.")
-@click.option("--limit", type=COUNT, default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--client", "client_id", type=CLIENT, help="Only this client's requests (id or ext:ID).")
+@click.option("--service", "service_id", type=SERVICE, help="Only requests for this service (id or ext:ID).")
+@click.option("--domain", help="Only requests for services whose domain contains this (any case).")
+@click.option("--type", "type_name", type=click.Choice(list(REQUEST_TYPES)), help="Only requests of this type.")
+@click.option("--due-before", type=DATE, help="Only requests whose date (DUE_ON) is before this day, or due at once.")
+@page_options(50)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: total, limit, offset and rows (docs/json.md).")
 @pass_app
-def requests_list(app: App, status: str | None, service_id: int | None, limit: int, as_json: bool) -> None:
-    """List requests, newest first."""
-    query = select(CancellationRequest).order_by(CancellationRequest.id.desc()).limit(limit)
+def requests_list(app: App, status: str | None, client_id: int | None, service_id: int | None, domain: str | None,
+                  type_name: str | None, due_before: dt.date | None, limit: int, offset: int, as_json: bool) -> None:
+    """List requests, newest first, with the client, the domain and the date each is due on.
+
+    \b
+    Examples:
+      cancelproc requests list --status failed
+      cancelproc requests list --client ext:C-88 --due-before 2026-12-31 --json
+    """
+    r, s = CancellationRequest, Service
+    query = select(r).outerjoin(s, s.id == r.service_id).order_by(r.id.desc())
     if status:
-        query = query.where(CancellationRequest.status == RequestStatus(status))
+        query = query.where(r.status == RequestStatus(status))
     if service_id is not None:
-        query = query.where(CancellationRequest.service_id == service_id)
+        query = query.where(r.service_id == service_id)
+    if client_id is not None:
+        query = query.where(s.client_id == client_id)
+    if domain:
+        query = query.where(func.lower(s.domain).contains(domain.lower(), autoescape=True))
+    if type_name:
+        query = query.where(r.type == REQUEST_TYPES[type_name])
+    if due_before is not None:
+        query = query.where(due_before_clause(due_before, app.settings.zone))
     with app.database().read_session() as session:
-        rows = [request_row(r) for r in session.scalars(query)]
-    echo_rows(rows, ["id", "service_id", "type", "cancel_on", "status", "attempts", "reason_code",
-                     "created_at", "processed_at", "last_error"], as_json=as_json, empty="no requests")
+        page = fetch_page(session, query, lambda req: listed_request(req, app.settings.zone), limit=limit,
+                          offset=offset, options=[contains_eager(r.service).joinedload(s.client)])
+    echo_page(page, ["id", "client", "domain", "type", "due_on", "status", "reason_code", "attempts", "created_at",
+                     "last_error"], as_json=as_json, empty="no requests")
+
+
+def listed_request(request: CancellationRequest, zone: ZoneInfo) -> dict[str, Any]:
+    """A request as `requests list` and `find` show it: with its client, domain and date."""
+    row = request_row(request)
+    service = request.service
+    client = service.client if service else None
+    row.update(client_id=service.client_id if service else None, client=client.name if client else None,
+               domain=service.domain if service else None,
+               due_on=request_due_on(request, zone) if service else None)
+    return row
 
 
 @requests_group.command("show")
-@click.argument("request_id", type=ID)
+@click.argument("request_id", type=REQUEST, metavar="REQUEST_ID|ext:ID")
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def requests_show(app: App, request_id: int, as_json: bool) -> None:
@@ -164,7 +201,7 @@ def requests_show(app: App, request_id: int, as_json: bool) -> None:
 
 
 @requests_group.command("withdraw")
-@click.argument("request_id", type=ID)
+@click.argument("request_id", type=REQUEST, metavar="REQUEST_ID|ext:ID")
 @click.option("--note", default="", type=FreeTextType(MAX_NOTE), help="Why (goes into the audit log).")
 @pass_app
 def requests_withdraw(app: App, request_id: int, note: str) -> None:
@@ -177,7 +214,7 @@ def requests_withdraw(app: App, request_id: int, note: str) -> None:
 
 
 @requests_group.command("retry")
-@click.argument("request_id", type=ID)
+@click.argument("request_id", type=REQUEST, metavar="REQUEST_ID|ext:ID")
 @pass_app
 def requests_retry(app: App, request_id: int) -> None:
     """Put a failed request (or one waiting for its next attempt) back in line for the next run."""
@@ -187,7 +224,7 @@ def requests_retry(app: App, request_id: int) -> None:
 
 
 @requests_group.command("resolve")
-@click.argument("request_id", type=ID)
+@click.argument("request_id", type=REQUEST, metavar="REQUEST_ID|ext:ID")
 @click.option("--note", required=True, type=FreeTextType(MAX_NOTE),
               help="What was done by hand (goes into the audit log).")
 @pass_app
@@ -199,7 +236,7 @@ def requests_resolve(app: App, request_id: int, note: str) -> None:
 
 
 @requests_group.command("process")
-@click.argument("request_ids", type=ID, nargs=-1, required=True)
+@click.argument("request_ids", type=REQUEST, nargs=-1, required=True, metavar="REQUEST_ID|ext:ID...")
 @click.option("--now", "ignore_due_date", is_flag=True, help="Apply even if the request is not due yet.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_app

@@ -1,0 +1,33 @@
+"""indexes for `cancelproc find` and a service's requests
+
+lower(domain) and lower(email): a whole domain or email in any case is found through an
+index (`find`, and `find --exact`). A partial match (LIKE '%text%') can use no b-tree
+index; it reads the table (README, Performance). cancellation_requests.service_id: a
+service's requests (`services show`, `find`); the unique index on it is for open
+requests only.
+
+Revision ID: 0006
+Revises: 0005
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0006"
+down_revision: str | None = "0005"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_index("ix_services_domain_lower", "services", [sa.text("lower(domain)")])
+    op.create_index("ix_clients_email_lower", "clients", [sa.text("lower(email)")])
+    op.create_index(op.f("ix_cancellation_requests_service_id"), "cancellation_requests", ["service_id"])
+
+
+def downgrade() -> None:
+    op.drop_index(op.f("ix_cancellation_requests_service_id"), table_name="cancellation_requests")
+    op.drop_index("ix_clients_email_lower", table_name="clients")
+    op.drop_index("ix_services_domain_lower", table_name="services")
