@@ -702,7 +702,7 @@ def test_requests_resolve_by_hand(invoke: Invoke, seeded: Database) -> None:
     assert row["audit"][-1]["action"] == "resolved_by_hand"
     assert row["audit"][-1]["detail"] == "terminated in the panel by hand"
     one_line_error(invoke("requests", "resolve", "2", "--note", "x"), "request 2 is pending",
-                   "only a failed request can be resolved")
+                   "only a failed request, or a pending one waiting out the backoff")
 
 
 def test_requests_process_applies_at_once(invoke: Invoke, seeded: Database) -> None:
@@ -831,7 +831,7 @@ def test_services_list(invoke: Invoke, seeded: Database) -> None:
     assert [r["id"] for r in as_json(invoke("services", "list", "--client", "2", "--json"))["rows"]] == [7]
     assert [r["id"] for r in as_json(invoke("services", "list", "--limit", "2", "--json"))["rows"]] == [1, 2]
     text = ok(invoke("services", "list", "--client", "2")).stdout.splitlines()
-    assert text[0].split()[:3] == ["ID", "CLIENT", "PRODUCT"] and "Bob Novak" in text[1]
+    assert text[0].split()[:3] == ["ID", "EXTERNAL_ID", "CLIENT"] and "Bob Novak" in text[1]
     assert ok(invoke("services", "list", "--status", "fraud")).stdout.strip() == "no services"
     one_line_error(invoke("services", "list", "--status", "gone"), "--status")
 

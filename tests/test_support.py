@@ -216,3 +216,55 @@ def test_find_exact_matches_use_the_indexes(invoke: Invoke, desk: Database, back
             names = set(conn.exec_driver_sql("SELECT indexname FROM pg_indexes").scalars())
             assert {"ix_services_domain_lower", "ix_clients_email_lower",
                     "ix_cancellation_requests_service_id"} <= names
+
+
+# --- resolve and show ---------------------------------------------------------------------
+
+HOLD = ("from processor.hooks import add_hook\n\n\n"
+        "@add_hook('PreModuleTerminate')\n"
+        "def hold(params):\n"
+        "    return {'abortcmd': True, 'reason': 'on hold by billing'}\n\n\n"
+        "@add_hook('EmailPreSend')\n"
+        "def no_staff_notice(template):\n"
+        "    return {'abortsend': True} if template == 'new_cancellation_request' else None\n")
+
+
+def test_resolve_closes_a_request_waiting_out_a_veto_and_show_tells_it(invoke: Invoke, desk: Database,
+                                                                       tmp_path: Any, frozen: Any) -> None:
+    (tmp_path / "hooks").mkdir()
+    (tmp_path / "hooks" / "hold.py").write_text(HOLD)
+    ok(invoke("requests", "withdraw", "ext:R-3"))
+    created = as_json(invoke("requests", "create", "ext:S-1003", "--reason-code", "other", "--type", "immediate",
+                             "--json"))
+    ok(invoke("run"), code=1)  # requests 1 and the new one are vetoed: pending, waiting out the backoff
+    waiting = as_json(invoke("requests", "show", "ext:R-1", "--json"))
+    assert waiting["status"] == "pending" and waiting["next_attempt_at"] and waiting["attempts"] == 1
+    assert [(h["point"], h["action"], h["run_id"]) for h in waiting["hook_outcomes"]] == [
+        ("PreModuleTerminate", "vetoed", 1)]
+    assert "on hold by billing" in waiting["hook_outcomes"][0]["detail"]
+    assert waiting["client"] == {"id": 1, "external_id": "C-100", "name": "Alice Martin",
+                                 "email": "alice@example.test"}
+
+    shown = as_json(invoke("requests", "show", str(created["id"]), "--json"))
+    assert [e["template"] for e in shown["emails"]] == ["cancellation_request_confirmation"]
+    assert [(h["point"], h["action"]) for h in shown["hook_outcomes"]] == [
+        ("EmailPreSend", "aborted"), ("PreModuleTerminate", "vetoed")]
+    text = ok(invoke("requests", "show", str(created["id"]))).stdout
+    assert "emails:" in text and "cancellation_request_confirmation" in text and "bob@novak.test" in text
+    assert "hook outcomes:" in text and "EmailPreSend" in text and "client      2 Bob Novak" in text
+
+    one_line_error(invoke("requests", "resolve", "2", "--note", "x"), "request 2 is pending and not waiting out")
+    result = ok(invoke("requests", "resolve", "ext:R-1", "--note", "cancelled in the panel; billing agreed"))
+    assert result.stdout.strip() == "request 1 resolved by hand"
+    resolved = as_json(invoke("requests", "show", "1", "--json"))
+    assert (resolved["status"], resolved["note"], resolved["next_attempt_at"]) == (
+        "completed", "cancelled in the panel; billing agreed", None)
+    last = resolved["audit"][-1]
+    assert last["action"] == "resolved_by_hand" and last["detail"].startswith(
+        "cancelled in the panel; billing agreed (was pending after 1 attempt(s)")
+    assert "on hold by billing" in last["detail"]
+    with desk.read_session() as s:
+        assert s.get(Service, 1).status is ServiceStatus.ACTIVE  # not touched
+    frozen.tick(dt.timedelta(days=2))  # past the backoff: the other vetoed request is tried again, not this one
+    summary = as_json(invoke("run", "--json"), code=1)
+    assert [f["request_id"] for f in summary["failures"]] == [created["id"]]

@@ -24,10 +24,12 @@ from processor.errors import (
     LeaseHeld,
     NotDue,
 )
-from processor.hooks import HookFailed
+from processor.hooks import POINTS, HookFailed
 from processor.models import (
+    AuditAction,
     AuditEntry,
     CancellationRequest,
+    OutboxEmail,
     RequestStatus,
     RequestType,
     RunTrigger,
@@ -169,10 +171,16 @@ def listed_request(request: CancellationRequest, zone: ZoneInfo) -> dict[str, An
 
 @requests_group.command("show")
 @click.argument("request_id", type=REQUEST, metavar="REQUEST_ID|ext:ID")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (docs/json.md).")
 @pass_app
 def requests_show(app: App, request_id: int, as_json: bool) -> None:
-    """One request, whether it is due, and its audit trail."""
+    """One request: whether it is due, its emails, what hooks did to it, its audit trail.
+
+    \b
+    Examples:
+      cancelproc requests show 42
+      cancelproc requests show ext:R-1001 --json
+    """
     with app.database().read_session() as session:
         request = cancellations.get_request(session, request_id)
         service = request.service  # None if deleted outside cancelproc (foreign keys off)
@@ -182,22 +190,60 @@ def requests_show(app: App, request_id: int, as_json: bool) -> None:
         row["due_now"] = (service is not None and request.status is RequestStatus.PENDING
                           and request_is_due(request, app.settings.zone, app.today())
                           and (request.next_attempt_at is None or request.next_attempt_at <= utc_now()))
-        row["service"] = service and {"id": service.id, "status": service.status, "domain": service.domain,
-                                      "next_due_date": service.next_due_date,
+        client = service.client if service else None
+        row["service"] = service and {"id": service.id, "external_id": service.external_id, "status": service.status,
+                                      "domain": service.domain, "next_due_date": service.next_due_date,
                                       "termination_date": service.termination_date}
+        row["client"] = client and {"id": client.id, "external_id": client.external_id, "name": client.name,
+                                    "email": client.email}
         row["audit"] = audit_rows(session.scalars(
             select(AuditEntry).where(AuditEntry.request_id == request_id).order_by(AuditEntry.id)).all())
+        row["emails"] = [{"id": e.id, "template": e.template, "to": e.to_address, "subject": e.subject,
+                          "status": e.status, "attempts": e.attempts, "created_at": e.created_at, "sent_at": e.sent_at,
+                          "last_error": e.last_error}
+                         for e in session.scalars(select(OutboxEmail).where(OutboxEmail.request_id == request_id)
+                                                  .order_by(OutboxEmail.id))]
+    row["hook_outcomes"] = hook_outcomes(row["audit"])
     if as_json:
         echo_json(row)
         return
+    _echo_request(row)
+
+
+def hook_outcomes(audit: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What hooks did to the request, as its audit trail records it: a PreModuleTerminate
+    veto, an EmailPreSend abortsend, or a hook that failed an attempt (HookFailed's
+    "POINT hook LABEL: ..." in the detail)."""
+    outcomes = []
+    for entry in audit:
+        point = POINT_OF_ACTION.get(entry["action"]) or next(
+            (name for name in POINTS if f"{name} hook " in entry["detail"]), None)
+        if point:
+            outcomes.append({"at": entry["at"], "run_id": entry["run_id"], "point": point, "action": entry["action"],
+                             "detail": entry["detail"]})
+    return outcomes
+
+
+POINT_OF_ACTION = {AuditAction.VETOED: "PreModuleTerminate", AuditAction.ABORTED: "EmailPreSend"}
+
+
+def _echo_request(row: dict[str, Any]) -> None:
     echo_fields([(k, row[k]) for k in ("id", "external_id", "service_id", "type", "cancel_on", "due_on", "due_now",
                                        "status", "reason_code", "reason", "attempts", "last_error", "next_attempt_at",
                                        "created_at", "created_by", "processed_at", "run_id", "days_late", "note")])
-    click.echo(f"service     {service.id} {service.domain} ({service.status.value}, "
-               f"next due {service.next_due_date or '-'})" if service
+    service, client = row["service"], row["client"]
+    click.echo(f"service     {service['id']} {service['domain']} ({service['status'].value}, "
+               f"next due {service['next_due_date'] or '-'})" if service
                else f"service     {row['service_id']} no longer exists (deleted outside cancelproc)")
-    click.echo("audit trail:")
-    echo_table(row["audit"], ["at", "actor", "run_id", "entity", "entity_id", "action", "detail"], empty="  (none)")
+    if client:
+        click.echo(f"client      {client['id']} {client['name']} <{client['email'] or '-'}>")
+    for title, key, columns in (("emails", "emails", ["id", "template", "to", "status", "attempts", "sent_at",
+                                                      "last_error"]),
+                                ("hook outcomes", "hook_outcomes", ["at", "run_id", "point", "action", "detail"]),
+                                ("audit trail", "audit", ["at", "actor", "run_id", "entity", "entity_id", "action",
+                                                          "detail"])):
+        click.echo(f"{title}:")
+        echo_table(row[key], columns, empty="  (none)")
 
 
 @requests_group.command("withdraw")
@@ -229,7 +275,16 @@ def requests_retry(app: App, request_id: int) -> None:
               help="What was done by hand (goes into the audit log).")
 @pass_app
 def requests_resolve(app: App, request_id: int, note: str) -> None:
-    """Close a failed request that staff cancelled by hand (the service is not touched)."""
+    """Close a request whose service staff cancelled by hand (the service is not touched).
+
+    A failed request, or a pending one waiting out the backoff of a failed or vetoed
+    attempt. The note goes into the request and its audit trail.
+
+    \b
+    Examples:
+      cancelproc requests resolve 42 --note "terminated in the panel by hand"
+      cancelproc requests resolve ext:R-1001 --note "vetoed: billing hold lifted, cancelled by hand"
+    """
     with app.database().session.begin() as session:
         cancellations.resolve_request(session, request_id, actor=app.operator, now=utc_now(), note=note)
     click.echo(f"request {request_id} resolved by hand")
