@@ -8,10 +8,12 @@ import math
 from typing import Any
 
 import click
+from click.shell_completion import CompletionItem
 from sqlalchemy import select
 
 from processor.cli.app import App
 from processor.emails import language_folders
+from processor.errors import ConfigError
 from processor.models import CancellationRequest, Client, Invoice, Service, ServiceAddon
 from processor.text import text_problem
 
@@ -144,3 +146,33 @@ class FreeTextType(click.ParamType):
         if problem:
             self.fail(f"the text {problem}", param, ctx)
         return value
+
+
+class ReasonCodeOption(click.Option):
+    """--reason-code: its help lists the codes the config allows (the reason_codes setting,
+    read when the help is shown), and the shell completes them."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        codes = _configured_reason_codes(ctx)
+        written = self.help
+        self.help = " ".join(filter(None, [written, f"Configured: {', '.join(codes)}." if codes is not None
+                                           else "(The config does not load now: see its reason_codes.)"]))
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.help = written
+
+    def shell_complete(self, ctx: click.Context, incomplete: str) -> list[CompletionItem]:
+        return [CompletionItem(code) for code in _configured_reason_codes(ctx) or [] if code.startswith(incomplete)]
+
+
+def _configured_reason_codes(ctx: click.Context) -> list[str] | None:
+    """The reason codes of the config the command would use; None if it does not load
+    (the help must still come out: the error is for the command itself to report)."""
+    # Shell completion parses without running the group's callback: no App yet, so one is
+    # made from --config as parsed (else CANCELPROC_CONFIG, else ./config/processor.toml).
+    app = ctx.find_object(App) or App(config_path=ctx.find_root().params.get("config_path"), debug=False)
+    try:
+        return list(app.settings.reason_codes)
+    except ConfigError:
+        return None

@@ -35,7 +35,13 @@ def _email_row(e: OutboxEmail) -> dict[str, Any]:
 
 @cli.group("emails")
 def emails_group() -> None:
-    """The email outbox: list, show, preview, send and retry emails."""
+    """The email outbox: list, show, preview, send and retry emails.
+
+    \b
+    Examples:
+      cancelproc emails list --status failed
+      cancelproc emails retry --all-failed
+    """
 
 
 @emails_group.command("list")
@@ -71,10 +77,16 @@ def emails_list(app: App, status: str | None, request_id: int | None, template: 
 @click.argument("email_id", type=ID)
 @click.option("--raw", is_flag=True, help="The whole message as it is sent (headers, text and HTML parts).")
 @click.option("--html", is_flag=True, help="The HTML part instead of the text.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, with the text and HTML (docs/json.md).")
 @pass_app
 def emails_show(app: App, email_id: int, raw: bool, html: bool, as_json: bool) -> None:
-    """One email: its state and its text (or HTML, or the raw message)."""
+    """One email: its state and its text (or HTML, or the raw message).
+
+    \b
+    Examples:
+      cancelproc emails show 7
+      cancelproc emails show 7 --raw
+    """
     with app.database().read_session() as session:
         email = get_email(session, email_id)
         row = _email_row(email)
@@ -99,7 +111,8 @@ def emails_show(app: App, email_id: int, raw: bool, html: bool, as_json: bool) -
 @click.option("--language", type=LanguageType(),
               help="Use this language's templates and dates instead of the client's (e.g. de, de_AT).")
 @click.option("--html", is_flag=True, help="Print the HTML part instead of the text.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object: template, file, to, subject, text, html (docs/json.md).")
 @pass_app
 def emails_preview(app: App, template: str, request_id: int | None, run_id: int | None, language: str | None,
                    html: bool, as_json: bool) -> None:
@@ -108,6 +121,11 @@ def emails_preview(app: App, template: str, request_id: int | None, run_id: int 
     \b
     Templates: cancellation_request_confirmation, new_cancellation_request,
     service_cancellation_confirmation (each --request ID), cron_job_activity (--run ID).
+
+    \b
+    Examples:
+      cancelproc emails preview cancellation_request_confirmation --request ext:R-1001
+      cancelproc emails preview cron_job_activity --run 12 --html
     """
     composer = app.composer()
     if template == CRON_JOB_ACTIVITY:
@@ -146,7 +164,7 @@ def _echo_delivery(report: DeliveryReport) -> None:
 @click.option("--limit", type=COUNT, help="Send at most N emails.")
 @click.option("--now", "ignore_backoff", is_flag=True,
               help="Also send emails waiting for their next attempt after a failed send.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the delivery's counts as one JSON object (docs/json.md).")
 @pass_app
 def emails_send(app: App, limit: int | None, ignore_backoff: bool, as_json: bool) -> int:
     """Send queued emails now (a run also sends them at its end).
@@ -154,6 +172,11 @@ def emails_send(app: App, limit: int | None, ignore_backoff: bool, as_json: bool
     Exit 0 when everything due was sent, 1 when some could not be (they stay queued
     with their error, or failed for good after max_attempts), 75 when another sender
     is at work.
+
+    \b
+    Examples:
+      cancelproc emails send
+      cancelproc emails send --now --json
     """
     try:
         report = app.deliverer().deliver(limit=limit, ignore_backoff=ignore_backoff)
@@ -174,7 +197,13 @@ def emails_send(app: App, limit: int | None, ignore_backoff: bool, as_json: bool
 @click.option("--all-failed", is_flag=True, help="Every failed email.")
 @pass_app
 def emails_retry(app: App, email_ids: tuple[int, ...], all_failed: bool) -> None:
-    """Queue failed emails again (attempts reset); the next run or `emails send` sends them."""
+    """Queue failed emails again (attempts reset); the next run or `emails send` sends them.
+
+    \b
+    Examples:
+      cancelproc emails retry 7 8
+      cancelproc emails retry --all-failed
+    """
     if bool(email_ids) == all_failed:
         raise click.UsageError("give EMAIL_IDS or --all-failed (not both)")
     with app.database().session.begin() as session:

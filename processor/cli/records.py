@@ -52,7 +52,13 @@ def _run_row(r: Run) -> dict[str, Any]:
 
 @cli.group("runs")
 def runs_group() -> None:
-    """Inspect past runs."""
+    """Inspect past runs.
+
+    \b
+    Examples:
+      cancelproc runs list
+      cancelproc runs show last
+    """
 
 
 @runs_group.command("list")
@@ -75,10 +81,17 @@ def runs_list(app: App, limit: int, offset: int, as_json: bool) -> None:
 
 @runs_group.command("show")
 @click.argument("run_ref", metavar="RUN_ID|last", type=RunRefType())
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object, with the failures and the late requests (docs/json.md).")
 @pass_app
 def runs_show(app: App, run_ref: int | str, as_json: bool) -> None:
-    """One run: counts, lateness and each failure."""
+    """One run: counts, lateness and each failure.
+
+    \b
+    Examples:
+      cancelproc runs show last
+      cancelproc runs show 12 --json
+    """
     with app.database().read_session() as session:
         if run_ref == "last":
             run_obj = session.scalars(select(Run).order_by(Run.id.desc()).limit(1)).one_or_none()
@@ -123,7 +136,13 @@ def service_row(s: Service) -> dict[str, Any]:
 
 @cli.group("services")
 def services_group() -> None:
-    """Inspect services."""
+    """Inspect services.
+
+    \b
+    Examples:
+      cancelproc services show ext:1003
+      cancelproc services list --domain example.com
+    """
 
 
 @services_group.command("list")
@@ -158,7 +177,8 @@ def services_list(app: App, status: str | None, client_id: int | None, domain: s
 
 @services_group.command("show")
 @click.argument("service_id", type=SERVICE, metavar="SERVICE_ID|ext:ID")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object, with add-ons, invoices, requests and emails (docs/json.md).")
 @pass_app
 def services_show(app: App, service_id: int, as_json: bool) -> None:
     """One service with its client, add-ons, invoices, requests and emails.
@@ -233,7 +253,12 @@ def _report(app: App, since: dt.date | None, until: dt.date | None, fmt: str, ro
 
 @cli.group("report")
 def report_group() -> None:
-    """Reports: why clients cancel, and the runs."""
+    """Reports: why clients cancel, and the runs.
+
+    \b
+    Examples:
+      cancelproc report reasons --since 2026-01-01 --format csv
+    """
 
 
 def _report_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -249,7 +274,13 @@ def _report_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @_report_options
 @pass_app
 def report_reasons(app: App, since: dt.date | None, until: dt.date | None, fmt: str) -> None:
-    """Cancellations applied in the window, by reason code and product (churn analysis)."""
+    """Cancellations applied in the window, by reason code and product (churn analysis).
+
+    \b
+    Examples:
+      cancelproc report reasons --since 2026-01-01
+      cancelproc report reasons --format csv > reasons.csv
+    """
     _report(app, since, until, fmt, reports.cancellations_by_reason,
             ["reason_code", "product", "cancellations", "share_percent", "recurring_amount"], "cancellations")
 
@@ -258,7 +289,13 @@ def report_reasons(app: App, since: dt.date | None, until: dt.date | None, fmt: 
 @_report_options
 @pass_app
 def report_runs(app: App, since: dt.date | None, until: dt.date | None, fmt: str) -> None:
-    """Runs started in the window: status, duration, counts, lateness, emails."""
+    """Runs started in the window: status, duration, counts, lateness, emails.
+
+    \b
+    Examples:
+      cancelproc report runs
+      cancelproc report runs --format json
+    """
     _report(app, since, until, fmt, reports.runs_between,
             ["id", "started_at", "trigger", "status", "duration_seconds", *Run.REQUEST_COUNTS, *Run.LATENESS_COUNTS,
              *Run.DELIVERY_COUNTS], "runs")
@@ -292,7 +329,7 @@ def _echo_health(h: monitoring.Health) -> None:
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="The health as one JSON object (docs/json.md).")
 @click.option("--max-age-hours", type=HOURS,
               help="A successful run must have finished within this many hours (default: status_max_age_hours).")
 @pass_app
@@ -305,6 +342,11 @@ def status(app: App, as_json: bool, max_age_hours: float | None) -> int:
     successful scheduled run (trigger cron or schedule; a manual run or
     `requests process` does not count) is too old, the last run ended in error, requests need a
     manual cancellation, emails failed, or a lease went stale.
+
+    \b
+    Examples:
+      cancelproc status
+      cancelproc status --max-age-hours 30 --json
     """
     app.settings  # noqa: B018 - a config that does not load is the first thing to say
     failed = attention.read(app.attention_path())

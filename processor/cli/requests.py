@@ -13,7 +13,7 @@ from sqlalchemy.orm import contains_eager
 
 from processor import cancellations, outbox
 from processor.cli.app import App, audit_rows, cli, pass_app, request_row, utc_now
-from processor.cli.arguments import CLIENT, DATE, REQUEST, SERVICE, FreeTextType
+from processor.cli.arguments import CLIENT, DATE, REQUEST, SERVICE, FreeTextType, ReasonCodeOption
 from processor.cli.listing import echo_page, fetch_page, page_options
 from processor.cli.output import echo_fields, echo_json, echo_table
 from processor.cli.run import echo_summary
@@ -44,17 +44,24 @@ REQUEST_TYPES = {"immediate": RequestType.IMMEDIATE, "end-of-period": RequestTyp
 
 @cli.group("requests")
 def requests_group() -> None:
-    """Create, inspect, withdraw, retry and process cancellation requests."""
+    """Create, inspect, withdraw, retry and process cancellation requests.
+
+    \b
+    Examples:
+      cancelproc requests list --client ext:C-88
+      cancelproc requests create ext:1003 --reason-code too_expensive
+    """
 
 
 @requests_group.command("create")
 @click.argument("service_id", type=SERVICE, metavar="SERVICE_ID|ext:ID")
 @click.option("--type", "type_name", type=click.Choice(list(REQUEST_TYPES)), default="end-of-period", show_default=True)
-@click.option("--reason-code", required=True, help="One of the configured reason_codes.")
+@click.option("--reason-code", cls=ReasonCodeOption, required=True,
+              help="Why the client cancels: one of the reason_codes setting.")
 @click.option("--reason", default="", type=FreeTextType(MAX_REASON),
               help=f"Free text from the client (at most {MAX_REASON} characters).")
 @click.option("--on", "cancel_on", type=DATE, help="The date, for --type on-date.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the request created as one JSON object (docs/json.md).")
 @pass_app
 def requests_create(app: App, service_id: int, type_name: str, reason_code: str, reason: str,
                     cancel_on: dt.date | None, as_json: bool) -> int:
@@ -64,6 +71,11 @@ def requests_create(app: App, service_id: int, type_name: str, reason_code: str,
     The client's confirmation and the staff notice are queued with it and sent at once
     (email.send_after_create). Exit 1 if they could not be sent now: they stay queued and
     the next run or `emails send` retries them.
+
+    \b
+    Examples:
+      cancelproc requests create ext:1003 --reason-code too_expensive
+      cancelproc requests create 42 --type on-date --on 2026-12-31 --reason-code switching_provider
     """
     database = app.database()
     hooks = app.hooks
@@ -251,7 +263,12 @@ def _echo_request(row: dict[str, Any]) -> None:
 @click.option("--note", default="", type=FreeTextType(MAX_NOTE), help="Why (goes into the audit log).")
 @pass_app
 def requests_withdraw(app: App, request_id: int, note: str) -> None:
-    """Withdraw a pending (or failed) request: the service stays as it is."""
+    """Withdraw a pending (or failed) request: the service stays as it is.
+
+    \b
+    Examples:
+      cancelproc requests withdraw ext:R-1001 --note "client changed their mind"
+    """
     database, hooks = app.database(), app.hooks
     with database.session.begin() as session:
         cancellations.withdraw_request(session, request_id, actor=app.operator, now=utc_now(), note=note)
@@ -263,7 +280,12 @@ def requests_withdraw(app: App, request_id: int, note: str) -> None:
 @click.argument("request_id", type=REQUEST, metavar="REQUEST_ID|ext:ID")
 @pass_app
 def requests_retry(app: App, request_id: int) -> None:
-    """Put a failed request (or one waiting for its next attempt) back in line for the next run."""
+    """Put a failed request (or one waiting for its next attempt) back in line for the next run.
+
+    \b
+    Examples:
+      cancelproc requests retry 42
+    """
     with app.database().session.begin() as session:
         cancellations.retry_request(session, request_id, actor=app.operator, now=utc_now())
     click.echo(f"request {request_id} is pending again (attempts reset); the next run applies it when due")
@@ -293,10 +315,17 @@ def requests_resolve(app: App, request_id: int, note: str) -> None:
 @requests_group.command("process")
 @click.argument("request_ids", type=REQUEST, nargs=-1, required=True, metavar="REQUEST_ID|ext:ID...")
 @click.option("--now", "ignore_due_date", is_flag=True, help="Apply even if the request is not due yet.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the run's summary as one JSON object, as `run --json` (docs/json.md).")
 @pass_app
 def requests_process(app: App, request_ids: tuple[int, ...], ignore_due_date: bool, as_json: bool) -> int:
-    """Apply these requests at once, as a run limited to them."""
+    """Apply these requests at once, as a run limited to them.
+
+    \b
+    Examples:
+      cancelproc requests process 42
+      cancelproc requests process ext:R-1001 ext:R-1002 --now --json
+    """
     today = app.today()
     try:
         with app.database().read_session() as session:
