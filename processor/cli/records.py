@@ -26,6 +26,7 @@ from processor.cli.output import (
     echo_table,
     to_jsonable,
 )
+from processor.cli.requests import email_summary
 from processor.digest import failure_entries
 from processor.errors import (
     CancelprocError,
@@ -201,9 +202,8 @@ def services_show(app: App, service_id: int, as_json: bool) -> None:
         requests = session.scalars(select(CancellationRequest).where(CancellationRequest.service_id == service_id)
                                    .order_by(CancellationRequest.id)).all()
         row["requests"] = [request_row(r) for r in requests]
-        row["emails"] = [{"id": e.id, "template": e.template, "to": e.to_address, "subject": e.subject,
-                          "status": e.status} for e in session.scalars(
-                              select(OutboxEmail).where(OutboxEmail.request_id.in_([r.id for r in requests])))]
+        row["emails"] = [email_summary(e) for e in session.scalars(
+            select(OutboxEmail).where(OutboxEmail.request_id.in_([r.id for r in requests])).order_by(OutboxEmail.id))]
     if as_json:
         echo_json(row)
         return
@@ -213,7 +213,7 @@ def services_show(app: App, service_id: int, as_json: bool) -> None:
                              ("invoices", "invoices", ["id", "external_id", "amount", "status", "due_date"]),
                              ("requests", "requests", ["id", "external_id", "type", "status", "reason_code",
                                                        "created_at", "processed_at"]),
-                             ("emails", "emails", ["id", "template", "to", "status"])):
+                             ("emails", "emails", ["id", "template", "to", "status", "sent_at", "last_error"])):
         click.echo(f"{title}:")
         echo_table(row[key], cols, empty="  (none)")
 

@@ -210,16 +210,19 @@ def requests_show(app: App, request_id: int, as_json: bool) -> None:
                                     "email": client.email}
         row["audit"] = audit_rows(session.scalars(
             select(AuditEntry).where(AuditEntry.request_id == request_id).order_by(AuditEntry.id)).all())
-        row["emails"] = [{"id": e.id, "template": e.template, "to": e.to_address, "subject": e.subject,
-                          "status": e.status, "attempts": e.attempts, "created_at": e.created_at, "sent_at": e.sent_at,
-                          "last_error": e.last_error}
-                         for e in session.scalars(select(OutboxEmail).where(OutboxEmail.request_id == request_id)
-                                                  .order_by(OutboxEmail.id))]
+        row["emails"] = [email_summary(e) for e in session.scalars(
+            select(OutboxEmail).where(OutboxEmail.request_id == request_id).order_by(OutboxEmail.id))]
     row["hook_outcomes"] = hook_outcomes(row["audit"])
     if as_json:
         echo_json(row)
         return
     _echo_request(row)
+
+
+def email_summary(e: OutboxEmail) -> dict[str, Any]:
+    """An email in a request's or a service's record (`emails show ID` has all of it)."""
+    return {"id": e.id, "template": e.template, "to": e.to_address, "subject": e.subject, "status": e.status,
+            "attempts": e.attempts, "created_at": e.created_at, "sent_at": e.sent_at, "last_error": e.last_error}
 
 
 def hook_outcomes(audit: list[dict[str, Any]]) -> list[dict[str, Any]]:
