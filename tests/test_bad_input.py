@@ -115,8 +115,10 @@ VALID: dict[str, list[str]] = {
     "report runs": [],
     "status": [],
     "hooks list": [],
+    "find": ["alice"],
 }
-FLAGS = {"as_json", "dry_run", "join", "demo", "ignore_due_date", "raw", "html", "ignore_backoff", "all_failed",
+FLAGS = {"as_json", "exact", "dry_run", "join", "demo", "ignore_due_date", "raw", "html", "ignore_backoff",
+         "all_failed",
          "debug", "version", "help"}
 
 free_text = st.one_of(very_long, not_utf8, with_nul)
@@ -130,7 +132,7 @@ def bad_values(path: str, param: click.Parameter) -> st.SearchStrategy[str]:
         return not_one_of(list(param.type.choices))
     if name in ("as_of",):  # a date; the run also refuses one in the future
         return st.one_of(bad_date, st.sampled_from(["2999-01-01", "9999-12-31"]))
-    if name in ("since", "until", "cancel_on"):
+    if name in ("since", "until", "cancel_on", "due_before"):
         return bad_date
     if name in ARGUMENT_IDS and isinstance(param, click.Argument):
         return st.one_of(bad_id, unknown_id)
@@ -138,6 +140,8 @@ def bad_values(path: str, param: click.Parameter) -> st.SearchStrategy[str]:
         return st.one_of(bad_id, unknown_id)
     if name in ("service_id", "client_id", "request_id", "run_id"):  # filters and --request/--run
         return bad_id
+    if name in ("limit", "offset") and path.endswith(" list"):  # 0 is all (--limit), the start (--offset)
+        return st.one_of(non_integer, huge, st.integers(-(2**70), -1).map(str))
     if name in ("limit",):
         return bad_count
     if name == "workers":
@@ -149,7 +153,7 @@ def bad_values(path: str, param: click.Parameter) -> st.SearchStrategy[str]:
         return st.one_of(garbage.filter(lambda t: not _is_hhmm(t)), st.sampled_from(["24:00", "23:60", "7:5", "-1:00"]))
     if name == "reason_code":
         return not_one_of(Settings().reason_codes)
-    if name in ("reason", "note"):
+    if name in ("reason", "note", "domain", "text"):
         return free_text
     if name == "run_ref":
         return st.one_of(non_integer.filter(lambda t: t != "last"), huge, unknown_id)
@@ -358,7 +362,7 @@ def test_on_postgresql_a_bad_argument_is_refused_before_the_database_sees_it(pg_
 def refused_by_postgresql(param: click.Parameter) -> str:
     """A value the database would fail on if it got that far: an id past its integer
     column, text with NUL (PostgreSQL's text cannot hold it)."""
-    if param.name in ("reason", "note", "language"):
+    if param.name in ("reason", "note", "language", "domain", "text"):
         return "a\x00b"
     if param.type in (click.INT,) or isinstance(param.type, click.IntRange) or param.name in ("run_ref",):
         return str(2**31)

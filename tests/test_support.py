@@ -149,6 +149,10 @@ def test_find_by_domain_email_name_and_external_id(invoke: Invoke, desk: Databas
     by_ext = as_json(invoke("find", "S-1002", "--json"))
     assert [s["id"] for s in by_ext["services"]["rows"]] == [2] and by_ext["clients"]["rows"] == []
     assert [r["id"] for r in as_json(invoke("find", "r-3", "--json"))["requests"]["rows"]] == [3]
+    for addon_or_invoice in ("AD-1", "INV-1"):  # whole ids: their service, and its requests
+        found = as_json(invoke("find", addon_or_invoice, "--exact", "--json"))
+        assert [s["id"] for s in found["services"]["rows"]] == [1]
+        assert [r["id"] for r in found["requests"]["rows"]] == [1]
     assert [c["id"] for c in as_json(invoke("find", "martin", "--json"))["clients"]["rows"]] == [1]
 
     limited = as_json(invoke("find", "alice", "--limit", "1", "--json"))

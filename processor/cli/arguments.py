@@ -40,6 +40,7 @@ LIMIT = click.IntRange(0, MAX_ID)  # --limit of a list: 0 means all
 OFFSET = click.IntRange(0, MAX_ID)
 EXT_PREFIX = "ext:"
 MAX_EXTERNAL_ID = 64  # the external_id columns are String(64)
+MAX_DOMAIN = 255  # services.domain is String(255)
 
 
 class RecordRefType(click.ParamType):
@@ -87,8 +88,6 @@ class RecordRefType(click.ParamType):
 
 CLIENT = RecordRefType("client")
 SERVICE = RecordRefType("service")
-ADDON = RecordRefType("add-on")
-INVOICE = RecordRefType("invoice")
 REQUEST = RecordRefType("request")
 
 

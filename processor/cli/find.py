@@ -1,5 +1,6 @@
 """`cancelproc find TEXT`: the clients, services and requests a support person is asked
-about, by domain, email, name or external id (ours or the billing system's).
+about, by domain, email, name or the billing system's id (of a client, service or
+request; an add-on's or an invoice's finds its service).
 
 Two passes per kind. First the exact matches (any case), which the indexes answer at
 once: the external ids (unique), lower(domain) and lower(email) (migration 0006). Then,
@@ -23,7 +24,7 @@ from processor.cli.arguments import FreeTextType
 from processor.cli.output import echo_json, echo_table
 from processor.cli.records import service_row
 from processor.cli.requests import listed_request
-from processor.models import CancellationRequest, Client, Service
+from processor.models import CancellationRequest, Client, Invoice, Service, ServiceAddon
 
 MAX_FIND = 200  # characters of TEXT: longer than any domain, email or name we keep
 CLIENT_COLUMNS = ["id", "external_id", "name", "company_name", "email", "language"]
@@ -67,7 +68,10 @@ def search(session: Session, text: str, *, exact_only: bool, limit: int,
     client_ids = [c.id for c in clients]
     services, more_services = _matches(
         session, select(Service).options(joinedload(Service.client), joinedload(Service.product)),
-        or_(Service.external_id == text, func.lower(Service.domain) == low, Service.client_id.in_(client_ids)),
+        or_(Service.external_id == text, func.lower(Service.domain) == low, Service.client_id.in_(client_ids),
+            # an add-on's or an invoice's id from the billing system finds its service
+            Service.id.in_(select(ServiceAddon.service_id).where(ServiceAddon.external_id == text)),
+            Service.id.in_(select(Invoice.service_id).where(Invoice.external_id == text))),
         None if exact_only else or_(_contains(Service.domain, low), _contains(Service.external_id, low)),
         limit, Service.id)
     service_ids = [s.id for s in services]

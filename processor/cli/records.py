@@ -17,7 +17,7 @@ from sqlalchemy.orm import joinedload
 
 from processor import attention, cancellations, monitoring, reports
 from processor.cli.app import App, audit_rows, cli, pass_app, request_row, utc_now
-from processor.cli.arguments import CLIENT, DATE, HOURS, SERVICE, RunRefType
+from processor.cli.arguments import CLIENT, DATE, HOURS, MAX_DOMAIN, SERVICE, FreeTextType, RunRefType
 from processor.cli.listing import echo_page, fetch_page, page_options
 from processor.cli.output import (
     cell,
@@ -149,7 +149,7 @@ def services_group() -> None:
 @services_group.command("list")
 @click.option("--status", type=click.Choice([s.value for s in ServiceStatus], case_sensitive=False))
 @click.option("--client", "client_id", type=CLIENT, help="Only this client's services (id or ext:ID).")
-@click.option("--domain", help="Only services whose domain contains this (any case).")
+@click.option("--domain", type=FreeTextType(MAX_DOMAIN), help="Only services whose domain contains this (any case).")
 @page_options(50)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: total, limit, offset and rows (docs/json.md).")
 @pass_app

@@ -13,7 +13,7 @@ from sqlalchemy.orm import contains_eager
 
 from processor import cancellations, outbox
 from processor.cli.app import App, audit_rows, cli, pass_app, request_row, utc_now
-from processor.cli.arguments import CLIENT, DATE, REQUEST, SERVICE, FreeTextType, ReasonCodeOption
+from processor.cli.arguments import CLIENT, DATE, MAX_DOMAIN, REQUEST, SERVICE, FreeTextType, ReasonCodeOption
 from processor.cli.listing import echo_page, fetch_page, page_options
 from processor.cli.output import echo_fields, echo_json, echo_table
 from processor.cli.run import echo_summary
@@ -134,7 +134,8 @@ def _send_request_emails(app: App, request_id: int) -> tuple[int, str | None, bo
 @click.option("--status", type=click.Choice([s.value for s in RequestStatus]), help="Only requests in this state.")
 @click.option("--client", "client_id", type=CLIENT, help="Only this client's requests (id or ext:ID).")
 @click.option("--service", "service_id", type=SERVICE, help="Only requests for this service (id or ext:ID).")
-@click.option("--domain", help="Only requests for services whose domain contains this (any case).")
+@click.option("--domain", type=FreeTextType(MAX_DOMAIN),
+              help="Only requests for services whose domain contains this (any case).")
 @click.option("--type", "type_name", type=click.Choice(list(REQUEST_TYPES)), help="Only requests of this type.")
 @click.option("--due-before", type=DATE, help="Only requests whose date (DUE_ON) is before this day, or due at once.")
 @page_options(50)
