@@ -9,9 +9,9 @@
    one transaction), then ANALYZE as `cancelproc db upgrade` leaves the planner without it.
 2. `cancelproc find ... --json` in this process through click's CliRunner (the command as
    it runs, without the interpreter's start and imports), R times each (3 by default), for:
-   a whole domain (--exact), a whole email (--exact), an external id, a partial domain
-   that matches one service (the table is read to its end), and a partial text that
-   matches thousands (it stops at the first 20). Each result is checked (the service
+   a whole domain, email and external id (`--match whole`), the start of a domain and of
+   an email (`--match start`), part of a domain that one service has (the tables are read
+   to their end), and a part that thousands have (it stops at the first 20). Each result is checked (the service
    or client expected is found); anything else fails loudly (exit 1).
 3. Prints, per case, the fastest and the slowest time of the command.
 """
@@ -93,13 +93,15 @@ def main() -> None:
         middle = n // 2 + 3
         client = (middle - 1) // 4 + 1
         cases = [
-            ("whole domain, --exact", ["find", f"SITE{middle}.host{middle % 1000}.EXAMPLE", "--exact"],
+            ("whole domain, any case", ["find", f"SITE{middle}.host{middle % 1000}.EXAMPLE", "--match", "whole"],
              "services", middle),
-            ("whole email, --exact", ["find", f"client{client}@mail{client % 97}.example", "--exact"], "clients",
+            ("whole email", ["find", f"client{client}@mail{client % 97}.example", "--match", "whole"], "clients",
              client),
-            ("external id", ["find", f"S{middle}", "--exact"], "services", middle),
-            ("partial domain, one match (reads the table)", ["find", f"site{middle}.host"], "services", middle),
-            ("partial, thousands match (stops at 20)", ["find", "host7.example"], "services", None),
+            ("external id", ["find", f"S{middle}", "--match", "whole"], "services", middle),
+            ("start of a domain", ["find", f"site{middle}.", "--match", "start"], "services", middle),
+            ("start of an email", ["find", f"client{client}@", "--match", "start"], "clients", client),
+            ("part of a domain, one match (reads the tables)", ["find", f"{middle}.host"], "services", middle),
+            ("part, thousands match (stops at 20)", ["find", "host7.example"], "services", None),
         ]
         sys.path.insert(0, str(REPO))
         os.chdir(root)
@@ -114,7 +116,7 @@ def main() -> None:
                 if expected is None and len(rows) != 20:
                     sys.exit(f"find_bench: {' '.join(args)}: {len(rows)} {kind}, expected 20")
                 times.append(elapsed)
-            print(f"{title:45} `cancelproc {' '.join(args)}`: {min(times) * 1000:,.0f} to {max(times) * 1000:,.0f} ms")
+            print(f"{title:48} `cancelproc {' '.join(args)}`: {min(times) * 1000:,.0f} to {max(times) * 1000:,.0f} ms")
     finally:
         if opts.keep:
             print(f"kept {root}")

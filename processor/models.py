@@ -237,9 +237,12 @@ class Service(Base):
     addons: Mapped[list[ServiceAddon]] = relationship(back_populates="service")
 
 
-# What `cancelproc find` asks at once: a domain or an email, whole, in any case (migration 0006).
-Index("ix_services_domain_lower", func.lower(Service.domain))
-Index("ix_clients_email_lower", func.lower(Client.email))
+# What `cancelproc find` asks at once: a domain or an email, whole or its start, in any case
+# (migration 0006). PostgreSQL: text_pattern_ops, so LIKE 'start%' can use them too.
+Index("ix_services_domain_lower", func.lower(Service.domain).label("domain_lower"),
+      postgresql_ops={"domain_lower": "text_pattern_ops"})
+Index("ix_clients_email_lower", func.lower(Client.email).label("email_lower"),
+      postgresql_ops={"email_lower": "text_pattern_ops"})
 
 
 class ServiceAddon(Base):

@@ -1,8 +1,9 @@
 """indexes for `cancelproc find` and a service's requests
 
-lower(domain) and lower(email): a whole domain or email in any case is found through an
-index (`find`, and `find --exact`). A partial match (LIKE '%text%') can use no b-tree
-index; it reads the table (README, Performance). cancellation_requests.service_id: a
+lower(domain) and lower(email): a whole domain or email in any case, or its start, is
+found through an index (`find --match whole|start`, the first passes of `find`). A match
+of any part (LIKE '%text%') can use no b-tree index; it reads the table (README,
+Performance). cancellation_requests.service_id: a
 service's requests (`services show`, `find`); the unique index on it is for open
 requests only.
 
@@ -22,8 +23,11 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.create_index("ix_services_domain_lower", "services", [sa.text("lower(domain)")])
-    op.create_index("ix_clients_email_lower", "clients", [sa.text("lower(email)")])
+    # PostgreSQL orders text by the database's collation, so LIKE 'start%' needs the
+    # text_pattern_ops operator class (which answers = too); SQLite compares bytes.
+    ops = " text_pattern_ops" if op.get_bind().dialect.name == "postgresql" else ""
+    op.create_index("ix_services_domain_lower", "services", [sa.text(f"lower(domain){ops}")])
+    op.create_index("ix_clients_email_lower", "clients", [sa.text(f"lower(email){ops}")])
     op.create_index(op.f("ix_cancellation_requests_service_id"), "cancellation_requests", ["service_id"])
 
 
