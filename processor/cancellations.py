@@ -147,17 +147,26 @@ def retry_request(session: Session, request_id: int, *, actor: str, now: dt.date
 
 def resolve_request(session: Session, request_id: int, *, actor: str, now: dt.datetime,
                     note: str) -> CancellationRequest:
-    """Staff cancelled the service by hand: close the failed request without touching the service."""
+    """Staff cancelled the service by hand: close the request without touching the service.
+    A failed request, or a pending one waiting out the backoff of a failed or vetoed
+    attempt (the run would try it again, on a service already cancelled)."""
     request = lock_request(session, request_id)
-    if request.status is not RequestStatus.FAILED:
-        raise StateError(f"request {request_id} is {request.status.value}; "
-                         "only a failed request can be resolved by hand")
+    waiting = request.status is RequestStatus.PENDING and request.next_attempt_at is not None
+    if request.status is not RequestStatus.FAILED and not waiting:
+        raise StateError(f"request {request_id} is {request.status.value}"
+                         f"{' and not waiting out a backoff' if request.status is RequestStatus.PENDING else ''}; "
+                         "only a failed request, or a pending one waiting out the backoff of a failed or vetoed "
+                         "attempt, can be resolved by hand")
     if not note.strip():
         raise FieldError("note", "say what was done by hand (it goes into the audit log)")
+    detail = (f"{note} (was pending after {request.attempts} attempt(s), next attempt "
+              f"{request.next_attempt_at.isoformat()}; last error: {request.last_error or '-'})"
+              if waiting and request.next_attempt_at else note)
     request.status = RequestStatus.COMPLETED
     request.processed_at = now
+    request.next_attempt_at = None
     request.note = note
-    _audit(session, request, AuditAction.RESOLVED_BY_HAND, actor, now, note)
+    _audit(session, request, AuditAction.RESOLVED_BY_HAND, actor, now, detail)
     return request
 
 

@@ -82,6 +82,18 @@ def due_clause(as_of: dt.date, zone: ZoneInfo) -> ColumnElement[bool]:
     )
 
 
+def due_before_clause(day: dt.date, zone: ZoneInfo) -> ColumnElement[bool]:
+    """`effective_date` before `day` (or none: due at once), for a query joining requests to
+    services: what `requests list --due-before` shows. Unlike `due_clause` it does not ask
+    whether the request was made by then: it is about the date, not about a run."""
+    r, s = CancellationRequest, Service
+    return or_(
+        and_(r.type == RequestType.IMMEDIATE, r.created_at < start_of_day(day, zone)),
+        and_(r.type == RequestType.ON_DATE, or_(r.cancel_on.is_(None), r.cancel_on < day)),
+        and_(r.type == RequestType.END_OF_BILLING_PERIOD, or_(s.next_due_date.is_(None), s.next_due_date < day)),
+    )
+
+
 def ready_clause(now: dt.datetime) -> ColumnElement[bool]:
     """Not waiting out a backoff: a request that failed or was vetoed waits for its next
     attempt time. With `due_clause`, the one rule of what a run takes now (the run, the

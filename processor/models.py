@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    func,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -246,6 +247,14 @@ class Service(Base):
     addons: Mapped[list[ServiceAddon]] = relationship(back_populates="service")
 
 
+# What `cancelproc find` asks at once: a domain or an email, whole or its start, in any case
+# (migration 0006). PostgreSQL: text_pattern_ops, so LIKE 'start%' can use them too.
+Index("ix_services_domain_lower", func.lower(Service.domain).label("domain_lower"),
+      postgresql_ops={"domain_lower": "text_pattern_ops"})
+Index("ix_clients_email_lower", func.lower(Client.email).label("email_lower"),
+      postgresql_ops={"email_lower": "text_pattern_ops"})
+
+
 class ServiceAddon(Base):
     __tablename__ = "service_addons"
 
@@ -287,7 +296,8 @@ class CancellationRequest(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     external_id: Mapped[str | None] = mapped_column(String(64), unique=True)
-    service_id: Mapped[int] = mapped_column(ForeignKey("services.id"))
+    # A service's requests (services show, find); the unique index above has the open ones only.
+    service_id: Mapped[int] = mapped_column(ForeignKey("services.id"), index=True)
     type: Mapped[RequestType] = mapped_column(_enum(RequestType, "request_type"))
     cancel_on: Mapped[dt.date | None] = mapped_column(Date)  # only for On Date
     reason_code: Mapped[str] = mapped_column(String(64))

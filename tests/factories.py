@@ -8,6 +8,7 @@ from decimal import Decimal
 
 from sqlalchemy.orm import Session
 
+from processor.db import Database
 from processor.models import (
     CancellationRequest,
     Client,
@@ -72,3 +73,42 @@ def request(
     session.add(req)
     session.flush()
     return req
+
+
+def support_desk(db: Database, now: dt.datetime) -> Database:
+    """Two clients as the billing system knows them.
+
+    client 1 Alice Martin (C-100, alice@example.test): services 1 (S-1001, shop.alice.test, due 11-20,
+      an add-on AD-1 and an invoice INV-1) and 2 (S-1002, blog.alice.test, due 12-10);
+      request 1 (R-1) End of Billing Period on service 1 (due), request 2 (no external id) on On Date
+      2026-12-15 on service 2
+    client 2 Bob Novak (C-200, bob@novak.test): service 3 (S-1003, WWW.Novak.TEST, due 12-05);
+      request 3 (R-3) Immediate
+    """
+    with db.session.begin() as s:
+        alice = Client(external_id="C-100", first_name="Alice", last_name="Martin", email="alice@example.test")
+        bob = Client(external_id="C-200", first_name="Bob", last_name="Novak", email="bob@novak.test")
+        hosting = Product(name="Shared Hosting", module="cpanel")
+        s.add_all([alice, bob, hosting])
+        s.flush()
+        services = [Service(external_id=ext, client_id=client.id, product_id=hosting.id, domain=domain,
+                            status=ServiceStatus.ACTIVE, billing_cycle="Monthly", amount=Decimal("4.99"),
+                            next_due_date=due)
+                    for ext, client, domain, due in (("S-1001", alice, "shop.alice.test", dt.date(2026, 11, 20)),
+                                                     ("S-1002", alice, "blog.alice.test", dt.date(2026, 12, 10)),
+                                                     ("S-1003", bob, "WWW.Novak.TEST", dt.date(2026, 12, 5)))]
+        s.add_all(services)
+        s.flush()
+        s.add_all([
+            ServiceAddon(external_id="AD-1", service_id=services[0].id, name="Daily Backups",
+                         status=ServiceStatus.ACTIVE, amount=Decimal("2.00")),
+            Invoice(external_id="INV-1", service_id=services[0].id, amount=Decimal("4.99"),
+                    status=InvoiceStatus.UNPAID, due_date=dt.date(2026, 11, 20)),
+        ])
+        for ext, svc, type_, cancel_on in (("R-1", services[0], RequestType.END_OF_BILLING_PERIOD, None),
+                                           (None, services[1], RequestType.ON_DATE, dt.date(2026, 12, 15)),
+                                           ("R-3", services[2], RequestType.IMMEDIATE, None)):
+            s.add(CancellationRequest(external_id=ext, service_id=svc.id, type=type_, cancel_on=cancel_on,
+                                      reason_code="too_expensive", reason="", status=RequestStatus.PENDING,
+                                      created_at=now - dt.timedelta(days=2), created_by="test"))
+    return db

@@ -116,9 +116,10 @@ VALID: dict[str, list[str]] = {
     "report runs": [],
     "status": [],
     "hooks list": [],
+    "find": ["alice"],
 }
-FLAGS = {"as_json", "dry_run", "join", "demo", "ignore_due_date", "raw", "html", "ignore_backoff", "all_failed",
-         "force", "debug", "version", "help"}
+FLAGS = {"as_json", "exact", "dry_run", "join", "demo", "ignore_due_date", "raw", "html", "ignore_backoff",
+         "all_failed", "force", "debug", "version", "help"}
 
 free_text = st.one_of(very_long, not_utf8, with_nul)
 ARGUMENT_IDS = {"service_id", "request_id", "email_id"}
@@ -131,7 +132,7 @@ def bad_values(path: str, param: click.Parameter) -> st.SearchStrategy[str]:
         return not_one_of(list(param.type.choices))
     if name in ("as_of",):  # a date; the run also refuses one in the future
         return st.one_of(bad_date, st.sampled_from(["2999-01-01", "9999-12-31"]))
-    if name in ("since", "until", "cancel_on"):
+    if name in ("since", "until", "cancel_on", "due_before"):
         return bad_date
     if name in ARGUMENT_IDS and isinstance(param, click.Argument):
         return st.one_of(bad_id, unknown_id)
@@ -139,6 +140,8 @@ def bad_values(path: str, param: click.Parameter) -> st.SearchStrategy[str]:
         return st.one_of(bad_id, unknown_id)
     if name in ("service_id", "client_id", "request_id", "run_id"):  # filters and --request/--run
         return bad_id
+    if name in ("limit", "offset") and path.endswith(" list"):  # 0 is all (--limit), the start (--offset)
+        return st.one_of(non_integer, huge, st.integers(-(2**70), -1).map(str))
     if name in ("limit",):
         return bad_count
     if name == "workers":
@@ -150,7 +153,7 @@ def bad_values(path: str, param: click.Parameter) -> st.SearchStrategy[str]:
         return st.one_of(garbage.filter(lambda t: not _is_hhmm(t)), st.sampled_from(["24:00", "23:60", "7:5", "-1:00"]))
     if name == "reason_code":
         return not_one_of(Settings().reason_codes)
-    if name in ("reason", "note"):
+    if name in ("reason", "note", "domain", "text"):
         return free_text
     if name == "run_ref":
         return st.one_of(non_integer.filter(lambda t: t != "last"), huge, unknown_id)
@@ -368,7 +371,7 @@ def test_on_postgresql_a_bad_argument_is_refused_before_the_database_sees_it(pg_
 def refused_by_postgresql(param: click.Parameter) -> str:
     """A value the database would fail on if it got that far: an id past its integer
     column, text with NUL (PostgreSQL's text cannot hold it)."""
-    if param.name in ("reason", "note", "language"):
+    if param.name in ("reason", "note", "language", "domain", "text"):
         return "a\x00b"
     if param.type in (click.INT,) or isinstance(param.type, click.IntRange) or param.name in ("run_ref",):
         return str(2**31)
@@ -471,6 +474,9 @@ def _env_value(literal: str) -> str:
 
 # The config file is in <app root>/config/, so its default database is the seeded one.
 FROM_THE_FILE: dict[str, str | None] = {"CANCELPROC_DATABASE_URL": None}
+# A staff command: a bad config is refused and nothing is written. (The nightly job's `run`
+# and `schedule` also record the failure for `status`: tests/test_failed_before_run.py.)
+STAFF_COMMAND = ["requests", "list"]
 
 
 def write_config(root: Path, key: str, literal: str | bytes) -> Path:
@@ -496,7 +502,7 @@ def test_a_bad_config_value_in_the_file_is_refused_in_one_line_naming_file_and_k
         valid_toml = False
     else:
         valid_toml = True
-    line = refused(app_root, ["--config", str(path), "run"], env=FROM_THE_FILE)
+    line = refused(app_root, ["--config", str(path), *STAFF_COMMAND], env=FROM_THE_FILE)
     assert line.startswith(f"error: {path}: ")
     if valid_toml:
         assert f": {key}: " in line or f": {key}." in line, line  # reason_codes.0: ...
@@ -511,7 +517,7 @@ def test_a_bad_config_value_in_the_environment_is_refused_naming_the_variable(ap
     if "\x00" in value:
         return  # an environment variable cannot hold NUL
     variable = "CANCELPROC_" + key.replace(".", "__").upper()
-    line = refused(app_root, ["run"], env={variable: value})
+    line = refused(app_root, STAFF_COMMAND, env={variable: value})
     assert line.startswith(f"error: environment variable {variable}: "), line
 
 
@@ -543,7 +549,7 @@ def test_values_operators_use_are_accepted(tmp_path, key, value):
 @pytest.mark.parametrize("key", [k for k, f in CONFIG_KEYS if f.annotation is str])
 def test_a_config_file_that_is_not_utf8_is_refused(app_root, key):
     path = write_config(app_root, key, '"Soci\xe9t\xe9"'.encode("latin-1"))
-    line = refused(app_root, ["--config", str(path), "run"], env=FROM_THE_FILE)
+    line = refused(app_root, ["--config", str(path), *STAFF_COMMAND], env=FROM_THE_FILE)
     assert line.startswith(f"error: {path}: cannot be read: 'utf-8' codec can't decode byte 0xe9"), line
 
 
@@ -553,7 +559,7 @@ def test_a_config_file_that_is_not_utf8_is_refused(app_root, key):
     lambda n: n not in Settings.model_fields and n not in ("email",)))
 def test_an_unknown_config_key_is_refused_with_the_allowed_ones(app_root, name):
     path = write_config(app_root, name, "1")
-    line = refused(app_root, ["--config", str(path), "run"], env=FROM_THE_FILE)
+    line = refused(app_root, ["--config", str(path), *STAFF_COMMAND], env=FROM_THE_FILE)
     assert line.startswith(f"error: {path}: {name}: unknown setting (allowed: business_timezone, ")
 
 
@@ -585,8 +591,8 @@ def test_an_environment_variable_that_is_not_utf8_is_refused_naming_it(app_root)
     env = {k.encode(): v.encode() for k, v in process_env(_url(app_root), CANCELPROC_LOG_FORMAT="console").items()}
     env[b"CANCELPROC_EMAIL__COMPANY_NAME"] = b"Soci\xe9t\xe9"  # bytes: os.environ cannot hold them as text
     before = snapshot(app_root)
-    done = subprocess.run([sys.executable, "-m", "processor", "run"], cwd=app_root, env=env, capture_output=True,
-                          timeout=60)
+    done = subprocess.run([sys.executable, "-m", "processor", *STAFF_COMMAND], cwd=app_root, env=env,
+                          capture_output=True, timeout=60)
     stderr = done.stderr.decode("utf-8")
     assert done.returncode == 2, stderr
     assert stderr.startswith("error: environment variable CANCELPROC_EMAIL__COMPANY_NAME: email.company_name: "

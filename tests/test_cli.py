@@ -26,7 +26,7 @@ from sqlalchemy import func, select
 import processor
 from processor import cancellations, lease
 from processor.cli import cli
-from processor.cli import requests as cli_module  # `requests list` prints with its echo_rows
+from processor.cli import requests as cli_module  # `requests list` prints with its echo_page
 from processor.db import Database, open_database
 from processor.errors import FieldError
 from processor.lease import LEASE_NAME
@@ -598,18 +598,18 @@ def test_requests_create_uses_reason_codes_from_the_config_file(invoke: Invoke, 
 
 def test_requests_list_filters_and_json(invoke: Invoke, seeded: Database) -> None:
     text = ok(invoke("requests", "list")).stdout.splitlines()
-    assert text[0].split()[:3] == ["ID", "SERVICE_ID", "TYPE"]
+    assert text[0].split()[:3] == ["ID", "CLIENT", "DOMAIN"]
     # Newest first by when they were made (request 3 yesterday, the others ten days ago), then by id.
     assert [line.split()[0] for line in text[1:]] == ["3", "5", "4", "2", "1"]
 
-    assert [r["id"] for r in as_json(invoke("requests", "list", "--json"))] == [3, 5, 4, 2, 1]
-    assert [r["id"] for r in as_json(invoke("requests", "list", "--service", "2", "--json"))] == [2]
-    assert [r["id"] for r in as_json(invoke("requests", "list", "--limit", "2", "--json"))] == [3, 5]
+    assert [r["id"] for r in as_json(invoke("requests", "list", "--json"))["rows"]] == [3, 5, 4, 2, 1]
+    assert [r["id"] for r in as_json(invoke("requests", "list", "--service", "2", "--json"))["rows"]] == [2]
+    assert [r["id"] for r in as_json(invoke("requests", "list", "--limit", "2", "--json"))["rows"]] == [3, 5]
     ok(invoke("run"))
-    completed = as_json(invoke("requests", "list", "--status", "completed", "--json"))
+    completed = as_json(invoke("requests", "list", "--status", "completed", "--json"))["rows"]
     assert sorted(r["id"] for r in completed) == [1, 3, 4, 5]
     assert all(r["status"] == "completed" and r["run_id"] == 1 for r in completed)
-    assert [r["id"] for r in as_json(invoke("requests", "list", "--status", "pending", "--json"))] == [2]
+    assert [r["id"] for r in as_json(invoke("requests", "list", "--status", "pending", "--json"))["rows"]] == [2]
     assert ok(invoke("requests", "list", "--status", "failed")).stdout.strip() == "no requests"
     one_line_error(invoke("requests", "list", "--status", "bogus"), "--status")
 
@@ -708,7 +708,7 @@ def test_requests_resolve_by_hand(invoke: Invoke, seeded: Database) -> None:
     assert row["audit"][-1]["action"] == "resolved_by_hand"
     assert row["audit"][-1]["detail"] == "terminated in the panel by hand"
     one_line_error(invoke("requests", "resolve", "2", "--note", "x"), "request 2 is pending",
-                   "only a failed request can be resolved")
+                   "only a failed request, or a pending one waiting out the backoff")
 
 
 def test_requests_process_applies_at_once(invoke: Invoke, seeded: Database) -> None:
@@ -737,7 +737,7 @@ def test_requests_process_not_due_needs_now(invoke: Invoke, seeded: Database) ->
     one_line_error(invoke("requests", "process", "2"), "request 2 is completed",
                    "only a pending request can be processed")
     one_line_error(invoke("requests", "process", "999"), "request 999 not found")
-    one_line_error(invoke("requests", "process"), "REQUEST_IDS")
+    one_line_error(invoke("requests", "process"), "REQUEST_ID|ext:ID")
     # One bad id refuses them all: request 1 (due) is not applied either.
     one_line_error(invoke("requests", "process", "1", "2"), "request 2 is completed")
     one_line_error(invoke("requests", "process", "1", "5", "999"), "request 999 not found")
@@ -760,11 +760,11 @@ def test_runs_list_and_show(invoke: Invoke, seeded: Database) -> None:
     rid = add_request(seeded, 7, RequestType.IMMEDIATE)
     ok(invoke("run", "--as-of", "2026-11-21"), code=1)  # request 1 and the failing one (3 was made later)
     ok(invoke("run"), code=0)  # the failing one waits for its backoff
-    rows = as_json(invoke("runs", "list", "--json"))
+    rows = as_json(invoke("runs", "list", "--json"))["rows"]
     assert [r["id"] for r in rows] == [2, 1]
     assert [(r["status"], r["as_of"]) for r in rows] == [("completed", "2026-11-26"),
                                                          ("completed_with_failures", "2026-11-21")]
-    assert as_json(invoke("runs", "list", "--limit", "1", "--json"))[0]["id"] == 2
+    assert as_json(invoke("runs", "list", "--limit", "1", "--json"))["rows"][0]["id"] == 2
     table = ok(invoke("runs", "list")).stdout.splitlines()
     assert table[0].split()[:3] == ["ID", "STARTED_AT", "TRIGGER"] and len(table) == 3
 
@@ -795,7 +795,7 @@ def test_people_read_times_in_the_business_time_zone_and_json_keeps_the_offset(i
     shown = ok(invoke("runs", "show", "1", env=berlin)).stdout.splitlines()
     assert ["started_at", "2026-11-26", "03:00", "CET"] in [line.split() for line in shown]
     assert "2026-11-26 02:00 UTC" in ok(invoke("runs", "list")).stdout  # the default zone, labelled too
-    assert as_json(invoke("runs", "list", "--json", env=berlin))[0]["started_at"] == "2026-11-26T02:00:00+00:00"
+    assert as_json(invoke("runs", "list", "--json", env=berlin))["rows"][0]["started_at"] == "2026-11-26T02:00:00+00:00"
     created = as_json(invoke("requests", "show", "1", "--json", env=berlin))["created_at"]
     assert created.endswith("+00:00") and f"{created[:10]} " in ok(invoke("requests", "list", env=berlin)).stdout
 
@@ -828,15 +828,16 @@ def test_runs_show_names_vetoes(invoke: Invoke, seeded: Database, tmp_path: Path
 # --- services ------------------------------------------------------------------------------
 
 def test_services_list(invoke: Invoke, seeded: Database) -> None:
-    rows = as_json(invoke("services", "list", "--json"))
+    rows = as_json(invoke("services", "list", "--json"))["rows"]
     assert [r["id"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
     assert rows[0]["client"] == "Alice Martin" and rows[0]["product"] == "Shared Hosting"
-    assert [r["id"] for r in as_json(invoke("services", "list", "--status", "Cancelled", "--json"))] == [6]
-    assert [r["id"] for r in as_json(invoke("services", "list", "--status", "active", "--json"))] == [1, 2, 3, 4, 5, 7]
-    assert [r["id"] for r in as_json(invoke("services", "list", "--client", "2", "--json"))] == [7]
-    assert [r["id"] for r in as_json(invoke("services", "list", "--limit", "2", "--json"))] == [1, 2]
+    assert [r["id"] for r in as_json(invoke("services", "list", "--status", "Cancelled", "--json"))["rows"]] == [6]
+    active = as_json(invoke("services", "list", "--status", "active", "--json"))["rows"]
+    assert [r["id"] for r in active] == [1, 2, 3, 4, 5, 7]
+    assert [r["id"] for r in as_json(invoke("services", "list", "--client", "2", "--json"))["rows"]] == [7]
+    assert [r["id"] for r in as_json(invoke("services", "list", "--limit", "2", "--json"))["rows"]] == [1, 2]
     text = ok(invoke("services", "list", "--client", "2")).stdout.splitlines()
-    assert text[0].split()[:3] == ["ID", "CLIENT", "PRODUCT"] and "Bob Novak" in text[1]
+    assert text[0].split()[:3] == ["ID", "EXTERNAL_ID", "CLIENT"] and "Bob Novak" in text[1]
     assert ok(invoke("services", "list", "--status", "fraud")).stdout.strip() == "no services"
     one_line_error(invoke("services", "list", "--status", "gone"), "--status")
 
@@ -986,7 +987,7 @@ def test_internal_error_is_one_line_and_debug_lets_the_traceback_through(
     def boom(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(cli_module, "echo_rows", boom)
+    monkeypatch.setattr(cli_module, "echo_page", boom)
     result = invoke("requests", "list")
     assert result.exit_code == 70
     lines = result.stderr.strip().splitlines()

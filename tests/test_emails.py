@@ -187,7 +187,7 @@ def test_emails_commands_reject_bad_input_in_one_line(invoke, db, service, args,
 def test_list_show_send_and_retry(invoke, db, service, tmp_path):
     rid = as_json(invoke("requests", "create", service, "--reason-code", "other", "--json",
                          env=NOT_SENT_AT_ONCE))["id"]
-    rows = as_json(invoke("emails", "list", "--json"))
+    rows = as_json(invoke("emails", "list", "--json"))["rows"]
     assert [(r["template"], r["status"]) for r in rows] == [(STAFF, "queued"), (CLIENT, "queued")]
     assert "cancellation_request_confirmation" in ok(invoke("emails", "list", "--request", rid)).stdout
     shown = ok(invoke("emails", "show", 1)).stdout
@@ -201,7 +201,7 @@ def test_list_show_send_and_retry(invoke, db, service, tmp_path):
         f"00000001-{CLIENT}.eml", f"00000002-{STAFF}.eml"]
     with db.engine.begin() as conn:  # as after max_attempts failed sends
         conn.execute(update(OutboxEmail).values(status=EmailStatus.FAILED, attempts=10, last_error="550 gone"))
-    assert [r["id"] for r in as_json(invoke("emails", "list", "--status", "failed", "--json"))] == [2, 1]
+    assert [r["id"] for r in as_json(invoke("emails", "list", "--status", "failed", "--json"))["rows"]] == [2, 1]
     assert "2 email(s) queued again" in ok(invoke("emails", "retry", "--all-failed")).stdout
     assert [(e.status, e.attempts) for e in outbox(db)] == [(EmailStatus.QUEUED, 0)] * 2
     with db.read_session() as s:

@@ -119,7 +119,7 @@ def test_a_request_whose_service_client_or_product_was_deleted_fails_explained(i
     assert f"client #{gone_client} of service" in got[ids[1]].last_error
     assert f"product #{gone_product} of service" in got[ids[2]].last_error
     # Staff see them: in the digest, in `status`, and at `requests show`.
-    digest = as_json(invoke("emails", "list", "--template", "cron_job_activity", "--json"))
+    digest = as_json(invoke("emails", "list", "--template", "cron_job_activity", "--json"))["rows"]
     body = ok(invoke("emails", "show", digest[0]["id"])).stdout
     assert "MANUAL CANCELLATION REQUIRED" in body and f"service #{gone_service} no longer exists" in body
     assert as_json(invoke("status", "--json"), code=1)["requests_failed"] == len(ids)

@@ -170,7 +170,7 @@ def test_the_installed_wheel_inits_imports_runs_and_delivers_by_smtp(installed: 
     ]
     imported = installed.cancelproc(app, "import", *map(str, files)).stdout
     assert "requests.csv (requests): 1 inserted" in imported
-    services = json.loads(installed.cancelproc(app, "services", "list", "--json").stdout)
+    services = json.loads(installed.cancelproc(app, "services", "list", "--json").stdout)["rows"]
     jonas = next(s["id"] for s in services if s["domain"] == "jonas.example.test")
     installed.cancelproc(app, "requests", "create", str(jonas), "--reason-code", "no_longer_needed",
                          "--type", "immediate")

@@ -144,7 +144,8 @@ def test_queued_emails_of_a_withdrawn_request_are_not_sent_and_the_client_is_tol
     assert got[0].last_error == "not sent: request 1 was withdrawn while this was queued"
     # Why, where staff look: the email list and the request's audit trail.
     listed = json.loads(cancelproc("emails", "list", "--status", "withdrawn", "--json", port=server.port).stdout)
-    assert sorted(e["template"] for e in listed) == ["cancellation_request_confirmation", "new_cancellation_request"]
+    assert sorted(e["template"] for e in listed["rows"]) == [
+        "cancellation_request_confirmation", "new_cancellation_request"]
     with db.read_session() as s:
         trail = [(a.entity, a.action.value, a.detail) for a in s.scalars(
             select(AuditEntry).where(AuditEntry.request_id == 1).order_by(AuditEntry.id))]

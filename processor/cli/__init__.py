@@ -4,7 +4,7 @@
 edge; each other module adds its commands to the group when imported.
 """
 
-from processor.cli import admin, emails, records, requests, run  # noqa: F401 - they register their commands
+from processor.cli import admin, emails, find, records, requests, run  # noqa: F401 - they register their commands
 from processor.cli.app import cli, main
 
 __all__ = ["cli", "main"]

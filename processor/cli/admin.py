@@ -26,13 +26,23 @@ from processor.models import (
 
 @cli.group("db")
 def db_group() -> None:
-    """Database schema (Alembic migrations)."""
+    """Database schema (Alembic migrations).
+
+    \b
+    Examples:
+      cancelproc db upgrade
+    """
 
 
 @db_group.command("upgrade")
 @pass_app
 def db_upgrade(app: App) -> None:
-    """Create or upgrade the database schema to this version."""
+    """Create or upgrade the database schema to this version.
+
+    \b
+    Examples:
+      cancelproc db upgrade
+    """
     database = app.database(create=True, migrated=False)
     before = dbmod.current_revision(database)
     dbmod.upgrade(database)
@@ -53,6 +63,11 @@ def init(app: App, demo: bool) -> None:
     var/ and var/log/, hooks/ (with examples that never load) and templates/ (your
     email templates, used before the built-in ones). Never overwrites a file: running
     it again is safe. Then creates or upgrades the database through the migrations.
+
+    \b
+    Examples:
+      cancelproc init
+      cancelproc init --demo
     """
     settings = app.settings
     root = settings.app_root
@@ -92,7 +107,7 @@ def init(app: App, demo: bool) -> None:
 @click.option("--from", "source_format", type=click.Choice(["files", "whmcs"]), default="files", show_default=True,
               help="whmcs: one SOURCE, a folder of WHMCS table exports (tblclients.csv, ...) or a WHMCS "
                    "database URL (mysql+pymysql://user:password@host/whmcs), read only.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print what each file did as one JSON object (docs/json.md).")
 @pass_app
 def import_command(app: App, files: tuple[str, ...], kind: str | None, source_format: str, as_json: bool) -> int:
     """Import clients, products, services, add-ons, invoices or requests (CSV or JSON Lines),
@@ -103,9 +118,16 @@ def import_command(app: App, files: tuple[str, ...], kind: str | None, source_fo
     nothing. Files are imported in the order given (clients before services before
     requests); the first rejected file stops the import. Exit 1 if some rows were
     conflicts (they would undo a cancellation the processor applied; not applied).
+
     \b
     --from whmcs reads WHMCS's own tables (ids become external ids; docs/whmcs-import.md has
     the mapping) and imports them all in one transaction: every table or none.
+
+    \b
+    Examples:
+      cancelproc import clients.csv services.csv requests.csv
+      cancelproc import services.jsonl --kind services --json
+      cancelproc import --from whmcs /srv/exports/whmcs/
     """
     if source_format == "whmcs":
         if len(files) != 1 or kind:
@@ -171,14 +193,25 @@ def _report_json(r: importer.FileReport) -> dict[str, object]:
 
 @cli.group("hooks")
 def hooks_group() -> None:
-    """Operator hooks (hooks/*.py and installed plugins)."""
+    """Operator hooks (hooks/*.py and installed plugins).
+
+    \b
+    Examples:
+      cancelproc hooks list
+    """
 
 
 @hooks_group.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="The hooks as a JSON array, in run order (docs/json.md).")
 @pass_app
 def hooks_list(app: App, as_json: bool) -> None:
-    """Every loaded hook, in the order it runs at each point."""
+    """Every loaded hook, in the order it runs at each point.
+
+    \b
+    Examples:
+      cancelproc hooks list
+      cancelproc hooks list --json
+    """
     rows = [{"point": i.point, "priority": i.priority, "function": i.fn.__qualname__, "file": f"{i.source}:{i.line}",
              "arguments": "**kwargs" if i.wants is None else ", ".join(i.wants)} for i in app.hooks.impls()]
     if as_json:

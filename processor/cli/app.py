@@ -364,6 +364,11 @@ def cli(ctx: click.Context, config_path: Path | None, debug: bool) -> None:
     be sent (see the summary), 2 usage, config or data error, 75 another run
     (or email sender) holds the lease, or the database is locked or
     unreachable: try again later.
+
+    \b
+    Examples:
+      cancelproc find alice@example.com
+      cancelproc requests show ext:R-1001
     """
     app = App(config_path=config_path, debug=debug)
     ctx.obj = app

@@ -10,8 +10,9 @@ from sqlalchemy import select
 
 from processor import outbox
 from processor.cli.app import App, cli, pass_app, utc_now
-from processor.cli.arguments import COUNT, ID, FreeTextType, LanguageType
-from processor.cli.output import echo_fields, echo_json, echo_rows, log_report
+from processor.cli.arguments import COUNT, ID, REQUEST, FreeTextType, LanguageType
+from processor.cli.listing import echo_page, fetch_page, page_options
+from processor.cli.output import echo_fields, echo_json, log_report
 from processor.delivery import DeliveryReport, get_email, retry_emails
 from processor.digest import preview_digest
 from processor.emails import (
@@ -45,20 +46,32 @@ def _email_row(e: OutboxEmail) -> dict[str, Any]:
 
 @cli.group("emails")
 def emails_group() -> None:
-    """The email outbox: list, show, preview, send and retry emails."""
+    """The email outbox: list, show, preview, send and retry emails.
+
+    \b
+    Examples:
+      cancelproc emails list --status failed
+      cancelproc emails retry --all-failed
+    """
 
 
 @emails_group.command("list")
 @click.option("--status", type=click.Choice([s.value for s in EmailStatus]), help="Only emails in this state.")
-@click.option("--request", "request_id", type=ID, help="Only emails about this request.")
+@click.option("--request", "request_id", type=REQUEST, help="Only emails about this request (id or ext:ID).")
 @click.option("--template", type=click.Choice(list(TEMPLATES)), help="Only this message.")
-@click.option("--limit", type=COUNT, default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@page_options(50)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: total, limit, offset and rows (docs/json.md).")
 @pass_app
-def emails_list(app: App, status: str | None, request_id: int | None, template: str | None, limit: int,
+def emails_list(app: App, status: str | None, request_id: int | None, template: str | None, limit: int, offset: int,
                 as_json: bool) -> None:
-    """List emails, newest first."""
-    query = select(OutboxEmail).order_by(OutboxEmail.id.desc()).limit(limit)
+    """List emails, newest first.
+
+    \b
+    Examples:
+      cancelproc emails list --status failed
+      cancelproc emails list --request ext:R-1001 --json
+    """
+    query = select(OutboxEmail).order_by(OutboxEmail.id.desc())
     if status:
         query = query.where(OutboxEmail.status == EmailStatus(status))
     if request_id is not None:
@@ -66,8 +79,8 @@ def emails_list(app: App, status: str | None, request_id: int | None, template: 
     if template:
         query = query.where(OutboxEmail.template == template)
     with app.database().read_session() as session:
-        rows = [_email_row(e) for e in session.scalars(query)]
-    echo_rows(rows, ["id", "template", "request_id", "to", "status", "attempts", "created_at", "sent_at",
+        page = fetch_page(session, query, _email_row, limit=limit, offset=offset)
+    echo_page(page, ["id", "template", "request_id", "to", "status", "attempts", "created_at", "sent_at",
                      "last_error"], as_json=as_json, empty="no emails")
 
 
@@ -75,10 +88,16 @@ def emails_list(app: App, status: str | None, request_id: int | None, template: 
 @click.argument("email_id", type=ID)
 @click.option("--raw", is_flag=True, help="The whole message as it is sent (headers, text and HTML parts).")
 @click.option("--html", is_flag=True, help="The HTML part instead of the text.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, with the text and HTML (docs/json.md).")
 @pass_app
 def emails_show(app: App, email_id: int, raw: bool, html: bool, as_json: bool) -> None:
-    """One email: its state and its text (or HTML, or the raw message)."""
+    """One email: its state and its text (or HTML, or the raw message).
+
+    \b
+    Examples:
+      cancelproc emails show 7
+      cancelproc emails show 7 --raw
+    """
     with app.database().read_session() as session:
         email = get_email(session, email_id)
         row = _email_row(email)
@@ -98,12 +117,13 @@ def emails_show(app: App, email_id: int, raw: bool, html: bool, as_json: bool) -
 
 @emails_group.command("preview")
 @click.argument("template", type=click.Choice(list(TEMPLATES)), metavar="TEMPLATE")
-@click.option("--request", "request_id", type=ID, help="Render it for this request (client and request emails).")
+@click.option("--request", "request_id", type=REQUEST, help="Render it for this request (client and request emails).")
 @click.option("--run", "run_id", type=ID, help="Render it for this run (cron_job_activity).")
 @click.option("--language", type=LanguageType(),
               help="Use this language's templates and dates instead of the client's (e.g. de, de_AT).")
 @click.option("--html", is_flag=True, help="Print the HTML part instead of the text.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object: template, file, to, subject, text, html (docs/json.md).")
 @pass_app
 def emails_preview(app: App, template: str, request_id: int | None, run_id: int | None, language: str | None,
                    html: bool, as_json: bool) -> None:
@@ -112,6 +132,11 @@ def emails_preview(app: App, template: str, request_id: int | None, run_id: int 
     \b
     Templates: cancellation_request_confirmation, new_cancellation_request,
     service_cancellation_confirmation (each --request ID), cron_job_activity (--run ID).
+
+    \b
+    Examples:
+      cancelproc emails preview cancellation_request_confirmation --request ext:R-1001
+      cancelproc emails preview cron_job_activity --run 12 --html
     """
     composer = app.composer()
     if template == CRON_JOB_ACTIVITY:
@@ -150,7 +175,7 @@ def _echo_delivery(report: DeliveryReport) -> None:
 @click.option("--limit", type=COUNT, help="Send at most N emails.")
 @click.option("--now", "ignore_backoff", is_flag=True,
               help="Also send emails waiting for their next attempt after a failed send.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the delivery's counts as one JSON object (docs/json.md).")
 @pass_app
 def emails_send(app: App, limit: int | None, ignore_backoff: bool, as_json: bool) -> int:
     """Send queued emails now (a run also sends them at its end).
@@ -158,6 +183,11 @@ def emails_send(app: App, limit: int | None, ignore_backoff: bool, as_json: bool
     Exit 0 when everything due was sent, 1 when some could not be (they stay queued
     with their error, or failed for good after max_attempts), 75 when another sender
     is at work.
+
+    \b
+    Examples:
+      cancelproc emails send
+      cancelproc emails send --now --json
     """
     try:
         report = app.deliverer().deliver(limit=limit, ignore_backoff=ignore_backoff)
@@ -178,7 +208,13 @@ def emails_send(app: App, limit: int | None, ignore_backoff: bool, as_json: bool
 @click.option("--all-failed", is_flag=True, help="Every failed email.")
 @pass_app
 def emails_retry(app: App, email_ids: tuple[int, ...], all_failed: bool) -> None:
-    """Queue failed emails again (attempts reset); the next run or `emails send` sends them."""
+    """Queue failed emails again (attempts reset); the next run or `emails send` sends them.
+
+    \b
+    Examples:
+      cancelproc emails retry 7 8
+      cancelproc emails retry --all-failed
+    """
     if bool(email_ids) == all_failed:
         raise click.UsageError("give EMAIL_IDS or --all-failed (not both)")
     with app.database().session.begin() as session:
@@ -204,6 +240,11 @@ def emails_convert(app: App, file: Path, name: str | None, language: str | None,
     {$var|modifier}, {if}/{elseif}/{else}, {foreach}, {literal}. The text part is made
     from the HTML, as WHMCS does. What cannot be converted is named with its line and
     column, and nothing is written. The result is rendered once with sample fields.
+
+    \b
+    Examples:
+      cancelproc emails convert "Cancellation Request Confirmation.tpl"
+      cancelproc emails convert confirm-de.tpl --template cancellation_request_confirmation --language de
     """
     name = name or template_for(file.name)
     if name is None:

@@ -76,14 +76,6 @@ def echo_fields(pairs: Iterable[tuple[str, Any]]) -> None:
         click.echo(f"{k.ljust(width)}  {cell(v)}")
 
 
-def echo_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, as_json: bool, empty: str) -> None:
-    """A list command's output: JSON for scripts, a table for people."""
-    if as_json:
-        echo_json(rows)
-    else:
-        echo_table(rows, columns, empty=empty)
-
-
 def log_report(event: str, data: Mapping[str, Any], *, problem: bool = False) -> None:
     """A command's report as one log event (JSON off a terminal), its values as --json has
     them: what cron's log and the journal get instead of text for people on stdout."""

@@ -11,21 +11,22 @@ from decimal import Decimal
 from typing import Any
 
 import click
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import joinedload
 
 from processor import attention, cancellations, monitoring, reports
 from processor.cli.app import App, audit_rows, cli, pass_app, request_row, utc_now
-from processor.cli.arguments import COUNT, DATE, HOURS, ID, RunRefType
+from processor.cli.arguments import CLIENT, DATE, HOURS, MAX_DOMAIN, SERVICE, FreeTextType, RunRefType
+from processor.cli.listing import echo_page, fetch_page, page_options
 from processor.cli.output import (
     cell,
     echo_fields,
     echo_json,
-    echo_rows,
     echo_table,
     to_jsonable,
 )
+from processor.cli.requests import email_summary
 from processor.digest import failure_entries
 from processor.errors import (
     CancelprocError,
@@ -52,27 +53,46 @@ def _run_row(r: Run) -> dict[str, Any]:
 
 @cli.group("runs")
 def runs_group() -> None:
-    """Inspect past runs."""
+    """Inspect past runs.
+
+    \b
+    Examples:
+      cancelproc runs list
+      cancelproc runs show last
+    """
 
 
 @runs_group.command("list")
-@click.option("--limit", type=COUNT, default=20, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@page_options(20)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: total, limit, offset and rows (docs/json.md).")
 @pass_app
-def runs_list(app: App, limit: int, as_json: bool) -> None:
-    """Recent runs, newest first."""
+def runs_list(app: App, limit: int, offset: int, as_json: bool) -> None:
+    """Recent runs, newest first.
+
+    \b
+    Examples:
+      cancelproc runs list --limit 5
+      cancelproc runs list --limit 0 --json
+    """
     with app.database().read_session() as session:
-        rows = [_run_row(r) for r in session.scalars(select(Run).order_by(Run.id.desc()).limit(limit))]
-    echo_rows(rows, ["id", "started_at", "trigger", "operator", "as_of", "status", *Run.REQUEST_COUNTS,
+        page = fetch_page(session, select(Run).order_by(Run.id.desc()), _run_row, limit=limit, offset=offset)
+    echo_page(page, ["id", "started_at", "trigger", "operator", "as_of", "status", *Run.REQUEST_COUNTS,
                      *Run.LATENESS_COUNTS], as_json=as_json, empty="no runs yet")
 
 
 @runs_group.command("show")
 @click.argument("run_ref", metavar="RUN_ID|last", type=RunRefType())
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object, with the failures and the late requests (docs/json.md).")
 @pass_app
 def runs_show(app: App, run_ref: int | str, as_json: bool) -> None:
-    """One run: counts, lateness and each failure."""
+    """One run: counts, lateness and each failure.
+
+    \b
+    Examples:
+      cancelproc runs show last
+      cancelproc runs show 12 --json
+    """
     with app.database().read_session() as session:
         if run_ref == "last":
             run_obj = session.scalars(select(Run).order_by(Run.id.desc()).limit(1)).one_or_none()
@@ -107,7 +127,7 @@ def runs_show(app: App, run_ref: int | str, as_json: bool) -> None:
 GONE = "(deleted outside cancelproc)"  # a client or product row removed with the foreign keys off
 
 
-def _service_row(s: Service) -> dict[str, Any]:
+def service_row(s: Service) -> dict[str, Any]:
     return {"id": s.id, "external_id": s.external_id, "client_id": s.client_id,
             "client": s.client.name if s.client else f"#{s.client_id} {GONE}",
             "product": s.product.name if s.product else f"#{s.product_id} {GONE}", "domain": s.domain,
@@ -118,59 +138,84 @@ def _service_row(s: Service) -> dict[str, Any]:
 
 @cli.group("services")
 def services_group() -> None:
-    """Inspect services."""
+    """Inspect services.
+
+    \b
+    Examples:
+      cancelproc services show ext:1003
+      cancelproc services list --domain example.com
+    """
 
 
 @services_group.command("list")
 @click.option("--status", type=click.Choice([s.value for s in ServiceStatus], case_sensitive=False))
-@click.option("--client", "client_id", type=ID, help="Only this client's services.")
-@click.option("--limit", type=COUNT, default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--client", "client_id", type=CLIENT, help="Only this client's services (id or ext:ID).")
+@click.option("--domain", type=FreeTextType(MAX_DOMAIN), help="Only services whose domain contains this (any case).")
+@page_options(50)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: total, limit, offset and rows (docs/json.md).")
 @pass_app
-def services_list(app: App, status: str | None, client_id: int | None, limit: int, as_json: bool) -> None:
-    """List services."""
-    query = (select(Service).options(joinedload(Service.client), joinedload(Service.product))
-             .order_by(Service.id).limit(limit))
+def services_list(app: App, status: str | None, client_id: int | None, domain: str | None, limit: int, offset: int,
+                  as_json: bool) -> None:
+    """List services, in id order.
+
+    \b
+    Examples:
+      cancelproc services list --client ext:C-88
+      cancelproc services list --domain example.com --status active
+    """
+    query = select(Service).order_by(Service.id)
     if status:
         query = query.where(Service.status == ServiceStatus(status.capitalize()))
     if client_id is not None:
         query = query.where(Service.client_id == client_id)
+    if domain:
+        query = query.where(func.lower(Service.domain).contains(domain.lower(), autoescape=True))
     with app.database().read_session() as session:
-        rows = [_service_row(s) for s in session.scalars(query)]
-    echo_rows(rows, ["id", "client", "product", "domain", "status", "billing_cycle", "next_due_date",
+        page = fetch_page(session, query, service_row, limit=limit, offset=offset,
+                          options=[joinedload(Service.client), joinedload(Service.product)])
+    echo_page(page, ["id", "external_id", "client", "product", "domain", "status", "billing_cycle", "next_due_date",
                      "termination_date"], as_json=as_json, empty="no services")
 
 
 @services_group.command("show")
-@click.argument("service_id", type=ID)
-@click.option("--json", "as_json", is_flag=True)
+@click.argument("service_id", type=SERVICE, metavar="SERVICE_ID|ext:ID")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object, with add-ons, invoices, requests and emails (docs/json.md).")
 @pass_app
 def services_show(app: App, service_id: int, as_json: bool) -> None:
-    """One service with its add-ons, invoices, requests and emails."""
+    """One service with its client, add-ons, invoices, requests and emails.
+
+    \b
+    Examples:
+      cancelproc services show 42
+      cancelproc services show ext:1003 --json
+    """
     with app.database().read_session() as session:
         service = cancellations.get_service(session, service_id)
-        row = _service_row(service)
+        row = service_row(service)
         row["client_email"] = service.client.email if service.client else None
-        row["addons"] = [{"id": a.id, "name": a.name, "status": a.status, "amount": a.amount}
+        row["addons"] = [{"id": a.id, "external_id": a.external_id, "name": a.name, "status": a.status,
+                          "amount": a.amount}
                          for a in session.scalars(select(ServiceAddon).where(ServiceAddon.service_id == service_id))]
-        row["invoices"] = [{"id": i.id, "amount": i.amount, "status": i.status, "due_date": i.due_date}
+        row["invoices"] = [{"id": i.id, "external_id": i.external_id, "amount": i.amount, "status": i.status,
+                            "due_date": i.due_date}
                            for i in session.scalars(select(Invoice).where(Invoice.service_id == service_id))]
         requests = session.scalars(select(CancellationRequest).where(CancellationRequest.service_id == service_id)
                                    .order_by(CancellationRequest.id)).all()
         row["requests"] = [request_row(r) for r in requests]
-        row["emails"] = [{"id": e.id, "template": e.template, "to": e.to_address, "subject": e.subject,
-                          "status": e.status} for e in session.scalars(
-                              select(OutboxEmail).where(OutboxEmail.request_id.in_([r.id for r in requests])))]
+        row["emails"] = [email_summary(e) for e in session.scalars(
+            select(OutboxEmail).where(OutboxEmail.request_id.in_([r.id for r in requests])).order_by(OutboxEmail.id))]
     if as_json:
         echo_json(row)
         return
     echo_fields([(k, row[k]) for k in ("id", "external_id", "client", "client_email", "product", "domain", "status",
                                        "billing_cycle", "amount", "next_due_date", "termination_date",
                                        "registration_date", "subscription_id")])
-    for title, key, cols in (("add-ons", "addons", ["id", "name", "status", "amount"]),
-                             ("invoices", "invoices", ["id", "amount", "status", "due_date"]),
-                             ("requests", "requests", ["id", "type", "status", "created_at", "processed_at"]),
-                             ("emails", "emails", ["id", "template", "to", "status"])):
+    for title, key, cols in (("add-ons", "addons", ["id", "external_id", "name", "status", "amount"]),
+                             ("invoices", "invoices", ["id", "external_id", "amount", "status", "due_date"]),
+                             ("requests", "requests", ["id", "external_id", "type", "status", "reason_code",
+                                                       "created_at", "processed_at"]),
+                             ("emails", "emails", ["id", "template", "to", "status", "sent_at", "last_error"])):
         click.echo(f"{title}:")
         echo_table(row[key], cols, empty="  (none)")
 
@@ -210,7 +255,12 @@ def _report(app: App, since: dt.date | None, until: dt.date | None, fmt: str, ro
 
 @cli.group("report")
 def report_group() -> None:
-    """Reports: why clients cancel, and the runs."""
+    """Reports: why clients cancel, and the runs.
+
+    \b
+    Examples:
+      cancelproc report reasons --since 2026-01-01 --format csv
+    """
 
 
 def _report_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -226,7 +276,13 @@ def _report_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @_report_options
 @pass_app
 def report_reasons(app: App, since: dt.date | None, until: dt.date | None, fmt: str) -> None:
-    """Cancellations applied in the window, by reason code and product (churn analysis)."""
+    """Cancellations applied in the window, by reason code and product (churn analysis).
+
+    \b
+    Examples:
+      cancelproc report reasons --since 2026-01-01
+      cancelproc report reasons --format csv > reasons.csv
+    """
     _report(app, since, until, fmt, reports.cancellations_by_reason,
             ["reason_code", "product", "cancellations", "share_percent", "recurring_amount"], "cancellations")
 
@@ -235,7 +291,13 @@ def report_reasons(app: App, since: dt.date | None, until: dt.date | None, fmt: 
 @_report_options
 @pass_app
 def report_runs(app: App, since: dt.date | None, until: dt.date | None, fmt: str) -> None:
-    """Runs started in the window: status, duration, counts, lateness, emails."""
+    """Runs started in the window: status, duration, counts, lateness, emails.
+
+    \b
+    Examples:
+      cancelproc report runs
+      cancelproc report runs --format json
+    """
     _report(app, since, until, fmt, reports.runs_between,
             ["id", "started_at", "trigger", "status", "duration_seconds", *Run.REQUEST_COUNTS, *Run.LATENESS_COUNTS,
              *Run.DELIVERY_COUNTS], "runs")
@@ -269,7 +331,7 @@ def _echo_health(h: monitoring.Health) -> None:
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="The health as one JSON object (docs/json.md).")
 @click.option("--max-age-hours", type=HOURS,
               help="A successful run must have finished within this many hours (default: status_max_age_hours).")
 @pass_app
@@ -282,6 +344,11 @@ def status(app: App, as_json: bool, max_age_hours: float | None) -> int:
     successful scheduled run (trigger cron or schedule; a manual run or
     `requests process` does not count) is too old, the last run ended in error, requests need a
     manual cancellation, emails failed, or a lease went stale.
+
+    \b
+    Examples:
+      cancelproc status
+      cancelproc status --max-age-hours 30 --json
     """
     app.settings  # noqa: B018 - a config that does not load is the first thing to say
     failed = attention.read(app.attention_path())

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
+from zoneinfo import ZoneInfo
 
 import click
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import contains_eager
 
 from processor import cancellations, outbox
 from processor.cli.app import App, audit_rows, cli, pass_app, request_row, utc_now
-from processor.cli.arguments import COUNT, DATE, ID, FreeTextType
-from processor.cli.output import echo_fields, echo_json, echo_rows, echo_table
+from processor.cli.arguments import CLIENT, DATE, MAX_DOMAIN, REQUEST, SERVICE, FreeTextType, ReasonCodeOption
+from processor.cli.listing import echo_page, fetch_page, page_options
+from processor.cli.output import echo_fields, echo_json, echo_table
 from processor.cli.run import echo_summary
-from processor.due import request_due_on, request_is_due
+from processor.due import due_before_clause, request_due_on, request_is_due
 from processor.emails import REQUEST_WITHDRAWN
 from processor.errors import (
     CancelprocError,
@@ -21,13 +25,16 @@ from processor.errors import (
     LeaseHeld,
     NotDue,
 )
-from processor.hooks import HookFailed
+from processor.hooks import POINTS, HookFailed
 from processor.models import (
     REQUEST_TYPE_WORDS,
+    AuditAction,
     AuditEntry,
     CancellationRequest,
+    OutboxEmail,
     RequestStatus,
     RunTrigger,
+    Service,
 )
 from processor.run import RunOptions
 from processor.text import MAX_NOTE, MAX_REASON
@@ -37,17 +44,24 @@ REQUEST_TYPES = REQUEST_TYPE_WORDS
 
 @cli.group("requests")
 def requests_group() -> None:
-    """Create, inspect, withdraw, retry and process cancellation requests."""
+    """Create, inspect, withdraw, retry and process cancellation requests.
+
+    \b
+    Examples:
+      cancelproc requests list --client ext:C-88
+      cancelproc requests create ext:1003 --reason-code too_expensive
+    """
 
 
 @requests_group.command("create")
-@click.argument("service_id", type=ID)
+@click.argument("service_id", type=SERVICE, metavar="SERVICE_ID|ext:ID")
 @click.option("--type", "type_name", type=click.Choice(list(REQUEST_TYPES)), default="end-of-period", show_default=True)
-@click.option("--reason-code", required=True, help="One of the configured reason_codes.")
+@click.option("--reason-code", cls=ReasonCodeOption, required=True,
+              help="Why the client cancels: one of the reason_codes setting.")
 @click.option("--reason", default="", type=FreeTextType(MAX_REASON),
               help=f"Free text from the client (at most {MAX_REASON} characters).")
 @click.option("--on", "cancel_on", type=DATE, help="The date, for --type on-date.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the request created as one JSON object (docs/json.md).")
 @pass_app
 def requests_create(app: App, service_id: int, type_name: str, reason_code: str, reason: str,
                     cancel_on: dt.date | None, as_json: bool) -> int:
@@ -57,6 +71,11 @@ def requests_create(app: App, service_id: int, type_name: str, reason_code: str,
     The client's confirmation and the staff notice are queued with it and sent at once
     (email.send_after_create). Exit 1 if they could not be sent now: they stay queued and
     the next run or `emails send` retries them.
+
+    \b
+    Examples:
+      cancelproc requests create ext:1003 --reason-code too_expensive
+      cancelproc requests create 42 --type on-date --on 2026-12-31 --reason-code switching_provider
     """
     database = app.database()
     hooks = app.hooks
@@ -113,30 +132,69 @@ def _send_request_emails(app: App, request_id: int) -> tuple[int, str | None, bo
 
 @requests_group.command("list")
 @click.option("--status", type=click.Choice([s.value for s in RequestStatus]), help="Only requests in this state.")
-@click.option("--service", "service_id", type=ID, help="Only requests for this service.")
-@click.option("--limit", type=COUNT, default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--client", "client_id", type=CLIENT, help="Only this client's requests (id or ext:ID).")
+@click.option("--service", "service_id", type=SERVICE, help="Only requests for this service (id or ext:ID).")
+@click.option("--domain", type=FreeTextType(MAX_DOMAIN),
+              help="Only requests for services whose domain contains this (any case).")
+@click.option("--type", "type_name", type=click.Choice(list(REQUEST_TYPES)), help="Only requests of this type.")
+@click.option("--due-before", type=DATE, help="Only requests whose date (DUE_ON) is before this day, or due at once.")
+@page_options(50)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: total, limit, offset and rows (docs/json.md).")
 @pass_app
-def requests_list(app: App, status: str | None, service_id: int | None, limit: int, as_json: bool) -> None:
-    """List requests, newest first (by when they were made: an imported request keeps its date)."""
-    R = CancellationRequest
-    query = select(R).order_by(R.created_at.desc(), R.id.desc()).limit(limit)
+def requests_list(app: App, status: str | None, client_id: int | None, service_id: int | None, domain: str | None,
+                  type_name: str | None, due_before: dt.date | None, limit: int, offset: int, as_json: bool) -> None:
+    """List requests, newest first (by when they were made: an imported request keeps its
+    date), with the client, the domain and the date each is due on.
+
+    \b
+    Examples:
+      cancelproc requests list --status failed
+      cancelproc requests list --client ext:C-88 --due-before 2026-12-31 --json
+    """
+    r, s = CancellationRequest, Service
+    query = select(r).outerjoin(s, s.id == r.service_id).order_by(r.created_at.desc(), r.id.desc())
     if status:
-        query = query.where(CancellationRequest.status == RequestStatus(status))
+        query = query.where(r.status == RequestStatus(status))
     if service_id is not None:
-        query = query.where(CancellationRequest.service_id == service_id)
+        query = query.where(r.service_id == service_id)
+    if client_id is not None:
+        query = query.where(s.client_id == client_id)
+    if domain:
+        query = query.where(func.lower(s.domain).contains(domain.lower(), autoescape=True))
+    if type_name:
+        query = query.where(r.type == REQUEST_TYPES[type_name])
+    if due_before is not None:
+        query = query.where(due_before_clause(due_before, app.settings.zone))
     with app.database().read_session() as session:
-        rows = [request_row(r) for r in session.scalars(query)]
-    echo_rows(rows, ["id", "service_id", "type", "cancel_on", "status", "attempts", "reason_code",
-                     "created_at", "processed_at", "last_error"], as_json=as_json, empty="no requests")
+        page = fetch_page(session, query, lambda req: listed_request(req, app.settings.zone), limit=limit,
+                          offset=offset, options=[contains_eager(r.service).joinedload(s.client)])
+    echo_page(page, ["id", "client", "domain", "type", "due_on", "status", "reason_code", "attempts", "created_at",
+                     "last_error"], as_json=as_json, empty="no requests")
+
+
+def listed_request(request: CancellationRequest, zone: ZoneInfo) -> dict[str, Any]:
+    """A request as `requests list` and `find` show it: with its client, domain and date."""
+    row = request_row(request)
+    service = request.service
+    client = service.client if service else None
+    row.update(client_id=service.client_id if service else None, client=client.name if client else None,
+               domain=service.domain if service else None,
+               due_on=request_due_on(request, zone) if service else None)
+    return row
 
 
 @requests_group.command("show")
-@click.argument("request_id", type=ID)
-@click.option("--json", "as_json", is_flag=True)
+@click.argument("request_id", type=REQUEST, metavar="REQUEST_ID|ext:ID")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (docs/json.md).")
 @pass_app
 def requests_show(app: App, request_id: int, as_json: bool) -> None:
-    """One request, whether it is due, and its audit trail."""
+    """One request: whether it is due, its emails, what hooks did to it, its audit trail.
+
+    \b
+    Examples:
+      cancelproc requests show 42
+      cancelproc requests show ext:R-1001 --json
+    """
     with app.database().read_session() as session:
         request = cancellations.get_request(session, request_id)
         service = request.service  # None if deleted outside cancelproc (foreign keys off)
@@ -146,28 +204,70 @@ def requests_show(app: App, request_id: int, as_json: bool) -> None:
         row["due_now"] = (service is not None and request.status is RequestStatus.PENDING
                           and request_is_due(request, app.settings.zone, app.today())
                           and (request.next_attempt_at is None or request.next_attempt_at <= utc_now()))
-        row["service"] = service and {"id": service.id, "status": service.status, "domain": service.domain,
-                                      "next_due_date": service.next_due_date,
+        client = service.client if service else None
+        row["service"] = service and {"id": service.id, "external_id": service.external_id, "status": service.status,
+                                      "domain": service.domain, "next_due_date": service.next_due_date,
                                       "termination_date": service.termination_date}
+        row["client"] = client and {"id": client.id, "external_id": client.external_id, "name": client.name,
+                                    "email": client.email}
         row["audit"] = audit_rows(session.scalars(
             select(AuditEntry).where(AuditEntry.request_id == request_id).order_by(AuditEntry.id)).all())
+        row["emails"] = [email_summary(e) for e in session.scalars(
+            select(OutboxEmail).where(OutboxEmail.request_id == request_id).order_by(OutboxEmail.id))]
+    row["hook_outcomes"] = hook_outcomes(row["audit"])
     if as_json:
         echo_json(row)
         return
+    _echo_request(row)
+
+
+def email_summary(e: OutboxEmail) -> dict[str, Any]:
+    """An email in a request's or a service's record (`emails show ID` has all of it)."""
+    return {"id": e.id, "template": e.template, "to": e.to_address, "subject": e.subject, "status": e.status,
+            "attempts": e.attempts, "created_at": e.created_at, "sent_at": e.sent_at, "last_error": e.last_error}
+
+
+def hook_outcomes(audit: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What hooks did to the request, as its audit trail records it: a PreModuleTerminate
+    veto, an EmailPreSend abortsend, or a hook that failed an attempt (HookFailed's
+    "POINT hook LABEL: ..." in the detail)."""
+    outcomes = []
+    for entry in audit:
+        point = POINT_OF_ACTION.get(entry["action"]) or next(
+            (name for name in POINTS if f"{name} hook " in entry["detail"]), None)
+        if point:
+            outcomes.append({"at": entry["at"], "run_id": entry["run_id"], "point": point, "action": entry["action"],
+                             "detail": entry["detail"]})
+    return outcomes
+
+
+POINT_OF_ACTION = {AuditAction.VETOED: "PreModuleTerminate", AuditAction.ABORTED: "EmailPreSend"}
+
+
+def _echo_request(row: dict[str, Any]) -> None:
     echo_fields([(k, row[k]) for k in ("id", "external_id", "service_id", "type", "cancel_on", "due_on", "due_now",
                                        "status", "reason_code", "reason", "attempts", "last_error", "next_attempt_at",
                                        "created_at", "created_by", "processed_at", "run_id", "days_late", "note")])
-    click.echo(f"service     {service.id} {service.domain} ({service.status.value}, "
-               f"next due {service.next_due_date or '-'})" if service
+    service, client = row["service"], row["client"]
+    click.echo(f"service     {service['id']} {service['domain']} ({service['status'].value}, "
+               f"next due {service['next_due_date'] or '-'})" if service
                else f"service     {row['service_id']} no longer exists (deleted outside cancelproc)")
-    click.echo("audit trail:")
-    echo_table(row["audit"], ["at", "actor", "run_id", "entity", "entity_id", "action", "detail"], empty="  (none)")
+    if client:
+        click.echo(f"client      {client['id']} {client['name']} <{client['email'] or '-'}>")
+    for title, key, columns in (("emails", "emails", ["id", "template", "to", "status", "attempts", "sent_at",
+                                                      "last_error"]),
+                                ("hook outcomes", "hook_outcomes", ["at", "run_id", "point", "action", "detail"]),
+                                ("audit trail", "audit", ["at", "actor", "run_id", "entity", "entity_id", "action",
+                                                          "detail"])):
+        click.echo(f"{title}:")
+        echo_table(row[key], columns, empty="  (none)")
 
 
 @requests_group.command("withdraw")
-@click.argument("request_id", type=ID)
+@click.argument("request_id", type=REQUEST, metavar="REQUEST_ID|ext:ID")
 @click.option("--note", default="", type=FreeTextType(MAX_NOTE), help="Why (goes into the audit log).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object: the request's id and status, the emails withdrawn, sent and not sent.")
 @pass_app
 def requests_withdraw(app: App, request_id: int, note: str, as_json: bool) -> int:
     """Withdraw a pending (or failed) request: the service stays as it is.
@@ -177,6 +277,10 @@ def requests_withdraw(app: App, request_id: int, note: str, as_json: bool) -> in
     sent: `emails list` shows them withdrawn. The client gets Cancellation Request
     Withdrawn, saying the service continues, sent at once (email.send_after_create).
     Exit 1 if it could not be sent now: it stays queued for the next run or `emails send`.
+
+    \b
+    Examples:
+      cancelproc requests withdraw ext:R-1001 --note "client changed their mind"
     """
     database, hooks, composer = app.database(), app.hooks, app.composer()
     now = utc_now()
@@ -204,34 +308,55 @@ def requests_withdraw(app: App, request_id: int, note: str, as_json: bool) -> in
 
 
 @requests_group.command("retry")
-@click.argument("request_id", type=ID)
+@click.argument("request_id", type=REQUEST, metavar="REQUEST_ID|ext:ID")
 @pass_app
 def requests_retry(app: App, request_id: int) -> None:
-    """Put a failed request (or one waiting for its next attempt) back in line for the next run."""
+    """Put a failed request (or one waiting for its next attempt) back in line for the next run.
+
+    \b
+    Examples:
+      cancelproc requests retry 42
+    """
     with app.database().session.begin() as session:
         cancellations.retry_request(session, request_id, actor=app.operator, now=utc_now())
     click.echo(f"request {request_id} is pending again (attempts reset); the next run applies it when due")
 
 
 @requests_group.command("resolve")
-@click.argument("request_id", type=ID)
+@click.argument("request_id", type=REQUEST, metavar="REQUEST_ID|ext:ID")
 @click.option("--note", required=True, type=FreeTextType(MAX_NOTE),
               help="What was done by hand (goes into the audit log).")
 @pass_app
 def requests_resolve(app: App, request_id: int, note: str) -> None:
-    """Close a failed request that staff cancelled by hand (the service is not touched)."""
+    """Close a request whose service staff cancelled by hand (the service is not touched).
+
+    A failed request, or a pending one waiting out the backoff of a failed or vetoed
+    attempt. The note goes into the request and its audit trail.
+
+    \b
+    Examples:
+      cancelproc requests resolve 42 --note "terminated in the panel by hand"
+      cancelproc requests resolve ext:R-1001 --note "vetoed: billing hold lifted, cancelled by hand"
+    """
     with app.database().session.begin() as session:
         cancellations.resolve_request(session, request_id, actor=app.operator, now=utc_now(), note=note)
     click.echo(f"request {request_id} resolved by hand")
 
 
 @requests_group.command("process")
-@click.argument("request_ids", type=ID, nargs=-1, required=True)
+@click.argument("request_ids", type=REQUEST, nargs=-1, required=True, metavar="REQUEST_ID|ext:ID...")
 @click.option("--now", "ignore_due_date", is_flag=True, help="Apply even if the request is not due yet.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the run's summary as one JSON object, as `run --json` (docs/json.md).")
 @pass_app
 def requests_process(app: App, request_ids: tuple[int, ...], ignore_due_date: bool, as_json: bool) -> int:
-    """Apply these requests at once, as a run limited to them."""
+    """Apply these requests at once, as a run limited to them.
+
+    \b
+    Examples:
+      cancelproc requests process 42
+      cancelproc requests process ext:R-1001 ext:R-1002 --now --json
+    """
     today = app.today()
     try:
         with app.database().read_session() as session:

@@ -204,6 +204,11 @@ def run(app: App, as_of: dt.date | None, dry_run: bool, as_json: bool, limit: in
     On PostgreSQL a run can be shared: --workers N starts N worker processes on
     this host, and `cancelproc run --join` on another host works on the run in
     progress until nothing is left (docs/deploy.md).
+
+    \b
+    Examples:
+      cancelproc run --dry-run
+      cancelproc run --trigger cron   # the crontab line (crontab.example)
     """
     settings = app.settings
     if join:
@@ -293,6 +298,10 @@ def schedule_command(app: App, times: tuple[str, ...]) -> None:
     finishes its chunk and releases the lease). A run that fails is logged and the
     scheduler goes on; one that finds another run holding the lease waits for the
     next time.
+
+    \b
+    Examples:
+      cancelproc schedule --at 00:30
     """
     settings = app.settings
     for at in times:

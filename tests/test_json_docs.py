@@ -1,0 +1,89 @@
+"""docs/json.md is the contract of every list and show command's --json: this test runs
+each one on data where every part of its output is there (an add-on, an invoice, a veto,
+a late request, emails, a hook) and fails when a documented key is missing from the
+output, an undocumented one appears, or a value is not of its documented type.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from freezegun import freeze_time
+
+from processor.db import Database
+from tests.cli_helpers import Invoke, as_json, ok
+from tests.factories import support_desk
+from tests.json_shapes import TYPES, fits, observe
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "json.md"
+NOW = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC)
+# Vetoes the requests of shop.alice.test (a failure of the run, a hook outcome); the
+# others complete (request 3 a day late).
+HOOK = ("from processor.hooks import add_hook\n\n\n"
+        "@add_hook('PreModuleTerminate')\n"
+        "def hold(service):\n"
+        "    return {'abortcmd': True, 'reason': 'on hold'} if service['domain'] == 'shop.alice.test' else None\n")
+
+# What each documented command is run with; the paths seen over all its runs are compared.
+RUNS: dict[str, list[list[str]]] = {
+    "runs list": [["runs", "list"]],
+    "runs show": [["runs", "show", "last"]],
+    "services list": [["services", "list"]],
+    "services show": [["services", "show", "1"], ["services", "show", "3"]],
+    "requests list": [["requests", "list"]],
+    "requests show": [["requests", "show", "1"], ["requests", "show", "3"]],
+    "emails list": [["emails", "list"]],
+    "emails show": [["emails", "show", "1"]],
+    "hooks list": [["hooks", "list"]],
+    "find": [["find", "alice"]],
+}
+
+
+def documented() -> dict[str, dict[str, str]]:
+    """docs/json.md: under each '## `cancelproc COMMAND --json`' heading, a table of
+    | `path` | type | meaning |."""
+    sections: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    for line in DOC.read_text().splitlines():
+        heading = re.match(r"^## `cancelproc (.+) --json`", line)
+        if heading:
+            current = sections.setdefault(heading.group(1), {})
+            continue
+        row = re.match(r"^\| `([^`]+)` \| ([a-z|]+) \|", line)
+        if row and current is not None:
+            assert row.group(1) not in current, f"docs/json.md: {row.group(1)} twice"
+            assert all(t in (*TYPES, "null") for t in row.group(2).split("|")), f"docs/json.md: type {row.group(2)}"
+            current[row.group(1)] = row.group(2)
+    return sections
+
+
+@pytest.fixture(autouse=True)
+def frozen() -> Iterator[Any]:
+    with freeze_time(NOW) as frozen_time:
+        yield frozen_time
+
+
+def test_every_list_and_show_json_is_as_documented(invoke: Invoke, db: Database, tmp_path: Path) -> None:
+    support_desk(db, NOW)
+    (tmp_path / "hooks").mkdir()
+    (tmp_path / "hooks" / "hold.py").write_text(HOOK)
+    ok(invoke("run"), code=1)
+    docs = documented()
+    assert sorted(docs) == sorted(RUNS), "docs/json.md documents other commands than this test runs"
+    problems = []
+    for command, runs in RUNS.items():
+        seen: dict[str, set[str]] = {}
+        for args in runs:
+            observe(as_json(invoke(*args, "--json")), seen)
+        doc = docs[command]
+        problems += [f"{command}: `{path}` is documented but not in the output" for path in doc if path not in seen]
+        problems += [f"{command}: `{path}` ({'|'.join(sorted(kinds))}) is in the output but not documented"
+                     for path, kinds in seen.items() if path not in doc]
+        problems += [f"{command}: `{path}` is {k}, documented as {doc[path]}"
+                     for path, kinds in seen.items() if path in doc for k in kinds if not fits(k, doc[path])]
+    assert not problems, "\n".join(problems)
