@@ -12,12 +12,14 @@ is skipped and reported as a conflict while the rest of the file is applied.
 
 The stages, each depending only on the ones before it: `read` (the file's rows), `validate`
 (the row models), `plan` (per row: insert, update, unchanged, conflict or error), `write`
-(the SQL, inside the caller's transaction); `importer` runs them for one file.
+(the SQL, inside the caller's transaction); `importer` runs them for one file
+(`import_file`), or for rows a caller maps itself, in the caller's transaction (`validate`,
+then `apply`: the WHMCS import, processor/whmcs_import.py).
 """
 
 from processor.importer.importer import Batch, FileReport, ImportRejected, apply, import_file, validate
 from processor.importer.read import ParsedFile, read_file
-from processor.importer.validate import KINDS, RowError, infer_kind, parse_moment
+from processor.importer.validate import KINDS, RowError, infer_kind
 
 __all__ = ["KINDS", "Batch", "FileReport", "ImportRejected", "ParsedFile", "RowError", "apply", "import_file",
-           "infer_kind", "parse_moment", "read_file", "validate"]
+           "infer_kind", "read_file", "validate"]
