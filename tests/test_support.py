@@ -8,12 +8,13 @@ PostgreSQL. Time is frozen at 2026-11-26T02:00Z.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from freezegun import freeze_time
-from sqlalchemy import func, select, text
+from sqlalchemy import Engine, event, func, select, text
 
 from processor.cli import find
 from processor.db import Database
@@ -193,3 +194,54 @@ def test_find_whole_and_start_matches_use_the_indexes(invoke: Invoke, desk: Data
             explain = "EXPLAIN QUERY PLAN " if backend == "sqlite" else "EXPLAIN "
             plan = " ".join(str(row) for row in session.execute(text(explain + str(compiled))))
             assert "_lower" in plan and ("USING INDEX" in plan or "Index" in plan), f"{compiled}: {plan}"
+
+
+def test_find_whole_and_start_read_no_table_whole(invoke: Invoke, desk: Database, backend: str) -> None:
+    """Every statement `find --match start` sends (whole values, then starts) is answered
+    through indexes: none reads the clients, services or requests table from end to end
+    (on PostgreSQL an OR with a subquery in it did, taking a second on a million services)."""
+    statements: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "alembic_version" not in statement:
+            statements.append((statement, parameters))
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        for text_ in ("WWW.nov", "alice@example.test", "S-1002", "INV-1", "R-3"):
+            ok(invoke("find", text_, "--match", "start", "--json"))
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+    assert statements
+    scans = []
+    with desk.engine.connect() as conn:
+        if backend == "postgresql":
+            conn.exec_driver_sql("SET enable_seqscan = off")  # tiny tables: make a scan show only when it must be
+        for statement, parameters in statements:
+            explain = "EXPLAIN QUERY PLAN " if backend == "sqlite" else "EXPLAIN "
+            plan = [str(row[-1]) for row in conn.exec_driver_sql(explain + statement, parameters)]
+            scans += [(statement, line) for line in whole_table_reads(plan)]
+    assert not scans, "\n\n".join(f"{line}\n  in {statement}" for statement, line in scans)
+
+
+TABLES = r"(clients|services|cancellation_requests)"
+
+
+def whole_table_reads(plan: list[str]) -> list[str]:
+    """The lines of a plan that read one of the big tables from end to end: SQLite's
+    `SCAN table` (without an index), PostgreSQL's Seq Scan, or its Index Scan with no
+    Index Cond (the whole table in index order, each row filtered)."""
+    found = []
+    for n, line in enumerate(plan):
+        if re.search(rf"^SCAN {TABLES}\b(?! USING)", line.strip()) or re.search(rf"Seq Scan on {TABLES}\b", line):
+            found.append(line)
+        elif re.search(rf"Index (Only )?Scan using \S+ on {TABLES}\b", line):
+            depth = len(line) - len(line.lstrip(" ->"))
+            details = []
+            for below in plan[n + 1:]:
+                if "->" in below or len(below) - len(below.lstrip()) <= depth:
+                    break
+                details.append(below)
+            if not any("Index Cond" in d for d in details):
+                found.append(line)
+    return found
