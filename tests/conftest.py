@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import freezegun
 import pytest
 from click.testing import CliRunner, Result
 
@@ -29,6 +30,10 @@ REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
 BACKENDS = ("sqlite", "postgresql")
 
+# A fixture that freezes the clock (freeze_time in test_cli.py) froze pytest's own too, and
+# --durations showed a setup of 1.8e9 s: pytest's clock keeps the real time.
+freezegun.configure(extend_ignore_list=["_pytest.timing"])
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # Hook files the tests write must be writable by their owner only (group- or
@@ -36,6 +41,13 @@ def pytest_configure(config: pytest.Config) -> None:
     os.umask(0o022)
     config.addinivalue_line("markers", "sqlite_only: a test of SQLite's own behaviour; not run on PostgreSQL")
     config.addinivalue_line("markers", "postgresql_only: a test of PostgreSQL's own behaviour (row locks)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that spawn processes (marked slow) first, the rest in file order after them.
+    With pytest-xdist (-n, pyproject's addopts) each worker takes the next test when it is
+    done: a long test started last would leave the other worker idle at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

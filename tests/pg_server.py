@@ -24,6 +24,7 @@ import psycopg
 from tests.smtp_server import free_port
 
 TEMPLATE = "cancelproc_template"
+PORT_ATTEMPTS = 5
 
 
 def find_bin(name: str) -> str | None:
@@ -56,18 +57,26 @@ class PgServer:
             self._user = "postgres"
             pw = pwd.getpwnam(self._user)
             os.chown(self.folder, pw.pw_uid, pw.pw_gid)
-        self.port = free_port()
         data = self.folder / "data"
         done = self._run(initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "--encoding=UTF8",
                          "--locale=C.UTF-8", "--no-sync")
         if done.returncode:
             raise RuntimeError(f"initdb failed: {done.stderr.strip()}")
-        options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
-        done = self._run(pg_ctl, "-D", str(data), "-l", str(self.folder / "server.log"), "-o", options, "-w", "start")
-        if done.returncode:
-            log = (self.folder / "server.log").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"pg_ctl start failed: {done.stderr.strip()} {log}")
+        # The port is picked free, then bound by the server a moment later: another process
+        # (another pytest-xdist worker's server) may take it in between. Then another port.
+        for _ in range(PORT_ATTEMPTS):
+            self.port = free_port()
+            log = self.folder / "server.log"
+            log.unlink(missing_ok=True)
+            options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off "
+                       "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+            done = self._run(pg_ctl, "-D", str(data), "-l", str(log), "-o", options, "-w", "start")
+            if not done.returncode:
+                return
+            text = log.read_text(errors="replace") if log.exists() else ""
+            if "could not bind" not in text and "could not create any TCP/IP sockets" not in text:
+                break
+        raise RuntimeError(f"pg_ctl start failed: {done.stderr.strip()} {text[-2000:]}")
 
     def restart(self) -> None:
         """Stop the server (fast: open connections are cut) and start it again, same options."""

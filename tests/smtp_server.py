@@ -25,9 +25,23 @@ HOLD_LIMIT = 120.0  # a held message is taken after this even if the test never 
 
 
 def free_port() -> int:
+    """A port nothing listens on now, for a test about a server that is not there (yet).
+    A server of the tests binds port 0 itself instead (OwnPortController): a port picked
+    here and bound later could be taken in between by another pytest-xdist worker."""
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
+
+
+class OwnPortController(Controller):
+    """aiosmtpd's Controller that can listen on port 0 (the kernel picks a free one, no race
+    with other workers) and reads the port back before its first connection to itself."""
+
+    def _trigger_server(self) -> None:
+        if self.port == 0:
+            assert self.server is not None and self.server.sockets
+            self.port = self.server.sockets[0].getsockname()[1]
+        super()._trigger_server()
 
 
 @dataclass
@@ -107,7 +121,6 @@ def smtp_server(folder: Path, *, security: str = "none", username: str = "", pas
                 handler: Handler | None = None, port: int | None = None) -> Iterator[SmtpServer]:
     """Run a server for the duration of the block. security: none, starttls or ssl."""
     handler = handler or Handler()
-    port = port or free_port()
     kwargs: dict[str, Any] = {}
     ca_file = None
     if security != "none":
@@ -124,10 +137,12 @@ def smtp_server(folder: Path, *, security: str = "none", username: str = "", pas
             return AuthResult(success=ok, handled=False, auth_data=auth_data)
         # Implicit TLS is TLS from the first byte; aiosmtpd's own check only knows STARTTLS.
         kwargs.update(authenticator=authenticator, auth_required=True, auth_require_tls=security == "starttls")
-    controller = Controller(handler, hostname=HOST, port=port, server_hostname="localhost", **kwargs)
+    # ready_timeout: how long start() waits for the server's thread; generous, for a loaded machine.
+    controller = OwnPortController(handler, hostname=HOST, port=port or 0, server_hostname="localhost",
+                                   ready_timeout=60, **kwargs)
     controller.start()
     try:
-        yield SmtpServer(handler, port, ca_file, username, password)
+        yield SmtpServer(handler, controller.port, ca_file, username, password)
     finally:
         controller.stop()
 

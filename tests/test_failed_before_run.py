@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from freezegun import freeze_time
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -80,6 +81,7 @@ def test_a_hook_file_that_does_not_load_is_reported_until_a_run_completes(invoke
         assert len(attention_emails(server)) == 1
 
 
+@pytest.mark.slow
 def test_an_unreachable_database_is_reported_by_status_and_the_metrics(tmp_path):
     """As cron runs it: a process, a database URL nothing listens on."""
     port = free_port()  # nothing listens here
@@ -153,6 +155,7 @@ def log_errors(app: Path) -> list[str]:
     return [error_text(line) for line in lines if json.loads(line)["level"] == "error"]
 
 
+@pytest.mark.slow
 def test_a_config_with_a_wrong_value_is_recorded_mailed_and_shown_until_a_run_completes(tmp_path):
     with smtp_server(tmp_path) as server:
         app = app_folder(tmp_path, server.port)

@@ -37,7 +37,9 @@ from tests.cli_helpers import uncomment_setting
 from tests.conftest import REPO
 from tests.smtp_server import HOST, SmtpServer, smtp_server
 
-pytestmark = pytest.mark.slow
+# One pytest-xdist worker runs the whole module (--dist loadgroup in pyproject's addopts):
+# the module-scoped wheel and virtualenv are built once, not once per worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("install")]
 
 TIMEOUT = 300  # seconds for one command; generous, for a loaded machine
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 from zoneinfo import ZoneInfo
 
+import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -169,4 +170,5 @@ class RequestLife(RuleBasedStateMachine):
 
 
 RequestLife.TestCase.settings = hsettings(max_examples=25, stateful_step_count=15, deadline=None)
-test_the_request_state_machine = RequestLife.TestCase
+# slow: one of the longest tests; started first (conftest.py), it does not hold up the end of the suite.
+test_the_request_state_machine = pytest.mark.slow(RequestLife.TestCase)
