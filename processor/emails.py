@@ -156,6 +156,17 @@ CANCELLATION_TYPE_NAMES: dict[str, dict[str, str]] = {
 }
 
 
+# The shipped default signature (email.signature's default) as the shipped languages write
+# it: an operator who keeps the default gets it in the client's language. An operator's
+# own signature is theirs to translate (email.signatures); it is never replaced by these.
+DEFAULT_SIGNATURES: dict[str, str] = {
+    "de": "Ihr Abrechnungsteam von Example Hosting",
+    "fr": "L'équipe de facturation d'Example Hosting",
+    "es": "El equipo de facturación de Example Hosting",
+    "nl": "Het facturatieteam van Example Hosting",
+}
+
+
 @functools.lru_cache(maxsize=64)
 def cancellation_type_names(language: str | None) -> dict[str, str]:
     """The type names of a language ("de_AT" -> German), English for one we do not have."""

@@ -19,6 +19,7 @@ from processor.db import insert_rows
 from processor.due import business_today, effective_date
 from processor.emails import (
     CRON_JOB_ACTIVITY,
+    DEFAULT_SIGNATURES,
     NEW_REQUEST,
     REQUEST_CONFIRMATION,
     REQUEST_WITHDRAWN,
@@ -131,6 +132,10 @@ class Composer:
         self.templates = templates
         self.hooks = hooks
         self.settings = settings
+        # The signature per language: the operator's, or the shipped default's translations
+        # while the signature is the shipped default.
+        default = settings.signature == EmailSettings.model_fields["signature"].default
+        self._signatures = settings.signatures or (DEFAULT_SIGNATURES if default else {})
 
     def check(self, *templates: str) -> None:
         """Render these templates (each language's too) once with sample fields, under the
@@ -148,7 +153,7 @@ class Composer:
         """The merge fields not read from a request: the company's, and dates in `language`."""
         settings = self.settings
         fields = dict(company_name=settings.company_name, date=format_date(date, language),
-                      signature=for_language(settings.signatures, settings.signature, language),
+                      signature=for_language(self._signatures, settings.signature, language),
                       currency=settings.currency, whmcs_url=settings.system_url,
                       whmcs_admin_url=settings.admin_url, whmcs_admin_link=Link(settings.admin_url), **more)
         fields["service_cancellation_date"] = format_date(cancellation_date, language)

@@ -64,6 +64,21 @@ def test_each_shipped_language_writes_the_whole_email_in_it(invoke, db, language
     assert "Example Hosting Billing Team" in staff.text_body
 
 
+def test_the_default_signature_comes_in_the_clients_language_and_an_operators_own_stays_theirs(invoke, db):
+    """With the shipped config a German email ends with the German default signature; a
+    signature the operator wrote is never replaced by a translation of the default."""
+    with db.session.begin() as s:
+        first = factories.service(s, first_name="Jonas", language="de").id
+        second = factories.service(s, first_name="Lena", language="de").id
+    ok(invoke("requests", "create", first, "--reason-code", "other"))
+    ok(invoke("requests", "create", second, "--reason-code", "other",
+              env={"CANCELPROC_EMAIL__SIGNATURE": "Acme Billing"}))
+    default_de, staff, own, _ = emails(db)
+    assert default_de.text_body.endswith("Ihr Abrechnungsteam von Example Hosting\nExample Hosting")
+    assert "Example Hosting Billing Team" in staff.text_body  # the staff copy: English
+    assert own.text_body.endswith("Acme Billing\nExample Hosting") and "Abrechnungsteam" not in own.text_body
+
+
 def test_a_language_we_do_not_ship_gets_english_text_and_english_dates(invoke, db):
     with db.session.begin() as s:
         sid = factories.service(s, first_name="Yuki", language="ja").id
