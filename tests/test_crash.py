@@ -47,10 +47,10 @@ def cli_env(db_path: Path) -> dict[str, str]:
     return process_env(f"sqlite:///{db_path}", CANCELPROC_CHUNK_SIZE=str(CHUNK_SIZE), CANCELPROC_LOG_LEVEL="warning")
 
 
-def start(app_root: Path, db_path: Path, *args: str) -> subprocess.Popen[str]:
+def start(app_root: Path, db_path: Path, *args: str, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "processor", *args],
-        cwd=app_root, env=cli_env(db_path), stdin=subprocess.DEVNULL,
+        cwd=app_root, env={**cli_env(db_path), **env}, stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
@@ -198,6 +198,35 @@ def wait_for_run_row(db_path: Path, proc: subprocess.Popen[str], timeout: float 
         time.sleep(0.005)
 
 
+def wait_for_first_commit(db_path: Path, proc: subprocess.Popen[str], before: int, timeout: float = 120) -> None:
+    """Until the process has completed a request (its first chunk is committed), or has exited."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if completed_count(db_path) > before:
+            return
+        time.sleep(0.005)
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline and not path.exists():
+        time.sleep(0.005)
+
+
+# A PreCronJob hook that says it was reached, then waits to be killed: a kill after the run
+# took its lease and wrote its run row, before its first commit, whatever the machine's speed.
+HOLD_AT_START = """import os, time
+from pathlib import Path
+from processor.hooks import add_hook
+
+@add_hook("PreCronJob")
+def hold(run_id):
+    Path(os.environ["HOOKTEST_REACHED"]).write_text(str(run_id))
+    while True:
+        time.sleep(1)
+"""
+
+
 def pending_due_count(db_path: Path, data: Dataset) -> int:
     rows = query(db_path, "SELECT id FROM cancellation_requests WHERE status = 'pending'")
     return sum(1 for (rid,) in rows if rid in data.due_requests)
@@ -331,7 +360,7 @@ def assert_applied_exactly_once(db_path: Path, data: Dataset) -> list[tuple]:
 
 N_REQUESTS = 4800  # 4,000 due, 800 not due
 KILLS = 10
-EARLY_KILLS = 2  # of them, aimed at the start-up: before the lease or before the first commit
+EARLY_KILLS = 2  # of them, at the start-up: after the run row, before the first commit
 SEED = 20261126
 
 
@@ -353,6 +382,8 @@ def test_kill_9_loses_nothing_and_does_nothing_twice(tmp_path: Path) -> None:
     per_request = max(1e-5, (last_commit - started) / len(data.due_requests))
 
     db_path = copy_database(template, tmp_path / "app")
+    (tmp_path / "hold").mkdir()
+    (tmp_path / "hold" / "hold_at_start.py").write_text(HOLD_AT_START)
     rng = random.Random(SEED)
     plan = ["early"] * EARLY_KILLS + ["mid"] * (KILLS - EARLY_KILLS)
     rng.shuffle(plan)
@@ -360,13 +391,17 @@ def test_kill_9_loses_nothing_and_does_nothing_twice(tmp_path: Path) -> None:
     for aim in plan:
         before = completed_count(db_path)
         remaining = pending_due_count(db_path, data)
-        proc = start(tmp_path / "app", db_path, "run", "--trigger", "cron")
-        if aim == "early":  # counted from the start of the process: during its start-up
-            delay = rng.uniform(0.2, 1.0) * startup
+        if aim == "early":  # held by a hook at PreCronJob: killed there, before its first commit
+            reached = tmp_path / f"reached-{len(kills)}"
+            proc = start(tmp_path / "app", db_path, "run", "--trigger", "cron",
+                         CANCELPROC_HOOKS_DIR=str(tmp_path / "hold"), HOOKTEST_REACHED=str(reached))
+            wait_for_file(reached, proc)
+            delay = 0.0
         else:
-            # Counted from the moment its run row appears (start-up times vary a lot on a busy
-            # machine): somewhere in the first half of what is left, so later kills find work.
-            wait_for_run_row(db_path, proc)
+            # Counted from its first commit (start-up times vary a lot on a busy machine):
+            # somewhere in the first half of what is left, so later kills find work.
+            proc = start(tmp_path / "app", db_path, "run", "--trigger", "cron")
+            wait_for_first_commit(db_path, proc, before)
             delay = rng.uniform(0.0, 0.5) * remaining * per_request
         time.sleep(delay)
         exited_first = proc.poll() is not None
