@@ -208,3 +208,15 @@ def test_a_missing_config_file_named_by_the_command_line_records_nothing(tmp_pat
     done = cancelproc(tmp_path, "--config", str(tmp_path / "config" / "nowhere.toml"), "run")
     assert done.returncode == 2 and "config file not found" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_config_error_found_after_the_config_loaded_is_recorded_too(invoke, db: Database, tmp_path):
+    """An SMTP login with no password is found when the run's mailer is made, before the
+    run begins: the nightly job is broken, recorded as any other failure before the run."""
+    env = {"CANCELPROC_EMAIL__DELIVERY": "smtp", "CANCELPROC_EMAIL__SMTP__USERNAME": "billing",
+           "CANCELPROC_EMAIL__STAFF_ADDRESS": ""}
+    with freeze_time(NIGHT):
+        failed = invoke("run", env=env)
+    assert failed.exit_code == 2 and "there is no password" in failed.stderr
+    record = json.loads((tmp_path / STATE).read_text())
+    assert record["command"] == "run" and "there is no password" in record["error"]

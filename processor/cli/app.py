@@ -160,14 +160,12 @@ class App:
             yield
         except (LeaseHeld, click.ClickException, click.exceptions.Exit, KeyboardInterrupt):
             raise  # another run is at work, or the command line was wrong: not the job failing
-        except ConfigError as exc:
-            if self._settings is None:
-                self.config_failed(command, exc)
-            raise
         except Exception as exc:
             bad_argument = isinstance(exc, InputError) and not isinstance(exc, BROKEN_FILES)  # refused, nothing written
-            if self._settings is not None and not bad_argument and (
-                    self._runner is None or self._runner.started_run_id is None):
+            if self._settings is None:
+                if isinstance(exc, ConfigError):  # the config did not load
+                    self.config_failed(command, exc)
+            elif not bad_argument and (self._runner is None or self._runner.started_run_id is None):
                 self.failed_before_run(command, exc)
             raise
         else:
