@@ -227,6 +227,20 @@ def hold(run_id):
 """
 
 
+# The same, but it lets the run go on once the test says so (or after five minutes).
+HOLD_UNTIL_RELEASED = """import os, time
+from pathlib import Path
+from processor.hooks import add_hook
+
+@add_hook("PreCronJob")
+def hold(run_id):
+    Path(os.environ["HOOKTEST_REACHED"]).write_text(str(run_id))
+    release, deadline = Path(os.environ["HOOKTEST_RELEASE"]), time.monotonic() + 300
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+"""
+
+
 def pending_due_count(db_path: Path, data: Dataset) -> int:
     rows = query(db_path, "SELECT id FROM cancellation_requests WHERE status = 'pending'")
     return sum(1 for (rid,) in rows if rid in data.due_requests)
@@ -472,12 +486,27 @@ LEASE_HELD_LINE = re.compile(r"^error: run (\d+) in progress on host (\S+) \(pid
 def test_two_runs_at_once(tmp_path: Path) -> None:
     template, data = make_database(tmp_path / "template", n_requests=2400, not_due_every=6, seed=SEED + 7)
     assert len(data.due_requests) == 2000
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held" / "hold_until_released.py").write_text(HOLD_UNTIL_RELEASED)
     outcomes = []
     for n in range(ROUNDS):
         app_root = tmp_path / f"round{n}"
         db_path = copy_database(template, app_root)
-        a = start(app_root, db_path, "run", "--trigger", "cron")
-        b = start(app_root, db_path, "run", "--trigger", "cron")
+        if n == 0:
+            # Overlapping for certain: the first run is held at PreCronJob, holding the lease,
+            # until the second has started and ended. The other rounds race as cron makes them.
+            reached, release = app_root / "reached", app_root / "release"
+            a = start(app_root, db_path, "run", "--trigger", "cron", CANCELPROC_HOOKS_DIR=str(tmp_path / "held"),
+                      HOOKTEST_REACHED=str(reached), HOOKTEST_RELEASE=str(release))
+            try:
+                wait_for_file(reached, a)
+                b = start(app_root, db_path, "run", "--trigger", "cron")
+                b.wait(timeout=120)
+            finally:
+                release.touch()
+        else:
+            a = start(app_root, db_path, "run", "--trigger", "cron")
+            b = start(app_root, db_path, "run", "--trigger", "cron")
         results = {p.pid: (p, *p.communicate(timeout=120)) for p in (a, b)}
         codes = sorted(p.returncode for p, _, _ in results.values())
         outcomes.append(codes)
@@ -507,5 +536,4 @@ def test_two_runs_at_once(tmp_path: Path) -> None:
         else:
             pytest.fail(f"round {n}: exit codes {codes}, expected 0 and 75 (or 0 and 0): {errors}")
     print(f"exit codes per round: {outcomes}")
-    assert [0, EXIT_LEASE_HELD] in outcomes, \
-        f"the two runs never overlapped (exit codes per round: {outcomes}); the race was not tested"
+    assert outcomes[0] == [0, EXIT_LEASE_HELD], f"the held run did not keep the other out: {outcomes}"
