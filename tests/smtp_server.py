@@ -152,3 +152,11 @@ def smtp_settings(server: SmtpServer, security: str = "none") -> dict[str, Any]:
     return {"delivery": "smtp", "smtp": {"host": HOST, "port": server.port, "security": security,
                                          "username": server.username, "timeout_seconds": 5,
                                          "ca_file": str(server.ca_file) if server.ca_file else ""}}
+
+
+def smtp_env(port: int, **more: str) -> dict[str, str]:
+    """The CANCELPROC_* variables that send to this test's server at 127.0.0.1:port, in the
+    clear and without a login; `more` adds or replaces variables."""
+    return {"CANCELPROC_EMAIL__DELIVERY": "smtp", "CANCELPROC_EMAIL__SMTP__HOST": HOST,
+            "CANCELPROC_EMAIL__SMTP__PORT": str(port), "CANCELPROC_EMAIL__SMTP__SECURITY": "none",
+            "CANCELPROC_EMAIL__SMTP__USERNAME": "", **more}

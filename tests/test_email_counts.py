@@ -13,17 +13,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from processor.db import Database
 from tests import factories
 from tests.cli_helpers import as_json, ok
-from tests.smtp_server import HOST, Handler, smtp_server
+from tests.smtp_server import Handler, smtp_server
+from tests.smtp_server import smtp_env as smtp_server_env
 
 NIGHT = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC)
 BUSY = "busy@example.test"
 
 
 def smtp_env(port: int) -> dict[str, str]:
-    return {"CANCELPROC_EMAIL__DELIVERY": "smtp", "CANCELPROC_EMAIL__SMTP__HOST": HOST,
-            "CANCELPROC_EMAIL__SMTP__PORT": str(port), "CANCELPROC_EMAIL__SMTP__SECURITY": "none",
-            "CANCELPROC_EMAIL__SMTP__USERNAME": "", "CANCELPROC_EMAIL__STAFF_ADDRESS": "ops@example.test",
-            "CANCELPROC_METRICS_FILE": "var/cancelproc.prom"}
+    return smtp_server_env(port, CANCELPROC_EMAIL__STAFF_ADDRESS="ops@example.test",
+                           CANCELPROC_METRICS_FILE="var/cancelproc.prom")
 
 
 def metric_emails(tmp_path: Path) -> dict[str, float]:

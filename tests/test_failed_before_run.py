@@ -19,16 +19,15 @@ from processor.db import Database
 from tests import factories
 from tests.cli_helpers import as_json, error_text, ok, uncomment_setting
 from tests.smtp_server import HOST, free_port, smtp_server
+from tests.smtp_server import smtp_env as smtp_server_env
 
 NIGHT = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC)
 STATE = Path("var") / "cancelproc-attention.json"
 
 
 def env_for(port: int) -> dict[str, str]:
-    return {"CANCELPROC_EMAIL__DELIVERY": "smtp", "CANCELPROC_EMAIL__SMTP__HOST": HOST,
-            "CANCELPROC_EMAIL__SMTP__PORT": str(port), "CANCELPROC_EMAIL__SMTP__SECURITY": "none",
-            "CANCELPROC_EMAIL__SMTP__USERNAME": "", "CANCELPROC_EMAIL__STAFF_ADDRESS": "ops@example.test",
-            "CANCELPROC_METRICS_FILE": "var/cancelproc.prom"}
+    return smtp_server_env(port, CANCELPROC_EMAIL__STAFF_ADDRESS="ops@example.test",
+                           CANCELPROC_METRICS_FILE="var/cancelproc.prom")
 
 
 def gauges(tmp_path: Path) -> dict[str, float]:

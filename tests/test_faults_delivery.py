@@ -49,6 +49,7 @@ from processor.models import (
 from tests import factories
 from tests.cli_helpers import Invoke, as_json, ok
 from tests.smtp_server import HOST, Handler, smtp_server
+from tests.smtp_server import smtp_env as smtp_server_env
 
 NIGHT_1 = "2026-11-26T02:00:00Z"  # cron's run, with the fault
 MORNING = "2026-11-26T08:30:00Z"  # the operator has read cron's mail and fixed the fault
@@ -264,9 +265,7 @@ SMTP_STALLS = [
 
 
 def smtp_env(port: int) -> dict[str, str]:
-    return {"CANCELPROC_EMAIL__DELIVERY": "smtp", "CANCELPROC_EMAIL__SMTP__HOST": HOST,
-            "CANCELPROC_EMAIL__SMTP__PORT": str(port), "CANCELPROC_EMAIL__SMTP__SECURITY": "none",
-            "CANCELPROC_EMAIL__SMTP__TIMEOUT_SECONDS": str(TIMEOUT)}
+    return smtp_server_env(port, CANCELPROC_EMAIL__SMTP__TIMEOUT_SECONDS=str(TIMEOUT))
 
 
 @pytest.mark.parametrize(("stalled_relay", "why"), SMTP_STALLS)
