@@ -197,6 +197,38 @@ class WhmcsImportSettings(BaseModel):
         return keywords
 
 
+def _reminder_days(days: list[int]) -> list[int]:
+    """Days before the effective date, each at most once, latest reminder last ([7, 1])."""
+    if len(set(days)) != len(days):
+        raise ValueError(f"{days}: each day at most once")
+    return sorted(days, reverse=True)
+
+
+ReminderDays = list[typing.Annotated[int, Field(ge=1, le=366)]]
+
+
+class ProductSettings(BaseModel):
+    """`[products."ID"]`: the lifecycle of one product's cancellations. ID is the product's
+    external id (WHMCS's product id), or its name for a product without one. A key left out
+    takes the default, which is today's behaviour (or, for reminder_days, the top-level one)."""
+
+    model_config = ConfigDict(**_MODEL)  # type: ignore[typeddict-item]
+
+    # Days before the cancellation takes effect on which the client is reminded; None: the
+    # top-level reminder_days.
+    reminder_days: ReminderDays | None = None
+    # Suspend at the due date, cancel this many days later (0: cancel at the due date).
+    grace_days: int = Field(0, ge=0, le=366)
+    # An End of Billing Period request made fewer than this many days before the next due
+    # date takes effect at the due date after it.
+    notice_days: int = Field(0, ge=0, le=366)
+    # A service is cancelled no earlier than this many months after its registration date.
+    minimum_term_months: int = Field(0, ge=0, le=120)
+
+    _check_reminders = field_validator("reminder_days")(
+        lambda days: None if days is None else _reminder_days(days))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False, **_MODEL  # type: ignore[typeddict-item]
@@ -240,8 +272,12 @@ class Settings(BaseSettings):
     status_max_age_hours: float = Field(26, gt=0, le=366 * 24)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
+    # Days before a cancellation takes effect on which the client is reminded ([]: none).
+    reminder_days: ReminderDays = Field(default_factory=lambda: [7, 1])
     email: EmailSettings = Field(default_factory=EmailSettings)
     whmcs: WhmcsImportSettings = Field(default_factory=WhmcsImportSettings)
+    # Per product, by its external id (or its name when it has none): [products."12"].
+    products: dict[str, ProductSettings] = Field(default_factory=dict)
 
     # Not settings: where they came from, so relative paths and errors can name them.
     app_root: Path = Field(default=Path("."), exclude=True)
@@ -294,6 +330,19 @@ class Settings(BaseSettings):
             if not code or not code.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"reason code {code!r} must be letters, digits, '_' or '-'")
         return codes
+
+    _check_reminders = field_validator("reminder_days")(_reminder_days)
+
+    def for_product(self, external_id: str | None, name: str) -> ProductSettings:
+        """The settings of a product: its table by external id, else by name, else the defaults
+        (with the top-level reminder_days)."""
+        found = (self.products.get(external_id) if external_id is not None else None) \
+            or self.products.get(name)
+        if found is None:
+            return ProductSettings(reminder_days=self.reminder_days)
+        if found.reminder_days is None:
+            return found.model_copy(update={"reminder_days": self.reminder_days})
+        return found
 
     @classmethod
     def settings_customise_sources(
@@ -439,10 +488,15 @@ def _keys(model: type[BaseModel]) -> list[str]:
 
 
 def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel]:
-    """The settings model of a table: () is the top level, ("email", "smtp") is [email.smtp]."""
+    """The settings model of a table: () is the top level, ("email", "smtp") is [email.smtp],
+    ("products", "12") is [products."12"] (a table of tables: its keys are the operator's)."""
     model: type[BaseModel] = Settings
-    for part in loc:
+    parts = iter(loc)
+    for part in parts:
         annotation = model.model_fields[str(part)].annotation
+        if typing.get_origin(annotation) is dict:
+            annotation = typing.get_args(annotation)[1]
+            next(parts, None)
         assert isinstance(annotation, type) and issubclass(annotation, BaseModel)
         model = annotation
     return model

@@ -49,7 +49,7 @@ def test_shipped_config_has_every_setting_commented_out_at_its_default(tmp_path)
                                           "whmcs": WhmcsImportSettings}
     for name, model in models.items():
         keys = {key for key, field in model.model_fields.items()
-                if not field.exclude and key not in ("email", "smtp", "whmcs")}
+                if not field.exclude and key not in ("email", "smtp", "whmcs", "products")}
         assert found.get(name) == keys, f"[{name or 'top level'}]: missing {sorted(keys - found.get(name, set()))}, " \
                                         f"unknown {sorted(found.get(name, set()) - keys)}"
     uncommented = write(tmp_path, "\n".join(lines) + "\n")
@@ -110,6 +110,35 @@ def test_bad_values_name_file_key_and_what_is_allowed(tmp_path, text, message):
         load_settings(path)
     line = str(exc.value)
     assert line.startswith(f"{path}: ") and message in line and "\n" not in line
+
+
+def test_product_tables_by_external_id_or_name_over_the_defaults(tmp_path):
+    text = ("reminder_days = [1, 7]\n"
+            '[products."12"]\ngrace_days = 14\nnotice_days = 30\n'
+            '[products."Dedicated Server"]\nminimum_term_months = 12\nreminder_days = []\n')
+    settings = load_settings(write(tmp_path, text))
+    assert settings.reminder_days == [7, 1]  # the latest reminder last, however written
+    by_id = settings.for_product("12", "Shared Hosting")
+    assert (by_id.grace_days, by_id.notice_days, by_id.minimum_term_months, by_id.reminder_days) == (14, 30, 0, [7, 1])
+    by_name = settings.for_product(None, "Dedicated Server")
+    assert (by_name.minimum_term_months, by_name.reminder_days) == (12, [])
+    other = settings.for_product("99", "VPS")
+    assert (other.grace_days, other.notice_days, other.minimum_term_months, other.reminder_days) == (0, 0, 0, [7, 1])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[products."12"]\ngrace_days = -1\n', "products.12.grace_days: Input should be greater than or equal to 0"),
+        ('[products."12"]\ngrace = 5\n', "products.12.grace: unknown setting"),
+        ("reminder_days = [7, 7]\n", "reminder_days: [7, 7]: each day at most once"),
+        ("reminder_days = [0]\n", "reminder_days.0: Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_product_settings_name_the_product_and_key(tmp_path, text, message):
+    with pytest.raises(ConfigError) as exc:
+        load_settings(write(tmp_path, text))
+    assert message in str(exc.value) and "\n" not in str(exc.value)
 
 
 def test_bad_environment_value_names_the_variable(tmp_path, monkeypatch):
