@@ -15,8 +15,10 @@ from processor.cli.output import echo_json, echo_table
 from processor.config import DEFAULT_CONFIG
 from processor.demo import load_demo
 from processor.errors import (
+    DatabaseError,
     InputError,
 )
+from processor.find_index import create_find_index, drop_find_index
 from processor.hooks import POINTS
 from processor.models import (
     Client,
@@ -49,6 +51,28 @@ def db_upgrade(app: App) -> None:
     after = dbmod.current_revision(database)
     click.echo(f"database {database.display_url}: schema {before or 'empty'} -> {after}"
                if before != after else f"database {database.display_url}: schema already at {after}")
+
+
+@db_group.command("find-index")
+@pass_app
+def db_find_index(app: App) -> None:
+    """Build the index behind `find`'s match of any part of a value (again).
+
+    `db upgrade` builds it where the database can have it: SQLite 3.34 or later; PostgreSQL
+    where the database user may create the pg_trgm extension. Run this once a superuser has
+    run CREATE EXTENSION pg_trgm in the database, or to rebuild it.
+
+    \b
+    Examples:
+      cancelproc db find-index
+    """
+    database = app.database()
+    with database.engine.begin() as conn:
+        drop_find_index(conn)
+        why_not = create_find_index(conn)
+    if why_not:
+        raise DatabaseError(why_not)
+    click.echo(f"database {database.display_url}: find's trigram index built")
 
 
 @cli.command()

@@ -4,12 +4,13 @@ request; an add-on's or an invoice's finds its service).
 
 Up to three passes per kind, each adding what the one before did not find. Whole
 values (any case), which the indexes answer at once: the external ids (unique),
-lower(domain) and lower(email) (migration 0006). Then values that start with TEXT, which
+lower(domain) and lower(email) (migration 0008). Then values that start with TEXT, which
 the same lower() indexes answer (`--match start`). Then, by default (`--match part`),
-TEXT anywhere in a value, also a name: LIKE '%text%', which no b-tree index can answer,
-so it reads the tables; README's Performance section gives what that costs on a million
-services. A client's services and a service's requests come with it, so an email finds
-the requests of its client.
+TEXT anywhere in a value, also a name: LIKE '%text%', which no b-tree index can answer;
+the trigram index of `find_index` (migration 0009) does, for a TEXT of three characters
+or more, where the database has it (else the tables are read; README's Performance
+section gives both costs on a million services). A client's services and a service's
+requests come with it, so an email finds the requests of its client.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
-from sqlalchemy import ColumnElement, Select, and_, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, func, literal_column, or_, select
 from sqlalchemy.orm import Session, joinedload
 
 from processor.cli.app import App, cli, pass_app
@@ -26,6 +27,7 @@ from processor.cli.arguments import FreeTextType
 from processor.cli.output import echo_json, echo_table
 from processor.cli.records import service_row
 from processor.cli.requests import listed_request
+from processor.find_index import has_find_index, sqlite_holding
 from processor.models import CancellationRequest, Client, Invoice, Service, ServiceAddon
 
 MAX_FIND = 200  # characters of TEXT: longer than any domain, email or name we keep
@@ -83,6 +85,13 @@ def search(session: Session, text: str, *, match: str, limit: int,
     low = text.lower()
     dialect = session.get_bind().dialect.name
     start, part = match in ("start", "part"), match == "part"
+    # SQLite: any part through the FTS5 trigram tables where they are (migration 0009);
+    # PostgreSQL's trigram indexes answer the LIKE of `_contains` as it is.
+    fts = part and dialect == "sqlite" and has_find_index(session.connection())
+
+    def holding(id_column: Any, kind: str, like: ColumnElement[bool]) -> ColumnElement[bool]:
+        indexed = sqlite_holding(id_column, kind, text) if fts else None
+        return like if indexed is None else indexed
 
     def passes(whole: ColumnElement[bool], starts: ColumnElement[bool] | None,
                parts: ColumnElement[bool]) -> list[ColumnElement[bool] | None]:
@@ -91,8 +100,10 @@ def search(session: Session, text: str, *, match: str, limit: int,
     clients, more_clients = _matches(session, select(Client), passes(
         or_(Client.external_id == text, func.lower(Client.email) == low),
         _starts(Client.email, low, dialect),
-        or_(_contains(Client.email, low), _contains(Client.first_name + " " + Client.last_name, low),
-            _contains(Client.company_name, low), _contains(Client.external_id, low))), limit, Client.id)
+        holding(Client.id, "clients", or_(
+            _contains(Client.email, low), _contains(Client.first_name + literal_column("' '") + Client.last_name, low),
+            _contains(Client.company_name, low), _contains(Client.external_id, low)))),
+        limit, Client.id)
     client_ids = [c.id for c in clients]
     # An add-on's or an invoice's id from the billing system finds its service. Looked up
     # first, so the pass below is an OR of indexed conditions (PostgreSQL reads the whole
@@ -104,12 +115,15 @@ def search(session: Session, text: str, *, match: str, limit: int,
             or_(Service.external_id == text, func.lower(Service.domain) == low, Service.client_id.in_(client_ids),
                 Service.id.in_(owners)),
             _starts(Service.domain, low, dialect),
-            or_(_contains(Service.domain, low), _contains(Service.external_id, low))), limit, Service.id)
+            holding(Service.id, "services", or_(
+                _contains(Service.domain, low), _contains(Service.external_id, low)))),
+        limit, Service.id)
     service_ids = [s.id for s in services]
     r = CancellationRequest
     requests, more_requests = _matches(
         session, select(r).options(joinedload(r.service).joinedload(Service.client)), passes(
-            or_(r.external_id == text, r.service_id.in_(service_ids)), None, _contains(r.external_id, low)),
+            or_(r.external_id == text, r.service_id.in_(service_ids)), None,
+            holding(r.id, "cancellation_requests", _contains(r.external_id, low))),
         limit, r.id)
     return {"query": text,
             "clients": {"rows": [_client_row(c) for c in clients], "more": more_clients},
@@ -121,8 +135,8 @@ def search(session: Session, text: str, *, match: str, limit: int,
 @click.argument("text", type=FreeTextType(MAX_FIND))
 @click.option("--match", type=click.Choice(MATCHES), default="part", show_default=True,
               help="How much of a value TEXT is: the whole of it (an external id, a domain, an email), its start "
-                   "(a domain, an email), or any part (also a name). Whole and start are index lookups; any part "
-                   "reads the tables.")
+                   "(a domain, an email), or any part (also a name). All three are index lookups (any part: from "
+                   "three characters, docs/deploy.md).")
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True,
               help="At most this many clients, services and requests each.")
 @click.option("--json", "as_json", is_flag=True,

@@ -2,6 +2,7 @@
 
 from alembic import context
 
+from processor.find_index import not_find_index
 from processor.models import Base
 
 config = context.config
@@ -14,6 +15,7 @@ context.configure(
     target_metadata=Base.metadata,
     render_as_batch=connection.dialect.name == "sqlite",  # SQLite cannot ALTER most things
     compare_type=True,
+    include_name=not_find_index,  # not in the models: made where the database can have it
 )
 with context.begin_transaction():
     context.run_migrations()
