@@ -4,7 +4,7 @@
     python bench/find_bench.py [N] [--repeat R] [--keep] [--postgresql]
 
 1. A temp app root; `python -m processor init` there (the schema at head, with migration
-   0006's indexes); then N/4 clients (each with 4 services) and N services, and a request
+   0008's and 0009's indexes); then N/4 clients (each with 4 services) and N services, and a request
    on every 10th service, loaded fast with stdlib sqlite3 in this process (executemany,
    one transaction), then ANALYZE as `cancelproc db upgrade` leaves the planner without it.
    --postgresql: the same on a throwaway PostgreSQL server started with the tests'
@@ -12,8 +12,9 @@
 2. `cancelproc find ... --json` in this process through click's CliRunner (the command as
    it runs, without the interpreter's start and imports), R times each (3 by default), for:
    a whole domain, email and external id (`--match whole`), the start of a domain and of
-   an email (`--match start`), part of a domain that one service has (the tables are read
-   to their end), and a part that thousands have (it stops at the first 20). Each result
+   an email (`--match start`), part of a domain that one service has, a part that thousands
+   have (it stops at the first 20), and part of an email and of a name (any part: the
+   trigram index of migration 0009, or the tables read where the database has none). Each result
    is checked (the service or client expected is found); anything else fails loudly
    (exit 1).
 3. Prints, per case, the fastest and the slowest time of the command.
@@ -137,8 +138,10 @@ def main() -> None:
             ("external id", ["find", f"S{middle}", "--match", "whole"], "services", middle),
             ("start of a domain", ["find", f"site{middle}.", "--match", "start"], "services", middle),
             ("start of an email", ["find", f"client{client}@", "--match", "start"], "clients", client),
-            ("part of a domain, one match (reads the tables)", ["find", f"{middle}.host"], "services", middle),
+            ("part of a domain, one match", ["find", f"{middle}.host"], "services", middle),
             ("part, thousands match (stops at 20)", ["find", "host7.example"], "services", None),
+            ("part of an email, one match", ["find", f"ent{client}@mail"], "clients", client),
+            ("part of a name, one match", ["find", f"rst{client} last"], "clients", client),
         ]
         sys.path.insert(0, str(REPO))
         os.chdir(root)

@@ -36,7 +36,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import sessionmaker
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from processor.errors import DatabaseError
+from processor.errors import DatabaseError, DatabaseUnavailable, one_line
 
 READONLY = "cancelproc_readonly"
 MIGRATIONS = str(Path(__file__).parent / "migrations")
@@ -216,8 +216,30 @@ def open_database(url: str, *, create: bool = False, busy_timeout_seconds: float
             pass
     except DBAPIError as exc:  # not a database file, permissions, server down, bad credentials
         engine.dispose()
-        raise DatabaseError(f"database {db.display_url} cannot be opened: {exc.orig}") from None
+        error = DatabaseUnavailable if _may_pass(exc) else DatabaseError
+        raise error(f"database {db.display_url} cannot be opened: {one_line(exc.orig or exc)}") from None
     return db
+
+
+# PostgreSQL's answers that go away by themselves: starting up or shutting down, too many
+# connections, the server not reached. libpq reports a failed connection without a SQLSTATE,
+# so its message says which.
+_PASSING_SQLSTATES = {"57P01", "57P02", "57P03", "53300", "08000", "08001", "08004", "08006"}
+_PASSING_MESSAGES = ("connection refused", "timeout expired", "could not translate host name", "starting up",
+                     "shutting down", "too many clients", "no route to host", "network is unreachable",
+                     "server closed the connection unexpectedly")
+
+
+def _may_pass(exc: DBAPIError) -> bool:
+    """Whether a failure to connect is the server's absence (exit 75: cron tries again
+    tomorrow, systemd's Restart= sooner) rather than something to fix (a password, a missing
+    database or file, permissions: exit 2)."""
+    if exc.connection_invalidated or getattr(exc.orig, "sqlite_errorname", None) in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+        return True
+    if not hasattr(exc.orig, "sqlstate"):  # not PostgreSQL
+        return False
+    message = str(exc.orig).lower()
+    return getattr(exc.orig, "sqlstate", None) in _PASSING_SQLSTATES or any(m in message for m in _PASSING_MESSAGES)
 
 
 def _alembic_config(db: Database) -> AlembicConfig:

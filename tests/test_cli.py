@@ -50,6 +50,7 @@ from processor.models import (
 )
 from processor.resources import shipped
 from tests.cli_helpers import Invoke, as_json, ok, one_line_error
+from tests.smtp_server import free_port
 
 NOW = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC)
 TODAY = dt.date(2026, 11, 26)
@@ -904,6 +905,20 @@ def test_database_url_not_parsable_or_a_folder(invoke: Invoke, tmp_path: Path) -
     one_line_error(invoke("requests", "list", env={"CANCELPROC_DATABASE_URL": "not a url"}), "database_url")
     one_line_error(invoke("requests", "list", env={"CANCELPROC_DATABASE_URL": f"sqlite:///{tmp_path}"}),
                    "cannot be opened")
+
+
+@pytest.mark.postgresql_only
+def test_a_database_server_that_is_down_is_a_temporary_failure(invoke: Invoke, pg_server: Any, backend: str) -> None:
+    """Exit 75 (EX_TEMPFAIL) for a server that is not there (tomorrow's run, or systemd's
+    Restart=, tries again); exit 2 for what the operator must fix (a database that does not
+    exist). Either way one line, and no traceback."""
+    down = f"postgresql://cancelproc@127.0.0.1:{free_port()}/cancelproc"
+    for args in (["run"], ["requests", "list"]):
+        line = one_line_error(invoke(*args, env={"CANCELPROC_DATABASE_URL": down}), "cannot be opened",
+                              "Connection refused", code=75)
+        assert "\\n" not in line
+    missing = pg_server.url("no_such_database")
+    one_line_error(invoke("run", env={"CANCELPROC_DATABASE_URL": missing}), "does not exist", code=2)
 
 
 def test_database_file_that_is_not_a_database(invoke: Invoke, tmp_path: Path) -> None:
