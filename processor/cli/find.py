@@ -66,11 +66,15 @@ def _matches(session: Session, query: Select[Any], passes: Sequence[ColumnElemen
     """Up to `limit` rows: those of the first pass (whole values), then of the next ones
     (the start, then any part) not found before; and whether there are more."""
     found: list[Any] = []
-    for clause in passes:
+    for n, clause in enumerate(passes):
         if clause is None or len(found) > limit:
             continue
         clauses = [clause, order.notin_([row.id for row in found])] if found else [clause]
-        found += list(session.scalars(query.where(*clauses).order_by(order).limit(limit + 1 - len(found))).unique())
+        # The part pass, ordered by `id + 0`, which no index gives: PostgreSQL cannot tell how few
+        # rows a LIKE '%text%' matches and, to find the first ones by id, walks the primary key
+        # and filters every row (seconds on a million) instead of asking the trigram index.
+        by = order + 0 if n == len(passes) - 1 and session.get_bind().dialect.name == "postgresql" else order
+        found += list(session.scalars(query.where(*clauses).order_by(by).limit(limit + 1 - len(found))).unique())
     return found[:limit], len(found) > limit
 
 
