@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from processor.config import EmailSettings, Settings
 from processor.db import insert_rows
-from processor.due import business_today, effective_date
+from processor.due import business_today
 from processor.emails import (
     CRON_JOB_ACTIVITY,
     DEFAULT_SIGNATURES,
@@ -204,7 +204,7 @@ def queue_request_emails(session: Session, request_id: int, *, composer: Compose
     composer.check(*templates)
     row = session.execute(request_select(for_hooks=False).where(CancellationRequest.id == request_id)).one()
     created_on = business_today(row.created_at, settings.zone)
-    applied_on = effective_date(row.type, row.next_due_date, row.cancel_on, created_on)
+    applied_on = row.effective_date  # stored when the request was made: what the client is told
     email = settings.email
     queued: list[QueuedEmail] = []
     not_queued: list[str] = []
@@ -267,11 +267,10 @@ def preview_request_email(session: Session, template: str, request_id: int, *, c
         date, applied_on, status = today, today, "Cancelled"
     elif template == REQUEST_WITHDRAWN:  # as sent when withdrawn today
         date, status = today, None
-        applied_on = effective_date(row.type, row.next_due_date, row.cancel_on, business_today(row.created_at,
-                                                                                                settings.zone))
+        applied_on = row.effective_date
     else:  # as sent when the request was made
         date = business_today(row.created_at, settings.zone)
-        applied_on, status = effective_date(row.type, row.next_due_date, row.cancel_on, date), None
+        applied_on, status = row.effective_date, None
     to_address = settings.email.staff_address if template == NEW_REQUEST else row.email
     more = {"service_status": status} if status else {}
     lang = None if template == NEW_REQUEST else lang
