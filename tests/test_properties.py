@@ -16,7 +16,7 @@ from sqlalchemy import delete, select
 
 from processor.due import business_today, days_late, due_before_clause, due_clause, effective_date, is_due
 from processor.models import CancellationRequest, Client, Product, RequestStatus, RequestType, Service, ServiceStatus
-from processor.terms import CYCLE_MONTHS, Terms, add_months, cycle_months, effective_on
+from processor.terms import CYCLE_MONTHS, NO_TERMS, Terms, add_months, cycle_months, effective_on
 
 ZONES = ["UTC", "Europe/London", "America/New_York", "Pacific/Auckland", "Asia/Kolkata", "Pacific/Kiritimati"]
 DAYS = st.dates(min_value=dt.date(2020, 1, 1), max_value=dt.date(2035, 12, 31))
@@ -33,7 +33,7 @@ TERMS = st.builds(Terms, notice_days=st.sampled_from([0, 0, 1, 7, 30, 45, 100, 3
                   minimum_term_months=st.sampled_from([0, 0, 1, 6, 12, 24, 120]))
 
 
-def _stored(type_, next_due, cancel_on, created_on, cycle="Monthly", registration=None, terms=Terms()):
+def _stored(type_, next_due, cancel_on, created_on, cycle="Monthly", registration=None, terms=NO_TERMS):
     return effective_on(type_, created_on=created_on, next_due_date=next_due, cancel_on=cancel_on,
                         billing_cycle=cycle, registration_date=registration, terms=terms).on
 

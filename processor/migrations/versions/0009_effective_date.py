@@ -15,6 +15,12 @@ these requests were made and their clients were told the old date.
 The business time zone comes from `processor.db.upgrade(..., business_timezone=...)`
 (`cancelproc db upgrade` and `init` pass the setting); UTC without it.
 
+The run's keyset scan of pending requests (status, id) gets the date as a third column of
+its index: a request not due yet is passed over from the index, without reading its row
+or joining its service. Measured on SQLite (VM instructions of the whole due scan, 100,000
+pending requests of which 2% due): 1.96 M with the old rule's join, 0.76 M on the stored
+column with the old index, 0.57 M with this one; all due: 0.94 M, 0.76 M, 0.76 M.
+
 On SQLite the column is added, filled, then made NOT NULL by rewriting the table's
 definition in place, as 0005 and 0006 do (every row has a value, so every row satisfies
 the new rule; the integrity check after it must pass). PostgreSQL alters the column.
@@ -93,10 +99,15 @@ def upgrade() -> None:
         _sqlite_not_null(conn)
     else:
         op.alter_column("cancellation_requests", "effective_date", nullable=False)
+    op.drop_index("ix_cancellation_requests_status_id", table_name="cancellation_requests")
+    op.create_index("ix_cancellation_requests_status_id_effective_date", "cancellation_requests",
+                    ["status", "id", "effective_date"])
 
 
 def downgrade() -> None:
     conn = op.get_bind()
+    op.drop_index("ix_cancellation_requests_status_id_effective_date", table_name="cancellation_requests")
+    op.create_index("ix_cancellation_requests_status_id", "cancellation_requests", ["status", "id"])
     if conn.dialect.name == "sqlite":
         # DROP COLUMN (SQLite 3.35+) without copying the table: its CHECK constraints stay OR chains (0005).
         conn.exec_driver_sql("ALTER TABLE cancellation_requests DROP COLUMN effective_date")
