@@ -79,12 +79,13 @@ def ready_clause(now: dt.datetime) -> ColumnElement[bool]:
     return or_(r.next_attempt_at.is_(None), r.next_attempt_at <= now)
 
 
-def days_late(type_: RequestType | str, effective_on: dt.date, as_of: dt.date) -> int:
+def days_late(type_: RequestType | str, effective_on: dt.date, created_on: dt.date, as_of: dt.date) -> int:
     """Days between the night a request should have been applied and as_of (catch-up).
 
-    An Immediate request is for the first nightly run after the day it takes effect (the
-    day it was made, or the end of a minimum term), the next day; any other from its
-    effective date, which is never before the day it was made.
+    A request that takes effect the day it was made (Immediate; one for a service with no
+    next due date or an overdue one; an On Date request for that day) is for the first
+    nightly run after it, the next day; any other from its effective date. (`type_` is
+    kept for callers; the dates say it all.)
     """
-    due_on = effective_on + ONE_DAY if type_ == RequestType.IMMEDIATE else effective_on
+    due_on = effective_on + ONE_DAY if effective_on <= created_on else effective_on
     return max(0, (as_of - due_on).days)

@@ -52,13 +52,17 @@ def test_business_today_at_local_midnight():
 
 
 def test_days_late_and_effective_date():
-    assert days_late(EOBP, D - dt.timedelta(days=4), D) == 4
-    assert days_late(EOBP, D + dt.timedelta(days=4), D) == 0
-    assert days_late(ON, D - dt.timedelta(days=2), D) == 2
-    # Immediate: the first nightly run after its effective day is on time; each missed night counts.
-    assert days_late(IMM, D - dt.timedelta(days=1), D) == 0
-    assert days_late(IMM, D, D) == 0
-    assert days_late(IMM, D - dt.timedelta(days=3), D) == 2
+    assert days_late(EOBP, D - dt.timedelta(days=4), CREATED, D) == 4
+    assert days_late(EOBP, D + dt.timedelta(days=4), CREATED, D) == 0
+    assert days_late(ON, D - dt.timedelta(days=2), CREATED, D) == 2
+    # Taking effect the day it was made (Immediate, no or a past next due date): the first
+    # nightly run after that day is on time; each missed night counts.
+    assert days_late(IMM, D - dt.timedelta(days=1), D - dt.timedelta(days=1), D) == 0
+    assert days_late(IMM, D, D, D) == 0
+    assert days_late(IMM, D - dt.timedelta(days=3), D - dt.timedelta(days=3), D) == 2
+    assert days_late(EOBP, D - dt.timedelta(days=3), D - dt.timedelta(days=3), D) == 2
+    # An Immediate request put off by a minimum term is due on the term's last day.
+    assert days_late(IMM, D - dt.timedelta(days=2), CREATED, D) == 2
     assert effective_date(IMM, None, None, dt.date(2026, 11, 20)) == dt.date(2026, 11, 20)
     assert effective_date(ON, D, dt.date(2026, 12, 1), D) == dt.date(2026, 12, 1)
 

@@ -49,7 +49,7 @@ def test_the_due_rule_in_python(type_, next_due, cancel_on, created_on, as_of):
     # Never due before the client asked; otherwise due exactly when its date has come (or it has none).
     assert due == (created_on <= as_of and (due_on is None or due_on <= as_of))
     # Lateness is never negative, and only a due request can be late.
-    late = days_late(type_, on, as_of)
+    late = days_late(type_, on, created_on, as_of)
     assert late >= 0 and (late == 0 or due)
     # Due stays due: a later as-of never makes a due request not due.
     assert not due or is_due(on, as_of + dt.timedelta(days=1))

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
-from processor.due import days_late
+from processor.due import business_today, days_late
 from processor.emails import SERVICE_CANCELLATION_CONFIRMATION, Writing
 from processor.errors import InputError, one_line
 from processor.hooks import HookFailed, HookRegistry
@@ -74,7 +74,7 @@ class Decider:
         params = None
         try:
             # Lateness counts from the due date, but never from before the request was made.
-            late = days_late(row.type, row.effective_date, as_of)
+            late = days_late(row.type, row.effective_date, business_today(row.created_at, self.zone), as_of)
             if row.service_status in CLOSED_SERVICE_STATUSES:
                 return Outcome(row.id, row.service_id, Action.NOOP, late, row.attempts,
                                service_status=row.service_status._value_)
