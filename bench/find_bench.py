@@ -52,8 +52,9 @@ def dataset(n: int) -> list[tuple[str, list[str], Iterator[tuple[Any, ...]]]]:
          ((i, f"S{i}", (i - 1) // 4 + 1, 1, f"site{i}.Host{i % 1000}.example", "Active", "Monthly", "4.99",
            "2026-12-20") for i in range(1, n + 1))),
         ("cancellation_requests", ["id", "external_id", "service_id", "type", "reason_code", "reason", "status",
-                                   "created_at", "created_by", "attempts", "note"],
-         ((i // 10, f"R{i // 10}", i, "End of Billing Period", "other", "", "pending", CREATED, "bench", 0, "")
+                                   "created_at", "created_by", "attempts", "note", "effective_date"],
+         ((i // 10, f"R{i // 10}", i, "End of Billing Period", "other", "", "pending", CREATED, "bench", 0, "",
+           "2026-12-20")
           for i in range(10, n + 1, 10))),
     ]
 

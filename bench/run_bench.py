@@ -210,12 +210,17 @@ def dataset(n: int, today: dt.date, now: dt.datetime) -> Iterator[tuple[str, tup
             code, text = REASONS[rnd.randrange(len(REASONS))]
             kind = "Immediate" if i % 10 == 0 else "End of Billing Period"
             created = now - dt.timedelta(days=30 + i % 15, seconds=rnd.randrange(86_400))
+            # As `requests create` stores it: Immediate the day it was made (UTC), End of Billing
+            # Period its service's next due date (never before the day it was made).
+            effective = created.date() if kind == "Immediate" else max(today - dt.timedelta(days=i % 30),
+                                                                       created.date())
             yield (i, f"R{i}", i, kind, None, code, text, "pending", ts(created), "client", 0, None, None,
-                   None, None, None, "")
+                   None, None, None, "", effective.isoformat())
 
     yield ("cancellation_requests", ("id", "external_id", "service_id", "type", "cancel_on", "reason_code",
                                      "reason", "status", "created_at", "created_by", "attempts", "last_error",
-                                     "next_attempt_at", "processed_at", "run_id", "days_late", "note"),
+                                     "next_attempt_at", "processed_at", "run_id", "days_late", "note",
+                                     "effective_date"),
            requests())
 
 

@@ -32,6 +32,7 @@ from processor.models import (
     Service,
 )
 from processor.params import cancellation_request_names, request_params, request_select
+from processor.terms import Effective, TermsOf, effective_on, no_terms
 
 
 def get_service(session: Session, service_id: int) -> Service:
@@ -86,8 +87,10 @@ def create_request(
     actor: str,
     now: dt.datetime,
     today: dt.date,
+    terms_of: TermsOf = no_terms,
 ) -> CancellationRequest:
-    """Record a new pending request; one open request per service."""
+    """Record a new pending request; one open request per service. Its effective date is
+    computed here, once, with its product's notice period and minimum term (`terms_of`)."""
     if reason_code not in allowed_reasons:
         raise FieldError("reason_code",
                          f"{reason_code!r} is not a configured reason (allowed: {', '.join(allowed_reasons)})")
@@ -104,14 +107,28 @@ def create_request(
     existing = open_request_for(session, service_id)
     if existing is not None:
         raise StateError(f"service {service_id} already has open request {existing.id} ({existing.status.value})")
+    effective = service_effective_on(service, type_, cancel_on, today, terms_of)
     request = CancellationRequest(
-        service_id=service_id, type=type_, cancel_on=cancel_on, reason_code=reason_code, reason=reason,
-        status=RequestStatus.PENDING, created_at=now, created_by=actor, attempts=0, note="",
+        service_id=service_id, type=type_, cancel_on=cancel_on, effective_date=effective.on, reason_code=reason_code,
+        reason=reason, status=RequestStatus.PENDING, created_at=now, created_by=actor, attempts=0, note="",
     )
     session.add(request)
     session.flush()
-    _audit(session, request, AuditAction.CREATED, actor, now, f"{type_.value}; reason {reason_code}")
+    _audit(session, request, AuditAction.CREATED, actor, now, created_detail(type_, reason_code, effective))
     return request
+
+
+def service_effective_on(service: Service, type_: RequestType, cancel_on: dt.date | None, created_on: dt.date,
+                         terms_of: TermsOf) -> Effective:
+    """When a request made on `created_on` for this service (its product loaded) takes effect."""
+    return effective_on(type_, created_on=created_on, next_due_date=service.next_due_date, cancel_on=cancel_on,
+                        billing_cycle=service.billing_cycle, registration_date=service.registration_date,
+                        terms=terms_of(service.product.external_id, service.product.name))
+
+
+def created_detail(type_: RequestType, reason_code: str, effective: Effective) -> str:
+    """The audit detail of a new request: its type, reason, and the date it takes effect with why."""
+    return "; ".join((type_.value, f"reason {reason_code}", f"takes effect {effective.on}", *effective.why))
 
 
 def withdraw_request(session: Session, request_id: int, *, actor: str, now: dt.datetime,

@@ -257,11 +257,13 @@ def current_revision(db: Database) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def upgrade(db: Database, revision: str = "head") -> None:
-    """Apply migrations up to revision (all of them by default)."""
+def upgrade(db: Database, revision: str = "head", *, business_timezone: str = "UTC") -> None:
+    """Apply migrations up to revision (all of them by default). A migration that fills a
+    date from a moment (0010: the day a request was made) reads it in business_timezone."""
     cfg = _alembic_config(db)
     with db.engine.begin() as conn:
         cfg.attributes["connection"] = conn
+        cfg.attributes["business_timezone"] = business_timezone
         command.upgrade(cfg, revision)
 
 

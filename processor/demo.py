@@ -12,9 +12,11 @@ import datetime as dt
 import random
 import unicodedata
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 from sqlalchemy.orm import Session
 
+from processor.due import business_today
 from processor.models import (
     AuditAction,
     AuditEntity,
@@ -30,6 +32,9 @@ from processor.models import (
     ServiceAddon,
     ServiceStatus,
 )
+from processor.terms import TermsOf, effective_on, no_terms
+
+UTC = ZoneInfo("UTC")
 
 FIRST = ["Alice", "Bruno", "Chloé", "Dmitri", "Esther", "Farid", "Grace", "Hiro", "Ines", "Jonas",
          "Kavya", "Liam", "Maja", "Nikos", "Olga", "Pedro", "Quinn", "Rosa", "Sven", "Tariq",
@@ -62,8 +67,11 @@ def _ascii(name: str) -> str:
     return unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode().lower()
 
 
-def load_demo(session: Session, *, today: dt.date, now: dt.datetime) -> dict[str, int]:
-    """Insert the demo company; returns how many rows of each kind were created."""
+def load_demo(session: Session, *, today: dt.date, now: dt.datetime, zone: ZoneInfo = UTC,
+              terms_of: TermsOf = no_terms) -> dict[str, int]:
+    """Insert the demo company; returns how many rows of each kind were created. Each
+    request's effective date as `requests create` computes it (`terms_of`: the products'
+    notice periods and minimum terms)."""
     rnd = random.Random(42)
     products = [Product(external_id=f"P{i + 1}", name=n, module=m) for i, (n, m, _, _) in enumerate(PRODUCTS)]
     session.add_all(products)
@@ -122,11 +130,21 @@ def load_demo(session: Session, *, today: dt.date, now: dt.datetime) -> dict[str
     services[6].status = ServiceStatus.CANCELLED  # cancelled by hand in the billing system: a no-op
     services[6].termination_date = today - dt.timedelta(days=2)
     services[6].next_due_date = today - dt.timedelta(days=1)
+    by_id = {s.id: s for s in services}
+    product_of = {p.id: p for p in products}
+    for r in requests:
+        s = by_id[r.service_id]
+        product = product_of[s.product_id]
+        r.effective_date = effective_on(
+            r.type, created_on=business_today(r.created_at, zone), next_due_date=s.next_due_date,
+            cancel_on=r.cancel_on, billing_cycle=s.billing_cycle, registration_date=s.registration_date,
+            terms=terms_of(product.external_id, product.name)).on
     session.add_all(requests)
     session.flush()
     session.add_all(
         AuditEntry(at=now, actor="demo", request_id=r.id, entity=AuditEntity.REQUEST, entity_id=r.id,
-                   action=AuditAction.CREATED, detail=f"{r.type.value}; reason {r.reason_code}")
+                   action=AuditAction.CREATED,
+                   detail=f"{r.type.value}; reason {r.reason_code}; takes effect {r.effective_date}")
         for r in requests
     )
     return {"clients": len(clients), "products": len(products), "services": len(services),

@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime as dt
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import ColumnElement, and_, or_
+from sqlalchemy import ColumnElement, or_
 
-from processor.models import CancellationRequest, RequestType, Service
+from processor.models import CancellationRequest, RequestType
 
 ONE_DAY = dt.timedelta(days=1)
 
@@ -28,7 +28,10 @@ def effective_date(
     cancel_on: dt.date | None,
     created_on: dt.date,
 ) -> dt.date | None:
-    """The date a request is due on; None means due at once (a service with no next due date)."""
+    """Today's rule of the date a request takes effect, before a product's notice period and
+    minimum term (terms.effective_on) and before the floor of the day it was made; None
+    means at once (a service with no next due date). What migration 0010 stored for the
+    requests made before the date was stored."""
     if type_ == RequestType.IMMEDIATE:
         return created_on
     if type_ == RequestType.ON_DATE:
@@ -36,62 +39,36 @@ def effective_date(
     return next_due_date
 
 
-def is_due(
-    type_: RequestType | str,
-    next_due_date: dt.date | None,
-    cancel_on: dt.date | None,
-    created_on: dt.date,
-    as_of: dt.date,
-) -> bool:
-    """DESIGN.md: Immediate, or the due date is on or before as_of, or the service has none.
+# The run's due rule reads only the stored date, cancellation_requests.effective_date:
+# computed once when the request was made or imported (terms.effective_on), never before
+# the day it was made, so "due by as_of" is that one column, in SQL and in Python alike.
 
-    A request made after as_of is never due: a run re-done for a past night must not
-    cancel a service before its client asked.
-    """
-    if created_on > as_of:
-        return False
-    due_on = effective_date(type_, next_due_date, cancel_on, created_on)
-    return due_on is None or due_on <= as_of
+def is_due(effective_on: dt.date, as_of: dt.date) -> bool:
+    """DESIGN.md: due when its (stored) effective date is on or before as_of. A request made
+    after as_of is never due (its date is never before the day it was made): a run re-done
+    for a past night must not cancel a service before its client asked."""
+    return effective_on <= as_of
 
 
-def request_due_on(request: CancellationRequest, zone: ZoneInfo) -> dt.date | None:
-    """`effective_date` of a request whose service exists (loaded with it)."""
-    return effective_date(request.type, request.service.next_due_date, request.cancel_on,
-                          business_today(request.created_at, zone))
+def request_due_on(request: CancellationRequest, zone: ZoneInfo | None = None) -> dt.date:
+    """The date a request takes effect: its stored effective date (`zone` is not needed
+    any more: the date was fixed in the business time zone when the request was made)."""
+    return request.effective_date
 
 
-def request_is_due(request: CancellationRequest, zone: ZoneInfo, as_of: dt.date) -> bool:
-    """`is_due` for a request whose service exists (loaded with it)."""
-    return is_due(request.type, request.service.next_due_date, request.cancel_on,
-                  business_today(request.created_at, zone), as_of)
+def request_is_due(request: CancellationRequest, zone: ZoneInfo | None, as_of: dt.date) -> bool:
+    """`is_due` of a request."""
+    return is_due(request.effective_date, as_of)
 
 
-def due_clause(as_of: dt.date, zone: ZoneInfo) -> ColumnElement[bool]:
-    """The same rule as `is_due`, for a query joining requests to services."""
-    r, s = CancellationRequest, Service
-    return and_(
-        r.created_at < start_of_day(as_of + ONE_DAY, zone),
-        or_(
-            r.type == RequestType.IMMEDIATE,
-            and_(r.type == RequestType.ON_DATE, or_(r.cancel_on.is_(None), r.cancel_on <= as_of)),
-            and_(
-                r.type == RequestType.END_OF_BILLING_PERIOD,
-                or_(s.next_due_date.is_(None), s.next_due_date <= as_of),
-            ),
-        ),
-    )
+def due_clause(as_of: dt.date, zone: ZoneInfo | None = None) -> ColumnElement[bool]:
+    """The same rule as `is_due`, in SQL: one column of the request, no join needed."""
+    return CancellationRequest.effective_date <= as_of
 
 
-def due_before_clause(day: dt.date, zone: ZoneInfo) -> ColumnElement[bool]:
-    """`effective_date` before `day` (or none: due at once), for a query joining requests to
-    services: what `requests list --due-before` shows. Unlike `due_clause` it does not ask
-    whether the request was made by then: it is about the date, not about a run."""
-    r, s = CancellationRequest, Service
-    return or_(
-        and_(r.type == RequestType.IMMEDIATE, r.created_at < start_of_day(day, zone)),
-        and_(r.type == RequestType.ON_DATE, or_(r.cancel_on.is_(None), r.cancel_on < day)),
-        and_(r.type == RequestType.END_OF_BILLING_PERIOD, or_(s.next_due_date.is_(None), s.next_due_date < day)),
-    )
+def due_before_clause(day: dt.date, zone: ZoneInfo | None = None) -> ColumnElement[bool]:
+    """Effective date before `day`: what `requests list --due-before` shows."""
+    return CancellationRequest.effective_date < day
 
 
 def ready_clause(now: dt.datetime) -> ColumnElement[bool]:
@@ -102,22 +79,13 @@ def ready_clause(now: dt.datetime) -> ColumnElement[bool]:
     return or_(r.next_attempt_at.is_(None), r.next_attempt_at <= now)
 
 
-def days_late(
-    type_: RequestType | str,
-    next_due_date: dt.date | None,
-    cancel_on: dt.date | None,
-    created_on: dt.date,
-    as_of: dt.date,
-) -> int:
+def days_late(type_: RequestType | str, effective_on: dt.date, created_on: dt.date, as_of: dt.date) -> int:
     """Days between the night a request should have been applied and as_of (catch-up).
 
-    An Immediate request is for the first nightly run after it was made, the next day;
-    an undated one is never late; nor is any request before the day it was made (one
-    made after its date had passed is late from that day, not from the date).
+    A request that takes effect the day it was made (Immediate; one for a service with no
+    next due date or an overdue one; an On Date request for that day) is for the first
+    nightly run after it, the next day; any other from its effective date. (`type_` is
+    kept for callers; the dates say it all.)
     """
-    if type_ == RequestType.IMMEDIATE:
-        due_on: dt.date | None = created_on + ONE_DAY
-    else:
-        due_on = effective_date(type_, next_due_date, cancel_on, created_on)
-        due_on = max(due_on, created_on) if due_on else None
-    return max(0, (as_of - due_on).days) if due_on else 0
+    due_on = effective_on + ONE_DAY if effective_on <= created_on else effective_on
+    return max(0, (as_of - due_on).days)

@@ -282,8 +282,10 @@ class Invoice(Base):
 class CancellationRequest(Base):
     __tablename__ = "cancellation_requests"
     __table_args__ = (
-        # The keyset scan of the run: pending requests in id order.
-        Index("ix_cancellation_requests_status_id", "status", "id"),
+        # The keyset scan of the run: pending requests in id order, with the effective date
+        # in the index so a request not due yet is passed over without reading its row
+        # (migration 0010).
+        Index("ix_cancellation_requests_status_id_effective_date", "status", "id", "effective_date"),
         # One open request per service, whatever writes it (CLI, import, a hook).
         Index(
             "uq_cancellation_requests_open_service",
@@ -300,6 +302,10 @@ class CancellationRequest(Base):
     service_id: Mapped[int] = mapped_column(ForeignKey("services.id"), index=True)
     type: Mapped[RequestType] = mapped_column(_enum(RequestType, "request_type"))
     cancel_on: Mapped[dt.date | None] = mapped_column(Date)  # only for On Date
+    # The day it takes effect (business time zone): computed once when it is made or
+    # imported (terms.effective_on: notice period, minimum term), again when its type or
+    # date changes; the due rule reads only this (due.py). Never before the day it was made.
+    effective_date: Mapped[dt.date] = mapped_column(Date)
     reason_code: Mapped[str] = mapped_column(String(64))
     reason: Mapped[str] = mapped_column(Text, default="")
     status: Mapped[RequestStatus] = mapped_column(

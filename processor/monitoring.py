@@ -26,7 +26,6 @@ from processor.models import (
     Lease,
     OutboxEmail,
     RequestStatus,
-    RequestType,
     Run,
     RunStatus,
     RunTrigger,
@@ -124,18 +123,16 @@ def due_now(settings: Settings, now: dt.datetime) -> tuple[ColumnElement[bool], 
 
 
 def _oldest_due(session: Any, settings: Settings, now: dt.datetime) -> dt.datetime | None:
-    """When the longest-waiting due request became due: an Immediate (or undated) one when
-    it was made, a dated one at the start of its date in the business time zone."""
-    zone = settings.zone
+    """When the longest-waiting due request became due: at the start of its effective date
+    in the business time zone, or when it was made if that was later (a request made on
+    the day it takes effect). Those with the earliest date hold the answer."""
     due = session.query(R).join(Service, Service.id == R.service_id).filter(*due_now(settings, now))
-    undated = (R.type == RequestType.IMMEDIATE) | ((R.type == RequestType.END_OF_BILLING_PERIOD)
-                                                   & Service.next_due_date.is_(None))
-    made = due.filter(undated).with_entities(func.min(R.created_at)).scalar()
-    on_date = due.filter(R.type == RequestType.ON_DATE).with_entities(func.min(R.cancel_on)).scalar()
-    period = due.filter(R.type == RequestType.END_OF_BILLING_PERIOD, Service.next_due_date.is_not(None)) \
-        .with_entities(func.min(Service.next_due_date)).scalar()
-    moments = [made] + [start_of_day(day, zone) for day in (on_date, period) if day is not None]
-    return min((m for m in moments if m is not None), default=None)
+    day = due.with_entities(func.min(R.effective_date)).scalar()
+    if day is None:
+        return None
+    made = due.filter(R.effective_date == day).with_entities(func.min(R.created_at)).scalar()
+    start = start_of_day(day, settings.zone)
+    return max(start, made) if made is not None else start
 
 
 def health(db: Database, settings: Settings, *, now: dt.datetime, max_age_hours: float,

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from processor.config import EmailSettings, Settings
 from processor.db import insert_rows
-from processor.due import business_today, effective_date
+from processor.due import business_today
 from processor.emails import (
     CRON_JOB_ACTIVITY,
     DEFAULT_SIGNATURES,
@@ -204,7 +204,7 @@ def queue_request_emails(session: Session, request_id: int, *, composer: Compose
     composer.check(*templates)
     row = session.execute(request_select(for_hooks=False).where(CancellationRequest.id == request_id)).one()
     created_on = business_today(row.created_at, settings.zone)
-    applied_on = effective_date(row.type, row.next_due_date, row.cancel_on, created_on)
+    applied_on = row.effective_date  # stored when the request was made: what the client is told
     email = settings.email
     queued: list[QueuedEmail] = []
     not_queued: list[str] = []
@@ -215,7 +215,8 @@ def queue_request_emails(session: Session, request_id: int, *, composer: Compose
         date = business_today(now, settings.zone) if template == REQUEST_WITHDRAWN else created_on
         writing = composer.writing(template, language)
         fields = request_fields(
-            row, composer.common_fields(date, writing.language, cancellation_date=applied_on), writing)
+            row, composer.common_fields(date, writing.language, cancellation_date=applied_on,
+                                        **_deferred(row, created_on)), writing)
         try:
             composed = composer.compose(template, key=email_key(template, "request", request_id), to_address=to_address,
                                         fields=fields, language=language, request_id=request_id)
@@ -232,6 +233,14 @@ def queue_request_emails(session: Session, request_id: int, *, composer: Compose
                                entity_id=request_id, action=action, detail=not_queued[-1]))
     queue(session.connection(), queued, run_id=None, now=now, from_address=email.from_address)
     return not_queued
+
+
+def _deferred(row: Any, created_on: dt.date) -> dict[str, Any]:
+    """An Immediate request a minimum term put off is not cancelled "within the next day":
+    the templates then give its date (service_cancellation_date), as for the other types."""
+    if row.type is RequestType.IMMEDIATE and row.effective_date > created_on:
+        return {"service_is_immediate_cancellation": False}
+    return {}
 
 
 def withdraw_queued_emails(session: Session, request_id: int, *, now: dt.datetime, actor: str) -> list[OutboxEmail]:
@@ -267,13 +276,14 @@ def preview_request_email(session: Session, template: str, request_id: int, *, c
         date, applied_on, status = today, today, "Cancelled"
     elif template == REQUEST_WITHDRAWN:  # as sent when withdrawn today
         date, status = today, None
-        applied_on = effective_date(row.type, row.next_due_date, row.cancel_on, business_today(row.created_at,
-                                                                                                settings.zone))
+        applied_on = row.effective_date
     else:  # as sent when the request was made
         date = business_today(row.created_at, settings.zone)
-        applied_on, status = effective_date(row.type, row.next_due_date, row.cancel_on, date), None
+        applied_on, status = row.effective_date, None
     to_address = settings.email.staff_address if template == NEW_REQUEST else row.email
     more = {"service_status": status} if status else {}
+    if template != SERVICE_CANCELLATION_CONFIRMATION:
+        more.update(_deferred(row, business_today(row.created_at, settings.zone)))
     lang = None if template == NEW_REQUEST else lang
     writing = composer.writing(template, lang)
     fields = request_fields(row, composer.common_fields(date, writing.language, cancellation_date=applied_on, **more),

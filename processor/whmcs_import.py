@@ -536,7 +536,7 @@ def import_whmcs(
             reports = []
             for batch, m in batches:
                 try:
-                    reports.append(apply(s, batch, actor=actor, now=now))
+                    reports.append(apply(s, batch, actor=actor, now=now, settings=settings))
                 except ImportRejected as exc:
                     raise ImportRejected(_renamed(exc.errors, m)) from None  # rolls every table back
     return WhmcsReport(shown, reports, mapping.notes)

@@ -21,9 +21,20 @@ from processor.models import (
     ServiceAddon,
     ServiceStatus,
 )
+from processor.terms import effective_on
 
 _seq = itertools.count(1)
 CREATED = dt.datetime(2026, 11, 20, 12, 0, tzinfo=dt.UTC)
+
+
+def effective(session: Session, service_id: int, type_: RequestType, cancel_on: dt.date | None,
+              created_at: dt.datetime, zone: dt.tzinfo = dt.UTC) -> dt.date:
+    """The effective date `requests create` would store (no notice period or minimum term)."""
+    svc = session.get(Service, service_id)
+    assert svc is not None
+    return effective_on(type_, created_on=created_at.astimezone(zone).date(), next_due_date=svc.next_due_date,
+                        cancel_on=cancel_on, billing_cycle=svc.billing_cycle,
+                        registration_date=svc.registration_date).on
 
 
 def service(
@@ -68,7 +79,9 @@ def request(
     reason: str = "Too expensive",
     created_at: dt.datetime = CREATED,
 ) -> CancellationRequest:
-    req = CancellationRequest(service_id=svc.id, type=type_, cancel_on=cancel_on, reason_code="too_expensive",
+    req = CancellationRequest(service_id=svc.id, type=type_, cancel_on=cancel_on,
+                              effective_date=effective(session, svc.id, type_, cancel_on, created_at),
+                              reason_code="too_expensive",
                               reason=reason, status=RequestStatus.PENDING, created_at=created_at, created_by="test")
     session.add(req)
     session.flush()
@@ -109,6 +122,8 @@ def support_desk(db: Database, now: dt.datetime) -> Database:
                                            (None, services[1], RequestType.ON_DATE, dt.date(2026, 12, 15)),
                                            ("R-3", services[2], RequestType.IMMEDIATE, None)):
             s.add(CancellationRequest(external_id=ext, service_id=svc.id, type=type_, cancel_on=cancel_on,
+                                      effective_date=effective(s, svc.id, type_, cancel_on,
+                                                               now - dt.timedelta(days=2)),
                                       reason_code="too_expensive", reason="", status=RequestStatus.PENDING,
                                       created_at=now - dt.timedelta(days=2), created_by="test"))
     return db

@@ -49,6 +49,7 @@ from processor.models import (
     ServiceStatus,
 )
 from processor.resources import shipped
+from tests import factories
 from tests.cli_helpers import Invoke, as_json, ok, one_line_error
 from tests.smtp_server import free_port
 
@@ -101,6 +102,8 @@ def add_request(db: Database, service_id: int, type_: RequestType = RequestType.
                 status: RequestStatus = RequestStatus.PENDING, **extra: Any) -> int:
     with db.session.begin() as session:
         request = CancellationRequest(service_id=service_id, type=type_, cancel_on=cancel_on,
+                                      effective_date=extra.pop("effective_date", None)
+                                      or factories.effective(session, service_id, type_, cancel_on, created_at),
                                       reason_code="too_expensive", reason="test", status=status,
                                       created_at=created_at, created_by="test", attempts=0, note="", **extra)
         session.add(request)

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from processor import lease
+from processor.terms import effective_on
 from tests.cli_helpers import error_text, process_env
 
 CHUNK_SIZE = 50
@@ -132,8 +133,10 @@ def make_database(app_root: Path, n_requests: int, not_due_every: int, seed: int
         services.append((sid, rng.randint(1, n_clients), rng.choice((1, 2)),
                          f"site{sid}.example.test", "Active", "Monthly", "9.99",
                          next_due.isoformat() if next_due else None, None))
+        effective = effective_on(rtype, created_on=created.date(), next_due_date=next_due, cancel_on=cancel_on,
+                                 billing_cycle="Monthly", registration_date=None).on
         requests.append((rid, sid, rtype, cancel_on.isoformat() if cancel_on else None, "too_expensive",
-                         f"reason {rid}", "pending", created_s, "test", 0, ""))
+                         f"reason {rid}", "pending", created_s, "test", 0, "", effective.isoformat()))
         if i % 4 == 0:  # add-ons on a quarter of the services
             for k in range(1 + i % 2):
                 addons.append((len(addons) + 1, sid, f"Addon {k}", "Active", "2.00"))
@@ -157,7 +160,8 @@ def make_database(app_root: Path, n_requests: int, not_due_every: int, seed: int
             con.executemany("INSERT INTO invoices (id, service_id, amount, status, due_date) VALUES (?, ?, ?, ?, ?)",
                             invoices)
             con.executemany("INSERT INTO cancellation_requests (id, service_id, type, cancel_on, reason_code, reason,"
-                            " status, created_at, created_by, attempts, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            " status, created_at, created_by, attempts, note, effective_date)"
+                            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             requests)
         con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # all in the main file: copy_database copies it
     finally:

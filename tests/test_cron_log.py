@@ -76,8 +76,10 @@ def app_folder(tmp_path: Path) -> tuple[Path, dict[str, str]]:
                        "next_due_date) VALUES (?, ?, 1, ?, 'Active', 'Monthly', 5, '2026-01-01')",
                        [(i, i, f"site{i}.example.test") for i in range(1, N + 1)])
         db.executemany("INSERT INTO cancellation_requests (id, service_id, type, reason_code, reason, status, "
-                       "created_at, created_by, attempts, note) VALUES (?, ?, 'Immediate', 'other', '', "
-                       "'pending', '2026-01-01 00:00:00', 'test', 0, '')", [(i, i) for i in range(1, N + 1)])
+                       "created_at, created_by, attempts, note, effective_date) "
+                       "VALUES (?, ?, 'Immediate', 'other', '', "
+                       "'pending', '2026-01-01 00:00:00', 'test', 0, '', '2026-01-01')",
+                       [(i, i) for i in range(1, N + 1)])
     return app, env
 
 

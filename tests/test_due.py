@@ -11,6 +11,7 @@ from sqlalchemy import select
 from processor.due import business_today, days_late, effective_date, is_due
 from processor.models import CancellationRequest, RequestStatus, RequestType, Service, ServiceStatus
 from processor.run import Runner, RunOptions
+from processor.terms import effective_on
 from tests import factories
 
 EOBP, IMM, ON = RequestType.END_OF_BILLING_PERIOD, RequestType.IMMEDIATE, RequestType.ON_DATE
@@ -35,7 +36,10 @@ CREATED = D - dt.timedelta(days=10)
     ],
 )
 def test_is_due(type_, next_due, cancel_on, created_on, due):
-    assert is_due(type_, next_due, cancel_on, created_on, D) is due
+    """The stored date (as `requests create` computes it, no notice or term) against as_of."""
+    on = effective_on(type_, created_on=created_on, next_due_date=next_due, cancel_on=cancel_on,
+                      billing_cycle="Monthly", registration_date=None).on
+    assert is_due(on, D) is due
 
 
 def test_business_today_at_local_midnight():
@@ -48,14 +52,17 @@ def test_business_today_at_local_midnight():
 
 
 def test_days_late_and_effective_date():
-    assert days_late(EOBP, D - dt.timedelta(days=4), None, CREATED, D) == 4
-    assert days_late(EOBP, D + dt.timedelta(days=4), None, CREATED, D) == 0
-    assert days_late(EOBP, None, None, CREATED, D) == 0
-    assert days_late(ON, None, D - dt.timedelta(days=2), CREATED, D) == 2
-    # Immediate: the first nightly run after the request is on time; each missed night counts.
-    assert days_late(IMM, None, None, D - dt.timedelta(days=1), D) == 0
-    assert days_late(IMM, None, None, D, D) == 0
-    assert days_late(IMM, None, None, D - dt.timedelta(days=3), D) == 2
+    assert days_late(EOBP, D - dt.timedelta(days=4), CREATED, D) == 4
+    assert days_late(EOBP, D + dt.timedelta(days=4), CREATED, D) == 0
+    assert days_late(ON, D - dt.timedelta(days=2), CREATED, D) == 2
+    # Taking effect the day it was made (Immediate, no or a past next due date): the first
+    # nightly run after that day is on time; each missed night counts.
+    assert days_late(IMM, D - dt.timedelta(days=1), D - dt.timedelta(days=1), D) == 0
+    assert days_late(IMM, D, D, D) == 0
+    assert days_late(IMM, D - dt.timedelta(days=3), D - dt.timedelta(days=3), D) == 2
+    assert days_late(EOBP, D - dt.timedelta(days=3), D - dt.timedelta(days=3), D) == 2
+    # An Immediate request put off by a minimum term is due on the term's last day.
+    assert days_late(IMM, D - dt.timedelta(days=2), CREATED, D) == 2
     assert effective_date(IMM, None, None, dt.date(2026, 11, 20)) == dt.date(2026, 11, 20)
     assert effective_date(ON, D, dt.date(2026, 12, 1), D) == dt.date(2026, 12, 1)
 

@@ -14,7 +14,8 @@ from sqlalchemy import Engine, event
 
 from processor.db import Database, open_database
 from processor.find_index import drop_find_index, has_find_index
-from processor.models import Client, Product, Service, ServiceStatus
+from processor.models import CancellationRequest, Client, Product, Service, ServiceStatus
+from tests import factories
 from tests.cli_helpers import Invoke, as_json, ok, one_line_error
 from tests.factories import support_desk
 from tests.test_support import whole_table_reads
@@ -73,14 +74,19 @@ def test_the_index_follows_inserts_updates_and_deletes(invoke: Invoke, desk: Dat
         carol = Client(external_id="C-300", first_name="Carol", last_name="Smith", email="carol@smith.example")
         s.add(carol)
         s.flush()
-        s.add(Service(external_id="S-3001", client_id=carol.id, product_id=product.id, domain="carol-smith.example",
-                      status=ServiceStatus.ACTIVE, billing_cycle="Monthly"))
+        carols = Service(external_id="S-3001", client_id=carol.id, product_id=product.id,
+                         domain="carol-smith.example", status=ServiceStatus.ACTIVE, billing_cycle="Monthly")
+        s.add(carols)
+        s.flush()
+        factories.request(s, carols).external_id = "REQ-77-NEW"  # the triggers survive every later migration
     assert found(invoke, "w.novak")["services"] == []  # the old domain is gone from the index
     assert found(invoke, "vorak.exam")["services"] == [3]
     assert found(invoke, "dvořák")["clients"] == [2]
     smith = found(invoke, "smith.exa")
-    assert len(smith["clients"]) == 1 and len(smith["services"]) == 1
+    assert len(smith["clients"]) == 1 and len(smith["services"]) == 1 and len(smith["requests"]) == 1
+    assert found(invoke, "77-new")["requests"] == smith["requests"]
     with desk.session.begin() as s:
+        s.delete(s.get(CancellationRequest, smith["requests"][0]))
         s.delete(s.get(Service, smith["services"][0]))
         s.delete(s.get(Client, smith["clients"][0]))
     assert found(invoke, "smith.exa") == {"clients": [], "services": [], "requests": []}

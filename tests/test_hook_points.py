@@ -220,6 +220,7 @@ class Seeded:
     client_id: int
     email: str
     domain: str
+    effective_date: dt.date
 
 
 def seed(db: Database, *, next_due_date: dt.date | None = D, addons: int = 0, unpaid: int = 0, paid: int = 0,
@@ -229,7 +230,7 @@ def seed(db: Database, *, next_due_date: dt.date | None = D, addons: int = 0, un
         if balance is not None:
             svc.client.balance = balance
         req = factories.request(s, svc, reason=reason, **request)
-        return Seeded(req.id, svc.id, svc.client.id, svc.client.email, svc.domain)
+        return Seeded(req.id, svc.id, svc.client.id, svc.client.email, svc.domain, req.effective_date)
 
 
 def assert_request_dicts(call: Call, it: Seeded, *, request_status: str = "pending", attempts: int = 0) -> None:
@@ -239,7 +240,7 @@ def assert_request_dicts(call: Call, it: Seeded, *, request_status: str = "pendi
     assert kw["request"] == {
         "id": it.request_id, "external_id": None, "type": "End of Billing Period", "status": request_status,
         "reason_code": "too_expensive", "reason": kw["request"]["reason"], "cancel_on": None,
-        "created_at": factories.CREATED, "attempts": attempts}
+        "effective_date": it.effective_date, "created_at": factories.CREATED, "attempts": attempts}
     service = kw["service"]
     assert (service["id"], service["domain"], service["billing_cycle"], service["amount"]) == (
         it.service_id, it.domain, "Monthly", Decimal("24.00"))

@@ -92,6 +92,7 @@ def cancelled_by_processor(db: Database, service_ext: str, now: dt.datetime) -> 
             external_id=f"R-{service_ext}",
             service_id=svc.id,
             type=RequestType.IMMEDIATE,
+            effective_date=(now - dt.timedelta(days=7)).date(),
             reason_code="other",
             status=RequestStatus.COMPLETED,
             created_at=now - dt.timedelta(days=7),

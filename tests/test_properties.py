@@ -4,6 +4,7 @@ an impossible state."""
 
 from __future__ import annotations
 
+import calendar
 import datetime as dt
 from zoneinfo import ZoneInfo
 
@@ -13,8 +14,9 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from sqlalchemy import delete, select
 
-from processor.due import business_today, days_late, due_clause, effective_date, is_due
+from processor.due import business_today, days_late, due_before_clause, due_clause, effective_date, is_due
 from processor.models import CancellationRequest, Client, Product, RequestStatus, RequestType, Service, ServiceStatus
+from processor.terms import CYCLE_MONTHS, NO_TERMS, Terms, add_months, cycle_months, effective_on
 
 ZONES = ["UTC", "Europe/London", "America/New_York", "Pacific/Auckland", "Asia/Kolkata", "Pacific/Kiritimati"]
 DAYS = st.dates(min_value=dt.date(2020, 1, 1), max_value=dt.date(2035, 12, 31))
@@ -22,41 +24,101 @@ INSTANTS = st.datetimes(min_value=dt.datetime(2020, 1, 1), max_value=dt.datetime
                         timezones=st.just(dt.UTC))
 
 
+CYCLES = list(CYCLE_MONTHS)
+# Month ends and leap days are where month arithmetic goes wrong: draw them often.
+EDGE_DAYS = st.sampled_from([dt.date(2024, 1, 31), dt.date(2024, 2, 29), dt.date(2025, 2, 28), dt.date(2023, 12, 31),
+                             dt.date(2028, 2, 29), dt.date(2025, 8, 31), dt.date(2026, 3, 30)])
+ANY_DAYS = DAYS | EDGE_DAYS
+TERMS = st.builds(Terms, notice_days=st.sampled_from([0, 0, 1, 7, 30, 45, 100, 366]),
+                  minimum_term_months=st.sampled_from([0, 0, 1, 6, 12, 24, 120]))
+
+
+def _stored(type_, next_due, cancel_on, created_on, cycle="Monthly", registration=None, terms=NO_TERMS):
+    return effective_on(type_, created_on=created_on, next_due_date=next_due, cancel_on=cancel_on,
+                        billing_cycle=cycle, registration_date=registration, terms=terms).on
+
+
 @hsettings(max_examples=300, deadline=None)
 @given(type_=st.sampled_from(list(RequestType)), next_due=st.none() | DAYS, cancel_on=st.none() | DAYS,
        created_on=DAYS, as_of=DAYS)
 def test_the_due_rule_in_python(type_, next_due, cancel_on, created_on, as_of):
-    due = is_due(type_, next_due, cancel_on, created_on, as_of)
+    """With no notice period or term, the stored date gives the rule from before it was stored."""
+    on = _stored(type_, next_due, cancel_on, created_on)
+    due = is_due(on, as_of)
     due_on = effective_date(type_, next_due, cancel_on, created_on)
     # Never due before the client asked; otherwise due exactly when its date has come (or it has none).
     assert due == (created_on <= as_of and (due_on is None or due_on <= as_of))
     # Lateness is never negative, and only a due request can be late.
-    late = days_late(type_, next_due, cancel_on, created_on, as_of)
-    assert late >= 0 and (late == 0 or due or type_ is RequestType.IMMEDIATE)
+    late = days_late(type_, on, created_on, as_of)
+    assert late >= 0 and (late == 0 or due)
     # Due stays due: a later as-of never makes a due request not due.
-    assert not due or is_due(type_, next_due, cancel_on, created_on, as_of + dt.timedelta(days=1))
+    assert not due or is_due(on, as_of + dt.timedelta(days=1))
+
+
+@hsettings(max_examples=400, deadline=None)
+@given(type_=st.sampled_from(list(RequestType)), next_due=st.none() | ANY_DAYS, cancel_on=st.none() | ANY_DAYS,
+       created_on=ANY_DAYS, registration=st.none() | ANY_DAYS, cycle=st.sampled_from([*CYCLES, "One Time"]),
+       terms=TERMS)
+def test_the_effective_date_across_billing_cycles_month_ends_and_leap_years(
+        type_, next_due, cancel_on, created_on, registration, cycle, terms):
+    on = _stored(type_, next_due, cancel_on, created_on, cycle, registration, terms)
+    plain = max(effective_date(type_, next_due, cancel_on, created_on) or created_on, created_on)
+    # Never before the day it was made, nor before today's rule: a notice or a term only delays.
+    assert on >= plain
+    term_end = add_months(registration, terms.minimum_term_months) if registration else None
+    if term_end is not None and terms.minimum_term_months:
+        assert on >= term_end  # never inside the minimum term
+    months = cycle_months(cycle)
+    if type_ is RequestType.END_OF_BILLING_PERIOD and next_due is not None and months is not None:
+        floor = max([plain] + ([created_on + dt.timedelta(days=terms.notice_days)] if terms.notice_days else [])
+                    + ([term_end] if term_end and terms.minimum_term_months else []))
+        if floor == plain:
+            assert on == plain  # nothing to delay it
+        else:
+            # A due date of the service (next due date + whole cycles, each counted from it), the
+            # first one on or after the notice and the term.
+            k = next(k for k in range(0, 2000) if add_months(next_due, k * months) >= on)
+            assert add_months(next_due, k * months) == on and on >= floor
+            assert k == 0 or add_months(next_due, (k - 1) * months) < floor
+            if terms.notice_days:
+                assert (on - created_on).days >= terms.notice_days
+    elif type_ is not RequestType.END_OF_BILLING_PERIOD or next_due is None:
+        assert on == max([plain] + ([term_end] if term_end and terms.minimum_term_months else []))
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(day=ANY_DAYS, months=st.integers(min_value=0, max_value=240))
+def test_month_arithmetic_keeps_the_day_or_takes_the_months_last(day, months):
+    later = add_months(day, months)
+    assert (later.year - day.year) * 12 + later.month - day.month == months
+    assert later.day == min(day.day, calendar.monthrange(later.year, later.month)[1])
 
 
 @hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(type_=st.sampled_from(list(RequestType)), next_due=st.none() | DAYS, cancel_on=st.none() | DAYS,
-       created_at=INSTANTS, as_of=DAYS, zone=st.sampled_from(ZONES))
-def test_the_due_rule_in_sql_agrees_with_python(db, type_, next_due, cancel_on, created_at, as_of, zone):
+       created_at=INSTANTS, as_of=DAYS, zone=st.sampled_from(ZONES), cycle=st.sampled_from(CYCLES),
+       registration=st.none() | DAYS, terms=TERMS)
+def test_the_due_rule_in_sql_agrees_with_python(db, type_, next_due, cancel_on, created_at, as_of, zone, cycle,
+                                                registration, terms):
     if type_ is RequestType.ON_DATE and cancel_on is None:
         cancel_on = as_of  # an On Date request always has its date (the CLI and the import require it)
+    on = _stored(type_, next_due, cancel_on, business_today(created_at, ZoneInfo(zone)), cycle, registration, terms)
     with db.session.begin() as s:
         s.execute(delete(CancellationRequest))
         s.execute(delete(Service))
         service = Service(client=Client(first_name="A", email="a@example.test"), product=Product(name="P"),
-                          domain="d", status=ServiceStatus.ACTIVE, billing_cycle="Monthly", amount=1,
-                          next_due_date=next_due)
+                          domain="d", status=ServiceStatus.ACTIVE, billing_cycle=cycle, amount=1,
+                          next_due_date=next_due, registration_date=registration)
         s.add(service)
         s.flush()
-        s.add(CancellationRequest(service_id=service.id, type=type_, cancel_on=cancel_on, reason_code="other",
-                                  reason="", status=RequestStatus.PENDING, created_at=created_at, created_by="t"))
+        s.add(CancellationRequest(service_id=service.id, type=type_, cancel_on=cancel_on, effective_date=on,
+                                  reason_code="other", reason="", status=RequestStatus.PENDING,
+                                  created_at=created_at, created_by="t"))
     with db.read_session() as s:
-        in_sql = s.scalar(select(CancellationRequest.id).join(Service).where(due_clause(as_of, ZoneInfo(zone))))
-    in_python = is_due(type_, next_due, cancel_on, business_today(created_at, ZoneInfo(zone)), as_of)
-    assert (in_sql is not None) == in_python
+        in_sql = s.scalar(select(CancellationRequest.id).join(Service).where(due_clause(as_of)))
+        before_sql = s.scalar(select(CancellationRequest.id).where(due_before_clause(as_of)))
+    assert (in_sql is not None) == is_due(on, as_of)
+    assert (before_sql is not None) == (on < as_of)
 
 
 # --- the request state machine -------------------------------------------------------------

@@ -98,8 +98,10 @@ def test_sigterm_stops_a_run_after_its_chunk_and_releases_the_lease(tmp_path: Pa
                        "next_due_date) VALUES (?, ?, 1, 'h', 'Active', 'Monthly', 5, '2026-01-01')",
                        [(i, i) for i in range(1, n + 1)])
         db.executemany("INSERT INTO cancellation_requests (id, service_id, type, reason_code, reason, status, "
-                       "created_at, created_by, attempts, note) VALUES (?, ?, 'End of Billing Period', 'other', '', "
-                       "'pending', '2026-01-01 00:00:00', 'test', 0, '')", [(i, i) for i in range(1, n + 1)])
+                       "created_at, created_by, attempts, note, effective_date) "
+                       "VALUES (?, ?, 'End of Billing Period', 'other', '', "
+                       "'pending', '2026-01-01 00:00:00', 'test', 0, '', '2026-01-01')",
+                       [(i, i) for i in range(1, n + 1)])
     proc = subprocess.Popen([sys.executable, "-m", "processor", "run"], cwd=tmp_path, env=environ,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import select
+from sqlalchemy import text as sql
 from sqlalchemy.exc import IntegrityError
 
+import processor
 from processor import db as dbmod
 from processor.errors import DatabaseError
 from processor.find_index import not_find_index
@@ -154,5 +158,80 @@ def test_migration_0007_adds_the_service_columns_and_goes_back(db):
     dbmod.upgrade(db)
     with db.read_session() as s:
         assert s.get(Service, service_id).subscription_id is None
+    if db.engine.dialect.name == "sqlite":
+        assert " IN (" not in _check_constraints(db)
+
+
+def _effective_date_revision() -> tuple[str, str]:
+    """(the migration adding cancellation_requests.effective_date, the one before it): found
+    by its file name, not its number, which the merge of other migrations may change."""
+    scripts = ScriptDirectory(str(Path(processor.__file__).parent / "migrations"))
+    found = next(s for s in scripts.walk_revisions() if s.path.endswith("_effective_date.py"))
+    assert isinstance(found.down_revision, str)
+    return found.revision, found.down_revision
+
+
+def test_migration_fills_the_effective_date_of_existing_requests_by_the_old_rule_and_goes_back(db):
+    """Existing requests keep the date the rule before the column gave them (Immediate: the
+    day it was made in the business time zone; no next due date, an overdue one, or an On
+    Date without a date: the day it was made), closed ones too; then the column is NOT NULL
+    and in the due scan's index. Down again drops it and keeps the rows."""
+    revision, before = _effective_date_revision()
+    cfg = dbmod._alembic_config(db)
+    with db.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, before)
+    tokyo_late = "2026-11-25 23:30:00"  # already the 26th in Tokyo
+    rows = [  # (request id, type, cancel_on, status, service's next due date, created_at) -> expected
+        ((1, "Immediate", None, "pending", "2026-12-24", tokyo_late), dt.date(2026, 11, 26)),
+        ((2, "End of Billing Period", None, "pending", "2026-12-10", tokyo_late), dt.date(2026, 12, 10)),
+        ((3, "End of Billing Period", None, "failed", "2026-11-01", tokyo_late), dt.date(2026, 11, 26)),
+        ((4, "End of Billing Period", None, "pending", None, tokyo_late), dt.date(2026, 11, 26)),
+        ((5, "On Date", "2027-01-31", "pending", "2026-12-05", tokyo_late), dt.date(2027, 1, 31)),
+        ((6, "On Date", None, "pending", "2026-12-05", tokyo_late), dt.date(2026, 11, 26)),
+        ((7, "End of Billing Period", None, "completed", "2026-12-20", "2026-10-01 10:00:00"),
+         dt.date(2026, 12, 20)),
+    ]
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO clients (id, first_name, last_name, company_name, email, language, balance)"
+                             " VALUES (1, 'A', '', '', 'a@example.test', 'en', 0)")
+        conn.exec_driver_sql("INSERT INTO products (id, name) VALUES (1, 'VPS')")
+        conn.execute(sql("INSERT INTO services (id, client_id, product_id, domain, status, billing_cycle, amount,"
+                          " next_due_date) VALUES (:id, 1, 1, 'd', 'Active', 'Monthly', 1, :due)"),
+                     [{"id": rid, "due": next_due and dt.date.fromisoformat(next_due)}
+                      for (rid, _type, _on, _status, next_due, _created), _ in rows])
+        conn.execute(sql("INSERT INTO cancellation_requests (id, service_id, type, cancel_on, reason_code, reason,"
+                          " status, created_at, created_by, attempts, note) VALUES (:id, :id, :type, :cancel_on,"
+                          " 'other', '', :status, :created, 't', 0, '')"),
+                     [{"id": rid, "type": type_, "cancel_on": cancel_on and dt.date.fromisoformat(cancel_on),
+                       "status": status, "created": dt.datetime.fromisoformat(created)}
+                      for (rid, type_, cancel_on, status, _due, created), _ in rows])
+    dbmod.upgrade(db, business_timezone="Asia/Tokyo")
+    assert dbmod.current_revision(db) == dbmod.head_revision(db)
+    with db.read_session() as s:
+        got = dict(s.execute(select(CancellationRequest.id, CancellationRequest.effective_date)).all())
+    assert got == {rid: expected for (rid, *_), expected in rows}
+    with db.engine.connect() as conn:
+        inspector = sa_inspect(conn)
+        column = next(c for c in inspector.get_columns("cancellation_requests") if c["name"] == "effective_date")
+        indexes = {i["name"]: i["column_names"] for i in inspector.get_indexes("cancellation_requests")}
+    assert column["nullable"] is False
+    assert indexes["ix_cancellation_requests_status_id_effective_date"] == ["status", "id", "effective_date"]
+    assert "ix_cancellation_requests_status_id" not in indexes
+    with pytest.raises(IntegrityError), db.engine.begin() as conn:  # a writer that forgets the date fails
+        conn.execute(sql("INSERT INTO cancellation_requests (service_id, type, reason_code, reason, status,"
+                          " created_at, created_by, attempts, note) VALUES (1, 'Immediate', 'other', '',"
+                          " 'withdrawn', :now, 't', 0, '')"), {"now": dt.datetime(2026, 11, 26)})
+    with db.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, before)
+    with db.engine.connect() as conn:
+        inspector = sa_inspect(conn)
+        assert "effective_date" not in {c["name"] for c in inspector.get_columns("cancellation_requests")}
+        names = {i["name"] for i in inspector.get_indexes("cancellation_requests")}
+        assert "ix_cancellation_requests_status_id" in names
+        assert conn.exec_driver_sql("SELECT count(*) FROM cancellation_requests").scalar_one() == len(rows)
+    dbmod.upgrade(db)
+    assert revision == dbmod.current_revision(db) or dbmod.current_revision(db) == dbmod.head_revision(db)
     if db.engine.dialect.name == "sqlite":
         assert " IN (" not in _check_constraints(db)

@@ -149,8 +149,10 @@ def fill(db_path: Path, n: int) -> None:
                        "next_due_date) VALUES (?, ?, 1, 'h', 'Active', 'Monthly', 5, '2026-01-01')",
                        [(i, i) for i in range(1, n + 1)])
         db.executemany("INSERT INTO cancellation_requests (id, service_id, type, reason_code, reason, status, "
-                       "created_at, created_by, attempts, note) VALUES (?, ?, 'Immediate', 'other', '', "
-                       "'pending', '2026-01-01 00:00:00', 'test', 0, '')", [(i, i) for i in range(1, n + 1)])
+                       "created_at, created_by, attempts, note, effective_date) "
+                       "VALUES (?, ?, 'Immediate', 'other', '', "
+                       "'pending', '2026-01-01 00:00:00', 'test', 0, '', '2026-01-01')",
+                       [(i, i) for i in range(1, n + 1)])
 
 
 def database_state(db_path: Path) -> tuple[list[tuple[int, str, str | None]], int, int]:

@@ -107,7 +107,8 @@ def test_requests_list_shows_the_client_and_domain_and_filters(invoke: Invoke, d
     assert [(r["id"], r["client"], r["client_id"], r["domain"], r["due_on"], r["reason_code"]) for r in rows] == [
         (3, "Bob Novak", 2, "WWW.Novak.TEST", "2026-11-24", "too_expensive"),  # Immediate: the day it was made
         (2, "Alice Martin", 1, "blog.alice.test", "2026-12-15", "too_expensive"),
-        (1, "Alice Martin", 1, "shop.alice.test", "2026-11-20", "too_expensive"),
+        # Made 11-24 for a service due since 11-20: it takes effect the day it was made.
+        (1, "Alice Martin", 1, "shop.alice.test", "2026-11-24", "too_expensive"),
     ]
     table = ok(invoke("requests", "list")).stdout.splitlines()
     assert table[0].split()[:6] == ["ID", "CLIENT", "DOMAIN", "TYPE", "DUE_ON", "STATUS"]
@@ -118,7 +119,8 @@ def test_requests_list_shows_the_client_and_domain_and_filters(invoke: Invoke, d
     assert ids(invoke("requests", "list", "--type", "on-date", "--json")) == [2]
     assert ids(invoke("requests", "list", "--due-before", "2026-12-15", "--json")) == [3, 1]
     assert ids(invoke("requests", "list", "--due-before", "2026-12-16", "--json")) == [3, 2, 1]
-    assert ids(invoke("requests", "list", "--due-before", "2026-11-21", "--type", "end-of-period", "--json")) == [1]
+    assert ids(invoke("requests", "list", "--due-before", "2026-11-25", "--type", "end-of-period", "--json")) == [1]
+    assert ids(invoke("requests", "list", "--due-before", "2026-11-24", "--json")) == []
     assert ids(invoke("requests", "list", "--client", "2", "--status", "pending", "--json")) == [3]
     one_line_error(invoke("requests", "list", "--due-before", "soon"), "--due-before", "YYYY-MM-DD")
     one_line_error(invoke("requests", "list", "--type", "later"), "--type")

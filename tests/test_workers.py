@@ -72,7 +72,8 @@ def seed(db: Database, n: int) -> None:
                                             status=ServiceStatus.ACTIVE, billing_cycle="Monthly", amount=5,
                                             next_due_date=yesterday) for i in range(1, n + 1)])
         conn.execute(insert(CancellationRequest), [
-            dict(id=i, service_id=i, type=RequestType.END_OF_BILLING_PERIOD, reason_code="other", reason="",
+            dict(id=i, service_id=i, type=RequestType.END_OF_BILLING_PERIOD, effective_date=yesterday,
+                 reason_code="other", reason="",
                  status=RequestStatus.PENDING, created_at=created, created_by="test", attempts=0, note="")
             for i in range(1, n + 1)])
 

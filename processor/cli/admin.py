@@ -23,6 +23,7 @@ from processor.hooks import POINTS
 from processor.models import (
     Client,
 )
+from processor.terms import terms_of
 
 # --- database ---------------------------------------------------------------------------
 
@@ -47,7 +48,7 @@ def db_upgrade(app: App) -> None:
     """
     database = app.database(create=True, migrated=False)
     before = dbmod.current_revision(database)
-    dbmod.upgrade(database)
+    dbmod.upgrade(database, business_timezone=app.settings.business_timezone)
     after = dbmod.current_revision(database)
     click.echo(f"database {database.display_url}: schema {before or 'empty'} -> {after}"
                if before != after else f"database {database.display_url}: schema already at {after}")
@@ -112,14 +113,15 @@ def init(app: App, demo: bool) -> None:
         click.echo(f"settings: no config file was found, so this init used the defaults (and any CANCELPROC_* "
                    f"variables); {DEFAULT_CONFIG} now lists every setting at its default")
     database = app.database(create=True, migrated=False)
-    dbmod.upgrade(database)
+    dbmod.upgrade(database, business_timezone=app.settings.business_timezone)
     click.echo(f"database {database.display_url} ready (schema {dbmod.current_revision(database)})")
     if demo:
         with database.session.begin() as session:
             if session.scalar(select(func.count()).select_from(Client)):
                 raise InputError(f"database {database.display_url} already has clients; "
                                  "demo data goes into an empty database")
-            counts = load_demo(session, today=app.today(), now=utc_now())
+            counts = load_demo(session, today=app.today(), now=utc_now(), zone=app.settings.zone,
+                               terms_of=terms_of(app.settings))
         click.echo("demo data: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
 
 

@@ -161,10 +161,9 @@ def find(app: App, text: str, match: str, limit: int, as_json: bool) -> None:
     text = text.strip()
     if not text:
         raise click.BadParameter("say what to look for", param_hint="'TEXT'")
-    zone = app.settings.zone
     with app.database().read_session() as session:
         found = search(session, text, match=match, limit=limit,
-                       request_row=lambda q: listed_request(q, zone), service_row_of=service_row)
+                       request_row=listed_request, service_row_of=service_row)
     if as_json:
         echo_json(found)
         return

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import click
 from sqlalchemy import func, select
@@ -37,6 +36,7 @@ from processor.models import (
     Service,
 )
 from processor.run import RunOptions
+from processor.terms import terms_of
 from processor.text import MAX_NOTE, MAX_REASON
 
 REQUEST_TYPES = REQUEST_TYPE_WORDS
@@ -86,7 +86,7 @@ def requests_create(app: App, service_id: int, type_name: str, reason_code: str,
             request = cancellations.create_request(
                 session, service_id=service_id, type_=REQUEST_TYPES[type_name], reason_code=reason_code,
                 reason=reason, allowed_reasons=app.settings.reason_codes, cancel_on=cancel_on,
-                actor=app.operator, now=now, today=app.today(),
+                actor=app.operator, now=now, today=app.today(), terms_of=terms_of(app.settings),
             )
             not_queued = outbox.queue_request_emails(session, request.id, composer=composer, settings=app.settings,
                                                      now=now, actor=app.operator)
@@ -137,7 +137,7 @@ def _send_request_emails(app: App, request_id: int) -> tuple[int, str | None, bo
 @click.option("--domain", type=FreeTextType(MAX_DOMAIN),
               help="Only requests for services whose domain contains this (any case).")
 @click.option("--type", "type_name", type=click.Choice(list(REQUEST_TYPES)), help="Only requests of this type.")
-@click.option("--due-before", type=DATE, help="Only requests whose date (DUE_ON) is before this day, or due at once.")
+@click.option("--due-before", type=DATE, help="Only requests whose effective date (DUE_ON) is before this day.")
 @page_options(50)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: total, limit, offset and rows (docs/json.md).")
 @pass_app
@@ -164,22 +164,21 @@ def requests_list(app: App, status: str | None, client_id: int | None, service_i
     if type_name:
         query = query.where(r.type == REQUEST_TYPES[type_name])
     if due_before is not None:
-        query = query.where(due_before_clause(due_before, app.settings.zone))
+        query = query.where(due_before_clause(due_before))
     with app.database().read_session() as session:
-        page = fetch_page(session, query, lambda req: listed_request(req, app.settings.zone), limit=limit,
+        page = fetch_page(session, query, listed_request, limit=limit,
                           offset=offset, options=[contains_eager(r.service).joinedload(s.client)])
     echo_page(page, ["id", "client", "domain", "type", "due_on", "status", "reason_code", "attempts", "created_at",
                      "last_error"], as_json=as_json, empty="no requests")
 
 
-def listed_request(request: CancellationRequest, zone: ZoneInfo) -> dict[str, Any]:
+def listed_request(request: CancellationRequest) -> dict[str, Any]:
     """A request as `requests list` and `find` show it: with its client, domain and date."""
     row = request_row(request)
     service = request.service
     client = service.client if service else None
     row.update(client_id=service.client_id if service else None, client=client.name if client else None,
-               domain=service.domain if service else None,
-               due_on=request_due_on(request, zone) if service else None)
+               domain=service.domain if service else None, due_on=request_due_on(request))
     return row
 
 
@@ -199,10 +198,10 @@ def requests_show(app: App, request_id: int, as_json: bool) -> None:
         request = cancellations.get_request(session, request_id)
         service = request.service  # None if deleted outside cancelproc (foreign keys off)
         row = request_row(request)
-        row["due_on"] = request_due_on(request, app.settings.zone) if service else None
+        row["due_on"] = request_due_on(request)
         # As the run decides: due by its date, and not waiting out a backoff (due.ready_clause).
         row["due_now"] = (service is not None and request.status is RequestStatus.PENDING
-                          and request_is_due(request, app.settings.zone, app.today())
+                          and request_is_due(request, None, app.today())
                           and (request.next_attempt_at is None or request.next_attempt_at <= utc_now()))
         client = service.client if service else None
         row["service"] = service and {"id": service.id, "external_id": service.external_id, "status": service.status,

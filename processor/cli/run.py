@@ -196,9 +196,9 @@ def run(app: App, as_of: dt.date | None, dry_run: bool, as_json: bool, limit: in
         workers: int, join: bool) -> int:
     """Apply every due cancellation request (the nightly job).
 
-    A request is due when it is pending and it is Immediate, or its service's next
-    due date (End of Billing Period) or its chosen date (On Date) is on or before
-    the as-of date, or the service has no next due date. Missed nights catch up.
+    A request is due when it is pending and its effective date (stored when it was
+    made: README, "When a request is due") is on or before the as-of date. Missed
+    nights catch up.
 
     \b
     On PostgreSQL a run can be shared: --workers N starts N worker processes on

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from processor.config import Settings
 from processor.db import Database, retrying_transaction
 from processor.errors import InputError
+from processor.importer.effective import add_effective_dates
 from processor.importer.plan import Conflict, plan_rows
 from processor.importer.read import ParsedFile, read_file
 from processor.importer.validate import (
@@ -24,6 +25,8 @@ from processor.importer.validate import (
     validate_rows,
 )
 from processor.importer.write import write_plan
+from processor.models import CancellationRequest
+from processor.terms import terms_of
 
 
 @dataclass
@@ -82,7 +85,7 @@ def import_file(
     # is planned and written again, from what is committed by then.
     for attempt in retrying_transaction():
         with attempt, db.session.begin() as s:
-            report = apply(s, batch, actor=actor, now=now)
+            report = apply(s, batch, actor=actor, now=now, settings=settings)
     return report
 
 
@@ -102,13 +105,15 @@ def validate(path: Path, kind: str, parsed: ParsedFile, *, settings: Settings, n
     return Batch(path, kind, rows, errors)
 
 
-def apply(s: Session, batch: Batch, *, actor: str, now: dt.datetime) -> FileReport:
+def apply(s: Session, batch: Batch, *, actor: str, now: dt.datetime, settings: Settings) -> FileReport:
     """Plan and write a batch inside the caller's transaction; ImportRejected (before
     anything of it is written) if any row is bad. The caller rolls back on it."""
     spec = KIND_SPECS[batch.kind]
     plan = plan_rows(s, batch.path, spec, batch.rows, batch.errors)
     if plan.errors:
         raise ImportRejected(plan.errors)
+    if spec.model is CancellationRequest:
+        add_effective_dates(s, plan, now=now, zone=settings.zone, terms_of=terms_of(settings))
     write_plan(s, batch.path, spec, plan, actor=actor, now=now)
     return FileReport(batch.path, batch.kind, len(plan.inserts), len(plan.updates), len(plan.unchanged),
                       list(plan.conflicts))

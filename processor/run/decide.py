@@ -74,8 +74,7 @@ class Decider:
         params = None
         try:
             # Lateness counts from the due date, but never from before the request was made.
-            late = days_late(row.type, row.next_due_date, row.cancel_on, business_today(row.created_at, self.zone),
-                             as_of)
+            late = days_late(row.type, row.effective_date, business_today(row.created_at, self.zone), as_of)
             if row.service_status in CLOSED_SERVICE_STATUSES:
                 return Outcome(row.id, row.service_id, Action.NOOP, late, row.attempts,
                                service_status=row.service_status._value_)

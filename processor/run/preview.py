@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from processor.due import business_today, effective_date
 from processor.run.decide import Decider, orphan_outcome
 from processor.run.outcome import Action, RunOptions
 from processor.run.store import Reading, due_chunks
@@ -40,8 +39,7 @@ def preview(reading: Reading, decider: Decider, options: RunOptions, *, now: dt.
                 "request_id": row.id, "service_id": row.service_id,
                 "client": f"{row.first_name} {row.last_name}".strip(), "product": row.product_name,
                 "domain": row.domain, "type": str(row.type),
-                "due_on": effective_date(row.type, row.next_due_date, row.cancel_on,
-                                         business_today(row.created_at, zone)),
+                "due_on": row.effective_date,
                 "days_late": o.days_late, "action": str(o.action),
                 "addons": ", ".join(addons.get(row.service_id, [])) if cancel else "",
                 "unpaid_invoices": ", ".join(invoices.get(row.service_id, [])) if cancel else "",
