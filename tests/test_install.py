@@ -174,7 +174,7 @@ def test_the_installed_wheel_inits_imports_runs_and_delivers_by_smtp(installed: 
     assert "requests.csv (requests): 1 inserted" in imported
     services = json.loads(installed.cancelproc(app, "services", "list", "--json").stdout)["rows"]
     jonas = next(s["id"] for s in services if s["domain"] == "jonas.example.test")
-    installed.cancelproc(app, "requests", "create", str(jonas), "--reason-code", "no_longer_needed",
+    installed.cancelproc(app, "requests", "create", str(jonas), "--reason-code", "unused",
                          "--type", "immediate")
 
     run = installed.cancelproc(app, "run", "--trigger", "cron", "--json")
