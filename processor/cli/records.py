@@ -367,10 +367,15 @@ def report_runs(app: App, since: dt.date | None, until: dt.date | None, as_json:
 
 
 def _writable_file(path: Path) -> Path:
-    if path.is_dir():
-        raise InputError(f"--out {path}: is a folder; give a file name (e.g. {path / 'churn.html'})")
-    if not path.parent.is_dir():
-        raise InputError(f"--out {path}: the folder {path.parent} does not exist")
+    """--out names a file in a folder that exists (checked before the database is read)."""
+    shown = click.format_filename(path)[:200]
+    try:
+        if path.is_dir():
+            raise InputError(f"--out {shown}: is a folder; give a file name (e.g. {shown}/churn.html)")
+        if not path.parent.is_dir():
+            raise InputError(f"--out {shown}: the folder {click.format_filename(path.parent)[:200]} does not exist")
+    except OSError as e:  # a name too long, a folder we may not read
+        raise InputError(f"--out {shown}: {e.strerror or e}") from None
     return path
 
 
@@ -405,7 +410,7 @@ def report_html(app: App, out_path: Path, since: dt.date | None, until: dt.date 
     try:
         write_atomically(out_path, page.html.encode(), temp_prefix=f".{out_path.name}.")
     except OSError as e:
-        raise InputError(f"--out {out_path}: cannot write it: {e.strerror or e}") from None
+        raise InputError(f"--out {click.format_filename(out_path)[:200]}: cannot write it: {e.strerror or e}") from None
     summary = {"file": str(out_path), "since": since, "until": until, "cancellations": page.cancellations,
                "lost_mrr": page.lost_mrr, "runs": page.runs}
     if as_json:
