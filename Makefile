@@ -86,6 +86,19 @@ chromium-binaries:
 	  sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "warning: no chromium and no way to install it: the HTML report tests will be skipped"; fi
 
+# docs/report-demo.png, the picture of `report html` in README: the demo company (init
+# --demo, one run) in an app folder of its own, its page shot by headless Chromium.
+SHOT_DIR := var/report-screenshot
+report-screenshot: install chromium-binaries
+	@rm -rf $(SHOT_DIR) && mkdir -p $(SHOT_DIR)
+	cd $(SHOT_DIR) && $(CURDIR)/$(BIN)/cancelproc init --demo >/dev/null && \
+	  $(CURDIR)/$(BIN)/cancelproc run --trigger manual >/dev/null 2>&1; \
+	  $(CURDIR)/$(BIN)/cancelproc report html --out report.html
+	chromium --headless --disable-gpu --hide-scrollbars $$( [ "$$(id -u)" = 0 ] && echo --no-sandbox ) \
+	  --window-size=1100,1560 --virtual-time-budget=10000 --user-data-dir=$(CURDIR)/$(SHOT_DIR)/profile \
+	  --host-resolver-rules="MAP * ~NOTFOUND" --screenshot=$(CURDIR)/docs/report-demo.png \
+	  file://$(CURDIR)/$(SHOT_DIR)/report.html 2>/dev/null
+
 # Zero findings: ruff (lint and import order) on the code and the tests, mypy on the package.
 lint: install
 	$(BIN)/ruff check processor tests bench
