@@ -16,6 +16,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from freezegun import freeze_time
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import select, update
 
 from processor import reports
@@ -216,3 +218,34 @@ def test_format_is_kept_and_json_is_one_object(invoke: Invoke, db: Database) -> 
     assert [(r["id"], r["status"], r["due"], r["completed"], r["emails_sent"]) for r in runs["rows"]] == [
         (1, "completed", 1, 1, 1)]  # the confirmation (the run record does not count the digest sent after it)
     assert as_json(old_runs) == runs["rows"]
+
+
+CYCLES = ["Monthly", "Quarterly", "Semi-Annually", "Annually", "Biennially", "Triennially", "Free Account",
+          "One Time", "Weekly"]
+closed_request = st.builds(
+    lambda n, kind, code, product, cycle, cents, day: reports.Closed(
+        request_id=n, kind=kind, reason_code=code, product=product, billing_cycle=cycle,
+        recurring_amount=Decimal(cents) / 100, mrr=reports.monthly_amount(Decimal(cents) / 100, cycle),
+        processed_at=dt.datetime(2026, 1, 1, tzinfo=UTC) + dt.timedelta(days=day), days_late=day % 4),
+    st.integers(1, 10**6), st.sampled_from([reports.CANCELLED, reports.CANCELLED, reports.NO_OP,
+                                            reports.RESOLVED_BY_HAND]),
+    st.sampled_from(["too_expensive", "unused", "other"]), st.sampled_from(["VPS", "Hosting"]),
+    st.sampled_from(CYCLES), st.integers(0, 10**7), st.integers(0, 364))
+
+
+@given(st.lists(closed_request, max_size=40))
+def test_every_total_is_the_sum_of_its_rows(closed: list[reports.Closed]) -> None:
+    """Per-service rounding: the rows, the reasons, the products and the months add up to the
+    same lost MRR and count, whatever the data; no-ops and requests resolved by hand never count."""
+    churn = reports.churn(closed)
+    cancelled = [c for c in closed if c.kind == reports.CANCELLED]
+    total = sum((c.mrr for c in cancelled if c.mrr is not None), Decimal("0.00"))
+    assert churn["lost_mrr"] == total and churn["cancellations"] == len(cancelled)
+    for key in ("rows", "by_reason", "by_product"):
+        assert sum((r["lost_mrr"] for r in churn[key]), Decimal("0.00")) == total, key
+        assert sum(r["cancellations"] for r in churn[key]) == len(cancelled), key
+    months = reports.by_month(closed, since=dt.date(2026, 1, 1), until=dt.date(2026, 12, 31), zone=ZoneInfo("UTC"))
+    assert sum((m["lost_mrr"] for m in months), Decimal("0.00")) == total
+    assert sum(m["no_ops"] + m["resolved_by_hand"] for m in months) == len(closed) - len(cancelled)
+    assert sum(r["requests"] for r in churn["no_ops"] + churn["resolved_by_hand"]) == len(closed) - len(cancelled)
+    assert sum(u["cancellations"] for u in churn["unknown_cycles"]) == sum(c.mrr is None for c in cancelled)
