@@ -195,6 +195,13 @@ def test_the_installed_wheel_inits_imports_runs_and_delivers_by_smtp(installed: 
     assert len(digest) == 1 and digest[0].rcpt_tos == ["support@example.test"], sorted(received)
     assert {r.message["From"] for r in smtp.received} == {"Acme Hosting <billing@example.test>"}
 
+    # The HTML report from the wheel: its page and the vendored uPlot are package data.
+    page = tmp_path / "churn.html"
+    report = json.loads(installed.cancelproc(app, "report", "html", "--out", str(page), "--json").stdout)
+    assert (report["cancellations"], report["runs"]) == (2, 1)
+    html = page.read_text()
+    assert "var uPlot=function()" in html and "Permission is hereby granted" in html
+
 
 # --- crontab.example and the systemd units of docs/deploy.md, in an initialised folder -------------------------
 
