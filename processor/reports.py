@@ -167,15 +167,6 @@ def churn(closed: list[Closed]) -> dict[str, Any]:
     }
 
 
-def cancellations_by_reason(session: Session, *, since: dt.date, until: dt.date,
-                            zone: ZoneInfo) -> list[dict[str, Any]]:
-    """Cancellations made by runs in the window, per reason code and product, most frequent
-    first: their count, share of all those cancellations, the services' summed recurring
-    amount, and the MRR lost."""
-    rows: list[dict[str, Any]] = churn(closed_requests(session, since=since, until=until, zone=zone))["rows"]
-    return rows
-
-
 def months_of(since: dt.date, until: dt.date) -> list[str]:
     """The months ('2026-11') from since to until, both included."""
     months, month = [], since.replace(day=1)

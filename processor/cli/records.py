@@ -244,7 +244,7 @@ def _output_format(fmt: str, as_json: bool) -> str:
             raise InputError(f"--json and --format {fmt}: give one of them")
         return "object"
     if fmt == "json":
-        click.echo("cancelproc: --format json is deprecated: use --json (one object, docs/json.md)", err=True)
+        click.echo("warning: --format json is deprecated: use --json (one object, docs/json.md)", err=True)
     return fmt
 
 
