@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 DEMO_DIR := var/demo
 DEMO := cd $(DEMO_DIR) && CANCELPROC_LOG_FORMAT=console $(CURDIR)/$(BIN)/cancelproc
 
-.PHONY: install demo lint test bench docs clean postgresql-binaries mariadb-binaries
+.PHONY: install demo lint test bench docs clean postgresql-binaries mariadb-binaries chromium-binaries report-screenshot
 
 define SHOW_EML
 import email, email.policy, sys
@@ -74,12 +74,37 @@ mariadb-binaries:
 	  sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server >/dev/null; \
 	else echo "warning: no MariaDB binaries and no way to install them: the WHMCS database tests will be skipped"; fi
 
+# tests/test_report_html.py opens `report html`'s page in headless Chromium (no network):
+# Debian's chromium, installed here when it is missing.
+chromium-binaries:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian's chromium (the HTML report test opens the page headless)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	elif command -v sudo >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium with sudo (the HTML report test opens the page headless)"; \
+	  sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "warning: no chromium and no way to install it: the HTML report tests will be skipped"; fi
+
+# docs/report-demo.png, the picture of `report html` in README: the demo company (init
+# --demo, one run) in an app folder of its own, its page shot by headless Chromium.
+SHOT_DIR := var/report-screenshot
+report-screenshot: install chromium-binaries
+	@rm -rf $(SHOT_DIR) && mkdir -p $(SHOT_DIR)
+	cd $(SHOT_DIR) && $(CURDIR)/$(BIN)/cancelproc init --demo >/dev/null && \
+	  $(CURDIR)/$(BIN)/cancelproc run --trigger manual >/dev/null 2>&1; \
+	  $(CURDIR)/$(BIN)/cancelproc report html --out report.html
+	chromium --headless --disable-gpu --hide-scrollbars $$( [ "$$(id -u)" = 0 ] && echo --no-sandbox ) \
+	  --window-size=1100,1560 --virtual-time-budget=10000 --user-data-dir=$(CURDIR)/$(SHOT_DIR)/profile \
+	  --host-resolver-rules="MAP * ~NOTFOUND" --screenshot=$(CURDIR)/docs/report-demo.png \
+	  file://$(CURDIR)/$(SHOT_DIR)/report.html 2>/dev/null
+
 # Zero findings: ruff (lint and import order) on the code and the tests, mypy on the package.
 lint: install
 	$(BIN)/ruff check processor tests bench
 	$(BIN)/mypy
 
-test: install lint postgresql-binaries mariadb-binaries
+test: install lint postgresql-binaries mariadb-binaries chromium-binaries
 	$(BIN)/python -m pytest -q
 
 # docs/architecture.md's dependency lines, from the imports (tests/test_docs.py fails when they are stale)

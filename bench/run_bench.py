@@ -79,10 +79,12 @@ SAMPLE_EVERY_S = 0.05  # how often the workers' peak RSS is read
 # Kept in step with processor/config.py's default reason_codes.
 REASONS = [
     ("too_expensive", "Found a cheaper plan elsewhere."),
-    ("no_longer_needed", "Project finished, the site is no longer needed."),
-    ("switching_provider", "Moving everything to our new provider."),
-    ("poor_support", "Waited three days for a reply to a ticket."),
-    ("technical_issues", "Frequent downtime in the last month."),
+    ("missing_features", "We need Node.js hosting, which the plan does not offer."),
+    ("switched_service", "Moving everything to our new provider."),
+    ("unused", "Project finished, the site is no longer needed."),
+    ("customer_service", "Waited three days for a reply to a ticket."),
+    ("too_complex", "The control panel is too complicated for us."),
+    ("low_quality", "Frequent downtime in the last month."),
     ("other", "Company is closing."),
 ]
 PRODUCTS = [  # name, provisioning module, billing cycle, amount

@@ -171,6 +171,12 @@ class EmailSettings(BaseModel):
         return _address(value) if value else value
 
 
+# Stripe's subscription cancellation feedback values (cancellation_details.feedback):
+# the default reason_codes.
+STRIPE_REASON_CODES = ("too_expensive", "missing_features", "switched_service", "unused", "customer_service",
+                       "too_complex", "low_quality", "other")
+
+
 class WhmcsImportSettings(BaseModel):
     """`cancelproc import --from whmcs`: what WHMCS has no column for."""
 
@@ -248,15 +254,10 @@ class Settings(BaseSettings):
     retry_backoff_minutes: int = Field(60, ge=0, le=A_YEAR_OF_MINUTES)
     retry_backoff_max_minutes: int = Field(1440, ge=0, le=A_YEAR_OF_MINUTES)
     cancel_unpaid_invoices: bool = True
+    # Stripe's cancellation feedback values, so churn reads the same as a Stripe export. An
+    # operator's own list replaces them; requests already stored keep their codes (and report).
     reason_codes: list[str] = Field(
-        default_factory=lambda: [
-            "too_expensive",
-            "no_longer_needed",
-            "switching_provider",
-            "poor_support",
-            "technical_issues",
-            "other",
-        ],
+        default_factory=lambda: list(STRIPE_REASON_CODES),
         min_length=1,
     )
     # Operator hook files (hooks/*.py, `_`-prefixed skipped), loaded at the start of each command.

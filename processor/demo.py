@@ -3,7 +3,10 @@
 Deterministic (seeded), so the demo shows the same picture every time: requests due
 today, some overdue from missed nights (catch-up), some not due yet, an Immediate one,
 On Date ones, a service already cancelled by hand (a no-op), and a free service with no
-next due date.
+next due date. And a year of history, so that `report reasons` and `report html` have
+something to show: a nightly cron run in each of the last eleven months that cancelled a
+few services (some a night or two late, after a missed night), a no-op now and then, and
+one request that failed and was resolved by hand.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from processor.models import (
     Product,
     RequestStatus,
     RequestType,
+    Run,
+    RunStatus,
+    RunTrigger,
     Service,
     ServiceAddon,
     ServiceStatus,
@@ -54,10 +60,12 @@ PRODUCTS = [
 
 REASONS = [
     ("too_expensive", "Found a cheaper plan elsewhere."),
-    ("no_longer_needed", "Project finished, the site is no longer needed."),
-    ("switching_provider", "Moving everything to our new provider."),
-    ("poor_support", "Waited three days for a reply to a ticket."),
-    ("technical_issues", "Frequent downtime in the last month."),
+    ("missing_features", "We need Node.js hosting, which the plan does not offer."),
+    ("switched_service", "Moving everything to our new provider."),
+    ("unused", "Project finished, the site is no longer needed."),
+    ("customer_service", "Waited three days for a reply to a ticket."),
+    ("too_complex", "The control panel is too complicated for us."),
+    ("low_quality", "Frequent downtime in the last month."),
     ("other", "Company is closing."),
 ]
 
@@ -147,5 +155,87 @@ def load_demo(session: Session, *, today: dt.date, now: dt.datetime, zone: ZoneI
                    detail=f"{r.type.value}; reason {r.reason_code}; takes effect {r.effective_date}")
         for r in requests
     )
-    return {"clients": len(clients), "products": len(products), "services": len(services),
-            "addons": len(addons), "invoices": len(invoices), "requests": len(requests)}
+    past_services, past_requests = _history(session, rnd, products, clients, today=today)
+    return {"clients": len(clients), "products": len(products), "services": len(services) + past_services,
+            "addons": len(addons), "invoices": len(invoices), "requests": len(requests) + past_requests}
+
+
+def _month_day(today: dt.date, months_back: int, day: int) -> dt.date:
+    year, month = divmod(today.year * 12 + today.month - 1 - months_back, 12)
+    return dt.date(year, month + 1, day)
+
+
+def _history(session: Session, rnd: random.Random, products: list[Product], clients: list[Client], *,
+             today: dt.date) -> tuple[int, int]:
+    """Runs of past months and what they did, as a run would have recorded it (requests
+    completed by the run, audit rows, the run's counts). Returns (services, requests) added."""
+    added_services = added_requests = 0
+    for back in range(11, 0, -1):
+        night = _month_day(today, back, rnd.randint(2, 27))
+        started = dt.datetime.combine(night, dt.time(2, 5), tzinfo=dt.UTC)
+        run = Run(trigger=RunTrigger.CRON, operator="cron", as_of=night, host="billing-01", pid=4000 + back,
+                  status=RunStatus.COMPLETED, started_at=started,
+                  finished_at=started + dt.timedelta(seconds=rnd.randint(3, 40)))
+        session.add(run)
+        session.flush()
+        kinds = ["cancelled"] * rnd.randint(1, 5) + (["no_op"] if back % 4 == 1 else []) \
+            + (["failed"] if back == 5 else [])
+        for kind in kinds:
+            k = rnd.randrange(len(PRODUCTS) - 1)  # not the free product: churn that costs revenue
+            name, _, cycle, amount = PRODUCTS[k]
+            late = rnd.choice([0, 0, 0, 1, 2]) if kind == "cancelled" else 0
+            service = Service(external_id=f"S{4000 + added_services}", client_id=rnd.choice(clients).id,
+                              product_id=products[k].id, domain=f"old{added_services}.example.test",
+                              status=ServiceStatus.CANCELLED, billing_cycle=cycle, amount=amount,
+                              next_due_date=night - dt.timedelta(days=late),
+                              termination_date=night if kind == "cancelled" else night - dt.timedelta(days=9))
+            session.add(service)
+            session.flush()
+            code, text = REASONS[rnd.randrange(len(REASONS))]
+            request = CancellationRequest(
+                external_id=f"R{600 + added_requests}", service_id=service.id,
+                type=RequestType.END_OF_BILLING_PERIOD, effective_date=service.next_due_date, reason_code=code,
+                reason=text, status=RequestStatus.COMPLETED, created_by="client portal",
+                created_at=started - dt.timedelta(days=rnd.randint(5, 25)), attempts=1, note="",
+                processed_at=started + dt.timedelta(seconds=2), run_id=run.id, days_late=late)
+            session.add(request)
+            session.flush()
+            added_services, added_requests = added_services + 1, added_requests + 1
+            _history_audit(session, run, request, service, kind)
+            run.due += 1
+            if kind == "cancelled":
+                run.completed += 1
+                run.late += 1 if late else 0
+                run.max_days_late = max(run.max_days_late, late)
+            elif kind == "no_op":
+                run.noop += 1
+            else:
+                run.failed += 1
+                run.status = RunStatus.COMPLETED_WITH_FAILURES
+    return added_services, added_requests
+
+
+def _history_audit(session: Session, run: Run, request: CancellationRequest, service: Service, kind: str) -> None:
+    """The audit rows a run (and staff, for the failed one) would have written."""
+    at = request.processed_at or run.started_at
+
+    def audit(entity: AuditEntity, entity_id: int, action: AuditAction, detail: str, *, actor: str = "cancelproc",
+              when: dt.datetime = at, run_id: int | None = run.id) -> AuditEntry:
+        return AuditEntry(at=when, actor=actor, run_id=run_id, request_id=request.id, entity=entity,
+                          entity_id=entity_id, action=action, detail=detail)
+
+    rows = [audit(AuditEntity.REQUEST, request.id, AuditAction.CREATED, f"{request.type.value}; reason "
+                  f"{request.reason_code}", actor="demo", when=request.created_at, run_id=None)]
+    if kind == "cancelled":
+        rows.append(audit(AuditEntity.SERVICE, service.id, AuditAction.CANCELLED,
+                          f"was Active; termination date {run.as_of}"))
+    elif kind == "no_op":
+        rows.append(audit(AuditEntity.REQUEST, request.id, AuditAction.COMPLETED,
+                          "no-op: service already Cancelled; request completed without changes"))
+    else:  # the panel refused; staff terminated it by hand the next morning
+        request.processed_at = at + dt.timedelta(hours=7)
+        request.note = "terminated in the panel by hand"
+        rows += [audit(AuditEntity.REQUEST, request.id, AuditAction.FAILED, "TerminateAccount: panel timeout"),
+                 audit(AuditEntity.REQUEST, request.id, AuditAction.RESOLVED_BY_HAND, request.note, actor="alice",
+                       when=request.processed_at, run_id=None)]
+    session.add_all(rows)

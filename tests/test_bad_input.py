@@ -114,6 +114,7 @@ VALID: dict[str, list[str]] = {
     "emails convert": ["whmcs.tpl", "--template", "new_cancellation_request"],
     "report reasons": [],
     "report runs": [],
+    "report html": ["--out", "churn.html"],
     "status": [],
     "hooks list": [],
     "find": ["alice"],
@@ -168,6 +169,9 @@ def bad_values(path: str, param: click.Parameter) -> st.SearchStrategy[str]:
                                 "unknown_field.tpl", "x" * 300 + ".tpl", f"{NOT_UTF8}.tpl"])
     if name == "subject":
         return st.one_of(free_text, st.sampled_from(["{$no_such_field}", "{if $a}x", "a\nb", "{$a|money}"]))
+    if name == "out_path":  # report html --out: a folder, a missing folder, names too long
+        return st.sampled_from(["folder", "missing/r.html", "x" * 300 + ".html", "folder/" * 700 + "x.html",
+                                "latin1.csv/r.html"])
     if name == "config_path":
         return st.sampled_from(["missing.toml", "folder", "latin1.toml", "binary.toml", "x" * 300 + ".toml",
                                 f"{NOT_UTF8}.toml", "folder/" * 700 + "x.toml"])

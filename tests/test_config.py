@@ -75,12 +75,12 @@ def test_whmcs_settings_from_the_file_and_the_environment(tmp_path, monkeypatch)
     text = '[whmcs]\ndefault_language = "de"\nreason_keywords = {"zu teuer" = "too_expensive"}\n'
     settings = load_settings(write(tmp_path, text))
     assert (settings.whmcs.default_language, settings.whmcs.reason_keywords) == ("de", {"zu teuer": "too_expensive"})
-    monkeypatch.setenv("CANCELPROC_WHMCS__REASON_KEYWORDS", '{"support": "poor_support"}')
+    monkeypatch.setenv("CANCELPROC_WHMCS__REASON_KEYWORDS", '{"support": "customer_service"}')
     # A table from the environment is merged into the file's (pydantic-settings merges tables).
     assert load_settings(write(tmp_path, text)).whmcs.reason_keywords == {
-        "zu teuer": "too_expensive", "support": "poor_support"}
+        "zu teuer": "too_expensive", "support": "customer_service"}
     # Not JSON: the message names the variable, not only its section.
-    monkeypatch.setenv("CANCELPROC_WHMCS__REASON_KEYWORDS", "{support = poor_support}")
+    monkeypatch.setenv("CANCELPROC_WHMCS__REASON_KEYWORDS", "{support = customer_service}")
     with pytest.raises(ConfigError, match=r"^environment variable CANCELPROC_WHMCS__REASON_KEYWORDS: "
                                           r"whmcs\.reason_keywords: not valid JSON"):
         load_settings(write(tmp_path, text))

@@ -71,7 +71,8 @@ def test_examples_run_what_they_show(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_reason_code_help_lists_the_configured_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     default = run(tmp_path, monkeypatch, "requests", "create", "--help").stdout
-    assert "Configured: too_expensive, no_longer_needed," in " ".join(default.split())
+    assert ("Configured: too_expensive, missing_features, switched_service, unused, customer_service, too_complex, "
+            "low_quality, other.") in " ".join(default.split())
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "processor.toml").write_text('reason_codes = ["price", "moving"]\n')
     configured = " ".join(run(tmp_path, monkeypatch, "requests", "create", "--help").stdout.split())

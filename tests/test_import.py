@@ -204,7 +204,7 @@ def test_requests_csv(tmp_path: Path, base: None, db: Database, run, now: dt.dat
         tmp_path / "requests.csv",
         "external_id,service_external_id,type,reason_code,reason,cancel_on",
         "R1,S1,end of billing period,too_expensive,Found cheaper,",
-        "R2,S2,On Date,switching_provider,,2027-01-15",
+        "R2,S2,On Date,switched_service,,2027-01-15",
     )
     report = run(path, actor="alice")
     assert (report.kind, report.inserted) == ("requests", 2)
@@ -590,11 +590,11 @@ def test_jsonl_update_keeps_columns_left_out(tmp_path: Path, run, db: Database) 
 def test_pending_request_can_be_updated(tmp_path: Path, base: None, run, db: Database) -> None:
     header = "external_id,service_external_id,type,reason_code,cancel_on"
     run(write_csv(tmp_path / "r1.csv", header, "R1,S1,On Date,other,2027-01-01"))
-    report = run(write_csv(tmp_path / "r2.csv", header, "R1,S1,Immediate,poor_support,"))
+    report = run(write_csv(tmp_path / "r2.csv", header, "R1,S1,Immediate,customer_service,"))
     assert report.updated == 1
     r1 = one(db, CancellationRequest, "R1")
     assert (r1.type, r1.reason_code, r1.cancel_on, r1.status) == (
-        RequestType.IMMEDIATE, "poor_support", None, RequestStatus.PENDING)
+        RequestType.IMMEDIATE, "customer_service", None, RequestStatus.PENDING)
 
 
 # --------------------------------------------------------------------------- conflicts

@@ -174,7 +174,7 @@ def test_the_installed_wheel_inits_imports_runs_and_delivers_by_smtp(installed: 
     assert "requests.csv (requests): 1 inserted" in imported
     services = json.loads(installed.cancelproc(app, "services", "list", "--json").stdout)["rows"]
     jonas = next(s["id"] for s in services if s["domain"] == "jonas.example.test")
-    installed.cancelproc(app, "requests", "create", str(jonas), "--reason-code", "no_longer_needed",
+    installed.cancelproc(app, "requests", "create", str(jonas), "--reason-code", "unused",
                          "--type", "immediate")
 
     run = installed.cancelproc(app, "run", "--trigger", "cron", "--json")
@@ -194,6 +194,13 @@ def test_the_installed_wheel_inits_imports_runs_and_delivers_by_smtp(installed: 
     digest = [r for r in smtp.received if r.message["Subject"].startswith("Cron Job Activity")]
     assert len(digest) == 1 and digest[0].rcpt_tos == ["support@example.test"], sorted(received)
     assert {r.message["From"] for r in smtp.received} == {"Acme Hosting <billing@example.test>"}
+
+    # The HTML report from the wheel: its page and the vendored uPlot are package data.
+    page = tmp_path / "churn.html"
+    report = json.loads(installed.cancelproc(app, "report", "html", "--out", str(page), "--json").stdout)
+    assert (report["cancellations"], report["runs"]) == (2, 1)
+    html = page.read_text()
+    assert "var uPlot=function()" in html and "Permission is hereby granted" in html
 
 
 # --- crontab.example and the systemd units of docs/deploy.md, in an initialised folder -------------------------

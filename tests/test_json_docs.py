@@ -19,6 +19,7 @@ from processor.db import Database
 from tests.cli_helpers import Invoke, as_json, ok
 from tests.factories import support_desk
 from tests.json_shapes import TYPES, fits, observe
+from tests.test_reports import hand_computed_dataset
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "json.md"
 NOW = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC)
@@ -41,6 +42,12 @@ RUNS: dict[str, list[list[str]]] = {
     "emails show": [["emails", "show", "1"]],
     "hooks list": [["hooks", "list"]],
     "find": [["find", "alice"]],
+}
+# The reports, on the dataset of tests/test_reports.py.
+REPORT_RUNS: dict[str, list[str]] = {
+    "report reasons": ["report", "reasons", "--since", "2026-09-01"],
+    "report runs": ["report", "runs", "--since", "2026-09-01"],
+    "report html": ["report", "html", "--out", "churn.html", "--since", "2026-09-01"],
 }
 
 
@@ -68,22 +75,40 @@ def frozen() -> Iterator[Any]:
         yield frozen_time
 
 
+def _problems(command: str, outputs: list[Any], doc: dict[str, str]) -> list[str]:
+    """What differs between the documented paths of `command` and those seen in its outputs."""
+    seen: dict[str, set[str]] = {}
+    for output in outputs:
+        observe(output, seen)
+    problems = [f"{command}: `{path}` is documented but not in the output" for path in doc if path not in seen]
+    problems += [f"{command}: `{path}` ({'|'.join(sorted(kinds))}) is in the output but not documented"
+                 for path, kinds in seen.items() if path not in doc]
+    problems += [f"{command}: `{path}` is {k}, documented as {doc[path]}"
+                 for path, kinds in seen.items() if path in doc for k in kinds if not fits(k, doc[path])]
+    return problems
+
+
 def test_every_list_and_show_json_is_as_documented(invoke: Invoke, db: Database, tmp_path: Path) -> None:
     support_desk(db, NOW)
     (tmp_path / "hooks").mkdir()
     (tmp_path / "hooks" / "hold.py").write_text(HOOK)
     ok(invoke("run"), code=1)
     docs = documented()
-    assert sorted(docs) == sorted(RUNS), "docs/json.md documents other commands than this test runs"
+    assert sorted(docs) == sorted([*RUNS, *REPORT_RUNS]), "docs/json.md documents other commands than these tests run"
     problems = []
     for command, runs in RUNS.items():
-        seen: dict[str, set[str]] = {}
-        for args in runs:
-            observe(as_json(invoke(*args, "--json")), seen)
-        doc = docs[command]
-        problems += [f"{command}: `{path}` is documented but not in the output" for path in doc if path not in seen]
-        problems += [f"{command}: `{path}` ({'|'.join(sorted(kinds))}) is in the output but not documented"
-                     for path, kinds in seen.items() if path not in doc]
-        problems += [f"{command}: `{path}` is {k}, documented as {doc[path]}"
-                     for path, kinds in seen.items() if path in doc for k in kinds if not fits(k, doc[path])]
+        problems += _problems(command, [as_json(invoke(*args, "--json")) for args in runs], docs[command])
+    assert not problems, "\n".join(problems)
+
+
+def test_every_report_json_is_as_documented(invoke: Invoke, db: Database, tmp_path: Path) -> None:
+    """On the dataset of tests/test_reports.py: cancellations, a no-op, a request resolved by
+    hand and a billing cycle the report does not know."""
+    # The dataset's nights freeze the clock themselves, inside this file's frozen one.
+    hand_computed_dataset(invoke, db)
+    docs = documented()
+    problems = []
+    with freeze_time(NOW):
+        for command, args in REPORT_RUNS.items():
+            problems += _problems(command, [as_json(invoke(*args, "--json"))], docs[command])
     assert not problems, "\n".join(problems)

@@ -53,8 +53,8 @@ from tests.conftest import IN_CI
 
 DATA = Path(__file__).parent / "data" / "whmcs"
 NOW = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC)
-KEYWORDS = json.dumps({"expensive": "too_expensive", "provider": "switching_provider",
-                       "no longer": "no_longer_needed"})
+KEYWORDS = json.dumps({"expensive": "too_expensive", "provider": "switched_service",
+                       "no longer": "unused"})
 ENV = {"CANCELPROC_WHMCS__REASON_KEYWORDS": KEYWORDS, "CANCELPROC_EMAIL__STAFF_ADDRESS": ""}
 
 
@@ -117,9 +117,9 @@ def check_imported(db: Database) -> None:
     utc = dt.UTC
     assert {k: (r.service_id, r.type, r.reason_code, r.reason, r.status, r.created_at)
             for k, r in by_ext(db, CancellationRequest).items()} == {
-        "100": (ids["10"], RequestType.END_OF_BILLING_PERIOD, "switching_provider", "Moving to another provider",
+        "100": (ids["10"], RequestType.END_OF_BILLING_PERIOD, "switched_service", "Moving to another provider",
                 RequestStatus.PENDING, dt.datetime(2026, 11, 2, 10, 15, tzinfo=utc)),
-        "101": (ids["11"], RequestType.END_OF_BILLING_PERIOD, "no_longer_needed", "No longer needed",
+        "101": (ids["11"], RequestType.END_OF_BILLING_PERIOD, "unused", "No longer needed",
                 RequestStatus.PENDING, dt.datetime(2026, 11, 24, 16, 40, tzinfo=utc)),
         "102": (ids["12"], RequestType.END_OF_BILLING_PERIOD, "other", "", RequestStatus.PENDING,
                 dt.datetime(2026, 11, 25, 9, 0, tzinfo=utc)),
@@ -274,7 +274,7 @@ def test_not_a_whmcs_source(invoke: Invoke, db: Database, tmp_path: Path) -> Non
 
 
 def test_reason_codes_come_from_the_keyword_map() -> None:
-    keywords = {"expensive": "too_expensive", "support": "poor_support"}
+    keywords = {"expensive": "too_expensive", "support": "customer_service"}
     assert reason_code("Far too EXPENSIVE", keywords, "other") == "too_expensive"
     assert reason_code("Support never answers, and it is expensive", keywords, "other") == "too_expensive"
     assert reason_code("", keywords, "other") == "other"

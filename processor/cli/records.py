@@ -8,6 +8,7 @@ import enum
 import io
 from collections.abc import Callable
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import click
@@ -16,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import joinedload
 
 from processor import attention, cancellations, monitoring, reports
+from processor import report_html as report_html_page
 from processor.cli.app import App, audit_rows, cli, pass_app, request_row, utc_now
 from processor.cli.arguments import CLIENT, DATE, HOURS, MAX_DOMAIN, SERVICE, FreeTextType, RunRefType
 from processor.cli.listing import echo_page, fetch_page, page_options
@@ -33,6 +35,7 @@ from processor.errors import (
     InputError,
     NotFound,
 )
+from processor.files import write_atomically
 from processor.models import (
     AuditEntry,
     CancellationRequest,
@@ -233,74 +236,194 @@ def _report_window(app: App, since: dt.date | None, until: dt.date | None) -> tu
     return since, until
 
 
-def _report(app: App, since: dt.date | None, until: dt.date | None, fmt: str, rows_of: Callable[..., Any],
-            columns: list[str], nothing: str) -> None:
-    """A report over the window: a table of `columns`, or every field as JSON or CSV."""
-    since, until = _report_window(app, since, until)
-    with app.database().read_session() as session:
-        rows = rows_of(session, since=since, until=until, zone=app.settings.zone)
+def _output_format(fmt: str, as_json: bool) -> str:
+    """--json, or the older --format (json there is the bare list of rows, kept for scripts
+    written before --json, with a line on stderr)."""
+    if as_json:
+        if fmt != "table":
+            raise InputError(f"--json and --format {fmt}: give one of them")
+        return "object"
     if fmt == "json":
-        echo_json(rows)
-    elif fmt == "csv":
-        fields = list(rows[0]) if rows else columns
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(fields)
-        writer.writerows([[to_jsonable(v) if isinstance(v, (dt.date, Decimal, enum.Enum)) else v
-                           for v in (row[c] for c in fields)] for row in rows])
-        click.echo(out.getvalue(), nl=False)
-    else:
-        echo_table(rows, columns, empty=f"no {nothing} from {since} to {until}")
+        click.echo("warning: --format json is deprecated: use --json (one object, docs/json.md)", err=True)
+    return fmt
+
+
+def _echo_csv(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    fields = list(rows[0]) if rows else columns
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(fields)
+    writer.writerows([[to_jsonable(v) if isinstance(v, (dt.date, Decimal, enum.Enum)) else v
+                       for v in (row[c] for c in fields)] for row in rows])
+    click.echo(out.getvalue(), nl=False)
 
 
 @cli.group("report")
 def report_group() -> None:
-    """Reports: why clients cancel, and the runs.
+    """Reports: churn in monthly recurring revenue, the runs, and both as an HTML page.
 
     \b
     Examples:
-      cancelproc report reasons --since 2026-01-01 --format csv
+      cancelproc report reasons --since 2026-01-01 --json
+      cancelproc report html --out churn.html --since 2026-01-01
     """
 
 
 def _report_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--since, --until and --format, shared by the reports."""
-    for option in (click.option("--format", "fmt", type=REPORT_FORMATS, default="table", show_default=True),
+    """--since, --until, --json and --format, shared by the reports."""
+    for option in (click.option("--format", "fmt", type=REPORT_FORMATS, default="table", show_default=True,
+                                help="table or csv (json: deprecated, use --json)."),
+                   click.option("--json", "as_json", is_flag=True, help="One JSON object (docs/json.md)."),
                    click.option("--until", type=DATE, help="Last day, included (default: today)."),
                    click.option("--since", type=DATE, help="First day (default: 30 days before --until).")):
         command = option(command)
     return command
 
 
+REASON_COLUMNS = ["reason_code", "product", "cancellations", "share_percent", "recurring_amount", "lost_mrr"]
+APART_COLUMNS = ["reason_code", "product", "requests", "recurring_amount", "mrr"]
+
+
+def _echo_churn(churn: dict[str, Any], since: dt.date, until: dt.date) -> None:
+    echo_table(churn["rows"], REASON_COLUMNS, empty=f"no cancellations from {since} to {until}")
+    if not churn["rows"] and not churn["no_ops"] and not churn["resolved_by_hand"]:
+        return
+    click.echo(f"\ncancellations made by runs: {churn['cancellations']}, monthly recurring revenue lost: "
+               f"{churn['lost_mrr']}")
+    for title, key, columns in (("by reason", "by_reason", REASON_COLUMNS[:1] + REASON_COLUMNS[2:]),
+                                ("by product", "by_product", REASON_COLUMNS[1:])):
+        if churn[key]:
+            click.echo(f"\n{title}:")
+            echo_table(churn[key], columns)
+    for title, key in (("no-ops (the service was already closed; not counted above)", "no_ops"),
+                       ("resolved by hand (not counted above)", "resolved_by_hand")):
+        if churn[key]:
+            click.echo(f"\n{title}:")
+            echo_table(churn[key], APART_COLUMNS)
+    for u in churn["unknown_cycles"]:
+        click.echo(f"\nbilling cycle {u['billing_cycle']!r} is not known: its {u['cancellations']} cancellation(s) "
+                   f"(recurring amount {u['recurring_amount']}) count 0 MRR")
+
+
 @report_group.command("reasons")
 @_report_options
 @pass_app
-def report_reasons(app: App, since: dt.date | None, until: dt.date | None, fmt: str) -> None:
-    """Cancellations applied in the window, by reason code and product (churn analysis).
+def report_reasons(app: App, since: dt.date | None, until: dt.date | None, as_json: bool, fmt: str) -> None:
+    """Churn in the window: the cancellations runs made, by reason code and product, with
+    the monthly recurring revenue (MRR) they lost.
+
+    \b
+    MRR: the service's recurring amount over the months of its billing cycle
+    (Monthly 1, Quarterly 3, Semi-Annually 6, Annually 12, Biennially 24,
+    Triennially 36; Free Account and One Time 0), to the cent per service. A
+    cycle it does not know counts 0 and is named. No-ops (service already
+    closed) and requests resolved by hand are shown apart, not counted.
 
     \b
     Examples:
       cancelproc report reasons --since 2026-01-01
+      cancelproc report reasons --json
       cancelproc report reasons --format csv > reasons.csv
     """
-    _report(app, since, until, fmt, reports.cancellations_by_reason,
-            ["reason_code", "product", "cancellations", "share_percent", "recurring_amount"], "cancellations")
+    out = _output_format(fmt, as_json)
+    since, until = _report_window(app, since, until)
+    with app.database().read_session() as session:
+        churn = reports.churn(reports.closed_requests(session, since=since, until=until, zone=app.settings.zone))
+    if out == "object":
+        echo_json({"since": since, "until": until, **churn})
+    elif out == "json":
+        echo_json(churn["rows"])
+    elif out == "csv":
+        _echo_csv(churn["rows"], REASON_COLUMNS)
+    else:
+        _echo_churn(churn, since, until)
 
 
 @report_group.command("runs")
 @_report_options
 @pass_app
-def report_runs(app: App, since: dt.date | None, until: dt.date | None, fmt: str) -> None:
+def report_runs(app: App, since: dt.date | None, until: dt.date | None, as_json: bool, fmt: str) -> None:
     """Runs started in the window: status, duration, counts, lateness, emails.
 
     \b
     Examples:
       cancelproc report runs
-      cancelproc report runs --format json
+      cancelproc report runs --json
     """
-    _report(app, since, until, fmt, reports.runs_between,
-            ["id", "started_at", "trigger", "status", "duration_seconds", *Run.REQUEST_COUNTS, *Run.LATENESS_COUNTS,
-             *Run.DELIVERY_COUNTS], "runs")
+    out = _output_format(fmt, as_json)
+    since, until = _report_window(app, since, until)
+    with app.database().read_session() as session:
+        rows = reports.runs_between(session, since=since, until=until, zone=app.settings.zone)
+    columns = ["id", "started_at", "trigger", "status", "duration_seconds", *Run.REQUEST_COUNTS,
+               *Run.LATENESS_COUNTS, *Run.DELIVERY_COUNTS]
+    if out == "object":
+        echo_json({"since": since, "until": until, "rows": rows})
+    elif out == "json":
+        echo_json(rows)
+    elif out == "csv":
+        _echo_csv(rows, columns)
+    else:
+        echo_table(rows, columns, empty=f"no runs from {since} to {until}")
+
+
+def _writable_file(path: Path) -> Path:
+    """--out names a file in a folder that exists (checked before the database is read)."""
+    shown = click.format_filename(path)[:200]
+    try:
+        if path.is_dir():
+            raise InputError(f"--out {shown}: is a folder; give a file name (e.g. {shown}/churn.html)")
+        if not path.parent.is_dir():
+            raise InputError(f"--out {shown}: the folder {click.format_filename(path.parent)[:200]} does not exist")
+    except OSError as e:  # a name too long, a folder we may not read
+        raise InputError(f"--out {shown}: {e.strerror or e}") from None
+    return path
+
+
+@report_group.command("html")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=True, path_type=Path),
+              help="The HTML file to write (replaced whole if it exists).")
+@click.option("--since", type=DATE,
+              help="First day (default: the 1st of the month 11 months before --until's: 12 months).")
+@click.option("--until", type=DATE, help="Last day, included (default: today).")
+@click.option("--json", "as_json", is_flag=True, help="Say what was written as one JSON object (docs/json.md).")
+@pass_app
+def report_html(app: App, out_path: Path, since: dt.date | None, until: dt.date | None, as_json: bool) -> None:
+    """One self-contained HTML page with charts: cancellations and lost MRR by month
+    and by reason, the lateness of catch-up cancellations, the runs over time
+    (duration, due, failed), and the tables of `report reasons`.
+
+    \b
+    The page needs no network: its chart library (uPlot, MIT licence) is inside it.
+    Send it by mail or put it on a share; open it in any browser.
+
+    \b
+    Examples:
+      cancelproc report html --out churn.html
+      cancelproc report html --out /srv/reports/2026.html --since 2026-01-01 --until 2026-12-31
+    """
+    until = until or app.today()
+    since, until = _report_window(app, since or _twelve_months_to(until), until)
+    _writable_file(out_path)
+    with app.database().read_session() as session:
+        page = report_html_page.build(session, since=since, until=until, zone=app.settings.zone,
+                                      generated_at=utc_now(), company=app.settings.email.company_name)
+    try:
+        write_atomically(out_path, page.html.encode(), temp_prefix=f".{out_path.name}.")
+    except OSError as e:
+        raise InputError(f"--out {click.format_filename(out_path)[:200]}: cannot write it: {e.strerror or e}") from None
+    summary = {"file": str(out_path), "since": since, "until": until, "cancellations": page.cancellations,
+               "lost_mrr": page.lost_mrr, "runs": page.runs}
+    if as_json:
+        echo_json(summary)
+    else:
+        click.echo(f"wrote {out_path}: {since} to {until}, {page.cancellations} cancellation(s), "
+                   f"{page.lost_mrr} MRR lost, {page.runs} run(s)")
+
+
+def _twelve_months_to(day: dt.date) -> dt.date:
+    """The 1st of the month eleven months before `day`'s: twelve calendar months, this one included."""
+    year, month = divmod(day.year * 12 + day.month - 1 - 11, 12)
+    return dt.date(year, month + 1, 1)
 
 
 # --- monitoring --------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def requests_create(app: App, service_id: int, type_name: str, reason_code: str,
     \b
     Examples:
       cancelproc requests create ext:1003 --reason-code too_expensive
-      cancelproc requests create 42 --type on-date --on 2026-12-31 --reason-code switching_provider
+      cancelproc requests create 42 --type on-date --on 2026-12-31 --reason-code switched_service
     """
     database = app.database()
     hooks = app.hooks

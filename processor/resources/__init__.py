@@ -7,6 +7,9 @@ source tree or the working directory.
 - `app/`: the skeleton `cancelproc init` copies into an app folder (appfolder.py): the
   commented config file, the hooks folder with its disabled examples, the templates folder
   for overrides.
+- `report/`: the page `cancelproc report html` writes (report.html.jinja) and the chart
+  library inlined into it: uPlot 1.6.32 from its release's dist/ (uPlot.iife.min.js,
+  uPlot.min.css), under the MIT licence kept beside it (uPlot-LICENSE.txt).
 """
 
 from __future__ import annotations
