@@ -108,6 +108,13 @@ POINTS: dict[str, HookPoint] = {p.name: p for p in (
               "or raising fails the attempt: nothing is changed, AfterModuleTerminateFailed fires, the "
               "request is retried with backoff",
               Policy.FAIL, whmcs=("params",)),
+    HookPoint("CancelSubscription", (*REQUEST, "subscription_id", "subscriptionID"),
+              "stop the payment gateway's recurring billing of a service that has a `subscription_id`, after "
+              "TerminateAccount, before the cancellation is written; never in --dry-run. `idempotency_key` is "
+              "'cancelproc:cancel-subscription:request:<id>' here, the same on every attempt",
+              "{'error': ...}, WHMCS's gateway answer {'status': 'error', ...}, an error string, False, or "
+              "raising fails the attempt as TerminateAccount does (nothing is changed, retried with backoff)",
+              Policy.FAIL, whmcs=("subscriptionID",)),
     HookPoint("AfterModuleTerminate", REQUEST,
               "the cancellation was committed (service and request dicts show the committed state)",
               "ignored", whmcs=("params",)),

@@ -30,7 +30,8 @@ from processor.run.outcome import Action, Outcome
 RunFields = Callable[[str | None], tuple[dict[str, Any], Writing]]
 
 # The points that fire for each request: when none has a hook, no request's params are built.
-PER_REQUEST_POINTS = ("PreModuleTerminate", "EmailPreSend", "TerminateAccount", "AfterModuleTerminate",
+PER_REQUEST_POINTS = ("PreModuleTerminate", "EmailPreSend", "TerminateAccount", "CancelSubscription",
+                      "AfterModuleTerminate",
                       "AfterModuleTerminateFailed", "AddonCancelled", "InvoiceCancelled", "ServiceCancelled")
 
 
@@ -53,6 +54,7 @@ class Decider:
         self.zone = zone
         # Building a request's hook params costs time; only when some hook will read them.
         self.hooked = any(hooks.has(p) for p in PER_REQUEST_POINTS)
+        self.cancels_subscriptions = hooks.has("CancelSubscription")
 
     def run_fields(self, as_of: dt.date) -> RunFields:
         """Merge fields that are the same for every confirmation of a run in one language."""
@@ -89,6 +91,10 @@ class Decider:
             composed = self._compose(row, run_fields, run_id, dry_run)
             if params is not None and not dry_run:
                 self.hooks.apply("TerminateAccount", params)  # raises HookFailed on an error
+                if self.cancels_subscriptions and row.subscription_id:
+                    # After the deprovisioning: a service still running (TerminateAccount failed)
+                    # keeps being billed until a later attempt has stopped it.
+                    self.hooks.apply("CancelSubscription", subscription_params(params, row.subscription_id))
             return Outcome(row.id, row.service_id, Action.CANCEL, late, row.attempts, composed.email,
                            service_status=row.service_status._value_, params=params,
                            email_aborted_by=composed.aborted_by)
@@ -111,6 +117,19 @@ class Decider:
                 raise
             raise InputError(f"client of service {row.service_id} has no valid email address ({row.email!r})") \
                 from None
+
+
+def subscription_params(params: dict[str, Any], subscription_id: str) -> dict[str, Any]:
+    """CancelSubscription's params: the request's, its own idempotency key (a gateway keeps
+    its keys per account: not the bare request id another hook may already send it), and
+    WHMCS's gateway-module name of the subscription id."""
+    return {**params, "idempotency_key": subscription_key(params["request_id"]),
+            "subscription_id": subscription_id, "subscriptionID": subscription_id}
+
+
+def subscription_key(request_id: int) -> str:
+    """The same for every attempt of a request, across retries and crashes."""
+    return f"cancelproc:cancel-subscription:request:{request_id}"
 
 
 def orphan_outcome(orphan: Orphan) -> Outcome:
