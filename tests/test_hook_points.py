@@ -623,6 +623,31 @@ CRON_POINTS = ("PreCronJob", "PreAutomationTask", "PostAutomationTask", "AfterCr
                "DailyCronJobPreEmail")
 
 
+def test_hook_CreditIssued(db, settings, now, tmp_path, probe):
+    settings.immediate_refund = "credit"
+    # Monthly, paid 24.00 for 2026-11-06..12-06; cancelled 11-26: 10 of 30 days unused -> 8.00.
+    it = seed(db, next_due_date=D + dt.timedelta(days=10), paid=1, type_=RequestType.IMMEDIATE)
+    not_credited = seed(db, type_=RequestType.IMMEDIATE)  # no paid invoice: no credit, no call
+    write_hook(tmp_path, "credit.py", recorder("ServiceCancelled"), recorder("CreditIssued"))
+    summary = run(db, settings, now, load(tmp_path))
+    assert summary.completed == 2
+    call = probe.one("CreditIssued")
+    assert_keys(call, "CreditIssued")
+    kw = call.kwargs
+    assert (kw["request_id"], kw["run_id"], kw["amount"]) == (it.request_id, summary.run_id, Decimal("8.00"))
+    assert kw["idempotency_key"] == f"cancelproc:credit:request:{it.request_id}"
+    credit = kw["credit"]
+    assert (credit["id"], credit["amount"], credit["days_unused"], credit["days_in_period"], credit["period_end"]) == (
+        kw["credit_id"], Decimal("8.00"), 10, 30, D + dt.timedelta(days=10))
+    assert credit["invoice_amount"] == Decimal("24.00") and "8.00" in credit["description"]
+    # After the commit, after ServiceCancelled of the same request.
+    assert (call.seen["request_status"], call.seen["service_status"]) == ("completed", "Cancelled")
+    assert kw["service"]["status"] == "Cancelled" and kw["request"]["status"] == "completed"
+    labels = [(c.label, c.kwargs["request_id"]) for c in probe.calls]
+    assert labels.index(("ServiceCancelled", it.request_id)) < labels.index(("CreditIssued", it.request_id))
+    assert ("ServiceCancelled", not_credited.request_id) in labels
+
+
 def test_hook_PreAutomationTask(db, settings, now, tmp_path, probe):
     seed(db)
     seed(db)

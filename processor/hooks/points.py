@@ -132,6 +132,11 @@ POINTS: dict[str, HookPoint] = {p.name: p for p in (
     HookPoint("ServiceCancelled", (*REQUEST, "days_late"),
               "after the cancellation is committed (after AfterModuleTerminate and the add-on and invoice hooks)",
               "ignored"),
+    HookPoint("CreditIssued", (*REQUEST, "credit_id", "credit", "amount"),
+              "a credit for the unused part of a paid period was committed with the cancellation "
+              "(immediate_refund = 'credit'), after ServiceCancelled: book it in the billing system. "
+              "`idempotency_key` is 'cancelproc:credit:request:<id>' here",
+              "ignored"),
     HookPoint("PostAutomationTask",
               ("params", "task", "completed", "run_id"),
               "once per run, after its last request (task 'CancellationRequests'; completed False when the run "
