@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import signal
+import time
 from decimal import Decimal
 from typing import Any
 
+import psutil
 import pytest
 from freezegun import freeze_time
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
-from processor.db import Database
+from processor import credits
+from processor.db import Database, open_database
+from processor.hooks import load_hooks
 from processor.models import (
     AuditAction,
     AuditEntry,
@@ -24,11 +29,16 @@ from processor.models import (
     Invoice,
     InvoiceStatus,
     OutboxEmail,
+    Product,
     RequestStatus,
     RequestType,
+    Run,
+    Service,
+    ServiceStatus,
 )
 from processor.run import Runner, RunOptions, RunSummary
 from tests import factories
+from tests.test_workers import cancelproc, env
 
 D = dt.date(2026, 11, 26)
 NOW = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC)
@@ -148,7 +158,6 @@ def test_the_dry_run_shows_the_credit_and_writes_nothing(db, credit_settings):
 
 
 def test_a_failed_attempt_credits_nothing(db, credit_settings, tmp_path):
-    from processor.hooks import load_hooks
     hooks_dir = tmp_path / "hooks"
     hooks_dir.mkdir()
     (hooks_dir / "term.py").write_text("from processor.hooks import add_hook\n\n"
@@ -181,3 +190,74 @@ def test_requests_process_and_requests_show(db, credit_settings, invoke):
     with db.read_session() as s:
         assert s.get(CancellationRequest, request_id).status is RequestStatus.COMPLETED
         assert s.scalar(select(func.count()).select_from(Credit)) == 1
+
+
+# --- exactly once on PostgreSQL with processes working on one run at once ---------------------
+
+N_PG = 1200
+
+
+def seed_many(db: Database, n: int) -> dt.date:
+    """n Immediate requests, each on a Monthly service due in 10 days with one paid invoice
+    of 30.00; a client per three services. Returns the services' next due date."""
+    today = dt.date.today()
+    created = dt.datetime.now(dt.UTC) - dt.timedelta(days=3)
+    with db.engine.begin() as conn:
+        product = conn.execute(insert(Product).values(name="VPS", module="proxmox").returning(Product.id)).scalar()
+        conn.execute(insert(Client), [dict(id=c, first_name=f"C{c}", last_name="", company_name="",
+                                           email=f"c{c}@example.test", language="en", balance=0)
+                                      for c in range(1, n // 3 + 1)])
+        conn.execute(insert(Service), [dict(id=i, client_id=(i - 1) // 3 + 1, product_id=product, domain=f"h{i}.test",
+                                            status=ServiceStatus.ACTIVE, billing_cycle="Monthly", amount=30,
+                                            next_due_date=today + dt.timedelta(days=10)) for i in range(1, n + 1)])
+        conn.execute(insert(Invoice), [dict(id=i, service_id=i, amount=Decimal("30.00"), status=InvoiceStatus.PAID,
+                                            due_date=today - dt.timedelta(days=20)) for i in range(1, n + 1)])
+        conn.execute(insert(CancellationRequest), [
+            dict(id=i, service_id=i, type=RequestType.IMMEDIATE, reason_code="other", reason="",
+                 status=RequestStatus.PENDING, created_at=created, created_by="test", attempts=0, note="")
+            for i in range(1, n + 1)])
+    return today + dt.timedelta(days=10)
+
+
+@pytest.mark.slow
+def test_workers_and_a_killed_worker_credit_each_request_once_on_postgresql(pg_server, tmp_path):
+    """`run --workers 3` on PostgreSQL, one worker killed with SIGKILL midway (its chunk in
+    flight rolls back and another process claims it again): every request credited once,
+    each client's balance minus the sum of its credits, one audit row per credit."""
+    url = pg_server.new_database()
+    db = open_database(url)
+    try:
+        next_due = seed_many(db, N_PG)
+        environ = {**env(url, tmp_path), "CANCELPROC_IMMEDIATE_REFUND": "credit"}
+        proc = cancelproc(tmp_path, environ, "run", "--workers", "3")
+        try:
+            coordinator = psutil.Process(proc.pid)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                with db.read_session() as s:
+                    done = s.scalar(select(func.count()).select_from(Credit))
+                if done >= N_PG // 4 and len(coordinator.children()) == 3:
+                    break
+                time.sleep(0.05)
+            workers = coordinator.children()
+            if workers:  # (a run that ended first has none left: then nothing was killed)
+                workers[0].send_signal(signal.SIGKILL)
+            out, err = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 0, err
+        with db.read_session() as s:
+            rows = s.execute(select(Credit.request_id, Credit.client_id, Credit.amount)).all()
+            assert sorted(r.request_id for r in rows) == list(range(1, N_PG + 1))  # each once (and unique)
+            as_of = s.scalars(select(Run.as_of)).one()
+            rule = credits.unused_credit(1, credits.PaidInvoice(1, Decimal("30.00")), next_due, "Monthly", as_of)
+            assert rule is not None and {r.amount for r in rows} == {rule.amount}
+            balances = {client_id: balance for client_id, balance in s.execute(select(Client.id, Client.balance))}
+            assert balances == dict.fromkeys(range(1, N_PG // 3 + 1), -3 * rule.amount)
+            assert s.scalar(select(func.count()).where(AuditEntry.action == AuditAction.CREDITED)) == N_PG
+            assert s.scalar(select(func.count()).where(
+                CancellationRequest.status == RequestStatus.COMPLETED)) == N_PG
+    finally:
+        db.dispose()
