@@ -94,8 +94,8 @@ class Runner:
             retry=RetryPolicy(settings.max_attempts, settings.retry_backoff_minutes,
                               settings.retry_backoff_max_minutes),
             hooked=self.decider.hooked, returning_addons=self.hooks.has("AddonCancelled"),
-            returning_invoices=self.hooks.has("InvoiceCancelled"))
-        self.credits = settings.immediate_refund == "credit"
+            returning_invoices=self.hooks.has("InvoiceCancelled"), credits=settings.immediate_refund == "credit")
+        self.credits = self.rules.credits
         # The chunk in hand's last paid invoices by service (immediate_refund = "credit" only).
         self._paid: dict[int, PaidInvoice] = {}
         self.log = structlog.get_logger("cancelproc.run")

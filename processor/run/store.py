@@ -73,6 +73,7 @@ class StoreRules:
     hooked: bool  # read the columns the hooks' params need
     returning_addons: bool  # an AddonCancelled hook wants the add-ons cancelled
     returning_invoices: bool  # an InvoiceCancelled hook wants the invoices cancelled
+    credits: bool = False  # immediate_refund = "credit": outcomes may carry a credit to write
 
 
 class RunStore:
@@ -214,7 +215,7 @@ class RunStore:
         audit = _Audit(self.conn, run_id, now)
         if cancels:
             self._cancel_services(audit, cancels, as_of)
-            credited = [o for o in cancels if o.credit is not None]
+            credited = [o for o in cancels if o.credit is not None] if self.rules.credits else None
             if credited:
                 self._credit(audit, credited, run_id, now)
             queue(self.conn, [o.email for o in cancels if o.email], run_id=run_id, now=now,
