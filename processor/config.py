@@ -254,6 +254,9 @@ class Settings(BaseSettings):
     retry_backoff_minutes: int = Field(60, ge=0, le=A_YEAR_OF_MINUTES)
     retry_backoff_max_minutes: int = Field(1440, ge=0, le=A_YEAR_OF_MINUTES)
     cancel_unpaid_invoices: bool = True
+    # "credit": an Immediate request applied before the end of a period the client paid
+    # credits the unused days (processor/credits.py); "none": no money moves (as before).
+    immediate_refund: Literal["none", "credit"] = "none"
     # Stripe's cancellation feedback values, so churn reads the same as a Stripe export. An
     # operator's own list replaces them; requests already stored keep their codes (and report).
     reason_codes: list[str] = Field(

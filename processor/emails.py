@@ -446,6 +446,7 @@ SAMPLE_REQUEST: dict[str, Any] = dict(
     service_cancellation_reason_code="too_expensive",
     service_cancellation_date=format_date(dt.date(2026, 12, 1)),
     service_is_immediate_cancellation=False,
+    credit_amount=format_amount(Decimal("4.84")),  # a credit, so that its sentence is checked too
 )
 
 SAMPLE_DIGEST: dict[str, Any] = dict(

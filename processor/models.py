@@ -187,6 +187,7 @@ class AuditAction(enum.StrEnum):
     REFUSED = "refused"  # an email was refused as unsafe (e.g. header injection) and not queued
     IMPORTED = "imported"  # a row inserted by `cancelproc import`
     IMPORT_UPDATED = "import_updated"  # a row changed by `cancelproc import` (detail: old and new values)
+    CREDITED = "credited"  # a run credited the client the unused part of a paid period (immediate_refund)
 
 
 # Request audit actions that record a failed attempt: named as failures of their run
@@ -391,6 +392,29 @@ class AuditEntry(Base):
     entity_id: Mapped[int] = mapped_column(Integer)
     action: Mapped[AuditAction] = mapped_column(_enum(AuditAction, "audit_action", length=64))
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class Credit(Base):
+    """Credit for the unused part of a paid period, given when an Immediate request is
+    applied (setting immediate_refund = "credit"). One per request at most: written in the
+    transaction that cancels the service, with the client's balance lowered by `amount`."""
+
+    __tablename__ = "credits"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    client_id: Mapped[int] = mapped_column(ForeignKey("clients.id"), index=True)
+    service_id: Mapped[int] = mapped_column(ForeignKey("services.id"), index=True)
+    # Exactly once: a second credit for the same request cannot be written.
+    request_id: Mapped[int] = mapped_column(ForeignKey("cancellation_requests.id"), unique=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), index=True)
+    invoice_id: Mapped[int | None] = mapped_column(ForeignKey("invoices.id"))  # the paid invoice prorated
+    amount: Mapped[Decimal] = mapped_column(Numeric(12, 2))
+    period_start: Mapped[dt.date] = mapped_column(Date)
+    period_end: Mapped[dt.date] = mapped_column(Date)  # the service's next due date: the period's end
+    days_unused: Mapped[int] = mapped_column(Integer)
+    days_in_period: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    description: Mapped[str] = mapped_column(Text, default="")
 
 
 class OutboxEmail(Base):

@@ -155,7 +155,9 @@ class Composer:
         fields = dict(company_name=settings.company_name, date=format_date(date, language),
                       signature=for_language(self._signatures, settings.signature, language),
                       currency=settings.currency, whmcs_url=settings.system_url,
-                      whmcs_admin_url=settings.admin_url, whmcs_admin_link=Link(settings.admin_url), **more)
+                      whmcs_admin_url=settings.admin_url, whmcs_admin_link=Link(settings.admin_url),
+                      credit_amount="")  # a run names a credit in the confirmation it composes (decide.py)
+        fields.update(more)
         fields["service_cancellation_date"] = format_date(cancellation_date, language)
         return fields
 

@@ -30,7 +30,7 @@ _RUN_COLUMNS = (
 _HOOK_COLUMNS = (
     # Hooks get the status as its plain string: read as stored, no enum made per row to be undone.
     R.external_id.label("request_external_id"), type_coerce(R.status, String).label("request_status"),
-    S.external_id.label("service_external_id"),
+    S.external_id.label("service_external_id"), S.subscription_id,
     C.external_id.label("client_external_id"), C.balance,
     P.id.label("product_id"), P.module,
 )
@@ -73,7 +73,7 @@ def request_params(row: Any, **more: Any) -> dict[str, Any]:
     (request_id, type_, cancel_on, reason, reason_code, created_at, attempts, service_id, service_status, domain,
      next_due_date, billing_cycle, first_name, last_name, email, language, product_name,
      client_id, company_name, amount, _registration_date, effective_date,
-     request_external_id, request_status, service_external_id,
+     request_external_id, request_status, service_external_id, subscription_id,
      client_external_id, balance, product_id, module) = row
     return {
         "request_id": request_id,
@@ -84,7 +84,7 @@ def request_params(row: Any, **more: Any) -> dict[str, Any]:
                     "attempts": attempts},
         "service": {"id": service_id, "external_id": service_external_id, "domain": domain,
                     "status": service_status._value_, "billing_cycle": billing_cycle, "amount": amount,
-                    "next_due_date": next_due_date},
+                    "next_due_date": next_due_date, "subscription_id": subscription_id},
         "client": {"id": client_id, "external_id": client_external_id, "first_name": first_name,
                    "last_name": last_name, "company_name": company_name, "email": email, "language": language,
                    "balance": balance},

@@ -24,12 +24,13 @@ import sqlite3
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from processor import lease
+from processor import credits, lease
 from processor.terms import effective_on
 from tests.cli_helpers import error_text, process_env
 
@@ -37,6 +38,7 @@ CHUNK_SIZE = 50
 EXIT_LEASE_HELD = 75
 CONFIRMATION = "service_cancellation_confirmation"
 CHANGED_ENTITIES = {"service", "request", "addon", "invoice"}
+PAID_AMOUNT = Decimal("9.99")
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 
@@ -45,7 +47,10 @@ pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs PO
 
 
 def cli_env(db_path: Path) -> dict[str, str]:
-    return process_env(f"sqlite:///{db_path}", CANCELPROC_CHUNK_SIZE=str(CHUNK_SIZE), CANCELPROC_LOG_LEVEL="warning")
+    # Credits on: the Immediate requests of services with a paid invoice are credited, and
+    # the credits must come out exactly once too (assert_credited_exactly_once).
+    return process_env(f"sqlite:///{db_path}", CANCELPROC_CHUNK_SIZE=str(CHUNK_SIZE), CANCELPROC_LOG_LEVEL="warning",
+                       CANCELPROC_IMMEDIATE_REFUND="credit")
 
 
 def start(app_root: Path, db_path: Path, *args: str, **env: str) -> subprocess.Popen[str]:
@@ -78,6 +83,10 @@ class Dataset:
     unpaid_of_due: int
     unpaid_of_not_due: int
     paid: int
+    # Due Immediate requests whose service has a paid invoice (PAID_AMOUNT): request id ->
+    # the service's next due date. The others are never credited.
+    creditable: dict[int, dt.date] = field(default_factory=dict)
+    client_of: dict[int, int] = field(default_factory=dict)  # service id -> client id
 
 
 def utc_today() -> dt.date:
@@ -107,6 +116,8 @@ def make_database(app_root: Path, n_requests: int, not_due_every: int, seed: int
     services, requests, addons, invoices = [], [], [], []
     due_requests, not_due_requests, due_services, not_due_services = set(), set(), set(), set()
     counts = dict(addons_of_due=0, addons_of_not_due=0, unpaid_of_due=0, unpaid_of_not_due=0, paid=0)
+    creditable: dict[int, dt.date] = {}
+    client_of: dict[int, int] = {}
     for i in range(1, n_requests + 1):
         sid = rid = i
         due = i % not_due_every != 0
@@ -130,7 +141,10 @@ def make_database(app_root: Path, n_requests: int, not_due_every: int, seed: int
                 cancel_on = today + dt.timedelta(days=rng.randint(10, 60))
             not_due_requests.add(rid)
             not_due_services.add(sid)
-        services.append((sid, rng.randint(1, n_clients), rng.choice((1, 2)),
+        client_of[sid] = rng.randint(1, n_clients)
+        if due and kind == "immediate" and i % 3 == 0 and next_due is not None:  # paid below
+            creditable[rid] = next_due
+        services.append((sid, client_of[sid], rng.choice((1, 2)),
                          f"site{sid}.example.test", "Active", "Monthly", "9.99",
                          next_due.isoformat() if next_due else None, None))
         effective = effective_on(rtype, created_on=created.date(), next_due_date=next_due, cancel_on=cancel_on,
@@ -143,7 +157,8 @@ def make_database(app_root: Path, n_requests: int, not_due_every: int, seed: int
                 counts["addons_of_due" if due else "addons_of_not_due"] += 1
         if i % 3 == 0:  # an unpaid and a paid invoice on a third of them
             invoices.append((len(invoices) + 1, sid, "9.99", "Unpaid", today.isoformat()))
-            invoices.append((len(invoices) + 1, sid, "9.99", "Paid", (today - dt.timedelta(days=30)).isoformat()))
+            invoices.append((len(invoices) + 1, sid, str(PAID_AMOUNT), "Paid",
+                             (today - dt.timedelta(days=30)).isoformat()))
             counts["unpaid_of_due" if due else "unpaid_of_not_due"] += 1
             counts["paid"] += 1
 
@@ -166,7 +181,8 @@ def make_database(app_root: Path, n_requests: int, not_due_every: int, seed: int
         con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # all in the main file: copy_database copies it
     finally:
         con.close()
-    return db_path, Dataset(due_requests, not_due_requests, due_services, not_due_services, **counts)
+    return db_path, Dataset(due_requests, not_due_requests, due_services, not_due_services, **counts,
+                            creditable=creditable, client_of=client_of)
 
 
 def copy_database(src: Path, app_root: Path) -> Path:
@@ -370,7 +386,42 @@ def assert_applied_exactly_once(db_path: Path, data: Dataset) -> list[tuple]:
     assert sum(r[4] for r in runs) == n_due
     leases = query(db_path, "SELECT name, run_id, pid FROM leases")
     assert leases == [], f"a lease was left behind: {leases}"
+    assert_credited_exactly_once(db_path, data, run_of, as_of)
     return runs
+
+
+def assert_credited_exactly_once(db_path: Path, data: Dataset, run_of: dict[int, int],
+                                 as_of: dict[int, str]) -> None:
+    """Credits for unused time (immediate_refund = "credit"): one per credited request, by
+    the run that applied it, of the amount the rule gives for that run's as-of date; each
+    client's balance (0 before) lowered by the sum of its credits; one audit row each."""
+    rows = query(db_path, "SELECT request_id, client_id, service_id, run_id, amount FROM credits")
+    per_request: dict[int, int] = {}
+    for rid, *_ in rows:
+        per_request[rid] = per_request.get(rid, 0) + 1
+    twice = {rid: n for rid, n in per_request.items() if n != 1}
+    assert not twice, f"{len(twice)} requests were credited more than once: {list(twice.items())[:10]}"
+    expected = {}
+    for rid, next_due in data.creditable.items():
+        credit = credits.unused_credit(data.client_of[rid], credits.PaidInvoice(0, PAID_AMOUNT), next_due, "Monthly",
+                                       dt.date.fromisoformat(str(as_of[run_of[rid]])))
+        if credit is not None:
+            expected[rid] = (data.client_of[rid], rid, run_of[rid], credit.amount)
+    got = {rid: (client_id, sid, run_id, Decimal(str(amount))) for rid, client_id, sid, run_id, amount in rows}
+    assert expected, "no request of the data set is credited: the credit checks test nothing"
+    wrong = {rid: (got.get(rid), expected.get(rid)) for rid in set(got) | set(expected)
+             if got.get(rid) != expected.get(rid)}
+    assert not wrong, f"{len(wrong)} credits differ from the rule (got, expected): {list(wrong.items())[:5]}"
+    owed: dict[int, Decimal] = {}
+    for client_id, _sid, _run, amount in got.values():
+        owed[client_id] = owed.get(client_id, Decimal(0)) - amount
+    # SQLite keeps NUMERIC as a REAL: to the cent, as the ORM reads it back.
+    balances = {cid: Decimal(str(b)).quantize(credits.CENT)
+                for cid, b in query(db_path, "SELECT id, balance FROM clients")}
+    off = {cid: (b, owed.get(cid, Decimal(0))) for cid, b in balances.items() if b != owed.get(cid, Decimal(0))}
+    assert not off, f"{len(off)} clients' balances are not minus the sum of their credits: {list(off.items())[:5]}"
+    audited = query(db_path, "SELECT request_id, count(*) FROM audit_log WHERE action = 'credited' GROUP BY 1")
+    assert dict(audited) == dict.fromkeys(got, 1), "not one 'credited' audit row per credit"
 
 
 # --------------------------------------------------------------------------- guarantees 1 and 2

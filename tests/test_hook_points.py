@@ -12,11 +12,13 @@ meta-tests at the end fail when a point has no such test or is missing from docs
 from __future__ import annotations
 
 import datetime as dt
+import http.server
 import json
 import os
 import re
 import shutil
 import textwrap
+import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -224,11 +226,13 @@ class Seeded:
 
 
 def seed(db: Database, *, next_due_date: dt.date | None = D, addons: int = 0, unpaid: int = 0, paid: int = 0,
-         reason: str = "Too expensive", balance: Decimal | None = None, **request: Any) -> Seeded:
+         reason: str = "Too expensive", balance: Decimal | None = None, subscription_id: str | None = None,
+         **request: Any) -> Seeded:
     with db.session.begin() as s:
         svc = factories.service(s, next_due_date=next_due_date, addons=addons, unpaid=unpaid, paid=paid)
         if balance is not None:
             svc.client.balance = balance
+        svc.subscription_id = subscription_id
         req = factories.request(s, svc, reason=reason, **request)
         return Seeded(req.id, svc.id, svc.client.id, svc.client.email, svc.domain, req.effective_date)
 
@@ -244,7 +248,8 @@ def assert_request_dicts(call: Call, it: Seeded, *, request_status: str = "pendi
     service = kw["service"]
     assert (service["id"], service["domain"], service["billing_cycle"], service["amount"]) == (
         it.service_id, it.domain, "Monthly", Decimal("24.00"))
-    assert set(service) == {"id", "external_id", "domain", "status", "billing_cycle", "amount", "next_due_date"}
+    assert set(service) == {"id", "external_id", "domain", "status", "billing_cycle", "amount", "next_due_date",
+                            "subscription_id"}
     client = kw["client"]
     assert (client["id"], client["email"], client["first_name"]) == (it.client_id, it.email, "Ada")
     assert set(client) == {"id", "external_id", "first_name", "last_name", "company_name", "email", "language",
@@ -437,6 +442,96 @@ def test_hook_TerminateAccount_is_never_called_in_dry_run(db, settings, now, tmp
     assert probe.calls == []
 
 
+def test_hook_CancelSubscription(db, settings, now, tmp_path, probe):
+    it = seed(db, subscription_id="sub_1Abc")
+    without = seed(db)  # no subscription: not called for it
+    write_hook(tmp_path, "sub.py", recorder("TerminateAccount"), recorder("CancelSubscription"))
+    summary = run(db, settings, now, load(tmp_path))
+    assert summary.completed == 2
+    assert probe.labels() == ["TerminateAccount", "CancelSubscription", "TerminateAccount"]
+    call = probe.one("CancelSubscription")
+    assert_keys(call, "CancelSubscription")
+    assert_request_dicts(call, it)
+    kw = call.kwargs
+    assert (kw["subscription_id"], kw["subscriptionID"], kw["service"]["subscription_id"]) == ("sub_1Abc",) * 3
+    assert kw["idempotency_key"] == f"cancelproc:cancel-subscription:request:{it.request_id}"
+    assert (kw["run_id"], kw["as_of"], kw["dry_run"]) == (summary.run_id, D, False)
+    # After the veto and TerminateAccount, before anything is written.
+    assert (call.seen["request_status"], call.seen["service_status"], call.seen["emails"]) == (
+        "pending", "Active", 0)
+    assert probe.of("TerminateAccount")[1].kwargs["request_id"] == without.request_id
+    assert get(db, Service, it.service_id).status is ServiceStatus.CANCELLED
+
+
+def test_hook_CancelSubscription_is_never_called_in_dry_run_nor_after_a_veto(db, settings, now, tmp_path, probe):
+    seed(db, subscription_id="sub_1")
+    write_hook(tmp_path, "sub.py", recorder("CancelSubscription"), recorder("PreModuleTerminate"))
+    assert [r["action"] for r in preview(db, settings, now, load(tmp_path))] == ["cancel"]
+    assert probe.labels() == ["PreModuleTerminate"]
+    probe.calls.clear()
+    probe.behaviour["PreModuleTerminate"] = {"abortcmd": True, "reason": "owes money"}
+    assert run(db, settings, now, load(tmp_path)).vetoed == 1
+    assert probe.labels() == ["PreModuleTerminate"]
+
+
+@pytest.mark.parametrize("failure", [{"error": "gateway down"}, {"status": "error", "rawdata": "gateway down"},
+                                     "gateway down", RuntimeError("gateway down")])
+def test_a_failing_cancel_subscription_changes_nothing_and_is_retried_then_failed(
+        db, settings, now, tmp_path, probe, failure):
+    """As TerminateAccount: the attempt fails (WHMCS's gateway answer {'status': 'error'} too),
+    nothing is written, the request is retried with the same key, then failed."""
+    settings.max_attempts, settings.retry_backoff_minutes = 2, 0
+    it = seed(db, subscription_id="sub_9", unpaid=1)
+    probe.behaviour["CancelSubscription"] = failure
+    path = write_hook(tmp_path, "sub.py", recorder("CancelSubscription"), recorder("AfterModuleTerminateFailed"))
+    hooks = load(tmp_path)
+    first = run(db, settings, now, hooks)
+    assert (first.retrying, first.completed, first.exit_code) == (1, 0, 1)
+    request = get(db, CancellationRequest, it.request_id)
+    assert request.status is RequestStatus.PENDING and "gateway down" in request.last_error
+    assert f"sub.py:{line_of(path, 'CancelSubscription')}" in request.last_error
+    assert probe.one("AfterModuleTerminateFailed").kwargs["error"] == request.last_error
+    assert get(db, Service, it.service_id).status is ServiceStatus.ACTIVE and emails(db) == []
+    last = run(db, settings, now + dt.timedelta(minutes=1), hooks)
+    assert (last.failed, last.completed) == (1, 0)
+    assert get(db, CancellationRequest, it.request_id).status is RequestStatus.FAILED
+    keys = {c.kwargs["idempotency_key"] for c in probe.of("CancelSubscription")}
+    assert keys == {f"cancelproc:cancel-subscription:request:{it.request_id}"}
+    assert len(probe.of("CancelSubscription")) == 2
+
+
+def test_cancel_subscription_runs_again_after_a_crash_before_the_commit(db, settings, now, tmp_path, probe):
+    """At least once, with a key stable across the crash."""
+    it = seed(db, subscription_id="sub_2")
+    probe.behaviour["CancelSubscription"] = KeyboardInterrupt()  # after recording: the gateway was called
+    write_hook(tmp_path, "sub.py", recorder("CancelSubscription"))
+    hooks = load(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        run(db, settings, now, hooks)
+    assert get(db, CancellationRequest, it.request_id).status is RequestStatus.PENDING
+    probe.behaviour.clear()
+    assert run(db, settings, now + dt.timedelta(minutes=1), hooks).completed == 1
+    keys = [c.kwargs["idempotency_key"] for c in probe.of("CancelSubscription")]
+    assert keys == [f"cancelproc:cancel-subscription:request:{it.request_id}"] * 2
+
+
+def test_cancel_subscription_in_requests_process(db, tmp_path, invoke, probe):
+    """`requests process` (the CLI's immediate path) goes through the same decision."""
+    it = seed(db, subscription_id="sub_3", next_due_date=D + dt.timedelta(days=20))
+    failing = seed(db, subscription_id="sub_4", next_due_date=D + dt.timedelta(days=20))
+    probe.behaviour["CancelSubscription"] = lambda kw: (
+        {"error": "card network down"} if kw["subscription_id"] == "sub_4" else "success")
+    write_hook(tmp_path, "sub.py", recorder("CancelSubscription"))
+    result = invoke("requests", "process", it.request_id, failing.request_id, "--now", "--json")
+    assert result.exit_code == 1, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["completed"], summary["retrying"]) == (1, 1)
+    assert sorted(c.kwargs["subscription_id"] for c in probe.of("CancelSubscription")) == ["sub_3", "sub_4"]
+    assert get(db, Service, it.service_id).status is ServiceStatus.CANCELLED
+    assert get(db, Service, failing.service_id).status is ServiceStatus.ACTIVE
+    assert "card network down" in get(db, CancellationRequest, failing.request_id).last_error
+
+
 def test_hook_AfterModuleTerminate(db, settings, now, tmp_path, probe):
     it = seed(db)
     write_hook(tmp_path, "after.py", recorder("AfterModuleTerminate"))
@@ -527,6 +622,31 @@ def test_hook_ServiceCancelled(db, settings, now, tmp_path, probe):
 
 CRON_POINTS = ("PreCronJob", "PreAutomationTask", "PostAutomationTask", "AfterCronJob", "DailyCronJob",
                "DailyCronJobPreEmail")
+
+
+def test_hook_CreditIssued(db, settings, now, tmp_path, probe):
+    settings.immediate_refund = "credit"
+    # Monthly, paid 24.00 for 2026-11-06..12-06; cancelled 11-26: 10 of 30 days unused -> 8.00.
+    it = seed(db, next_due_date=D + dt.timedelta(days=10), paid=1, type_=RequestType.IMMEDIATE)
+    not_credited = seed(db, type_=RequestType.IMMEDIATE)  # no paid invoice: no credit, no call
+    write_hook(tmp_path, "credit.py", recorder("ServiceCancelled"), recorder("CreditIssued"))
+    summary = run(db, settings, now, load(tmp_path))
+    assert summary.completed == 2
+    call = probe.one("CreditIssued")
+    assert_keys(call, "CreditIssued")
+    kw = call.kwargs
+    assert (kw["request_id"], kw["run_id"], kw["amount"]) == (it.request_id, summary.run_id, Decimal("8.00"))
+    assert kw["idempotency_key"] == f"cancelproc:credit:request:{it.request_id}"
+    credit = kw["credit"]
+    assert (credit["id"], credit["amount"], credit["days_unused"], credit["days_in_period"], credit["period_end"]) == (
+        kw["credit_id"], Decimal("8.00"), 10, 30, D + dt.timedelta(days=10))
+    assert credit["invoice_amount"] == Decimal("24.00") and "8.00" in credit["description"]
+    # After the commit, after ServiceCancelled of the same request.
+    assert (call.seen["request_status"], call.seen["service_status"]) == ("completed", "Cancelled")
+    assert kw["service"]["status"] == "Cancelled" and kw["request"]["status"] == "completed"
+    labels = [(c.label, c.kwargs["request_id"]) for c in probe.calls]
+    assert labels.index(("ServiceCancelled", it.request_id)) < labels.index(("CreditIssued", it.request_id))
+    assert ("ServiceCancelled", not_credited.request_id) in labels
 
 
 def test_hook_PreAutomationTask(db, settings, now, tmp_path, probe):
@@ -920,7 +1040,8 @@ def install_example(tmp_path: Path, name: str) -> HookRegistry:
 
 def test_examples_are_skipped_where_they_ship():
     assert sorted(p.name for p in EXAMPLES.glob("_example_*.py")) == [
-        "_example_notify.py", "_example_terminate_http.py", "_example_veto_balance.py"]
+        "_example_cancel_subscription.py", "_example_notify.py", "_example_terminate_http.py",
+        "_example_veto_balance.py"]
     assert load_hooks(EXAMPLES, entry_points=False).impls() == []
 
 
@@ -996,6 +1117,66 @@ def test_example_terminate_http_loads_and_sends_an_idempotency_key(db, settings,
     assert (request.full_url, request.get_method(), request.get_header("Idempotency-key")) == (
         "http://api.invalid/terminate", "POST", "cancelproc-terminate-42")
     assert json.loads(request.data)["service_external_id"] == "S-7"
+
+
+class _StripeStub(http.server.BaseHTTPRequestHandler):
+    """Stripe's DELETE /v1/subscriptions/{id}, on localhost: records each request; sub_gone
+    is unknown (404), sub_declined is refused (402), any other id is canceled."""
+
+    seen: list[tuple[str, str, str | None, str | None]] = []
+
+    def do_DELETE(self) -> None:  # noqa: N802 - http.server's name
+        self.seen.append((self.command, self.path, self.headers.get("Authorization"),
+                          self.headers.get("Idempotency-Key")))
+        sub = self.path.rsplit("/", 1)[-1]
+        code, body = {"sub_gone": (404, {"error": {"message": "No such subscription: 'sub_gone'"}}),
+                      "sub_declined": (402, {"error": {"message": "Your card was declined."}})}.get(
+            sub, (200, {"id": sub, "object": "subscription", "status": "canceled"}))
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        return None
+
+
+@pytest.fixture
+def stripe_stub() -> Iterator[str]:
+    """A local HTTP server answering as Stripe does; its base URL."""
+    _StripeStub.seen = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StripeStub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_example_cancel_subscription_against_a_local_stripe(db, settings, now, tmp_path, monkeypatch, stripe_stub):
+    hooks = install_example(tmp_path, "cancel_subscription")
+    assert [(i.point, i.source) for i in hooks.impls()] == [("CancelSubscription", "cancel_subscription.py")]
+    monkeypatch.setenv("STRIPE_API_BASE", stripe_stub)
+    monkeypatch.setenv("STRIPE_API_KEY", "sk_test_123")
+    ok_, gone, declined, paypal = (seed(db, subscription_id=s, type_=RequestType.IMMEDIATE)
+                                   for s in ("sub_ok", "sub_gone", "sub_declined", "I-PAYPAL1"))
+    summary = run(db, settings, now, hooks)
+    assert (summary.completed, summary.retrying) == (3, 1)
+    assert sorted(_StripeStub.seen) == sorted(
+        ("DELETE", f"/v1/subscriptions/{sub}", "Bearer sk_test_123", f"cancelproc:cancel-subscription:request:{r}")
+        for sub, r in (("sub_ok", ok_.request_id), ("sub_gone", gone.request_id),
+                       ("sub_declined", declined.request_id)))  # the PayPal id is not Stripe's: not sent
+    assert get(db, Service, paypal.service_id).status is ServiceStatus.CANCELLED
+    error = get(db, CancellationRequest, declined.request_id).last_error
+    assert "Stripe answered HTTP 402 for sub_declined: Your card was declined." in error
+    monkeypatch.delenv("STRIPE_API_KEY")
+    assert "STRIPE_API_KEY is not set" in hooks.impls()[0].fn(
+        subscription_id="sub_x", idempotency_key="k", service={"id": 1})["error"]
 
 
 # --- meta-tests: every point is tested and documented ----------------------------------------

@@ -46,7 +46,7 @@ def test_every_point_declares_a_policy_its_words_agree_with():
         assert isinstance(point.policy, Policy)
         assert point.fails_the_attempt == (point.policy in (Policy.VETO, Policy.FAIL, Policy.ABORT_SEND))
     assert {p.name for p in POINTS.values() if p.policy is Policy.VETO} == {"PreModuleTerminate"}
-    assert {p.name for p in POINTS.values() if p.policy is Policy.FAIL} == {"TerminateAccount"}
+    assert {p.name for p in POINTS.values() if p.policy is Policy.FAIL} == {"TerminateAccount", "CancelSubscription"}
     assert {p.name for p in POINTS.values() if p.policy is Policy.ABORT_SEND} == {"EmailPreSend"}
     assert {p.name for p in POINTS.values() if p.policy is Policy.SUPPRESS} == {"DailyCronJobPreEmail"}
 
@@ -89,6 +89,10 @@ def test_policy_veto():
     ("Connection to server timed out", "returned error: Connection to server timed out"),  # WHMCS's way
     ("Success", "returned error: Success"),  # WHMCS compares exactly; so do we
     (False, "returned False"),
+    # A WHMCS gateway module's answer (CancelSubscription's _cancelSubscription): status error fails.
+    ({"status": "success", "rawdata": "ok"}, None),
+    ({"status": "error", "rawdata": "No such subscription"}, "returned error: No such subscription"),
+    ({"status": "error"}, "returned error: status error"),
 ])
 def test_policy_fail(answer: Any, error: str | None):
     """A WHMCS module answers "success" or an error message: any other string fails the

@@ -143,7 +143,8 @@ def test_the_installed_wheel_inits_imports_runs_and_delivers_by_smtp(installed: 
     assert "ready (schema" in made
     assert (app / "var" / "cancelproc.db").is_file() and (app / "var" / "log").is_dir()
     assert sorted(p.name for p in (app / "hooks").iterdir()) == [
-        "README.md", "_example_notify.py", "_example_terminate_http.py", "_example_veto_balance.py"]
+        "README.md", "_example_cancel_subscription.py", "_example_notify.py", "_example_terminate_http.py",
+        "_example_veto_balance.py"]
     assert "no hooks loaded" in installed.cancelproc(app, "hooks", "list").stdout  # the examples stay disabled
 
     config = app / "config" / "processor.toml"

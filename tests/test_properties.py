@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
+from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from sqlalchemy import delete, select
 
+from processor import credits
 from processor.due import business_today, days_late, due_before_clause, due_clause, effective_date, is_due
 from processor.models import CancellationRequest, Client, Product, RequestStatus, RequestType, Service, ServiceStatus
 from processor.terms import CYCLE_MONTHS, NO_TERMS, Terms, add_months, cycle_months, effective_on
@@ -234,3 +236,69 @@ class RequestLife(RuleBasedStateMachine):
 RequestLife.TestCase.settings = hsettings(max_examples=25, stateful_step_count=15, deadline=None)
 # slow: one of the longest tests; started first (conftest.py), it does not hold up the end of the suite.
 test_the_request_state_machine = pytest.mark.slow(RequestLife.TestCase)
+
+
+# --- credit for unused time (processor/credits.py) --------------------------------------------
+
+CYCLES = st.sampled_from(["Monthly", "Quarterly", "Semi-Annually", "Annually", "Biennially", "Triennially"])
+# Leap days and month ends on purpose: 2028-02-29, 2024-02-29, the 31sts.
+DUE_DATES = st.one_of(DAYS, st.sampled_from([dt.date(2028, 2, 29), dt.date(2024, 2, 29), dt.date(2025, 3, 31),
+                                             dt.date(2028, 3, 31), dt.date(2026, 8, 31), dt.date(2029, 2, 28)]))
+AMOUNTS = st.decimals(min_value=Decimal("0.01"), max_value=Decimal("99999.99"), places=2)
+
+
+@hsettings(max_examples=400, deadline=None)
+@given(cycle=CYCLES, next_due=DUE_DATES, amount=AMOUNTS, offset=st.integers(min_value=-40, max_value=1200))
+def test_proration_credit_and_used_part_add_up_to_the_invoice(cycle, next_due, amount, offset):
+    start, end = credits.period(next_due, cycle)
+    months = credits.CYCLE_MONTHS[cycle.lower()]
+    # The period is one billing cycle: as many months back, the day kept or clamped to the month's end.
+    assert start < end and (end.year * 12 + end.month) - (start.year * 12 + start.month) == months
+    assert start.day == min(end.day, calendar.monthrange(start.year, start.month)[1])
+    days = (end - start).days
+    assert 28 * months <= days <= 31 * months
+    on = start + dt.timedelta(days=offset)
+    paid = credits.PaidInvoice(7, amount)
+    credit = credits.unused_credit(3, paid, next_due, cycle, on)
+    left = min(max((end - on).days, 0), days)
+    if left == 0:  # on or after the period's end: nothing is unused
+        assert credit is None
+        return
+    got = credit.amount if credit is not None else Decimal(0)
+    exact = amount * left / days
+    # To the cent, half to even: never more than half a cent off the exact share, and
+    # the credit plus the used part (rounded the same way) is the invoice, within a cent.
+    assert abs(got - exact) <= Decimal("0.005") and got == got.quantize(Decimal("0.01"))
+    used = credits.prorate(amount, days - left, days)
+    assert abs(got + used - amount) <= Decimal("0.01")
+    assert Decimal(0) <= got <= amount
+    if credit is not None:
+        assert (credit.days_unused, credit.days_in_period, credit.period_start, credit.period_end) == (
+            left, days, start, end)
+    # Monotonic: a day later never gives more back.
+    later = credits.unused_credit(3, paid, next_due, cycle, on + dt.timedelta(days=1))
+    assert (later.amount if later else Decimal(0)) <= got
+
+
+@given(cycle=CYCLES, next_due=DUE_DATES, amount=AMOUNTS)
+def test_cancelling_on_the_first_day_credits_everything_and_nothing_without_a_period(cycle, next_due, amount):
+    start, _ = credits.period(next_due, cycle)
+    paid = credits.PaidInvoice(1, amount)
+    assert credits.unused_credit(1, paid, next_due, cycle, start).amount == amount
+    for no_period in ("Free Account", "One Time", "", None):
+        assert credits.unused_credit(1, paid, next_due, no_period, start) is None
+    assert credits.unused_credit(1, paid, None, cycle, start) is None
+    assert credits.unused_credit(1, None, next_due, cycle, start) is None  # no paid invoice: no credit
+
+
+def test_leap_years_count_their_day():
+    """An annual period over 29 February has 366 days; the day is worth 1/366 of the invoice."""
+    assert credits.period(dt.date(2028, 3, 1), "Annually") == (dt.date(2027, 3, 1), dt.date(2028, 3, 1))
+    credit = credits.unused_credit(1, credits.PaidInvoice(1, Decimal("366.00")), dt.date(2028, 3, 1), "Annually",
+                                   dt.date(2028, 2, 29))
+    assert (credit.amount, credit.days_unused, credit.days_in_period) == (Decimal("1.00"), 1, 366)
+    # A due date on the 31st: the month before ends on its own last day.
+    assert credits.period(dt.date(2028, 3, 31), "Monthly") == (dt.date(2028, 2, 29), dt.date(2028, 3, 31))
+    # Half a cent goes to the even cent.
+    assert credits.prorate(Decimal("0.05"), 1, 2) == Decimal("0.02")
+    assert credits.prorate(Decimal("0.07"), 1, 2) == Decimal("0.04")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 from pathlib import Path
 
 import pytest
@@ -233,5 +234,33 @@ def test_migration_fills_the_effective_date_of_existing_requests_by_the_old_rule
         assert conn.exec_driver_sql("SELECT count(*) FROM cancellation_requests").scalar_one() == len(rows)
     dbmod.upgrade(db)
     assert revision == dbmod.current_revision(db) or dbmod.current_revision(db) == dbmod.head_revision(db)
+
+
+def test_migration_credits_adds_the_table_and_the_audit_action_and_goes_back(db):
+    """The credits migration: at head a credit and a 'credited' audit row can be written;
+    down to the revision before it the table is gone and 'credited' is refused (its audit
+    rows removed, no longer meaningful), up again all is back; SQLite's checks stay OR chains."""
+    # Found by name, not number: the lead may renumber it when merging other migrations.
+    (path,) = (Path(dbmod.__file__).parent / "migrations" / "versions").glob("*_credits.py")
+    module = importlib.import_module(f"processor.migrations.versions.{path.stem}")
+    audit = ("INSERT INTO audit_log (at, actor, entity, entity_id, action, detail) "
+             "VALUES ('2026-11-30 00:00:00', 'test', 'client', 1, '{action}', '')")
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql(audit.format(action="credited"))
+    if db.engine.dialect.name == "sqlite":
+        assert "action = 'import_updated' OR action = 'credited')" in _check_constraints(db)
+    cfg = dbmod._alembic_config(db)
+    with db.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, module.down_revision)
+    with db.engine.connect() as conn:
+        assert "credits" not in sa_inspect(conn).get_table_names()
+        assert conn.exec_driver_sql("SELECT count(*) FROM audit_log").scalar_one() == 0
+    with pytest.raises(IntegrityError), db.engine.begin() as conn:
+        conn.exec_driver_sql(audit.format(action="credited"))
+    dbmod.upgrade(db)
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql(audit.format(action="credited"))
+        assert "credits" in sa_inspect(conn).get_table_names()
     if db.engine.dialect.name == "sqlite":
         assert " IN (" not in _check_constraints(db)

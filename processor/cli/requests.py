@@ -30,6 +30,7 @@ from processor.models import (
     AuditAction,
     AuditEntry,
     CancellationRequest,
+    Credit,
     OutboxEmail,
     RequestStatus,
     RunTrigger,
@@ -213,6 +214,12 @@ def requests_show(app: App, request_id: int, as_json: bool) -> None:
             select(AuditEntry).where(AuditEntry.request_id == request_id).order_by(AuditEntry.id)).all())
         row["emails"] = [email_summary(e) for e in session.scalars(
             select(OutboxEmail).where(OutboxEmail.request_id == request_id).order_by(OutboxEmail.id))]
+        credit = session.scalars(select(Credit).where(Credit.request_id == request_id)).one_or_none()
+        row["credit"] = credit and {
+            "id": credit.id, "amount": credit.amount, "client_id": credit.client_id, "run_id": credit.run_id,
+            "invoice_id": credit.invoice_id, "period_start": credit.period_start, "period_end": credit.period_end,
+            "days_unused": credit.days_unused, "days_in_period": credit.days_in_period,
+            "created_at": credit.created_at}
     row["hook_outcomes"] = hook_outcomes(row["audit"])
     if as_json:
         echo_json(row)
@@ -253,6 +260,11 @@ def _echo_request(row: dict[str, Any]) -> None:
                else f"service     {row['service_id']} no longer exists (deleted outside cancelproc)")
     if client:
         click.echo(f"client      {client['id']} {client['name']} <{client['email'] or '-'}>")
+    credit = row["credit"]
+    if credit:
+        click.echo(f"credit      {credit['amount']} for {credit['days_unused']} of {credit['days_in_period']} days "
+                   f"unused of {credit['period_start']}..{credit['period_end']} (invoice #{credit['invoice_id']}, "
+                   f"credit #{credit['id']})")
     for title, key, columns in (("emails", "emails", ["id", "template", "to", "status", "attempts", "sent_at",
                                                       "last_error"]),
                                 ("hook outcomes", "hook_outcomes", ["at", "run_id", "point", "action", "detail"]),

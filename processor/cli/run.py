@@ -158,6 +158,8 @@ def _echo_preview(runner: Runner, options: RunOptions, as_json: bool) -> int:
         click.echo(f'{{"as_of": "{options.as_of}", "dry_run": true, "requests": [')
     rows: list[dict[str, Any]] = []
     first = True
+    # The credit column only when credits are given (immediate_refund = "credit").
+    columns = PREVIEW_COLUMNS if runner.credits else [c for c in PREVIEW_COLUMNS if c != "credit"]
     for item in runner.preview(options):
         counts[item["action"]] += 1
         if as_json:
@@ -166,13 +168,13 @@ def _echo_preview(runner: Runner, options: RunOptions, as_json: bool) -> int:
         else:
             rows.append(item)
             if len(rows) >= 1000:
-                echo_table(rows, PREVIEW_COLUMNS)
+                echo_table(rows, columns)
                 rows.clear()
     if as_json:
         click.echo(f'], "summary": {dumps(counts)}}}')
     else:
         if rows or not any(counts.values()):
-            echo_table(rows, PREVIEW_COLUMNS, empty="nothing is due")
+            echo_table(rows, columns, empty="nothing is due")
         click.echo(f"dry run as of {options.as_of}: {counts['cancel']} to cancel, {counts['no-op']} no-op, "
                    f"{counts['vetoed']} vetoed, {counts['error']} would fail; nothing was changed")
     return 1 if counts["error"] or counts["vetoed"] else 0

@@ -108,6 +108,13 @@ POINTS: dict[str, HookPoint] = {p.name: p for p in (
               "or raising fails the attempt: nothing is changed, AfterModuleTerminateFailed fires, the "
               "request is retried with backoff",
               Policy.FAIL, whmcs=("params",)),
+    HookPoint("CancelSubscription", (*REQUEST, "subscription_id", "subscriptionID"),
+              "stop the payment gateway's recurring billing of a service that has a `subscription_id`, after "
+              "TerminateAccount, before the cancellation is written; never in --dry-run. `idempotency_key` is "
+              "'cancelproc:cancel-subscription:request:<id>' here, the same on every attempt",
+              "{'error': ...}, WHMCS's gateway answer {'status': 'error', ...}, an error string, False, or "
+              "raising fails the attempt as TerminateAccount does (nothing is changed, retried with backoff)",
+              Policy.FAIL, whmcs=("subscriptionID",)),
     HookPoint("AfterModuleTerminate", REQUEST,
               "the cancellation was committed (service and request dicts show the committed state)",
               "ignored", whmcs=("params",)),
@@ -124,6 +131,11 @@ POINTS: dict[str, HookPoint] = {p.name: p for p in (
               "ignored", whmcs=("invoiceid",)),
     HookPoint("ServiceCancelled", (*REQUEST, "days_late"),
               "after the cancellation is committed (after AfterModuleTerminate and the add-on and invoice hooks)",
+              "ignored"),
+    HookPoint("CreditIssued", (*REQUEST, "credit_id", "credit", "amount"),
+              "a credit for the unused part of a paid period was committed with the cancellation "
+              "(immediate_refund = 'credit'), after ServiceCancelled: book it in the billing system. "
+              "`idempotency_key` is 'cancelproc:credit:request:<id>' here",
               "ignored"),
     HookPoint("PostAutomationTask",
               ("params", "task", "completed", "run_id"),

@@ -269,6 +269,9 @@ def _failure(result: Any) -> tuple[str, str] | None:
         return None if result in ("", "success") else (f"returned error: {result}", result)
     if isinstance(result, dict):
         error = result.get("error")
+        if not error and result.get("status") == "error":
+            # A WHMCS gateway module's answer: {'status': 'error', 'rawdata': ...}.
+            error = result.get("rawdata") or "status error"
         return (f"returned error: {error}", str(error)) if error else None
     return None
 

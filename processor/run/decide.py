@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
+from processor.credits import Credit, PaidInvoice, unused_credit
 from processor.due import business_today, days_late
 from processor.emails import SERVICE_CANCELLATION_CONFIRMATION, Writing
 from processor.errors import InputError, one_line
@@ -30,7 +31,8 @@ from processor.run.outcome import Action, Outcome
 RunFields = Callable[[str | None], tuple[dict[str, Any], Writing]]
 
 # The points that fire for each request: when none has a hook, no request's params are built.
-PER_REQUEST_POINTS = ("PreModuleTerminate", "EmailPreSend", "TerminateAccount", "AfterModuleTerminate",
+PER_REQUEST_POINTS = ("PreModuleTerminate", "EmailPreSend", "TerminateAccount", "CancelSubscription",
+                      "AfterModuleTerminate", "CreditIssued",
                       "AfterModuleTerminateFailed", "AddonCancelled", "InvoiceCancelled", "ServiceCancelled")
 
 
@@ -53,6 +55,7 @@ class Decider:
         self.zone = zone
         # Building a request's hook params costs time; only when some hook will read them.
         self.hooked = any(hooks.has(p) for p in PER_REQUEST_POINTS)
+        self.cancels_subscriptions = hooks.has("CancelSubscription")
 
     def run_fields(self, as_of: dt.date) -> RunFields:
         """Merge fields that are the same for every confirmation of a run in one language."""
@@ -68,9 +71,10 @@ class Decider:
         return fields
 
     def decide(self, row: Any, as_of: dt.date, run_fields: RunFields, run_id: int | None = None,
-               dry_run: bool = False) -> Outcome:
+               dry_run: bool = False, paid: PaidInvoice | None = None) -> Outcome:
         """What to do with one due request (a `params.request_select` row): everything but
-        the database write. Never raises."""
+        the database write. Never raises. `paid`: the service's last paid invoice, given
+        for an Immediate request when immediate_refund is "credit" (else None: no credit)."""
         params = None
         try:
             # Lateness counts from the due date, but never from before the request was made.
@@ -85,31 +89,54 @@ class Decider:
                 if veto is not None:
                     return Outcome(row.id, row.service_id, Action.VETOED, late, row.attempts, error=veto,
                                    params=params)
-            composed = self._compose(row, run_fields, run_id, dry_run)
+            credit = None if paid is None else unused_credit(row.client_id, paid, row.next_due_date,
+                                                             row.billing_cycle, as_of)
+            composed = self._compose(row, run_fields, run_id, dry_run, credit)
             if params is not None and not dry_run:
                 self.hooks.apply("TerminateAccount", params)  # raises HookFailed on an error
+                if self.cancels_subscriptions and row.subscription_id:
+                    # After the deprovisioning: a service still running (TerminateAccount failed)
+                    # keeps being billed until a later attempt has stopped it.
+                    self.hooks.apply("CancelSubscription", subscription_params(params, row.subscription_id))
             return Outcome(row.id, row.service_id, Action.CANCEL, late, row.attempts, composed.email,
                            service_status=row.service_status._value_, params=params,
-                           email_aborted_by=composed.aborted_by)
+                           email_aborted_by=composed.aborted_by, credit=credit)
         except Exception as exc:  # one bad request never stops the others
             message = str(exc) if isinstance(exc, HookFailed) else one_line(exc)
             return Outcome(row.id, row.service_id, Action.ERROR, attempts=row.attempts, error=message, params=params,
                            response=exc.response if isinstance(exc, HookFailed) else message)
 
-    def _compose(self, row: Any, run_fields: RunFields, run_id: int | None, dry_run: bool) -> Composed:
+    def _compose(self, row: Any, run_fields: RunFields, run_id: int | None, dry_run: bool,
+                 credit: Credit | None) -> Composed:
         """The Service Cancellation Confirmation of this request (the service now Cancelled)."""
         common, writing = run_fields(row.language)
+        fields = request_fields(row, common, writing)
+        if credit is not None:
+            fields["credit_amount"] = writing.amount(credit.amount)
         try:
             return self.composer.compose(
                 SERVICE_CANCELLATION_CONFIRMATION,
                 key=email_key(SERVICE_CANCELLATION_CONFIRMATION, "request", row.id), to_address=row.email,
-                fields=request_fields(row, common, writing), language=row.language, request_id=row.id,
+                fields=fields, language=row.language, request_id=row.id,
                 run_id=run_id, dry_run=dry_run)
         except UnsafeEmail as exc:
             if exc.header != "recipient":
                 raise
             raise InputError(f"client of service {row.service_id} has no valid email address ({row.email!r})") \
                 from None
+
+
+def subscription_params(params: dict[str, Any], subscription_id: str) -> dict[str, Any]:
+    """CancelSubscription's params: the request's, its own idempotency key (a gateway keeps
+    its keys per account: not the bare request id another hook may already send it), and
+    WHMCS's gateway-module name of the subscription id."""
+    return {**params, "idempotency_key": subscription_key(params["request_id"]),
+            "subscription_id": subscription_id, "subscriptionID": subscription_id}
+
+
+def subscription_key(request_id: int) -> str:
+    """The same for every attempt of a request, across retries and crashes."""
+    return f"cancelproc:cancel-subscription:request:{request_id}"
 
 
 def orphan_outcome(orphan: Orphan) -> Outcome:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
+from processor.credits import Credit
 from processor.delivery import DeliveryReport
 from processor.models import RunStatus, RunTrigger
 from processor.outbox import QueuedEmail
@@ -54,6 +55,8 @@ class Outcome:
     email_aborted_by: str | None = None  # the EmailPreSend hook that returned abortsend
     addons: Sequence[dict[str, Any]] = ()  # cancelled with it, for AddonCancelled
     invoices: Sequence[dict[str, Any]] = ()  # cancelled with it, for InvoiceCancelled
+    credit: Credit | None = None  # immediate_refund = "credit": the unused part of the paid period
+    credit_id: int | None = None  # the credits row, once written (for CreditIssued)
 
 
 @dataclass

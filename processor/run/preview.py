@@ -13,15 +13,15 @@ from zoneinfo import ZoneInfo
 
 from processor.run.decide import Decider, orphan_outcome
 from processor.run.outcome import Action, RunOptions
-from processor.run.store import Reading, due_chunks
+from processor.run.store import Reading, due_chunks, paid_for
 
 # The preview's columns, in order (the table and each JSON item).
 PREVIEW_COLUMNS = ["request_id", "service_id", "client", "product", "domain", "type", "due_on", "days_late",
-                   "action", "addons", "unpaid_invoices", "email_to", "detail"]
+                   "action", "addons", "unpaid_invoices", "credit", "email_to", "detail"]
 
 
 def preview(reading: Reading, decider: Decider, options: RunOptions, *, now: dt.datetime, chunk_size: int,
-            cancel_unpaid_invoices: bool, zone: ZoneInfo) -> Iterator[dict[str, Any]]:
+            cancel_unpaid_invoices: bool, zone: ZoneInfo, credits: bool = False) -> Iterator[dict[str, Any]]:
     """Each due request as a PREVIEW_COLUMNS dict, then each orphan (which the run would
     fail). `reading()` opens a read-only store for one short transaction."""
     fields = decider.run_fields(options.as_of)
@@ -32,8 +32,9 @@ def preview(reading: Reading, decider: Decider, options: RunOptions, *, now: dt.
         with reading() as store:
             addons = store.open_addons(service_ids)
             invoices = store.unpaid_invoices(service_ids) if cancel_unpaid_invoices else {}
+            paid = store.last_paid(paid_for(rows)) if credits else {}
         for row in rows:
-            o = decider.decide(row, options.as_of, fields, dry_run=True)
+            o = decider.decide(row, options.as_of, fields, dry_run=True, paid=paid.get(row.service_id))
             cancel = o.action is Action.CANCEL
             yield {
                 "request_id": row.id, "service_id": row.service_id,
@@ -43,6 +44,7 @@ def preview(reading: Reading, decider: Decider, options: RunOptions, *, now: dt.
                 "days_late": o.days_late, "action": str(o.action),
                 "addons": ", ".join(addons.get(row.service_id, [])) if cancel else "",
                 "unpaid_invoices": ", ".join(invoices.get(row.service_id, [])) if cancel else "",
+                "credit": o.credit.amount if cancel and o.credit is not None else None,
                 "email_to": o.email.to_address if o.email else "",
                 "detail": o.error or (o.email.subject if o.email else
                                       f"email aborted by {o.email_aborted_by}" if o.email_aborted_by else
@@ -57,4 +59,4 @@ def preview(reading: Reading, decider: Decider, options: RunOptions, *, now: dt.
         o = orphan_outcome(orphan)
         yield {"request_id": o.request_id, "service_id": o.service_id, "client": "", "product": "",
                "domain": "", "type": "", "due_on": None, "days_late": 0, "action": str(Action.ERROR),
-               "addons": "", "unpaid_invoices": "", "email_to": "", "detail": o.error}
+               "addons": "", "unpaid_invoices": "", "credit": None, "email_to": "", "detail": o.error}

@@ -28,6 +28,7 @@ from tenacity import RetryCallState
 
 from processor import lease
 from processor.config import Settings
+from processor.credits import PaidInvoice
 from processor.db import Database, retrying_transaction
 from processor.delivery import Deliverer
 from processor.digest import queue_digest
@@ -41,7 +42,7 @@ from processor.retry import RetryPolicy
 from processor.run.decide import ChunkDecider, Decider, orphan_outcome
 from processor.run.outcome import Action, Outcome, RunOptions, RunSummary, Tally
 from processor.run.preview import preview
-from processor.run.store import RunStore, StoreRules, due_chunks
+from processor.run.store import RunStore, StoreRules, due_chunks, paid_for
 
 # What the hooks after a cancellation's commit see as the new statuses (per request: the
 # plain strings once, not an enum property read each time).
@@ -93,7 +94,10 @@ class Runner:
             retry=RetryPolicy(settings.max_attempts, settings.retry_backoff_minutes,
                               settings.retry_backoff_max_minutes),
             hooked=self.decider.hooked, returning_addons=self.hooks.has("AddonCancelled"),
-            returning_invoices=self.hooks.has("InvoiceCancelled"))
+            returning_invoices=self.hooks.has("InvoiceCancelled"), credits=settings.immediate_refund == "credit")
+        self.credits = self.rules.credits
+        # The chunk in hand's last paid invoices by service (immediate_refund = "credit" only).
+        self._paid: dict[int, PaidInvoice] = {}
         self.log = structlog.get_logger("cancelproc.run")
         self.started_run_id: int | None = None  # set once a run record exists (a failure after it is the run's)
 
@@ -111,7 +115,8 @@ class Runner:
         """--dry-run: what the run would do to each due request. Reads only; no lease."""
         self.check_ready()
         return preview(self._reading, self.decider, options, now=self.clock(), chunk_size=self.settings.chunk_size,
-                       cancel_unpaid_invoices=self.settings.cancel_unpaid_invoices, zone=self.settings.zone)
+                       cancel_unpaid_invoices=self.settings.cancel_unpaid_invoices, zone=self.settings.zone,
+                       credits=self.credits)
 
     def run(self, options: RunOptions, *, helpers: Helpers | None = None) -> RunSummary:
         """Take the lease, apply every due request (with `helpers`, they do the work and this
@@ -196,8 +201,13 @@ class Runner:
         fields = self.decider.run_fields(options.as_of)
         threads = self.settings.hook_concurrency if self.decider.hooked else 1
         with ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
-            decide_all = ChunkDecider(lambda row: self.decider.decide(row, options.as_of, fields, run_id), pool,
-                                      threads)
+            if self.credits:
+                paid = self._paid
+                decide_all = ChunkDecider(lambda row: self.decider.decide(
+                    row, options.as_of, fields, run_id, paid=paid.get(row.service_id)), pool, threads)
+            else:
+                decide_all = ChunkDecider(lambda row: self.decider.decide(row, options.as_of, fields, run_id), pool,
+                                          threads)
             chunks = (self._claimed(options, run_id, decide_all) if self.db.is_postgresql
                       else self._keyset(options, run_id, decide_all))
             for outcomes, tally in chunks:
@@ -213,6 +223,9 @@ class Runner:
         """SQLite: read a chunk (its own short read), decide it, write it (the write claims
         each request again)."""
         for rows in due_chunks(self._reading, options, self.clock(), self.settings.chunk_size):
+            if self.credits:
+                with self._reading() as store:
+                    self._read_paid(store, rows)
             outcomes = decide_all(rows)
             with self._writing() as store:
                 tally = store.write_chunk(outcomes, run_id, options.as_of, self.clock())
@@ -248,9 +261,18 @@ class Runner:
                 rows = store.claim_due(options, run_id, self.clock(), size, wait=wait)
                 if not rows:
                     return None
+                if self.credits:
+                    self._read_paid(store, rows)
                 outcomes = decide_all(rows)
                 tally = store.write_chunk(outcomes, run_id, options.as_of, self.clock())
         return outcomes, tally
+
+    def _read_paid(self, store: RunStore, rows: list[Any]) -> None:
+        """The last paid invoices of the chunk's Immediate requests (immediate_refund =
+        "credit"): one statement per chunk, before its requests are decided, so that the
+        confirmation email can name the credit."""
+        self._paid.clear()
+        self._paid.update(store.last_paid(paid_for(rows)))
 
     def _rolled_back(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -301,6 +323,8 @@ class Runner:
                     apply("InvoiceCancelled", {**params, "invoice_id": invoice["id"], "invoice": invoice,
                                                "invoiceid": invoice["id"]})
                 apply("ServiceCancelled", {**params, "days_late": o.days_late})
+                if o.credit is not None:
+                    apply("CreditIssued", credit_params(params, o))
             elif o.action is Action.ERROR:
                 apply("AfterModuleTerminateFailed", {**o.params, "error": o.error,
                                                      "failureResponseMessage": o.response})
@@ -447,3 +471,10 @@ class Runner:
     def _store(self, open_connection: Callable[[], AbstractContextManager[Any]]) -> Iterator[RunStore]:
         with open_connection() as conn:
             yield RunStore(conn, self.db, self.rules)
+
+
+def credit_params(params: dict[str, Any], o: Outcome) -> dict[str, Any]:
+    """CreditIssued's params: the request's (as committed) and the credit."""
+    assert o.credit is not None
+    return {**params, "idempotency_key": f"cancelproc:credit:request:{o.request_id}", "credit_id": o.credit_id,
+            "credit": {"id": o.credit_id, **o.credit.as_dict()}, "amount": o.credit.amount}

@@ -19,11 +19,12 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import structlog
-from sqlalchemy import Connection, Select, String, case, cast, func, insert, literal, or_, select, update
+from sqlalchemy import Connection, Select, String, bindparam, case, cast, func, insert, literal, or_, select, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, ProgrammingError, StatementError
 from sqlalchemy.orm import Session
 
 from processor import lease
+from processor.credits import PaidInvoice
 from processor.db import Database
 from processor.digest import recorded_failures
 from processor.due import due_clause, ready_clause
@@ -36,10 +37,12 @@ from processor.models import (
     AuditEntry,
     CancellationRequest,
     Client,
+    Credit,
     Invoice,
     InvoiceStatus,
     Product,
     RequestStatus,
+    RequestType,
     Run,
     RunStatus,
     Service,
@@ -70,6 +73,7 @@ class StoreRules:
     hooked: bool  # read the columns the hooks' params need
     returning_addons: bool  # an AddonCancelled hook wants the add-ons cancelled
     returning_invoices: bool  # an InvoiceCancelled hook wants the invoices cancelled
+    credits: bool = False  # immediate_refund = "credit": outcomes may carry a credit to write
 
 
 class RunStore:
@@ -153,6 +157,19 @@ class RunStore:
             found.setdefault(service_id, []).append(f"#{invoice_id} {amount}")
         return found
 
+    def last_paid(self, service_ids: Sequence[int]) -> dict[int, PaidInvoice]:
+        """The last paid invoice of each of these services (latest due date, then highest
+        id): what the period being cut short cost. One statement for the chunk."""
+        if not service_ids:
+            return {}
+        rank = func.row_number().over(partition_by=Invoice.service_id,
+                                      order_by=(Invoice.due_date.desc().nulls_last(), Invoice.id.desc()))
+        ranked = (select(Invoice.service_id, Invoice.id, Invoice.amount, rank.label("n"))
+                  .where(self.db.in_ids(Invoice.service_id, service_ids), Invoice.status == InvoiceStatus.PAID)
+                  .subquery())
+        return {service_id: PaidInvoice(invoice_id, amount) for service_id, invoice_id, amount in self.conn.execute(
+            select(ranked.c.service_id, ranked.c.id, ranked.c.amount).where(ranked.c.n == 1))}
+
     # --- writing a chunk -------------------------------------------------------------------
 
     def write_chunk(self, outcomes: list[Outcome], run_id: int, as_of: dt.date, now: dt.datetime) -> Tally:
@@ -198,6 +215,9 @@ class RunStore:
         audit = _Audit(self.conn, run_id, now)
         if cancels:
             self._cancel_services(audit, cancels, as_of)
+            credited = [o for o in cancels if o.credit is not None] if self.rules.credits else None
+            if credited:
+                self._credit(audit, credited, run_id, now)
             queue(self.conn, [o.email for o in cancels if o.email], run_id=run_id, now=now,
                   from_address=self.rules.from_address)
         self._complete_requests(cancels + noops, run_id, now)
@@ -246,6 +266,32 @@ class RunStore:
                                 self.rules.returning_invoices) if self.rules.cancel_unpaid_invoices else {}
         for o in cancels:
             o.addons, o.invoices = addons.get(o.service_id, ()), invoices.get(o.service_id, ())
+
+    def _credit(self, audit: _Audit, credited: list[Outcome], run_id: int, now: dt.datetime) -> None:
+        """Record each credit, lower its client's balance by it, audit it: in the chunk's
+        transaction, so a credit exists exactly when its cancellation does (a request is
+        credited once: its request_id is unique in credits)."""
+        rows = []
+        for o in credited:
+            c = o.credit
+            assert c is not None
+            rows.append(dict(client_id=c.client_id, service_id=o.service_id, request_id=o.request_id, run_id=run_id,
+                             invoice_id=c.invoice_id, amount=c.amount, period_start=c.period_start,
+                             period_end=c.period_end, days_unused=c.days_unused, days_in_period=c.days_in_period,
+                             created_at=now, description=c.description))
+        written = insert(Credit).returning(Credit.request_id, Credit.id, sort_by_parameter_order=True)
+        ids = {request_id: credit_id for request_id, credit_id in self.conn.execute(written, rows)}
+        totals: dict[int, Any] = {}
+        for o in credited:
+            assert o.credit is not None
+            o.credit_id = ids[o.request_id]
+            totals[o.credit.client_id] = totals.get(o.credit.client_id, 0) + o.credit.amount
+        # Above 0 the client owes money (params' client["balance"]): a credit lowers it.
+        self.conn.execute(update(Client).where(Client.id == bindparam("client")).values(
+            balance=Client.balance - bindparam("credit", type_=Client.balance.type)),
+            [{"client": client_id, "credit": total} for client_id, total in totals.items()])
+        audit.rows([(o.request_id, AuditEntity.CLIENT, o.credit.client_id, AuditAction.CREDITED,
+                     o.credit.description) for o in credited if o.credit is not None])
 
     def _update(self, stmt: Any, columns: tuple[Any, ...], returning: bool) -> dict[int, list[dict[str, Any]]]:
         """Run an UPDATE; with `returning`, the rows it changed by service id."""
@@ -388,6 +434,13 @@ def due_chunks(reading: Reading, options: RunOptions, now: dt.datetime, chunk_si
         after_id = rows[-1].id
         if remaining is not None:
             remaining -= len(rows)
+
+
+def paid_for(rows: list[Any]) -> list[int]:
+    """The services whose last paid invoice a chunk needs: those of its Immediate requests
+    still open (only they can be credited)."""
+    return [row.service_id for row in rows
+            if row.type is RequestType.IMMEDIATE and row.service_status not in CLOSED_SERVICE_STATUSES]
 
 
 def _is_row_error(exc: BaseException) -> bool:
