@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import ColumnElement, and_, or_
+from sqlalchemy import ColumnElement, and_, case, or_
 
 from processor.models import CancellationRequest, RequestType, Service
 
@@ -80,6 +80,16 @@ def due_clause(as_of: dt.date, zone: ZoneInfo) -> ColumnElement[bool]:
             ),
         ),
     )
+
+
+def dated_effective_date() -> ColumnElement[dt.date | None]:
+    """`effective_date` of an End of Billing Period or On Date request, as a SQL expression
+    for a query joining requests to services; NULL for an Immediate one (due at its first
+    run) and for an undated one (due at once). The one place SQL outside the due rule reads
+    a request's effective date (the reminders)."""
+    r, s = CancellationRequest, Service
+    return case((r.type == RequestType.ON_DATE, r.cancel_on),
+                (r.type == RequestType.END_OF_BILLING_PERIOD, s.next_due_date), else_=None)
 
 
 def due_before_clause(day: dt.date, zone: ZoneInfo) -> ColumnElement[bool]:
