@@ -42,7 +42,7 @@ from processor.errors import one_line
 from processor.hooks import HookFailed, HookRegistry
 from processor.models import CancellationRequest, OutboxEmail, Product, RequestStatus, RequestType
 from processor.outbox import Composer, QueuedEmail, UnsafeEmail, email_key, queue, request_fields
-from processor.params import plain_rows, request_params, request_select
+from processor.params import ModuleParams, plain_rows, request_params, request_select
 from processor.run.store import Reading
 
 R = CancellationRequest
@@ -178,9 +178,11 @@ class Reminders:
             fields = request_fields(row, common, writing)
             if self.hooks.has("CancellationReminder"):
                 hook_row = plain_rows([row[:_HOOK_ROW_WIDTH]], True)[0]
+                # As at every per-request point of a run, WHMCS's module parameters ride along as
+                # params["params"], built only if a hook reads them.
                 params = request_params(hook_row, run_id=run_id, as_of=as_of, dry_run=dry_run, fields=fields,
                                         days=reminder.days, days_left=reminder.days_left,
-                                        cancellation_date=reminder.effective_on)
+                                        cancellation_date=reminder.effective_on, params=ModuleParams(hook_row))
                 aborted_by = self.hooks.apply("CancellationReminder", params).stopped_by
                 if aborted_by:
                     return Composed(reminder, aborted_by=aborted_by)
