@@ -3,6 +3,7 @@
 
     python bench/run_bench.py [N] [--chunk-size K] [--hooks] [--skip-delivery] [--smtp] [--keep] [--setup-only]
                               [--profile] [--postgresql] [--workers W] [--io-bound] [--hook-concurrency K]
+                              [--reminders M] [--no-reminders]
 
 1. A temp app root; `python -m processor init` there; then N clients, N services, some
    add-ons and unpaid invoices, and N pending due requests are loaded FAST with stdlib
@@ -37,6 +38,13 @@ workers: their peak RSS is each one's VmHWM (the kernel's own high-water mark) r
 /proc every 50 ms while they live (psutil finds them). The server is stopped and its
 folder removed at the end, also on failure (--setup-only leaves it running, and says how
 to stop it).
+
+--reminders M adds M pending End of Billing Period requests that are not due, taking
+effect 7 days (odd ones) or 1 day (even ones) after today: the run queues a reminder
+(`cancellation_reminder`, the default reminder_days [7, 1]) for each, after the N due
+requests, and the bench checks there are M. The rate stays N / the run's duration, so
+it says what the reminders cost a night. --no-reminders sets reminder_days = [] (the
+run then does no reminder query at all), to compare.
 
 --io-bound (implies --postgresql; N = 2000 by default) adds a hook file whose
 TerminateAccount sleeps 200 ms, as a call to a provisioning API would, runs with the
@@ -108,7 +116,8 @@ def fail(message: str) -> None:
     raise SystemExit(1)
 
 
-def child_env(database_url: str, chunk_size: int | None, hook_concurrency: int | None = None) -> dict[str, str]:
+def child_env(database_url: str, chunk_size: int | None, hook_concurrency: int | None = None,
+              no_reminders: bool = False) -> dict[str, str]:
     # Only our CANCELPROC_* settings: an operator's own must not change what is measured.
     env = {k: v for k, v in os.environ.items() if not k.startswith("CANCELPROC_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
@@ -121,6 +130,8 @@ def child_env(database_url: str, chunk_size: int | None, hook_concurrency: int |
         env["CANCELPROC_CHUNK_SIZE"] = str(chunk_size)
     if hook_concurrency:
         env["CANCELPROC_HOOK_CONCURRENCY"] = str(hook_concurrency)
+    if no_reminders:
+        env["CANCELPROC_REMINDER_DAYS"] = "[]"
     return env
 
 
@@ -164,9 +175,11 @@ def ts(value: dt.datetime) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
-def dataset(n: int, today: dt.date, now: dt.datetime) -> Iterator[tuple[str, tuple[str, ...], Iterator[tuple]]]:
+def dataset(n: int, today: dt.date, now: dt.datetime,
+            reminders: int = 0) -> Iterator[tuple[str, tuple[str, ...], Iterator[tuple]]]:
     """The bench's data, table by table in foreign-key order: (table, columns, rows). The
-    same rows go into SQLite and PostgreSQL (dates, amounts and timestamps as text)."""
+    same rows go into SQLite and PostgreSQL (dates, amounts and timestamps as text).
+    `reminders`: that many more services and requests, not due, each due a reminder tonight."""
     rnd = random.Random(1234)
     yield ("products", ("id", "external_id", "name", "module"),
            ((i, f"P{i}", name, module) for i, (name, module, _, _) in enumerate(PRODUCTS, 1)))
@@ -183,12 +196,14 @@ def dataset(n: int, today: dt.date, now: dt.datetime) -> Iterator[tuple[str, tup
                        "balance"), clients())
 
     def services():
-        for i in range(1, n + 1):
+        for i in range(1, n + reminders + 1):
             p = (i % len(PRODUCTS)) + 1
             _, module, cycle, amount = PRODUCTS[p - 1]
             domain = f"site{i}.example.test" if module in ("cpanel", None) else f"host{i}.example.test"
             due = today - dt.timedelta(days=i % 30)  # due today or up to 29 days ago: all due
-            yield (i, f"S{i}", i, p, domain, "Active", cycle, amount, due.isoformat(), None)
+            if i > n:  # --reminders: a week or a day ahead, a reminder due tonight
+                due = today + dt.timedelta(days=7 if i % 2 else 1)
+            yield (i, f"S{i}", (i - 1) % n + 1, p, domain, "Active", cycle, amount, due.isoformat(), None)
 
     yield ("services", ("id", "external_id", "client_id", "product_id", "domain", "status", "billing_cycle",
                         "amount", "next_due_date", "termination_date"), services())
@@ -208,9 +223,9 @@ def dataset(n: int, today: dt.date, now: dt.datetime) -> Iterator[tuple[str, tup
     yield ("invoices", ("id", "external_id", "service_id", "amount", "status", "due_date"), invoices())
 
     def requests():
-        for i in range(1, n + 1):
+        for i in range(1, n + reminders + 1):
             code, text = REASONS[rnd.randrange(len(REASONS))]
-            kind = "Immediate" if i % 10 == 0 else "End of Billing Period"
+            kind = "Immediate" if i % 10 == 0 and i <= n else "End of Billing Period"
             created = now - dt.timedelta(days=30 + i % 15, seconds=rnd.randrange(86_400))
             # As `requests create` stores it: Immediate the day it was made (UTC), End of Billing
             # Period its service's next due date (never before the day it was made).
@@ -229,13 +244,13 @@ def dataset(n: int, today: dt.date, now: dt.datetime) -> Iterator[tuple[str, tup
 LOADED = ("clients", "products", "services", "service_addons", "invoices", "cancellation_requests")
 
 
-def load(db_path: Path, n: int, today: dt.date, now: dt.datetime) -> dict[str, int]:
+def load(db_path: Path, n: int, today: dt.date, now: dt.datetime, reminders: int = 0) -> dict[str, int]:
     """Fill the migrated database with realistic data, in this process (not a child)."""
     db = sqlite3.connect(db_path, isolation_level=None)
     db.execute("PRAGMA synchronous=OFF")
     db.execute("PRAGMA foreign_keys=OFF")
     db.execute("BEGIN")
-    for table, columns, rows in dataset(n, today, now):
+    for table, columns, rows in dataset(n, today, now, reminders):
         db.executemany(f"INSERT INTO {table}({', '.join(columns)}) VALUES ({','.join('?' * len(columns))})", rows)
     db.execute("COMMIT")
     db.execute("ANALYZE")
@@ -245,12 +260,12 @@ def load(db_path: Path, n: int, today: dt.date, now: dt.datetime) -> dict[str, i
     return counts
 
 
-def load_postgresql(dsn: str, n: int, today: dt.date, now: dt.datetime) -> dict[str, int]:
+def load_postgresql(dsn: str, n: int, today: dt.date, now: dt.datetime, reminders: int = 0) -> dict[str, int]:
     """The same data into PostgreSQL with COPY, one transaction, in this process (not a child)."""
     import psycopg
 
     with psycopg.connect(dsn) as conn, conn.cursor() as cur:  # commits at the end of the block
-        for table, columns, rows in dataset(n, today, now):
+        for table, columns, rows in dataset(n, today, now, reminders):
             with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
@@ -388,8 +403,9 @@ def _seconds(started: Any, finished: Any) -> float:
     return (finished - started).total_seconds()
 
 
-def verify(connect: Callable[[], Any], n: int) -> float:
-    """N completed requests and N outbox rows, or fail. Returns the run's own duration in seconds."""
+def verify(connect: Callable[[], Any], n: int, reminders: int = 0) -> float:
+    """N completed requests and N outbox rows (and `reminders` reminders), or fail. Returns
+    the run's own duration in seconds."""
     db = connect()
     try:
         runs = db.execute("SELECT id, status, started_at, finished_at, due, completed, error FROM runs"
@@ -403,9 +419,12 @@ def verify(connect: Callable[[], Any], n: int) -> float:
         outbox = db.execute("SELECT count(*) FROM email_outbox"
                             " WHERE template = 'service_cancellation_confirmation'").fetchone()[0]
         cancelled = db.execute("SELECT count(*) FROM services WHERE status = 'Cancelled'").fetchone()[0]
-        problems = [f"{what}: {got:,} (expected {n:,})" for what, got in
-                    (("completed requests", done), ("outbox rows", outbox), ("cancelled services", cancelled),
-                     ("run.due", due), ("run.completed", completed)) if got != n]
+        reminded = db.execute("SELECT count(*) FROM email_outbox"
+                              " WHERE template = 'cancellation_reminder'").fetchone()[0]
+        problems = [f"{what}: {got:,} (expected {expected:,})" for what, got, expected in
+                    (("completed requests", done, n), ("outbox rows", outbox, n), ("cancelled services", cancelled, n),
+                     ("run.due", due, n), ("run.completed", completed, n), ("reminders", reminded, reminders))
+                    if got != expected]
         if problems:
             fail("; ".join(problems))
         return _seconds(started, finished)
@@ -560,6 +579,10 @@ def main() -> None:
                              f"by default; target: wall < {TARGET_IO_WALL_S} s; no floor (implies --postgresql)")
     parser.add_argument("--hook-concurrency", type=int, metavar="K",
                         help="CANCELPROC_HOOK_CONCURRENCY for the run (default: the setting's)")
+    parser.add_argument("--reminders", type=int, metavar="M", default=0,
+                        help="add M pending requests a week or a day ahead: a reminder due for each tonight")
+    parser.add_argument("--no-reminders", action="store_true",
+                        help="reminder_days = [] for the run (no reminder query at all)")
     args = parser.parse_args()
     postgresql = args.postgresql or args.io_bound
     n = args.n if args.n is not None else (IO_BOUND_N if args.io_bound else 100_000)
@@ -571,6 +594,10 @@ def main() -> None:
         parser.error("--workers needs --postgresql (parallel workers need PostgreSQL)")
     if args.hook_concurrency is not None and args.hook_concurrency < 1:
         parser.error("--hook-concurrency must be at least 1")
+    if args.reminders < 0 or (args.reminders and args.no_reminders):
+        parser.error("--reminders M needs M >= 0, and reminders on (not --no-reminders)")
+    if args.reminders and not args.skip_delivery:
+        parser.error("--reminders needs --skip-delivery (the delivery check counts the confirmations only)")
     workers = args.workers or 1
     keep = args.keep or args.setup_only
 
@@ -595,7 +622,7 @@ def main() -> None:
 
             def connect() -> Any:
                 return sqlite3.connect(db_path)
-        env = child_env(database_url, args.chunk_size, args.hook_concurrency)
+        env = child_env(database_url, args.chunk_size, args.hook_concurrency, args.no_reminders)
         hook_files = {}
         if args.hooks:
             hook_files["trivial.py"] = TRIVIAL_HOOKS
@@ -613,7 +640,8 @@ def main() -> None:
 
         now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
         t0 = time.perf_counter()
-        counts = load_postgresql(dsn, n, now.date(), now) if postgresql else load(db_path, n, now.date(), now)
+        counts = (load_postgresql(dsn, n, now.date(), now, args.reminders) if postgresql
+                  else load(db_path, n, now.date(), now, args.reminders))
         load_s = time.perf_counter() - t0
         print(f"loaded in {load_s:.1f}s: " + ", ".join(f"{v:,} {k}" for k, v in counts.items()))
         run_command = ("run", "--trigger", "manual") + (("--workers", str(workers)) if workers > 1 else ())
@@ -644,7 +672,7 @@ def main() -> None:
         code, wall, rss, out, err, peaks = run_processor(root, env, profile, run_command, tree=workers > 1)
         if code != 0:
             fail(f"`processor run` exited {code}:\n{out}{err}")
-        run_s = verify(connect, n)
+        run_s = verify(connect, n, args.reminders)
         if args.io_bound:
             calls = calls_file.stat().st_size if calls_file.exists() else 0
             if calls < n:
@@ -678,6 +706,8 @@ def main() -> None:
         else:
             print(f"N: {n:,}" + (f" (chunk size {args.chunk_size})" if args.chunk_size else "")
                   + (" with a trivial hook on every point" if args.hooks else "")
+                  + (f", {args.reminders:,} reminders queued too" if args.reminders else "")
+                  + (", reminder_days = []" if args.no_reminders else "")
                   + (" [under cProfile]" if profile else ""))
         print(f"processor: {n:,} requests in {run_s:.3f}s (run record) = {rate:,.0f} requests/s")
         print(f"processor wall clock incl. process start: {wall:.3f}s = {wall_rate:,.0f} requests/s")

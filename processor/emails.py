@@ -63,12 +63,14 @@ REQUEST_CONFIRMATION = "cancellation_request_confirmation"  # client, when a req
 NEW_REQUEST = "new_cancellation_request"  # staff, when a request is made
 SERVICE_CANCELLATION_CONFIRMATION = "service_cancellation_confirmation"  # client, when done
 REQUEST_WITHDRAWN = "cancellation_request_withdrawn"  # client, when staff withdraw the request
+CANCELLATION_REMINDER = "cancellation_reminder"  # client, reminder_days before the cancellation takes effect
 CRON_JOB_ACTIVITY = "cron_job_activity"  # staff digest after each run
 TEMPLATES = {
     REQUEST_CONFIRMATION: "Cancellation Request Confirmation",
     NEW_REQUEST: "New Cancellation Request",
     SERVICE_CANCELLATION_CONFIRMATION: "Service Cancellation Confirmation",
     REQUEST_WITHDRAWN: "Cancellation Request Withdrawn",
+    CANCELLATION_REMINDER: "Cancellation Reminder",
     CRON_JOB_ACTIVITY: "Cron Job Activity",
 }
 DEFAULT_LANGUAGE = "en"
@@ -414,6 +416,8 @@ def sample_fields(name: str, company_name: str, signature: str) -> dict[str, Any
                   **SAMPLE_URLS)
     if name == CRON_JOB_ACTIVITY:
         return {**common, **SAMPLE_DIGEST}
+    if name == CANCELLATION_REMINDER:
+        return {**common, **SAMPLE_REQUEST, **SAMPLE_REMINDER}
     return {**common, **SAMPLE_REQUEST}
 
 
@@ -448,6 +452,9 @@ SAMPLE_REQUEST: dict[str, Any] = dict(
     service_is_immediate_cancellation=False,
     credit_amount=format_amount(Decimal("4.84")),  # a credit, so that its sentence is checked too
 )
+
+# What a reminder adds to a request's fields (outbox.reminder_fields).
+SAMPLE_REMINDER: dict[str, Any] = dict(reminder_days=7, days_until_cancellation=7)
 
 SAMPLE_DIGEST: dict[str, Any] = dict(
     dict.fromkeys((*Run.COUNTS, "skipped"), 0),  # every count a template may name; the sample's below

@@ -18,6 +18,7 @@ from processor.config import EmailSettings, Settings
 from processor.db import insert_rows
 from processor.due import business_today
 from processor.emails import (
+    CANCELLATION_REMINDER,
     CRON_JOB_ACTIVITY,
     DEFAULT_SIGNATURES,
     NEW_REQUEST,
@@ -276,16 +277,19 @@ def preview_request_email(session: Session, template: str, request_id: int, *, c
     applied_on: dt.date | None
     if template == SERVICE_CANCELLATION_CONFIRMATION:  # as the run sends it: cancelled today
         date, applied_on, status = today, today, "Cancelled"
-    elif template == REQUEST_WITHDRAWN:  # as sent when withdrawn today
+    elif template in (REQUEST_WITHDRAWN, CANCELLATION_REMINDER):  # as sent today
         date, status = today, None
         applied_on = row.effective_date
     else:  # as sent when the request was made
         date = business_today(row.created_at, settings.zone)
         applied_on, status = row.effective_date, None
     to_address = settings.email.staff_address if template == NEW_REQUEST else row.email
-    more = {"service_status": status} if status else {}
+    more: dict[str, Any] = {"service_status": status} if status else {}
     if template != SERVICE_CANCELLATION_CONFIRMATION:
         more.update(_deferred(row, business_today(row.created_at, settings.zone)))
+    if template == CANCELLATION_REMINDER:  # as if today were its day (0 for an undated or past date)
+        left = max(0, (applied_on - today).days) if applied_on else 0
+        more.update(reminder_days=left, days_until_cancellation=left)
     lang = None if template == NEW_REQUEST else lang
     writing = composer.writing(template, lang)
     fields = request_fields(row, composer.common_fields(date, writing.language, cancellation_date=applied_on, **more),

@@ -343,7 +343,8 @@ def test_run_json_counts_match_the_database(invoke: Invoke, seeded: Database) ->
 def test_dry_run_changes_nothing(invoke: Invoke, seeded: Database) -> None:
     before = snapshot(seeded)
     result = ok(invoke("run", "--dry-run"))
-    assert ("dry run as of 2026-11-26: 3 to cancel, 1 no-op, 0 vetoed, 0 would fail; nothing was changed"
+    assert ("dry run as of 2026-11-26: 3 to cancel, 1 no-op, 0 vetoed, 0 would fail, 0 reminders to queue; "
+            "nothing was changed"
             in result.stdout)
     assert "Daily Backups" in result.stdout and "alice@example.test" in result.stdout
     assert snapshot(seeded) == before
@@ -352,7 +353,7 @@ def test_dry_run_changes_nothing(invoke: Invoke, seeded: Database) -> None:
     preview = as_json(json_result)
     assert snapshot(seeded) == before
     assert preview["dry_run"] is True and preview["as_of"] == "2026-11-26"
-    assert preview["summary"] == {"cancel": 3, "no-op": 1, "vetoed": 0, "error": 0}
+    assert preview["summary"] == {"cancel": 3, "no-op": 1, "vetoed": 0, "error": 0, "remind": 0}
 
 
 def test_dry_run_json_matches_what_the_real_run_does(invoke: Invoke, seeded: Database) -> None:
@@ -388,7 +389,8 @@ def test_dry_run_with_nothing_due(invoke: Invoke, db: Database) -> None:
     result = ok(invoke("run", "--dry-run"))
     assert "nothing is due" in result.stdout
     preview = as_json(invoke("run", "--dry-run", "--json"))
-    assert preview["requests"] == [] and preview["summary"] == {"cancel": 0, "no-op": 0, "vetoed": 0, "error": 0}
+    assert preview["requests"] == [] and preview["summary"] == {"cancel": 0, "no-op": 0, "vetoed": 0, "error": 0,
+                                                                  "remind": 0}
 
 
 def test_run_limit(invoke: Invoke, seeded: Database) -> None:

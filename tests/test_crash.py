@@ -592,3 +592,90 @@ def test_two_runs_at_once(tmp_path: Path) -> None:
             pytest.fail(f"round {n}: exit codes {codes}, expected 0 and 75 (or 0 and 0): {errors}")
     print(f"exit codes per round: {outcomes}")
     assert outcomes[0] == [0, EXIT_LEASE_HELD], f"the held run did not keep the other out: {outcomes}"
+
+
+# --------------------------------------------------------------------------- reminders (issue 14, item 2)
+
+
+# A CancellationReminder hook that lets HOOKTEST_HOLD_AT - 1 reminders through, then says it
+# was reached and waits to be killed: a kill in the middle of the reminders, after some of
+# their chunks committed and with one in flight, whatever the machine's speed.
+HOLD_AT_REMINDER = """import os, time
+from pathlib import Path
+from processor.hooks import add_hook
+
+CALLS = []
+
+@add_hook("CancellationReminder")
+def hold(request_id):
+    CALLS.append(request_id)
+    if len(CALLS) >= int(os.environ["HOOKTEST_HOLD_AT"]):
+        Path(os.environ["HOOKTEST_REACHED"]).write_text(str(request_id))
+        while True:
+            time.sleep(1)
+"""
+
+REMINDER = "cancellation_reminder"
+
+
+@pytest.mark.slow
+def test_kill_9_during_reminders_queues_each_exactly_once(tmp_path: Path) -> None:
+    """Runs killed with SIGKILL in the middle of their reminders (held by a hook after one
+    chunk and a half), twice; then a run does the rest. Each reminder due is queued
+    exactly once, with its key; the killed runs' committed chunks stay."""
+    app_root = tmp_path / "app"
+    db_path, data = make_database(app_root, n_requests=600, not_due_every=2, seed=SEED + 14)
+    today = utc_today()
+    # The not-due requests take effect 1 to 7 days from today; made 20 days ago (before
+    # every reminder day): 1 day ahead gets the 1-day reminder, the others the 7-day one.
+    ahead = {rid: 1 + rid % 7 for rid in data.not_due_requests}
+    con = sqlite3.connect(db_path)
+    try:
+        with con:
+            created = (dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(days=20))
+            con.execute("UPDATE cancellation_requests SET created_at = ?",
+                        (created.strftime("%Y-%m-%d %H:%M:%S.%f"),))
+            for rid, days in ahead.items():  # service id == request id
+                effective = (today + dt.timedelta(days=days)).isoformat()
+                con.execute("UPDATE services SET next_due_date = ? WHERE id = ?", (effective, rid))
+                con.execute("UPDATE cancellation_requests SET cancel_on = ? WHERE id = ? AND type = 'On Date'",
+                            (effective, rid))
+    finally:
+        con.close()
+    expected = {f"{REMINDER}:request:{rid}:{1 if days == 1 else 7}" for rid, days in ahead.items()}
+    assert len(expected) == 300
+    hooks = tmp_path / "hold"
+    hooks.mkdir()
+    (hooks / "hold_at_reminder.py").write_text(HOLD_AT_REMINDER)
+
+    def reminder_keys() -> list[str]:
+        return [k for (k,) in query(db_path, 'SELECT "key" FROM email_outbox WHERE template = ?', REMINDER)]
+
+    for kill in range(2):
+        reached = tmp_path / f"reached-{kill}"
+        proc = start(app_root, db_path, "run", "--trigger", "cron", CANCELPROC_HOOKS_DIR=str(hooks),
+                     HOOKTEST_REACHED=str(reached), HOOKTEST_HOLD_AT=str(CHUNK_SIZE + CHUNK_SIZE // 2))
+        try:
+            wait_for_file(reached, proc)
+            assert reached.exists(), f"the run never reached its reminders: {proc.communicate(timeout=60)}"
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL
+        # Its first chunk of reminders committed, the one in flight did not.
+        assert len(reminder_keys()) == CHUNK_SIZE * (kill + 1)
+    assert completed_count(db_path) == len(data.due_requests)  # the due ones went in the first run
+
+    final = cli(app_root, db_path, "run", "--trigger", "cron")
+    assert final.returncode == 0, final.stderr
+    again = cli(app_root, db_path, "run", "--trigger", "cron")  # the same night again: nothing more
+    assert again.returncode == 0, again.stderr
+    keys = reminder_keys()
+    assert len(keys) == len(set(keys)) == 300, "a reminder was queued twice (or lost)"
+    assert set(keys) == expected
+    # Each belongs to the run that committed it; the killed runs are abandoned.
+    runs = query(db_path, "SELECT id, status FROM runs ORDER BY id")
+    assert [s for _, s in runs] == ["abandoned", "abandoned", "completed", "completed"], runs
+    per_run = dict(query(db_path, "SELECT run_id, count(*) FROM email_outbox WHERE template = ? GROUP BY 1",
+                         REMINDER))
+    assert per_run == {runs[0][0]: CHUNK_SIZE, runs[1][0]: CHUNK_SIZE, runs[2][0]: 300 - 2 * CHUNK_SIZE}

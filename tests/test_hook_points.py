@@ -421,6 +421,37 @@ def test_hook_EmailPreSend_abortsend_queues_nothing_and_is_recorded(db, settings
     assert f"mail.py:{line_of(path, 'EmailPreSend')}" in row[2] and "abortsend" in row[2]
 
 
+def test_hook_CancellationReminder(db, settings, now, tmp_path, probe):
+    it = seed(db, next_due_date=D + dt.timedelta(days=7))  # a week ahead: the 7-day reminder
+    probe.behaviour["CancellationReminder"] = lambda kw: {"retention_offer": "20% off"}
+    write_hook(tmp_path, "remind.py", recorder("PreModuleTerminate"), recorder("CancellationReminder"),
+               recorder("EmailPreSend"))
+    summary = run(db, settings, now, load(tmp_path))
+    assert probe.labels() == ["CancellationReminder", "EmailPreSend"]  # not due: no PreModuleTerminate
+    call = probe.one("CancellationReminder")
+    assert_keys(call, "CancellationReminder")
+    assert_run_request_params(call, it, summary.run_id)
+    kw = call.kwargs
+    assert (kw["days"], kw["days_left"], kw["cancellation_date"]) == (7, 7, D + dt.timedelta(days=7))
+    assert (kw["fields"]["reminder_days"], kw["fields"]["service_cancellation_date"]) == (7, "December 3, 2026")
+    assert call.seen["emails"] == 0 and call.seen["request_status"] == "pending"  # before it is queued
+    mail = probe.one("EmailPreSend").kwargs
+    assert (mail["template"], mail["fields"]["retention_offer"]) == ("cancellation_reminder", "20% off")
+    assert [e.key for e in emails(db)] == [f"cancellation_reminder:request:{it.request_id}:7"]
+    assert summary.reminders_queued == 1
+
+
+def test_hook_CancellationReminder_abortsend_in_a_dry_run(db, settings, now, tmp_path, probe):
+    seed(db, next_due_date=D + dt.timedelta(days=1))
+    probe.behaviour["CancellationReminder"] = {"abortsend": True}
+    write_hook(tmp_path, "remind.py", recorder("CancellationReminder"), recorder("EmailPreSend"))
+    (item,) = preview(db, settings, now, load(tmp_path))
+    assert (item["action"], item["email_to"]) == ("remind", "")
+    assert item["detail"].startswith("1-day reminder aborted by on_CancellationReminder (remind.py:")
+    assert probe.labels() == ["CancellationReminder"] and probe.one("CancellationReminder").kwargs["dry_run"]
+    assert emails(db) == []
+
+
 def test_hook_TerminateAccount(db, settings, now, tmp_path, probe):
     it = seed(db, addons=1, unpaid=1)
     write_hook(tmp_path, "term.py", recorder("TerminateAccount"))

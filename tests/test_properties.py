@@ -135,7 +135,8 @@ from processor import cancellations  # noqa: E402
 from processor.config import Settings  # noqa: E402
 from processor.db import open_database, upgrade  # noqa: E402
 from processor.errors import CancelprocError  # noqa: E402
-from processor.models import AuditEntry, OutboxEmail  # noqa: E402
+from processor.models import AuditEntry, EmailStatus, OutboxEmail  # noqa: E402
+from processor.outbox import withdraw_queued_emails  # noqa: E402
 from processor.run import Runner, RunOptions  # noqa: E402
 from tests import factories  # noqa: E402
 
@@ -150,7 +151,8 @@ class RequestLife(RuleBasedStateMachine):
         super().__init__()
         folder = Path(tempfile.mkdtemp())
         self.settings = Settings(database_url=f"sqlite:///{folder / 'c.db'}", app_root=folder,
-                                 email={"staff_address": ""}, retry_backoff_minutes=0)
+                                 email={"staff_address": ""}, retry_backoff_minutes=0,
+                                 reminder_days=[3, 1])
         self.db = open_database(self.settings.database_url, create=True)
         upgrade(self.db)
         self.now = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC)
@@ -160,6 +162,9 @@ class RequestLife(RuleBasedStateMachine):
             # One client with no usable address: its requests fail and are retried.
             self.services.append(factories.service(s, email="").id)
         self.requests: list[int] = []
+        # The reminder keys of each request not pending, as first seen so: they must not grow.
+        self.reminders_when_closed: dict[int, set[str]] = {}
+        self.withdrawn_at_the_cli: set[int] = set()
 
     def teardown(self) -> None:
         self.db.dispose()
@@ -203,6 +208,18 @@ class RequestLife(RuleBasedStateMachine):
         Runner(self.db, self.settings, clock=lambda: self.now).run(
             RunOptions(as_of=self.now.date(), request_ids=[request_id], ignore_due_date=True, digest=False))
 
+    @precondition(lambda self: self.requests)
+    @rule(data=st.data())
+    def withdraw_at_the_cli(self, data) -> None:
+        """As `requests withdraw` does it: with the request's queued emails (a reminder too)."""
+        request_id = data.draw(st.sampled_from(self.requests))
+
+        def both(s, request_id, *, actor, now):
+            cancellations.withdraw_request(s, request_id, actor=actor, now=now)
+            withdraw_queued_emails(s, request_id, actor=actor, now=now)
+            self.withdrawn_at_the_cli.add(request_id)
+        self._staff(both, request_id)
+
     @rule(days=st.integers(0, 3))
     def nightly_run(self, days: int) -> None:
         self.now += dt.timedelta(days=days)
@@ -231,6 +248,33 @@ class RequestLife(RuleBasedStateMachine):
                 assert s.scalar(select(func.count()).select_from(AuditEntry).where(
                     AuditEntry.entity == "service", AuditEntry.entity_id == service_id,
                     AuditEntry.action == "cancelled")) <= 1
+
+
+    @invariant()
+    def reminders_once_and_only_while_pending(self) -> None:
+        """At most one reminder per request and reminder_days entry; none queued once the
+        request left pending (withdrawn, completed, failed), none for a withdrawn request
+        left queued by `requests withdraw`."""
+        with self.db.read_session() as s:
+            reminders = s.execute(select(OutboxEmail.request_id, OutboxEmail.key, OutboxEmail.status).where(
+                OutboxEmail.template == "cancellation_reminder")).all()
+            status = dict(s.execute(select(CancellationRequest.id, CancellationRequest.status)).all())
+        by_request: dict[int, set[str]] = {}
+        for request_id, key, _ in reminders:
+            assert key.startswith(f"cancellation_reminder:request:{request_id}:"), key
+            assert key not in by_request.get(request_id, set()), f"reminder {key} queued twice"
+            by_request.setdefault(request_id, set()).add(key)
+            assert int(key.rsplit(":", 1)[1]) in self.settings.reminder_days, key
+        for request_id, state in status.items():
+            keys = by_request.get(request_id, set())
+            if state is RequestStatus.PENDING:
+                self.reminders_when_closed.pop(request_id, None)  # retried: pending again
+                continue
+            first_seen = self.reminders_when_closed.setdefault(request_id, keys)
+            assert keys == first_seen, f"request {request_id} ({state}) got reminders after it left pending"
+        queued_withdrawn = [(rid, key) for rid, key, email_status in reminders if email_status is EmailStatus.QUEUED
+                            and status[rid] is RequestStatus.WITHDRAWN and rid in self.withdrawn_at_the_cli]
+        assert not queued_withdrawn, f"a withdrawn request's reminder is still queued: {queued_withdrawn}"
 
 
 RequestLife.TestCase.settings = hsettings(max_examples=25, stateful_step_count=15, deadline=None)

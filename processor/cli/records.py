@@ -30,6 +30,7 @@ from processor.cli.output import (
 )
 from processor.cli.requests import email_summary
 from processor.digest import failure_entries
+from processor.emails import CANCELLATION_REMINDER
 from processor.errors import (
     CancelprocError,
     InputError,
@@ -106,6 +107,9 @@ def runs_show(app: App, run_ref: int | str, as_json: bool) -> None:
             if run_obj is None:
                 raise NotFound(f"run {run_ref} not found")
         row = _run_row(run_obj)
+        # The reminders it queued: outbox rows of the run (reminders.py), not a column of it.
+        row["reminders_queued"] = session.scalar(select(func.count()).select_from(OutboxEmail).where(
+            OutboxEmail.run_id == run_obj.id, OutboxEmail.template == CANCELLATION_REMINDER))
         row["failures"] = audit_rows(session.scalars(
             select(AuditEntry).where(failure_entries(run_obj.id)).order_by(AuditEntry.id)).all())
         row["late_requests"] = [
@@ -117,7 +121,7 @@ def runs_show(app: App, run_ref: int | str, as_json: bool) -> None:
     if as_json:
         echo_json(row)
         return
-    echo_fields([(k, row[k]) for k in _run_row(run_obj)])
+    echo_fields([(k, row[k]) for k in (*_run_row(run_obj), "reminders_queued")])
     if row["late_requests"]:
         click.echo("latest applied (catch-up):")
         echo_table(row["late_requests"], ["request_id", "service_id", "days_late"])

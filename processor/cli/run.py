@@ -28,7 +28,7 @@ from processor.errors import (
 from processor.models import (
     RunTrigger,
 )
-from processor.run import PREVIEW_COLUMNS, Runner, RunOptions, RunStopped, RunSummary
+from processor.run import PREVIEW_COLUMNS, REMIND, Runner, RunOptions, RunStopped, RunSummary
 from processor.scheduler import nightly, serve
 from processor.workers import WorkerProcesses
 
@@ -109,6 +109,9 @@ def echo_summary(summary: RunSummary) -> None:
         ("failed, will retry", summary.retrying), ("vetoed by a hook", summary.vetoed),
         ("failed for good", summary.failed),
         ("skipped (done elsewhere)", summary.skipped), ("emails queued", summary.emails_queued),
+        ("reminders queued", f"{summary.reminders_queued} ({summary.reminders_aborted} aborted by a hook, "
+                             f"{summary.reminders_failed} failed)"
+                             if summary.reminders_aborted or summary.reminders_failed else summary.reminders_queued),
         ("emails sent", summary.emails_sent),
         ("emails not sent", f"{summary.emails_retrying} will retry, {summary.emails_failed} failed for good, "
                             f"{summary.emails_still_queued} still queued"
@@ -153,7 +156,7 @@ def _run_with_progress(runner: Runner, options: RunOptions, show_progress: bool)
 
 def _echo_preview(runner: Runner, options: RunOptions, as_json: bool) -> int:
     """--dry-run: what the run would do, changing nothing. Streams, so memory stays flat."""
-    counts = {"cancel": 0, "no-op": 0, "vetoed": 0, "error": 0}
+    counts = {"cancel": 0, "no-op": 0, "vetoed": 0, "error": 0, REMIND: 0}
     if as_json:
         click.echo(f'{{"as_of": "{options.as_of}", "dry_run": true, "requests": [')
     rows: list[dict[str, Any]] = []
@@ -176,7 +179,8 @@ def _echo_preview(runner: Runner, options: RunOptions, as_json: bool) -> int:
         if rows or not any(counts.values()):
             echo_table(rows, columns, empty="nothing is due")
         click.echo(f"dry run as of {options.as_of}: {counts['cancel']} to cancel, {counts['no-op']} no-op, "
-                   f"{counts['vetoed']} vetoed, {counts['error']} would fail; nothing was changed")
+                   f"{counts['vetoed']} vetoed, {counts['error']} would fail, {counts[REMIND]} reminders to queue; "
+                   "nothing was changed")
     return 1 if counts["error"] or counts["vetoed"] else 0
 
 

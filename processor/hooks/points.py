@@ -102,6 +102,14 @@ POINTS: dict[str, HookPoint] = {p.name: p for p in (
               "request, the staff digest (`template` says which)",
               "a dict: its keys become merge fields; {'abortsend': True} queues no email (recorded)",
               Policy.ABORT_SEND, whmcs=("messagename", "relid", "mergefields")),
+    HookPoint("CancellationReminder",
+              (*REQUEST, "fields", "days", "days_left", "cancellation_date"),
+              "a run is about to queue a reminder (email cancellation_reminder) for a pending request that "
+              "takes effect `days_left` days after `as_of` (`days`: the reminder_days entry it is for); also "
+              "in --dry-run; before EmailPreSend",
+              "a dict: its keys become merge fields; {'abortsend': True} queues no reminder tonight (logged; "
+              "asked again at the next run while this reminder is the latest due)",
+              Policy.ABORT_SEND),
     HookPoint("TerminateAccount", REQUEST,
               "the external deprovisioning, after PreModuleTerminate; never in --dry-run",
               "{'error': ...}, an error string as a WHMCS module returns (anything but 'success'), False, "

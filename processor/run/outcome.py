@@ -136,6 +136,13 @@ class RunSummary(Tally):
     counts_are: str = "run_total"
     this_process: dict[str, int] | None = None
     run_total: dict[str, int] | None = None
+    # The reminders before a cancellation takes effect (reminders.py) this run queued (in the
+    # outbox with its run_id: `runs show` counts them there), that a hook aborted, that
+    # failed (a hook error, a refused address); not in emails_queued, which counts the
+    # cancellations' confirmations.
+    reminders_queued: int = 0
+    reminders_aborted: int = 0
+    reminders_failed: int = 0
     digest_sent: bool = False  # the staff digest was delivered after the run
     digest_error: str | None = None  # why the queued digest was not delivered (it stays queued)
 

@@ -1,7 +1,9 @@
 """`run --dry-run`: what the run would do to each due request, reading only (no lease).
 
 Each request is decided as the run would (vetoes and the email included; TerminateAccount
-is never called), chunk by chunk, so memory stays flat however many are due.
+is never called), chunk by chunk, so memory stays flat however many are due. Then the
+reminders the run would queue (action `remind`; CancellationReminder and EmailPreSend
+hooks see dry_run=True).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from zoneinfo import ZoneInfo
 
 from processor.run.decide import Decider, orphan_outcome
 from processor.run.outcome import Action, RunOptions
+from processor.run.reminders import Reminders
 from processor.run.store import Reading, due_chunks, paid_for
 
 # The preview's columns, in order (the table and each JSON item).
@@ -20,10 +23,16 @@ PREVIEW_COLUMNS = ["request_id", "service_id", "client", "product", "domain", "t
                    "action", "addons", "unpaid_invoices", "credit", "email_to", "detail"]
 
 
+# The action of a reminder's line (the requests' are outcome.Action values).
+REMIND = "remind"
+
+
 def preview(reading: Reading, decider: Decider, options: RunOptions, *, now: dt.datetime, chunk_size: int,
-            cancel_unpaid_invoices: bool, zone: ZoneInfo, credits: bool = False) -> Iterator[dict[str, Any]]:
+            cancel_unpaid_invoices: bool, zone: ZoneInfo, credits: bool = False,
+            reminders: Reminders | None = None) -> Iterator[dict[str, Any]]:
     """Each due request as a PREVIEW_COLUMNS dict, then each orphan (which the run would
-    fail). `reading()` opens a read-only store for one short transaction."""
+    fail), then each reminder the run would queue. `reading()` opens a read-only store for
+    one short transaction."""
     fields = decider.run_fields(options.as_of)
     shown = 0
     for rows in due_chunks(reading, options, now, chunk_size):
@@ -51,8 +60,29 @@ def preview(reading: Reading, decider: Decider, options: RunOptions, *, now: dt.
                                       f"service already {row.service_status.value}"),
             }
     limit = None if options.limit is None else options.limit - shown
-    if limit is not None and limit <= 0:
-        return
+    if limit is None or limit > 0:
+        yield from _orphans(reading, options, limit)
+    if reminders is not None and reminders.enabled and options.request_ids is None:
+        yield from _reminders(reading, reminders, options.as_of, chunk_size)
+
+
+def _reminders(reading: Reading, reminders: Reminders, as_of: dt.date, chunk_size: int) -> Iterator[dict[str, Any]]:
+    """The reminders the run would queue, composed as it would (nothing written)."""
+    for planned in reminders.chunks(reading, as_of, chunk_size):
+        for reminder in planned:
+            c = reminders.compose(reminder, as_of, run_id=None, dry_run=True)
+            row = reminder.row
+            yield {"request_id": row.id, "service_id": row.service_id,
+                   "client": f"{row.first_name} {row.last_name}".strip(), "product": row.product_name,
+                   "domain": row.domain, "type": str(row.type), "due_on": reminder.effective_on, "days_late": 0,
+                   "action": REMIND, "addons": "", "unpaid_invoices": "",
+                   "email_to": c.email.to_address if c.email else "",
+                   "detail": c.error or (f"{reminder.days}-day reminder ({reminder.days_left} days left): "
+                                         f"{c.email.subject}" if c.email else
+                                         f"{reminder.days}-day reminder aborted by {c.aborted_by}")}
+
+
+def _orphans(reading: Reading, options: RunOptions, limit: int | None) -> Iterator[dict[str, Any]]:
     with reading() as store:
         orphans = store.orphans(options, limit)
     for orphan in orphans:

@@ -6,6 +6,7 @@
         decide each (decide.py)         in Python; hooks, email, TerminateAccount
         write them (store.py)           one transaction: changes, counts, lease
         after-commit hooks              AfterModuleTerminate, ServiceCancelled, ...
+    for each chunk of reminders due:    reminders.py: CancellationReminder, email, queued
     PostAutomationTask, deliver the outbox, close the run record, AfterCronJob,
     DailyCronJob, the staff digest (after DailyCronJobPreEmail)
 
@@ -42,6 +43,7 @@ from processor.retry import RetryPolicy
 from processor.run.decide import ChunkDecider, Decider, orphan_outcome
 from processor.run.outcome import Action, Outcome, RunOptions, RunSummary, Tally
 from processor.run.preview import preview
+from processor.run.reminders import Reminders
 from processor.run.store import RunStore, StoreRules, due_chunks, paid_for
 
 # What the hooks after a cancellation's commit see as the new statuses (per request: the
@@ -85,6 +87,7 @@ class Runner:
             settings.path(settings.email.templates_dir) if settings.email.templates_dir else None)
         self.composer = Composer(self.templates, self.hooks, settings.email)
         self.decider = Decider(self.hooks, self.composer, settings.zone)
+        self.reminders = Reminders(settings, self.composer, self.hooks)
         self.deliverer = deliverer  # None: emails stay queued for `emails send`
         self.progress = progress
         self.should_stop = should_stop or (lambda: False)  # checked between chunks
@@ -116,7 +119,7 @@ class Runner:
         self.check_ready()
         return preview(self._reading, self.decider, options, now=self.clock(), chunk_size=self.settings.chunk_size,
                        cancel_unpaid_invoices=self.settings.cancel_unpaid_invoices, zone=self.settings.zone,
-                       credits=self.credits)
+                       credits=self.credits, reminders=self.reminders)
 
     def run(self, options: RunOptions, *, helpers: Helpers | None = None) -> RunSummary:
         """Take the lease, apply every due request (with `helpers`, they do the work and this
@@ -132,6 +135,7 @@ class Runner:
                     raise RunStopped(f"stopped on request after {summary.due} requests; the next run does the rest")
                 self._work(run_id, options, summary)  # with helpers: what a dead one left (usually nothing)
                 self._fail_orphans(options, run_id, summary)
+                self._remind(run_id, options, summary)
                 task_ended = True
                 self._post_automation_task(run_id, completed=True)
                 summary.this_process = summary.share()
@@ -299,6 +303,29 @@ class Runner:
         summary.record(failed, tally)
         self._log_chunk(failed, tally)
 
+    def _remind(self, run_id: int, options: RunOptions, summary: RunSummary) -> None:
+        """Queue the reminders due tonight (reminders.py), a chunk per transaction with the
+        lease renewed, by the process that owns the run, after the due requests (the nightly
+        run only: not `requests process`). A crash loses the chunk in flight; the rerun
+        finds the committed ones by their keys and queues each exactly once."""
+        if not self.reminders.enabled or options.request_ids is not None:
+            return
+        for planned in self.reminders.chunks(self._reading, options.as_of, self.settings.chunk_size):
+            composed = [self.reminders.compose(r, options.as_of, run_id=run_id) for r in planned]
+            for attempt in retrying_transaction(self._rolled_back):
+                with attempt, self._writing() as store:
+                    now = self.clock()
+                    queued = self.reminders.write(store.conn, store.db, composed, run_id=run_id, now=now)
+                    store.renew_lease(run_id, now)
+            tally = self.reminders.log_outcomes(composed)
+            summary.reminders_queued += queued
+            summary.reminders_aborted += tally.aborted
+            summary.reminders_failed += tally.failed
+            self.log.info("reminders written", queued=queued, aborted=tally.aborted, failed=tally.failed)
+            if self.should_stop():
+                raise RunStopped(f"stopped on request after {summary.due} requests and {summary.reminders_queued} "
+                                 "reminders; the next run does the rest")
+
     def _after_commit(self, outcomes: list[Outcome]) -> None:
         """Hooks on what was just committed (or failed). Their exceptions are logged, never undo."""
         if not self.decider.hooked:
@@ -348,7 +375,8 @@ class Runner:
         self._finish(run_id, summary.status, summary=summary)
         self.log.info("run finished", status=str(summary.status), due=summary.due, completed=summary.completed,
                       noop=summary.noop, retrying=summary.retrying, failed=summary.failed, vetoed=summary.vetoed,
-                      emails_queued=summary.emails_queued, emails_sent=summary.emails_sent,
+                      emails_queued=summary.emails_queued, reminders_queued=summary.reminders_queued,
+                      emails_sent=summary.emails_sent,
                       emails_failed=summary.emails_failed, late=summary.late, max_days_late=summary.max_days_late)
         self._after_cron_job(run_id, summary)
         if options.request_ids is None:  # the nightly run; not `requests process` of a few requests
