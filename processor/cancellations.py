@@ -30,8 +30,9 @@ from processor.models import (
     RequestStatus,
     RequestType,
     Service,
+    ServiceStatus,
 )
-from processor.params import cancellation_request_names, request_params, request_select
+from processor.params import ModuleParams, cancellation_request_names, request_params, request_select
 
 
 def get_service(session: Session, service_id: int) -> Service:
@@ -129,6 +130,35 @@ def withdraw_request(session: Session, request_id: int, *, actor: str, now: dt.d
     return request
 
 
+def unsuspend_withdrawn(session: Session, request: CancellationRequest, hooks: HookRegistry, *, actor: str,
+                        now: dt.datetime, today: dt.date, note: str = "") -> bool:
+    """A request withdrawn in its grace period (after `withdraw_request`, in its
+    transaction): the UnsuspendAccount hooks undo the suspension outside, then the service
+    is Active again, audited. True if it was unsuspended (the client is told so).
+
+    A failing UnsuspendAccount raises HookFailed before anything here is changed: the
+    caller's transaction rolls back, so the request stays open and in its grace period and
+    the service Suspended, and the withdrawal can be tried again (the hook gets the same
+    idempotency_key). A service no longer Suspended (changed by an import meanwhile) is
+    left as it is, with no hook call."""
+    if request.suspended_on is None:
+        return False
+    service = session.get(Service, request.service_id)
+    if service is None or service.status is not ServiceStatus.SUSPENDED:
+        return False
+    if hooks.has("UnsuspendAccount"):
+        row = session.execute(request_select().where(CancellationRequest.id == request.id)).one()
+        hooks.apply("UnsuspendAccount", request_params(row, run_id=None, as_of=today, dry_run=False,
+                                                       params=ModuleParams(row), actor=actor, note=note))
+    service.status = ServiceStatus.ACTIVE
+    session.add(AuditEntry(at=now, actor=actor, request_id=request.id, entity=AuditEntity.SERVICE,
+                           entity_id=service.id, action=AuditAction.UNSUSPENDED,
+                           detail=f"request withdrawn in its grace period (suspended {request.suspended_on})"))
+    _audit(session, request, AuditAction.UNSUSPENDED, actor, now,
+           f"service {service.id} Active again; it would have been cancelled on {request.grace_ends_on}")
+    return True
+
+
 def retry_request(session: Session, request_id: int, *, actor: str, now: dt.datetime) -> CancellationRequest:
     """A failed request (or one waiting for its backoff) goes back to pending, tried at the next run."""
     request = lock_request(session, request_id)
@@ -180,7 +210,7 @@ def check_processable(session: Session, request_ids: Sequence[int], *, today: dt
         if request.status is not RequestStatus.PENDING:
             raise InputError(f"request {request_id} is {request.status.value}; only a pending request can be processed")
         if request.service is not None and not ignore_due_date and not request_is_due(request, zone, today):
-            raise NotDue(request_id, request_due_on(request, zone))
+            raise NotDue(request_id, request.grace_ends_on or request_due_on(request, zone))
 
 
 # --- hooks of staff actions ----------------------------------------------------------------

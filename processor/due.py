@@ -61,7 +61,10 @@ def request_due_on(request: CancellationRequest, zone: ZoneInfo) -> dt.date | No
 
 
 def request_is_due(request: CancellationRequest, zone: ZoneInfo, as_of: dt.date) -> bool:
-    """`is_due` for a request whose service exists (loaded with it)."""
+    """Whether a run on `as_of` takes this request (its service loaded with it): `is_due`,
+    or, in its grace period, whether the grace period has ended (`grace_due`)."""
+    if request.grace_ends_on is not None:
+        return request.grace_ends_on <= as_of
     return is_due(request.type, request.service.next_due_date, request.cancel_on,
                   business_today(request.created_at, zone), as_of)
 
@@ -80,6 +83,14 @@ def due_clause(as_of: dt.date, zone: ZoneInfo) -> ColumnElement[bool]:
             ),
         ),
     )
+
+
+def run_due_clause(as_of: dt.date, zone: ZoneInfo) -> ColumnElement[bool]:
+    """What a run takes on `as_of` (with `ready_clause` and a pending status): a request not
+    suspended when `due_clause` says so; one whose service a grace period suspended when
+    its grace period has ended, whatever its service's dates say now."""
+    r = CancellationRequest
+    return or_(and_(r.grace_ends_on.is_(None), due_clause(as_of, zone)), r.grace_ends_on <= as_of)
 
 
 def due_before_clause(day: dt.date, zone: ZoneInfo) -> ColumnElement[bool]:

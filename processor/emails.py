@@ -64,12 +64,19 @@ NEW_REQUEST = "new_cancellation_request"  # staff, when a request is made
 SERVICE_CANCELLATION_CONFIRMATION = "service_cancellation_confirmation"  # client, when done
 REQUEST_WITHDRAWN = "cancellation_request_withdrawn"  # client, when staff withdraw the request
 CRON_JOB_ACTIVITY = "cron_job_activity"  # staff digest after each run
+# Grace period (a product's grace_days): client, when the run suspends the service of a due
+# request; client, when staff withdraw a request in its grace period (instead of
+# cancellation_request_withdrawn: the one email says both).
+SERVICE_SUSPENDED = "service_suspended_for_cancellation"
+SERVICE_UNSUSPENDED = "service_unsuspended"
 TEMPLATES = {
     REQUEST_CONFIRMATION: "Cancellation Request Confirmation",
     NEW_REQUEST: "New Cancellation Request",
     SERVICE_CANCELLATION_CONFIRMATION: "Service Cancellation Confirmation",
     REQUEST_WITHDRAWN: "Cancellation Request Withdrawn",
     CRON_JOB_ACTIVITY: "Cron Job Activity",
+    SERVICE_SUSPENDED: "Service Suspended for Cancellation",
+    SERVICE_UNSUSPENDED: "Service Unsuspended",
 }
 DEFAULT_LANGUAGE = "en"
 

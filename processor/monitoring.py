@@ -19,7 +19,7 @@ from sqlalchemy import ColumnElement, func, select
 from processor.attention import Attention
 from processor.config import Settings
 from processor.db import Database
-from processor.due import business_today, due_clause, ready_clause, start_of_day
+from processor.due import business_today, ready_clause, run_due_clause, start_of_day
 from processor.models import (
     CancellationRequest,
     EmailStatus,
@@ -119,7 +119,7 @@ def _seconds_since(now: dt.datetime, then: dt.datetime) -> float:
 def due_now(settings: Settings, now: dt.datetime) -> tuple[ColumnElement[bool], ...]:
     """What the next run would take: pending, due today, and not waiting out a backoff (a
     failed or vetoed attempt); the same rule as the run's due query."""
-    return (R.status == RequestStatus.PENDING, due_clause(business_today(now, settings.zone), settings.zone),
+    return (R.status == RequestStatus.PENDING, run_due_clause(business_today(now, settings.zone), settings.zone),
             ready_clause(now))
 
 

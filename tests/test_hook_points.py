@@ -239,7 +239,7 @@ def assert_request_dicts(call: Call, it: Seeded, *, request_status: str = "pendi
     assert kw["request"] == {
         "id": it.request_id, "external_id": None, "type": "End of Billing Period", "status": request_status,
         "reason_code": "too_expensive", "reason": kw["request"]["reason"], "cancel_on": None,
-        "created_at": factories.CREATED, "attempts": attempts}
+        "created_at": factories.CREATED, "attempts": attempts, "grace_ends_on": None}
     service = kw["service"]
     assert (service["id"], service["domain"], service["billing_cycle"], service["amount"]) == (
         it.service_id, it.domain, "Monthly", Decimal("24.00"))
@@ -248,7 +248,7 @@ def assert_request_dicts(call: Call, it: Seeded, *, request_status: str = "pendi
     assert (client["id"], client["email"], client["first_name"]) == (it.client_id, it.email, "Ada")
     assert set(client) == {"id", "external_id", "first_name", "last_name", "company_name", "email", "language",
                            "balance"}
-    assert kw["product"] == {"id": kw["product"]["id"], "name": "VPS 4GB", "module": "proxmox"}
+    assert kw["product"] == {"id": kw["product"]["id"], "external_id": None, "name": "VPS 4GB", "module": "proxmox"}
 
 
 def assert_run_request_params(call: Call, it: Seeded, run_id: int | None, *, dry_run: bool = False,

@@ -15,6 +15,7 @@ from processor.outbox import QueuedEmail
 
 class Action(StrEnum):
     CANCEL = "cancel"  # cancel the service, its add-ons and unpaid invoices; queue the email
+    SUSPEND = "suspend"  # grace period: suspend the service, queue its email; cancelled on grace_ends_on
     NOOP = "no-op"  # the service is already Cancelled or Terminated: complete the request only
     ERROR = "error"  # this attempt failed; retried later, or failed after max_attempts
     VETOED = "vetoed"  # a PreModuleTerminate hook said no; retried like an error
@@ -54,6 +55,8 @@ class Outcome:
     email_aborted_by: str | None = None  # the EmailPreSend hook that returned abortsend
     addons: Sequence[dict[str, Any]] = ()  # cancelled with it, for AddonCancelled
     invoices: Sequence[dict[str, Any]] = ()  # cancelled with it, for InvoiceCancelled
+    suspending: bool = False  # the first phase of a grace period (SUSPEND, or its failed attempt)
+    grace_ends_on: dt.date | None = None  # SUSPEND: the day the run cancels the service
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Tally:
 
     due: int = 0
     completed: int = 0
+    suspended: int = 0
     noop: int = 0
     retrying: int = 0
     failed: int = 0
@@ -82,6 +86,12 @@ class Tally:
                     t.emails_queued += o.email is not None
                 else:
                     t.noop += 1
+                if o.days_late > 0:
+                    t.late += 1
+                    t.max_days_late = max(t.max_days_late, o.days_late)
+            elif action is Action.SUSPEND:
+                t.suspended += 1
+                t.emails_queued += o.email is not None
                 if o.days_late > 0:
                     t.late += 1
                     t.max_days_late = max(t.max_days_late, o.days_late)
