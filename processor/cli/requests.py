@@ -168,8 +168,8 @@ def requests_list(app: App, status: str | None, client_id: int | None, service_i
     with app.database().read_session() as session:
         page = fetch_page(session, query, lambda req: listed_request(req, app.settings.zone), limit=limit,
                           offset=offset, options=[contains_eager(r.service).joinedload(s.client)])
-    echo_page(page, ["id", "client", "domain", "type", "due_on", "status", "reason_code", "attempts", "created_at",
-                     "last_error"], as_json=as_json, empty="no requests")
+    echo_page(page, ["id", "client", "domain", "type", "due_on", "status", "grace_ends_on", "reason_code", "attempts",
+                     "created_at", "last_error"], as_json=as_json, empty="no requests")
 
 
 def listed_request(request: CancellationRequest, zone: ZoneInfo) -> dict[str, Any]:
@@ -246,7 +246,8 @@ POINT_OF_ACTION = {AuditAction.VETOED: "PreModuleTerminate", AuditAction.ABORTED
 
 def _echo_request(row: dict[str, Any]) -> None:
     echo_fields([(k, row[k]) for k in ("id", "external_id", "service_id", "type", "cancel_on", "due_on", "due_now",
-                                       "status", "reason_code", "reason", "attempts", "last_error", "next_attempt_at",
+                                       "status", "suspended_on", "grace_ends_on", "reason_code", "reason", "attempts",
+                                       "last_error", "next_attempt_at",
                                        "created_at", "created_by", "processed_at", "run_id", "days_late", "note")])
     service, client = row["service"], row["client"]
     click.echo(f"service     {service['id']} {service['domain']} ({service['status'].value}, "
