@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -115,9 +115,17 @@ def create_request(
     return request
 
 
+class Withdrawal(NamedTuple):
+    request: CancellationRequest
+    unsuspended: bool  # it was in its grace period: its service is Active again
+
+
 def withdraw_request(session: Session, request_id: int, *, actor: str, now: dt.datetime,
-                     note: str = "") -> CancellationRequest:
-    """Staff withdraw a request that has not been applied."""
+                     note: str = "", hooks: HookRegistry | None = None,
+                     today: dt.date | None = None) -> Withdrawal:
+    """Staff withdraw a request that has not been applied. One in its grace period (its
+    service suspended by a run) is unsuspended with it (`unsuspend_withdrawn`, with the
+    UnsuspendAccount `hooks`; `today` is their as_of)."""
     request = lock_request(session, request_id)
     if request.status not in OPEN_REQUEST_STATUSES:
         when = f" on {request.processed_at:%Y-%m-%d}" if request.processed_at else ""
@@ -127,14 +135,16 @@ def withdraw_request(session: Session, request_id: int, *, actor: str, now: dt.d
     request.next_attempt_at = None
     request.note = note
     _audit(session, request, AuditAction.WITHDRAWN, actor, now, note)
-    return request
+    unsuspended = unsuspend_withdrawn(session, request, hooks or HookRegistry(), actor=actor, now=now,
+                                      today=today or now.date(), note=note)
+    return Withdrawal(request, unsuspended)
 
 
 def unsuspend_withdrawn(session: Session, request: CancellationRequest, hooks: HookRegistry, *, actor: str,
                         now: dt.datetime, today: dt.date, note: str = "") -> bool:
-    """A request withdrawn in its grace period (after `withdraw_request`, in its
-    transaction): the UnsuspendAccount hooks undo the suspension outside, then the service
-    is Active again, audited. True if it was unsuspended (the client is told so).
+    """A request withdrawn in its grace period (by `withdraw_request`, in its transaction):
+    the UnsuspendAccount hooks undo the suspension outside, then the service is Active
+    again, audited. True if it was unsuspended (the client is told so).
 
     A failing UnsuspendAccount raises HookFailed before anything here is changed: the
     caller's transaction rolls back, so the request stays open and in its grace period and

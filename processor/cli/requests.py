@@ -293,9 +293,8 @@ def requests_withdraw(app: App, request_id: int, note: str, as_json: bool) -> in
     now = utc_now()
     try:
         with database.session.begin() as session:
-            request = cancellations.withdraw_request(session, request_id, actor=app.operator, now=now, note=note)
-            unsuspended = cancellations.unsuspend_withdrawn(session, request, hooks, actor=app.operator, now=now,
-                                                            today=app.today(), note=note)
+            unsuspended = cancellations.withdraw_request(session, request_id, actor=app.operator, now=now, note=note,
+                                                         hooks=hooks, today=app.today()).unsuspended
             held = [e.id for e in outbox.withdraw_queued_emails(session, request_id, now=now, actor=app.operator)]
             not_queued = outbox.queue_request_emails(
                 session, request_id, composer=composer, settings=app.settings, now=now, actor=app.operator,
