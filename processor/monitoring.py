@@ -51,6 +51,7 @@ class RunInfo:
     # Run.REQUEST_COUNTS, then Run.DELIVERY_COUNTS
     due: int
     completed: int
+    suspended: int
     noop: int
     retrying: int
     failed: int
