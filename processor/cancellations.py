@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -30,8 +30,9 @@ from processor.models import (
     RequestStatus,
     RequestType,
     Service,
+    ServiceStatus,
 )
-from processor.params import cancellation_request_names, request_params, request_select
+from processor.params import ModuleParams, cancellation_request_names, request_params, request_select
 from processor.terms import Effective, TermsOf, effective_on, no_terms
 
 
@@ -131,9 +132,17 @@ def created_detail(type_: RequestType, reason_code: str, effective: Effective) -
     return "; ".join((type_.value, f"reason {reason_code}", f"takes effect {effective.on}", *effective.why))
 
 
+class Withdrawal(NamedTuple):
+    request: CancellationRequest
+    unsuspended: bool  # it was in its grace period: its service is Active again
+
+
 def withdraw_request(session: Session, request_id: int, *, actor: str, now: dt.datetime,
-                     note: str = "") -> CancellationRequest:
-    """Staff withdraw a request that has not been applied."""
+                     note: str = "", hooks: HookRegistry | None = None,
+                     today: dt.date | None = None) -> Withdrawal:
+    """Staff withdraw a request that has not been applied. One in its grace period (its
+    service suspended by a run) is unsuspended with it (`unsuspend_withdrawn`, with the
+    UnsuspendAccount `hooks`; `today` is their as_of)."""
     request = lock_request(session, request_id)
     if request.status not in OPEN_REQUEST_STATUSES:
         when = f" on {request.processed_at:%Y-%m-%d}" if request.processed_at else ""
@@ -143,7 +152,38 @@ def withdraw_request(session: Session, request_id: int, *, actor: str, now: dt.d
     request.next_attempt_at = None
     request.note = note
     _audit(session, request, AuditAction.WITHDRAWN, actor, now, note)
-    return request
+    unsuspended = unsuspend_withdrawn(session, request, hooks or HookRegistry(), actor=actor, now=now,
+                                      today=today or now.date(), note=note)
+    return Withdrawal(request, unsuspended)
+
+
+def unsuspend_withdrawn(session: Session, request: CancellationRequest, hooks: HookRegistry, *, actor: str,
+                        now: dt.datetime, today: dt.date, note: str = "") -> bool:
+    """A request withdrawn in its grace period (by `withdraw_request`, in its transaction):
+    the UnsuspendAccount hooks undo the suspension outside, then the service is Active
+    again, audited. True if it was unsuspended (the client is told so).
+
+    A failing UnsuspendAccount raises HookFailed before anything here is changed: the
+    caller's transaction rolls back, so the request stays open and in its grace period and
+    the service Suspended, and the withdrawal can be tried again (the hook gets the same
+    idempotency_key). A service no longer Suspended (changed by an import meanwhile) is
+    left as it is, with no hook call."""
+    if request.suspended_on is None:
+        return False
+    service = session.get(Service, request.service_id)
+    if service is None or service.status is not ServiceStatus.SUSPENDED:
+        return False
+    if hooks.has("UnsuspendAccount"):
+        row = session.execute(request_select().where(CancellationRequest.id == request.id)).one()
+        hooks.apply("UnsuspendAccount", request_params(row, run_id=None, as_of=today, dry_run=False,
+                                                       params=ModuleParams(row), actor=actor, note=note))
+    service.status = ServiceStatus.ACTIVE
+    session.add(AuditEntry(at=now, actor=actor, request_id=request.id, entity=AuditEntity.SERVICE,
+                           entity_id=service.id, action=AuditAction.UNSUSPENDED,
+                           detail=f"request withdrawn in its grace period (suspended {request.suspended_on})"))
+    _audit(session, request, AuditAction.UNSUSPENDED, actor, now,
+           f"service {service.id} Active again; it would have been cancelled on {request.grace_ends_on}")
+    return True
 
 
 def retry_request(session: Session, request_id: int, *, actor: str, now: dt.datetime) -> CancellationRequest:
@@ -197,7 +237,7 @@ def check_processable(session: Session, request_ids: Sequence[int], *, today: dt
         if request.status is not RequestStatus.PENDING:
             raise InputError(f"request {request_id} is {request.status.value}; only a pending request can be processed")
         if request.service is not None and not ignore_due_date and not request_is_due(request, zone, today):
-            raise NotDue(request_id, request_due_on(request, zone))
+            raise NotDue(request_id, request.grace_ends_on or request_due_on(request, zone))
 
 
 # --- hooks of staff actions ----------------------------------------------------------------

@@ -57,7 +57,8 @@ def request_due_on(request: CancellationRequest, zone: ZoneInfo | None = None) -
 
 
 def request_is_due(request: CancellationRequest, zone: ZoneInfo | None, as_of: dt.date) -> bool:
-    """`is_due` of a request."""
+    """`is_due` of a request (in a grace period too: its suspension moved the effective date
+    to the end of the grace period)."""
     return is_due(request.effective_date, as_of)
 
 

@@ -65,6 +65,11 @@ SERVICE_CANCELLATION_CONFIRMATION = "service_cancellation_confirmation"  # clien
 REQUEST_WITHDRAWN = "cancellation_request_withdrawn"  # client, when staff withdraw the request
 CANCELLATION_REMINDER = "cancellation_reminder"  # client, reminder_days before the cancellation takes effect
 CRON_JOB_ACTIVITY = "cron_job_activity"  # staff digest after each run
+# Grace period (a product's grace_days): client, when the run suspends the service of a due
+# request; client, when staff withdraw a request in its grace period (instead of
+# cancellation_request_withdrawn: the one email says both).
+SERVICE_SUSPENDED = "service_suspended_for_cancellation"
+SERVICE_UNSUSPENDED = "service_unsuspended"
 TEMPLATES = {
     REQUEST_CONFIRMATION: "Cancellation Request Confirmation",
     NEW_REQUEST: "New Cancellation Request",
@@ -72,6 +77,8 @@ TEMPLATES = {
     REQUEST_WITHDRAWN: "Cancellation Request Withdrawn",
     CANCELLATION_REMINDER: "Cancellation Reminder",
     CRON_JOB_ACTIVITY: "Cron Job Activity",
+    SERVICE_SUSPENDED: "Service Suspended for Cancellation",
+    SERVICE_UNSUSPENDED: "Service Unsuspended",
 }
 DEFAULT_LANGUAGE = "en"
 

@@ -188,6 +188,8 @@ class AuditAction(enum.StrEnum):
     IMPORTED = "imported"  # a row inserted by `cancelproc import`
     IMPORT_UPDATED = "import_updated"  # a row changed by `cancelproc import` (detail: old and new values)
     CREDITED = "credited"  # a run credited the client the unused part of a paid period (immediate_refund)
+    SUSPENDED = "suspended"  # a run suspended the service of a request with a grace period (and its request)
+    UNSUSPENDED = "unsuspended"  # its request was withdrawn in the grace period: the service is Active again
 
 
 # Request audit actions that record a failed attempt: named as failures of their run
@@ -323,8 +325,18 @@ class CancellationRequest(Base):
     # Days between the date the request became due and the run's as-of date (catch-up is visible).
     days_late: Mapped[int | None] = mapped_column(Integer)
     note: Mapped[str] = mapped_column(Text, default="")
+    # Grace period (a product's grace_days): the run suspended the service on `suspended_on`
+    # (its as-of date) and cancels it on `grace_ends_on`, the date the client was told. Both
+    # None: not suspended. The request stays pending (open) meanwhile.
+    suspended_on: Mapped[dt.date | None] = mapped_column(Date)
+    grace_ends_on: Mapped[dt.date | None] = mapped_column(Date)
 
     service: Mapped[Service] = relationship()
+
+    @property
+    def in_grace(self) -> bool:
+        """Its service is suspended, waiting for the end of the grace period (pending or failed)."""
+        return self.suspended_on is not None and self.status in OPEN_REQUEST_STATUSES
 
 
 class Run(Base):
@@ -345,6 +357,8 @@ class Run(Base):
     retrying: Mapped[int] = mapped_column(Integer, default=0)  # failed this time, will be retried
     failed: Mapped[int] = mapped_column(Integer, default=0)  # gave up: manual cancellation required
     vetoed: Mapped[int] = mapped_column(Integer, default=0)  # a PreModuleTerminate hook said no (retried)
+    # Services suspended for their grace period (cancelled by a later run): not in `completed`.
+    suspended: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     emails_queued: Mapped[int] = mapped_column(Integer, default=0)
     emails_sent: Mapped[int] = mapped_column(Integer, default=0)  # delivered at the end of the run
     emails_failed: Mapped[int] = mapped_column(Integer, default=0)  # given up at the end of the run
@@ -354,7 +368,7 @@ class Run(Base):
 
     # A run's counts, named once here (tables, JSON, reports, metrics and the digest use
     # these): its requests by outcome, its emails, and how late it applied requests.
-    REQUEST_COUNTS = ("due", "completed", "noop", "retrying", "failed", "vetoed")
+    REQUEST_COUNTS = ("due", "completed", "suspended", "noop", "retrying", "failed", "vetoed")
     DELIVERY_COUNTS = ("emails_sent", "emails_failed")  # the delivery at the end of the run
     EMAIL_COUNTS = ("emails_queued", *DELIVERY_COUNTS)
     LATENESS_COUNTS = ("late", "max_days_late")

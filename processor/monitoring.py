@@ -50,6 +50,7 @@ class RunInfo:
     # Run.REQUEST_COUNTS, then Run.DELIVERY_COUNTS
     due: int
     completed: int
+    suspended: int
     noop: int
     retrying: int
     failed: int
@@ -118,7 +119,7 @@ def _seconds_since(now: dt.datetime, then: dt.datetime) -> float:
 def due_now(settings: Settings, now: dt.datetime) -> tuple[ColumnElement[bool], ...]:
     """What the next run would take: pending, due today, and not waiting out a backoff (a
     failed or vetoed attempt); the same rule as the run's due query."""
-    return (R.status == RequestStatus.PENDING, due_clause(business_today(now, settings.zone), settings.zone),
+    return (R.status == RequestStatus.PENDING, due_clause(business_today(now, settings.zone)),
             ready_clause(now))
 
 

@@ -25,6 +25,7 @@ from processor.emails import (
     REQUEST_CONFIRMATION,
     REQUEST_WITHDRAWN,
     SERVICE_CANCELLATION_CONFIRMATION,
+    SERVICE_UNSUSPENDED,
     EmailTemplates,
     Link,
     Writing,
@@ -215,7 +216,8 @@ def queue_request_emails(session: Session, request_id: int, *, composer: Compose
         to_address, language = (email.staff_address, None) if template == NEW_REQUEST else (row.email, row.language)
         if not to_address:
             continue  # no staff address: no staff notice
-        date = business_today(now, settings.zone) if template == REQUEST_WITHDRAWN else created_on
+        date = business_today(now, settings.zone) if template in (REQUEST_WITHDRAWN, SERVICE_UNSUSPENDED) \
+            else created_on
         writing = composer.writing(template, language)
         fields = request_fields(
             row, composer.common_fields(date, writing.language, cancellation_date=applied_on,

@@ -26,6 +26,8 @@ _RUN_COLUMNS = (
     # The WHMCS merge fields beside ours (client_id, client_company_name, service_recurring_amount, ...).
     C.id.label("client_id"), C.company_name, S.amount, S.registration_date,
     R.effective_date,  # the day it takes effect (stored: the due rule, the dates of the emails)
+    # Grace period: the end of the request's (None: not suspended); the product's settings by its id.
+    R.grace_ends_on, P.external_id.label("product_external_id"),
 )
 _HOOK_COLUMNS = (
     # Hooks get the status as its plain string: read as stored, no enum made per row to be undone.
@@ -72,7 +74,7 @@ def request_params(row: Any, **more: Any) -> dict[str, Any]:
     # enum's `_value_` is a plain attribute; `.value` is a property, five times the cost.
     (request_id, type_, cancel_on, reason, reason_code, created_at, attempts, service_id, service_status, domain,
      next_due_date, billing_cycle, first_name, last_name, email, language, product_name,
-     client_id, company_name, amount, _registration_date, effective_date,
+     client_id, company_name, amount, _registration_date, effective_date, grace_ends_on, product_external_id,
      request_external_id, request_status, service_external_id, subscription_id,
      client_external_id, balance, product_id, module) = row
     return {
@@ -81,14 +83,14 @@ def request_params(row: Any, **more: Any) -> dict[str, Any]:
         "request": {"id": request_id, "external_id": request_external_id, "type": type_._value_,
                     "status": request_status, "reason_code": reason_code, "reason": reason,
                     "cancel_on": cancel_on, "effective_date": effective_date, "created_at": created_at,
-                    "attempts": attempts},
+                    "attempts": attempts, "grace_ends_on": grace_ends_on},
         "service": {"id": service_id, "external_id": service_external_id, "domain": domain,
                     "status": service_status._value_, "billing_cycle": billing_cycle, "amount": amount,
                     "next_due_date": next_due_date, "subscription_id": subscription_id},
         "client": {"id": client_id, "external_id": client_external_id, "first_name": first_name,
                    "last_name": last_name, "company_name": company_name, "email": email, "language": language,
                    "balance": balance},
-        "product": {"id": product_id, "name": product_name, "module": module},
+        "product": {"id": product_id, "external_id": product_external_id, "name": product_name, "module": module},
         **more,
     }
 

@@ -24,6 +24,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -679,3 +680,113 @@ def test_kill_9_during_reminders_queues_each_exactly_once(tmp_path: Path) -> Non
     per_run = dict(query(db_path, "SELECT run_id, count(*) FROM email_outbox WHERE template = ? GROUP BY 1",
                          REMINDER))
     assert per_run == {runs[0][0]: CHUNK_SIZE, runs[1][0]: CHUNK_SIZE, runs[2][0]: 300 - 2 * CHUNK_SIZE}
+# --------------------------------------------------------------------------- the grace period
+
+
+GRACE_DAYS = 3
+SUSPENDED_EMAIL = "service_suspended_for_cancellation"
+
+
+def progress_count(db_path: Path) -> int:
+    """Requests a run has done something to: completed, or suspended for a grace period."""
+    return int(scalar(db_path, "SELECT count(*) FROM cancellation_requests "
+                               "WHERE status = 'completed' OR suspended_on IS NOT NULL"))
+
+
+def kill_mid_run(app_root: Path, db_path: Path, delay: float, progress: Callable[[Path], int],
+                 *args: str) -> bool:
+    """Start `run ARGS`, kill it with SIGKILL `delay` seconds after its first commit
+    (`progress` grew); True if the kill landed before it finished (with no delay, it has
+    a chunk of 50 out of hundreds done: it has)."""
+    before = progress(db_path)
+    proc = start(app_root, db_path, "run", "--trigger", "cron", *args)
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and progress(db_path) == before:
+            time.sleep(0.005)
+        time.sleep(delay)
+        killed = proc.poll() is None
+        if killed:
+            proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=60)
+    assert proc.returncode == (-signal.SIGKILL if killed else 0), (proc.returncode, err)
+    return killed
+
+
+def per_request(db_path: Path, sql: str, *params: object) -> dict[int, int]:
+    return {rid: n for rid, n in query(db_path, sql, *params)}
+
+
+@pytest.mark.slow
+def test_kill_9_suspends_once_then_cancels_once(tmp_path: Path) -> None:
+    """A product with grace_days (Shared Hosting): runs killed with SIGKILL while they suspend,
+    then a run that finishes; later runs killed while they cancel, then one that finishes.
+    Each such service is suspended once with one email, later cancelled once with one
+    confirmation; the other product's services are cancelled once at the first night."""
+    app_root = tmp_path / "app"
+    db_path, data = make_database(app_root, n_requests=1500, not_due_every=10**9, seed=SEED + 14)
+    with (app_root / "config" / "processor.toml").open("a") as config:
+        config.write(f'\n[products."Shared Hosting"]\ngrace_days = {GRACE_DAYS}\n')
+    # Every request Immediate, made ten days ago: due on a night five days ago (--as-of), when
+    # the graced ones are suspended; their grace period has ended by today.
+    first_night = utc_today() - dt.timedelta(days=5)
+    created = (dt.datetime.now(dt.UTC) - dt.timedelta(days=10)).strftime("%Y-%m-%d %H:%M:%S.%f")
+    con = sqlite3.connect(db_path)
+    try:
+        with con:
+            con.execute("UPDATE cancellation_requests SET type = 'Immediate', cancel_on = NULL, created_at = ?",
+                        (created,))
+    finally:
+        con.close()
+    graced = {rid for (rid,) in query(db_path, "SELECT r.id FROM cancellation_requests r JOIN services s "
+                                               "ON s.id = r.service_id WHERE s.product_id = 1")}
+    plain = data.due_requests - graced
+    assert graced and plain
+
+    rng = random.Random(SEED + 14)
+    killed = [kill_mid_run(app_root, db_path, delay, progress_count, "--as-of", str(first_night))
+              for delay in (0.0, rng.uniform(0.0, 0.3), rng.uniform(0.0, 0.3))]
+    done = cli(app_root, db_path, "run", "--trigger", "cron", "--as-of", str(first_night))
+    assert done.returncode == 0, done.stderr
+
+    grace_ends = first_night + dt.timedelta(days=GRACE_DAYS)
+    states = {rid: rest for rid, *rest in query(
+        db_path, "SELECT r.id, r.status, s.status, r.suspended_on, r.grace_ends_on FROM cancellation_requests r "
+                 "JOIN services s ON s.id = r.service_id")}
+    wrong = {rid: states[rid] for rid in graced
+             if states[rid] != ["pending", "Suspended", str(first_night), str(grace_ends)]}
+    assert not wrong, f"{len(wrong)} graced requests not suspended as expected: {list(wrong.items())[:5]}"
+    assert all(states[rid][:2] == ["completed", "Cancelled"] for rid in plain)
+    suspended_audit = per_request(db_path, "SELECT request_id, count(*) FROM audit_log WHERE entity = 'service' "
+                                           "AND action = 'suspended' GROUP BY 1")
+    assert suspended_audit == dict.fromkeys(graced, 1)
+    emails = per_request(db_path, "SELECT request_id, count(*) FROM email_outbox WHERE template = ? GROUP BY 1",
+                         SUSPENDED_EMAIL)
+    assert emails == dict.fromkeys(graced, 1)
+    suspended_by_runs = int(scalar(db_path, "SELECT sum(suspended) FROM runs"))
+    assert suspended_by_runs == len(graced), "the runs' suspended counts disagree with what they committed"
+
+    # Nights later: the grace period has ended; runs killed while they cancel.
+    killed += [kill_mid_run(app_root, db_path, delay, completed_count) for delay in (0.0, rng.uniform(0.0, 0.3))]
+    done = cli(app_root, db_path, "run", "--trigger", "cron")
+    assert done.returncode == 0, done.stderr
+    states = dict(query(db_path, "SELECT r.id, r.status || '/' || s.status FROM cancellation_requests r "
+                                 "JOIN services s ON s.id = r.service_id"))
+    assert set(states.values()) == {"completed/Cancelled"}, set(states.values())
+    cancelled = per_request(db_path, "SELECT request_id, count(*) FROM audit_log WHERE entity = 'service' "
+                                     "AND action = 'cancelled' GROUP BY 1")
+    assert cancelled == dict.fromkeys(data.due_requests, 1)
+    confirmations = per_request(db_path, "SELECT request_id, count(*) FROM email_outbox WHERE template = ? "
+                                         "GROUP BY 1", CONFIRMATION)
+    assert confirmations == dict.fromkeys(data.due_requests, 1)
+    assert per_request(db_path, "SELECT request_id, count(*) FROM email_outbox WHERE template = ? GROUP BY 1",
+                       SUSPENDED_EMAIL) == dict.fromkeys(graced, 1)
+    terminated_on = dict(query(db_path, "SELECT id, termination_date FROM services"))
+    assert {terminated_on[rid] for rid in graced} == {str(utc_today())}  # service id == request id
+    assert query(db_path, "SELECT name FROM leases") == []
+    print(f"kills that landed before the run finished: {killed}")
+    assert killed[0] and killed[3], f"a kill right after a run's first commit came after its end: {killed}"

@@ -33,6 +33,7 @@ from freezegun import freeze_time
 from sqlalchemy import func, insert, select
 
 from processor.cli import cli
+from processor.config import ProductSettings
 from processor.db import Database
 from processor.hooks import (
     MODULE_POINTS,
@@ -244,7 +245,8 @@ def assert_request_dicts(call: Call, it: Seeded, *, request_status: str = "pendi
     assert kw["request"] == {
         "id": it.request_id, "external_id": None, "type": "End of Billing Period", "status": request_status,
         "reason_code": "too_expensive", "reason": kw["request"]["reason"], "cancel_on": None,
-        "effective_date": it.effective_date, "created_at": factories.CREATED, "attempts": attempts}
+        "effective_date": it.effective_date, "created_at": factories.CREATED, "attempts": attempts,
+        "grace_ends_on": None}
     service = kw["service"]
     assert (service["id"], service["domain"], service["billing_cycle"], service["amount"]) == (
         it.service_id, it.domain, "Monthly", Decimal("24.00"))
@@ -254,7 +256,7 @@ def assert_request_dicts(call: Call, it: Seeded, *, request_status: str = "pendi
     assert (client["id"], client["email"], client["first_name"]) == (it.client_id, it.email, "Ada")
     assert set(client) == {"id", "external_id", "first_name", "last_name", "company_name", "email", "language",
                            "balance"}
-    assert kw["product"] == {"id": kw["product"]["id"], "name": "VPS 4GB", "module": "proxmox"}
+    assert kw["product"] == {"id": kw["product"]["id"], "external_id": None, "name": "VPS 4GB", "module": "proxmox"}
 
 
 def assert_run_request_params(call: Call, it: Seeded, run_id: int | None, *, dry_run: bool = False,
@@ -588,6 +590,158 @@ def test_hook_AfterModuleTerminateFailed(db, settings, now, tmp_path, probe):
     # After the failed attempt was recorded: still Active, pending, one attempt, last_error set.
     assert (call.seen["service_status"], call.seen["request_status"], call.seen["attempts"]) == ("Active", "pending", 1)
     assert get(db, CancellationRequest, it.request_id).last_error == error
+
+
+# --- the grace period's points (a product with grace_days) -----------------------------------
+
+GRACE = 14
+GRACE_ENDS = D + dt.timedelta(days=GRACE)
+
+
+def with_grace(settings: Any) -> Any:
+    """The factories' product ("VPS 4GB") with a grace period."""
+    return settings.model_copy(update={"products": {"VPS 4GB": ProductSettings(grace_days=GRACE)}})
+
+
+def assert_suspension_params(call: Call, it: Seeded, run_id: int | None, *, committed: bool = False) -> None:
+    kw = call.kwargs
+    assert_request_dicts(call, it) if not committed else None
+    assert kw["service"]["status"] == ("Suspended" if committed else "Active")
+    assert (kw["grace_days"], kw["grace_ends_on"]) == (GRACE, GRACE_ENDS)
+    assert str(GRACE_ENDS) in kw["suspendreason"]
+    assert (kw["run_id"], kw["as_of"], kw["idempotency_key"]) == (run_id, D, str(it.request_id))
+
+
+def test_hook_PreModuleSuspend(db, settings, now, tmp_path, probe):
+    """Before the suspension, nothing written; its veto keeps the service Active, the request
+    pending (a vetoed attempt, retried), no email; and it fires in the dry run too."""
+    it = seed(db)
+    write_hook(tmp_path, "pre.py", recorder("PreModuleSuspend"), recorder("PreModuleTerminate"),
+               recorder("SuspendAccount"))
+    summary = run(db, with_grace(settings), now, load(tmp_path))
+    assert probe.labels() == ["PreModuleSuspend", "SuspendAccount"]  # not the termination's points
+    call = probe.one("PreModuleSuspend")
+    assert_keys(call, "PreModuleSuspend")
+    assert_suspension_params(call, it, summary.run_id)
+    assert call.seen == {"request_status": "pending", "attempts": 0, "service_status": "Active", "addons": set(),
+                         "invoices": [], "run_status": "running", "run_finished": False, "emails": 0}
+    assert (summary.suspended, summary.completed) == (1, 0)
+
+    vetoed = seed(db)
+    probe.calls.clear()
+    probe.behaviour["PreModuleSuspend"] = {"abortcmd": True, "reason": "legal hold"}
+    assert [r["action"] for r in preview(db, with_grace(settings), now, load(tmp_path))] == ["vetoed"]
+    summary = run(db, with_grace(settings), now, load(tmp_path))
+    assert probe.labels() == ["PreModuleSuspend"] * 2  # the preview's, the run's; no SuspendAccount
+    assert (summary.vetoed, summary.suspended) == (1, 0)
+    request = get(db, CancellationRequest, vetoed.request_id)
+    assert (request.status, request.attempts, request.suspended_on) == (RequestStatus.PENDING, 1, None)
+    assert "legal hold" in request.last_error
+    assert get(db, Service, vetoed.service_id).status is ServiceStatus.ACTIVE
+    assert [e.request_id for e in emails(db)] == [it.request_id]
+    assert audit(db, vetoed.request_id)[-1][1] == "vetoed"
+
+
+def test_hook_SuspendAccount(db, settings, now, tmp_path, probe):
+    """The external suspension, last before the write; never in the dry run."""
+    it = seed(db, addons=1, unpaid=1)
+    write_hook(tmp_path, "suspend.py", recorder("SuspendAccount"))
+    assert [r["action"] for r in preview(db, with_grace(settings), now, load(tmp_path))] == ["suspend"]
+    assert probe.calls == []
+    summary = run(db, with_grace(settings), now, load(tmp_path))
+    call = probe.one("SuspendAccount")
+    assert_keys(call, "SuspendAccount")
+    assert_suspension_params(call, it, summary.run_id)
+    assert (call.seen["request_status"], call.seen["service_status"], call.seen["emails"]) == ("pending", "Active", 0)
+    # Suspended: the add-ons and unpaid invoices wait for the cancellation.
+    assert get(db, Service, it.service_id).status is ServiceStatus.SUSPENDED
+    with db.read_session() as s:
+        assert {a.status for a in s.scalars(select(ServiceAddon))} == {ServiceStatus.ACTIVE}
+        assert {i.status for i in s.scalars(select(Invoice))} == {InvoiceStatus.UNPAID}
+
+
+def test_hook_AfterModuleSuspend(db, settings, now, tmp_path, probe):
+    it = seed(db)
+    write_hook(tmp_path, "after.py", recorder("AfterModuleSuspend"), recorder("AfterModuleTerminate"))
+    summary = run(db, with_grace(settings), now, load(tmp_path))
+    call = probe.one("AfterModuleSuspend")
+    assert_keys(call, "AfterModuleSuspend")
+    assert_suspension_params(call, it, summary.run_id, committed=True)
+    assert call.kwargs["request"]["grace_ends_on"] == GRACE_ENDS
+    # Committed: Suspended, the request still pending (open), its email queued.
+    assert (call.seen["service_status"], call.seen["request_status"], call.seen["emails"]) == (
+        "Suspended", "pending", 1)
+    assert probe.of("AfterModuleTerminate") == []
+
+
+def test_hook_AfterModuleSuspendFailed(db, settings, now, tmp_path, probe):
+    """A failing SuspendAccount fails the attempt: nothing written but the failure, retried
+    after the backoff; the retry suspends once, with one email."""
+    it = seed(db)
+    probe.behaviour["SuspendAccount"] = {"error": "cPanel: suspendacct failed"}
+    write_hook(tmp_path, "suspend.py", recorder("SuspendAccount"), recorder("AfterModuleSuspendFailed"),
+               recorder("AfterModuleTerminateFailed"))
+    summary = run(db, with_grace(settings), now, load(tmp_path))
+    assert (summary.retrying, summary.suspended, summary.emails_queued) == (1, 0, 0)
+    call = probe.one("AfterModuleSuspendFailed")
+    assert_keys(call, "AfterModuleSuspendFailed")
+    assert "cPanel: suspendacct failed" in call.kwargs["error"]
+    assert call.kwargs["failureResponseMessage"] == "cPanel: suspendacct failed"
+    assert (call.seen["service_status"], call.seen["request_status"], call.seen["attempts"], call.seen["emails"]) == (
+        "Active", "pending", 1, 0)
+    assert probe.of("AfterModuleTerminateFailed") == []
+    request = get(db, CancellationRequest, it.request_id)
+    assert request.suspended_on is None and request.next_attempt_at is not None
+    # After the backoff, SuspendAccount works: suspended once, one email, attempts from 0 again.
+    probe.behaviour.clear()
+    later = request.next_attempt_at + dt.timedelta(minutes=1)
+    summary = run(db, with_grace(settings), later, load(tmp_path))
+    assert (summary.suspended, summary.emails_queued) == (1, 1)
+    request = get(db, CancellationRequest, it.request_id)
+    assert (request.status, request.suspended_on, request.grace_ends_on, request.attempts, request.last_error) == (
+        RequestStatus.PENDING, D, GRACE_ENDS, 0, None)
+    assert [e.template for e in emails(db)] == ["service_suspended_for_cancellation"]
+
+
+def test_hook_UnsuspendAccount(db, settings, now, tmp_path, invoke, probe):
+    """`requests withdraw` in the grace period: UnsuspendAccount before the commit; if it
+    fails, nothing changes (exit 2, the service stays suspended); then it works: the
+    service is Active again and the client gets service_unsuspended."""
+    it = seed(db)
+    run(db, with_grace(settings), now, HookRegistry())
+    assert get(db, Service, it.service_id).status is ServiceStatus.SUSPENDED
+    path = write_hook(tmp_path, "unsuspend.py", recorder("UnsuspendAccount"),
+                      recorder("CancellationRequestWithdrawn"))
+    probe.behaviour["UnsuspendAccount"] = {"error": "cPanel: unsuspendacct failed"}
+    result = ok(invoke("requests", "withdraw", it.request_id, "--note", "kept after all"), 2)
+    assert "request not withdrawn" in result.stderr and "cPanel: unsuspendacct failed" in result.stderr
+    assert f"unsuspend.py:{line_of(path, 'UnsuspendAccount')}" in result.stderr
+    assert "stays suspended" in result.stderr
+    request = get(db, CancellationRequest, it.request_id)
+    assert (request.status, request.grace_ends_on) == (RequestStatus.PENDING, GRACE_ENDS)
+    assert get(db, Service, it.service_id).status is ServiceStatus.SUSPENDED
+    assert probe.labels() == ["UnsuspendAccount"]  # no CancellationRequestWithdrawn: nothing was withdrawn
+
+    probe.calls.clear()
+    probe.behaviour.clear()
+    ok(invoke("requests", "withdraw", it.request_id, "--note", "kept after all"))
+    assert probe.labels() == ["UnsuspendAccount", "CancellationRequestWithdrawn"]
+    call = probe.one("UnsuspendAccount")
+    assert_keys(call, "UnsuspendAccount", CLI_PARAMS_MISMATCH)
+    kw = call.kwargs
+    assert (kw["request_id"], kw["idempotency_key"], kw["note"], kw["run_id"], kw["dry_run"]) == (
+        it.request_id, str(it.request_id), "kept after all", None, False)
+    assert kw["service"]["status"] == "Suspended" and kw["actor"]
+    assert kw["params"]["params"]["serviceid"] == it.service_id  # WHMCS's module parameters
+    # Before the commit: a fresh connection still sees it pending and suspended.
+    assert (call.seen["request_status"], call.seen["service_status"]) == ("pending", "Suspended")
+    assert get(db, CancellationRequest, it.request_id).status is RequestStatus.WITHDRAWN
+    assert get(db, Service, it.service_id).status is ServiceStatus.ACTIVE
+    assert [e.template for e in emails(db)] == ["service_suspended_for_cancellation", "service_unsuspended"]
+    # The suspension's email, still queued, is not sent: the client reads only that it is Active again.
+    assert [e.status.value for e in emails(db)] == ["withdrawn", "sent"]  # sent at once (send_after_create)
+    assert sorted((entity, action) for entity, action, _ in audit(db, it.request_id)[-4:]) == [
+        ("email", "withdrawn"), ("request", "unsuspended"), ("request", "withdrawn"), ("service", "unsuspended")]
 
 
 def test_hook_AddonCancelled(db, settings, now, tmp_path, probe):

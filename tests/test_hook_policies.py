@@ -45,8 +45,9 @@ def test_every_point_declares_a_policy_its_words_agree_with():
     for point in POINTS.values():
         assert isinstance(point.policy, Policy)
         assert point.fails_the_attempt == (point.policy in (Policy.VETO, Policy.FAIL, Policy.ABORT_SEND))
-    assert {p.name for p in POINTS.values() if p.policy is Policy.VETO} == {"PreModuleTerminate"}
-    assert {p.name for p in POINTS.values() if p.policy is Policy.FAIL} == {"TerminateAccount", "CancelSubscription"}
+    assert {p.name for p in POINTS.values() if p.policy is Policy.VETO} == {"PreModuleTerminate", "PreModuleSuspend"}
+    assert {p.name for p in POINTS.values() if p.policy is Policy.FAIL} == {
+        "TerminateAccount", "SuspendAccount", "UnsuspendAccount", "CancelSubscription"}
     assert {p.name for p in POINTS.values() if p.policy is Policy.ABORT_SEND} == {"EmailPreSend",
                                                                                   "CancellationReminder"}
     assert {p.name for p in POINTS.values() if p.policy is Policy.SUPPRESS} == {"DailyCronJobPreEmail"}

@@ -135,12 +135,14 @@ from processor import cancellations  # noqa: E402
 from processor.config import Settings  # noqa: E402
 from processor.db import open_database, upgrade  # noqa: E402
 from processor.errors import CancelprocError  # noqa: E402
-from processor.models import AuditEntry, EmailStatus, OutboxEmail  # noqa: E402
+from processor.models import AuditEntry, EmailStatus, OutboxEmail, Run  # noqa: E402
 from processor.outbox import withdraw_queued_emails  # noqa: E402
 from processor.run import Runner, RunOptions  # noqa: E402
 from tests import factories  # noqa: E402
 
 SERVICES = 4
+GRACED = 2  # the last GRACED of the SERVICES are of a product with a grace period
+GRACE_DAYS = 2
 
 
 class RequestLife(RuleBasedStateMachine):
@@ -152,7 +154,8 @@ class RequestLife(RuleBasedStateMachine):
         folder = Path(tempfile.mkdtemp())
         self.settings = Settings(database_url=f"sqlite:///{folder / 'c.db'}", app_root=folder,
                                  email={"staff_address": ""}, retry_backoff_minutes=0,
-                                 reminder_days=[3, 1])
+                                 reminder_days=[3, 1],
+                                 products={"Graced": {"grace_days": GRACE_DAYS}})
         self.db = open_database(self.settings.database_url, create=True)
         upgrade(self.db)
         self.now = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC)
@@ -161,10 +164,13 @@ class RequestLife(RuleBasedStateMachine):
                              for i in range(SERVICES)]
             # One client with no usable address: its requests fail and are retried.
             self.services.append(factories.service(s, email="").id)
+            for service_id in self.services[SERVICES - GRACED:SERVICES]:  # suspended first, cancelled later
+                s.get(Service, service_id).product.name = "Graced"
         self.requests: list[int] = []
         # The reminder keys of each request not pending, as first seen so: they must not grow.
         self.reminders_when_closed: dict[int, set[str]] = {}
         self.withdrawn_at_the_cli: set[int] = set()
+        self.processed_now: set[int] = set()  # `requests process --now`: may end a grace period early
 
     def teardown(self) -> None:
         self.db.dispose()
@@ -205,6 +211,7 @@ class RequestLife(RuleBasedStateMachine):
         with self.db.read_session() as s:
             if s.get(CancellationRequest, request_id).status is not RequestStatus.PENDING:
                 return  # the CLI refuses this before a run starts
+        self.processed_now.add(request_id)
         Runner(self.db, self.settings, clock=lambda: self.now).run(
             RunOptions(as_of=self.now.date(), request_ids=[request_id], ignore_due_date=True, digest=False))
 
@@ -276,6 +283,35 @@ class RequestLife(RuleBasedStateMachine):
                             and status[rid] is RequestStatus.WITHDRAWN and rid in self.withdrawn_at_the_cli]
         assert not queued_withdrawn, f"a withdrawn request's reminder is still queued: {queued_withdrawn}"
 
+
+def _grace_invariants(machine: RequestLife) -> None:
+    """The grace period: a suspended service has its request open (in its grace period); a
+    service is never cancelled before its grace period ends, nor suspended twice or told
+    twice; a withdrawn request never leaves its service suspended."""
+    with machine.db.read_session() as s:
+        for r in s.scalars(select(CancellationRequest)).all():
+            suspended_by_it = s.scalar(select(func.count()).select_from(AuditEntry).where(
+                AuditEntry.request_id == r.id, AuditEntry.entity == "service", AuditEntry.action == "suspended"))
+            told = s.scalar(select(func.count()).select_from(OutboxEmail).where(
+                OutboxEmail.request_id == r.id, OutboxEmail.template == "service_suspended_for_cancellation"))
+            assert suspended_by_it <= 1 and told == suspended_by_it, f"request {r.id} suspended twice"
+            assert (r.suspended_on is None) == (r.grace_ends_on is None) == (suspended_by_it == 0)
+            if r.service.status is ServiceStatus.SUSPENDED:
+                assert r.status is not RequestStatus.WITHDRAWN, f"withdrawn request {r.id} left its service suspended"
+            if r.status is RequestStatus.COMPLETED and r.suspended_on is not None and r.id not in machine.processed_now:
+                # cancelled by a run: not before the grace period ended (by the run's as-of date)
+                assert r.run_id is not None
+                as_of = s.get(Run, r.run_id).as_of
+                assert as_of >= r.grace_ends_on, f"request {r.id} cancelled on {as_of}, grace ends {r.grace_ends_on}"
+        for service in s.scalars(select(Service).where(Service.status == ServiceStatus.SUSPENDED)).all():
+            open_requests = s.scalars(select(CancellationRequest).where(
+                CancellationRequest.service_id == service.id,
+                CancellationRequest.status.in_((RequestStatus.PENDING, RequestStatus.FAILED)))).all()
+            assert [r.suspended_on is not None for r in open_requests] == [True], (
+                f"service {service.id} suspended without its request open in its grace period")
+
+
+RequestLife.grace_invariants = invariant()(_grace_invariants)  # type: ignore[attr-defined]
 
 RequestLife.TestCase.settings = hsettings(max_examples=25, stateful_step_count=15, deadline=None)
 # slow: one of the longest tests; started first (conftest.py), it does not hold up the end of the suite.

@@ -164,7 +164,8 @@ def test_a_request_whose_emails_went_out_gets_the_withdrawal_in_the_clients_lang
         withdrawn = cancelproc("requests", "withdraw", "1", "--json", port=server.port)
     assert withdrawn.exit_code == 0, withdrawn.output
     assert json.loads(withdrawn.stdout) == {"id": 1, "status": "withdrawn", "emails_withdrawn": [],
-                                            "emails_not_queued": [], "emails_sent": 1, "emails_not_sent": None}
+                                            "emails_not_queued": [], "emails_sent": 1, "emails_not_sent": None,
+                                            "unsuspended": False}
     assert [subject.split(" - ")[0] for _, subject in subjects(server)] == [
         "Eingang Ihrer Kündigung", "New Cancellation Request", "Kündigung zurückgenommen"]
     german = server.received[2].message.get_body(("plain",)).get_content()

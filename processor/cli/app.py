@@ -398,7 +398,8 @@ def request_row(r: CancellationRequest) -> dict[str, Any]:
             "reason_code": r.reason_code, "reason": r.reason, "status": r.status, "attempts": r.attempts,
             "last_error": r.last_error, "next_attempt_at": r.next_attempt_at, "created_at": r.created_at,
             "created_by": r.created_by, "processed_at": r.processed_at, "run_id": r.run_id,
-            "days_late": r.days_late, "external_id": r.external_id, "note": r.note}
+            "days_late": r.days_late, "external_id": r.external_id, "note": r.note,
+            "suspended_on": r.suspended_on, "grace_ends_on": r.grace_ends_on}
 
 
 def audit_rows(entries: Sequence[AuditEntry]) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from processor.cli.listing import echo_page, fetch_page, page_options
 from processor.cli.output import echo_fields, echo_json, echo_table
 from processor.cli.run import echo_summary
 from processor.due import due_before_clause, request_due_on, request_is_due
-from processor.emails import REQUEST_WITHDRAWN
+from processor.emails import REQUEST_WITHDRAWN, SERVICE_UNSUSPENDED
 from processor.errors import (
     CancelprocError,
     InputError,
@@ -169,8 +169,8 @@ def requests_list(app: App, status: str | None, client_id: int | None, service_i
     with app.database().read_session() as session:
         page = fetch_page(session, query, listed_request, limit=limit,
                           offset=offset, options=[contains_eager(r.service).joinedload(s.client)])
-    echo_page(page, ["id", "client", "domain", "type", "due_on", "status", "reason_code", "attempts", "created_at",
-                     "last_error"], as_json=as_json, empty="no requests")
+    echo_page(page, ["id", "client", "domain", "type", "due_on", "status", "grace_ends_on", "reason_code", "attempts",
+                     "created_at", "last_error"], as_json=as_json, empty="no requests")
 
 
 def listed_request(request: CancellationRequest) -> dict[str, Any]:
@@ -252,7 +252,8 @@ POINT_OF_ACTION = {AuditAction.VETOED: "PreModuleTerminate", AuditAction.ABORTED
 
 def _echo_request(row: dict[str, Any]) -> None:
     echo_fields([(k, row[k]) for k in ("id", "external_id", "service_id", "type", "cancel_on", "due_on", "due_now",
-                                       "status", "reason_code", "reason", "attempts", "last_error", "next_attempt_at",
+                                       "status", "suspended_on", "grace_ends_on", "reason_code", "reason", "attempts",
+                                       "last_error", "next_attempt_at",
                                        "created_at", "created_by", "processed_at", "run_id", "days_late", "note")])
     service, client = row["service"], row["client"]
     click.echo(f"service     {service['id']} {service['domain']} ({service['status'].value}, "
@@ -290,6 +291,12 @@ def requests_withdraw(app: App, request_id: int, note: str, as_json: bool) -> in
     Exit 1 if it could not be sent now: it stays queued for the next run or `emails send`.
 
     \b
+    A request in its grace period (its service suspended, grace_days) is withdrawn
+    with its suspension undone: the UnsuspendAccount hooks, the service Active again,
+    and the client gets Service Unsuspended instead. If UnsuspendAccount fails,
+    nothing changes (exit 2): the request stays in its grace period; try again.
+
+    \b
     Examples:
       cancelproc requests withdraw ext:R-1001 --note "client changed their mind"
     """
@@ -297,20 +304,26 @@ def requests_withdraw(app: App, request_id: int, note: str, as_json: bool) -> in
     now = utc_now()
     try:
         with database.session.begin() as session:
-            cancellations.withdraw_request(session, request_id, actor=app.operator, now=now, note=note)
+            unsuspended = cancellations.withdraw_request(session, request_id, actor=app.operator, now=now, note=note,
+                                                         hooks=hooks, today=app.today()).unsuspended
             held = [e.id for e in outbox.withdraw_queued_emails(session, request_id, now=now, actor=app.operator)]
-            not_queued = outbox.queue_request_emails(session, request_id, composer=composer, settings=app.settings,
-                                                     now=now, actor=app.operator, templates=(REQUEST_WITHDRAWN,))
+            not_queued = outbox.queue_request_emails(
+                session, request_id, composer=composer, settings=app.settings, now=now, actor=app.operator,
+                templates=(SERVICE_UNSUSPENDED if unsuspended else REQUEST_WITHDRAWN,))
     except HookFailed as exc:  # fail closed, as `create`: no withdrawal the client is not told of
-        raise CancelprocError(f"request not withdrawn: {exc}") from None
+        raise CancelprocError(f"request not withdrawn: {exc}"
+                              + ("; its service stays suspended" if exc.impl.point == "UnsuspendAccount" else "")
+                              ) from None
     cancellations.fire_request_withdrawn(database, hooks, request_id, actor=app.operator, note=note)
     sent, not_sent, failed = (_send_request_emails(app, request_id) if app.settings.email.send_after_create
                               else (0, None, False))
     if as_json:
-        echo_json({"id": request_id, "status": RequestStatus.WITHDRAWN.value, "emails_withdrawn": held,
+        echo_json({"id": request_id, "status": RequestStatus.WITHDRAWN.value, "unsuspended": unsuspended,
+                   "emails_withdrawn": held,
                    "emails_not_queued": not_queued, "emails_sent": sent, "emails_not_sent": not_sent})
     else:
         click.echo(f"request {request_id} withdrawn"
+                   + ("; its service is Active again (it was suspended in its grace period)" if unsuspended else "")
                    + (f"; {len(held)} queued email(s) about it will not be sent" if held else "")
                    + (f"; {sent} email(s) sent" if sent else ""))
         for line in [*not_queued, *([not_sent] if not_sent else [])]:

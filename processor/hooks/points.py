@@ -61,9 +61,16 @@ class HookPoint:
 MODULE_PARAMS = ("serviceid", "accountid", "userid", "pid", "packageid", "domain", "username", "producttype",
                  "moduletype", "clientsdetails")
 # The points where WHMCS passes the module parameters as $vars['params'].
-MODULE_POINTS = ("PreModuleTerminate", "TerminateAccount", "AfterModuleTerminate", "AfterModuleTerminateFailed")
+MODULE_POINTS = ("PreModuleTerminate", "TerminateAccount", "AfterModuleTerminate", "AfterModuleTerminateFailed",
+                 "PreModuleSuspend", "SuspendAccount", "AfterModuleSuspend", "AfterModuleSuspendFailed",
+                 "UnsuspendAccount")
 # WHMCS's name of the one automation task a run is (PreAutomationTask / PostAutomationTask).
 CANCELLATION_TASK = "CancellationRequests"
+
+# What the suspension points of a grace period give besides REQUEST: the product's grace
+# days, the date the run will cancel the service, and WHMCS's `suspendreason` (a module's
+# SuspendAccount reads $params['suspendreason']).
+SUSPENSION = ("grace_days", "grace_ends_on", "suspendreason")
 
 # What every per-request point gives. `idempotency_key` is the request id as a string:
 # TerminateAccount may run more than once for one request (at least once, see docs/hooks.md).
@@ -145,6 +152,28 @@ POINTS: dict[str, HookPoint] = {p.name: p for p in (
               "(immediate_refund = 'credit'), after ServiceCancelled: book it in the billing system. "
               "`idempotency_key` is 'cancelproc:credit:request:<id>' here",
               "ignored"),
+    HookPoint("PreModuleSuspend", (*REQUEST, *SUSPENSION),
+              "before a due request of a product with grace_days suspends its service (also in --dry-run)",
+              "as PreModuleTerminate: {'abortcmd': True, 'reason': ...} vetoes (the request stays pending and is "
+              "retried); any other dict merges its keys into `params` for the hooks after it",
+              Policy.VETO, whmcs=("params", "suspendreason")),
+    HookPoint("SuspendAccount", (*REQUEST, *SUSPENSION),
+              "the external suspension, after PreModuleSuspend and the email; never in --dry-run",
+              "as TerminateAccount: an error fails the attempt (nothing is changed, AfterModuleSuspendFailed "
+              "fires, the request is retried with backoff)",
+              Policy.FAIL, whmcs=("params", "suspendreason")),
+    HookPoint("AfterModuleSuspend", (*REQUEST, *SUSPENSION),
+              "the suspension was committed (the service Suspended, the request pending in its grace period)",
+              "ignored", whmcs=("params", "suspendreason")),
+    HookPoint("AfterModuleSuspendFailed", (*REQUEST, *SUSPENSION, "error", "failureResponseMessage"),
+              "an attempt to suspend failed, after it is recorded (as AfterModuleTerminateFailed)",
+              "ignored", whmcs=("params", "suspendreason", "failureResponseMessage")),
+    HookPoint("UnsuspendAccount", (*REQUEST, "actor", "note"),
+              "a request in its grace period is being withdrawn (`requests withdraw`): the external "
+              "unsuspension, before the withdrawal is committed",
+              "an error (as TerminateAccount) or raising: the request is not withdrawn, the service stays "
+              "suspended, `requests withdraw` exits 2 saying why",
+              Policy.FAIL, whmcs=("params",)),
     HookPoint("PostAutomationTask",
               ("params", "task", "completed", "run_id"),
               "once per run, after its last request (task 'CancellationRequests'; completed False when the run "

@@ -5,6 +5,11 @@ PreModuleTerminate hooks (a veto stops here), the confirmation email (EmailPreSe
 then the template), and last TerminateAccount, the one step with an effect outside, so
 that every step that can fail fails before it. Any exception becomes an ERROR outcome for
 that request alone.
+
+A request whose product has a grace period (grace_days) is decided twice: when due, its
+service is suspended (PreModuleSuspend, the email service_suspended_for_cancellation,
+SuspendAccount: the same order, the same failures); once its grace period has ended
+(`grace_ends_on`, stored when suspended), it is cancelled as above.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 from processor.credits import Credit, PaidInvoice, unused_credit
-from processor.due import business_today, days_late
-from processor.emails import SERVICE_CANCELLATION_CONFIRMATION, Writing
+from processor.due import ONE_DAY, business_today, days_late
+from processor.emails import SERVICE_CANCELLATION_CONFIRMATION, SERVICE_SUSPENDED, Writing
 from processor.errors import InputError, one_line
 from processor.hooks import HookFailed, HookRegistry
 from processor.models import CLOSED_SERVICE_STATUSES, ServiceStatus
@@ -29,11 +34,14 @@ from processor.run.outcome import Action, Outcome
 
 # A client's language -> the run's common merge fields in the language its email is written in, and how it writes.
 RunFields = Callable[[str | None], tuple[dict[str, Any], Writing]]
+# A request row -> its product's grace_days (config.Settings.for_product).
+GraceDays = Callable[[Any], int]
 
 # The points that fire for each request: when none has a hook, no request's params are built.
 PER_REQUEST_POINTS = ("PreModuleTerminate", "EmailPreSend", "TerminateAccount", "CancelSubscription",
                       "AfterModuleTerminate", "CreditIssued",
-                      "AfterModuleTerminateFailed", "AddonCancelled", "InvoiceCancelled", "ServiceCancelled")
+                      "AfterModuleTerminateFailed", "AddonCancelled", "InvoiceCancelled", "ServiceCancelled",
+                      "PreModuleSuspend", "SuspendAccount", "AfterModuleSuspend", "AfterModuleSuspendFailed")
 
 
 class Orphan(NamedTuple):
@@ -47,12 +55,17 @@ class Orphan(NamedTuple):
 
 class Decider:
     """Decides requests. Everything it needs is passed in: the hooks, the email composer,
-    the business time zone."""
+    the business time zone, and each product's grace days (None: no product has any, and
+    no request is asked)."""
 
-    def __init__(self, hooks: HookRegistry, composer: Composer, zone: ZoneInfo) -> None:
+    def __init__(self, hooks: HookRegistry, composer: Composer, zone: ZoneInfo,
+                 grace_days: GraceDays | None = None) -> None:
         self.hooks = hooks
         self.composer = composer
         self.zone = zone
+        self.grace_days = grace_days
+        # The suspension emails' common fields, by (language, grace end): few per run.
+        self._suspension_fields: dict[tuple[dt.date, str | None, dt.date], tuple[dict[str, Any], Writing]] = {}
         # Building a request's hook params costs time; only when some hook will read them.
         self.hooked = any(hooks.has(p) for p in PER_REQUEST_POINTS)
         self.cancels_subscriptions = hooks.has("CancelSubscription")
@@ -76,35 +89,65 @@ class Decider:
         the database write. Never raises. `paid`: the service's last paid invoice, given
         for an Immediate request when immediate_refund is "credit" (else None: no credit)."""
         params = None
+        grace = 0  # > 0: this is the first phase of a grace period (suspend)
         try:
-            # Lateness counts from the due date, but never from before the request was made.
-            late = days_late(row.type, row.effective_date, business_today(row.created_at, self.zone), as_of)
+            grace_ends_on = row.grace_ends_on
+            if grace_ends_on is None:
+                # Lateness counts from the due date, but never from before the request was made.
+                late = days_late(row.type, row.effective_date, business_today(row.created_at, self.zone), as_of)
+            else:  # suspended: its cancellation was due when its grace period ended
+                late = max(0, (as_of - grace_ends_on).days)
             if row.service_status in CLOSED_SERVICE_STATUSES:
                 return Outcome(row.id, row.service_id, Action.NOOP, late, row.attempts,
                                service_status=row.service_status._value_)
+            if grace_ends_on is None and self.grace_days is not None:
+                grace = self._grace(row)
+            if grace:
+                grace_ends_on = as_of + grace * ONE_DAY
             if self.hooked:
                 # WHMCS's module parameters ride along as params["params"], built only if read.
                 params = request_params(row, run_id=run_id, as_of=as_of, dry_run=dry_run, params=ModuleParams(row))
-                veto = self.hooks.apply("PreModuleTerminate", params).vetoed
+                if grace:
+                    params.update(grace_days=grace, grace_ends_on=grace_ends_on,
+                                  suspendreason=f"Cancellation requested: cancelled on {grace_ends_on}")
+                veto = self.hooks.apply("PreModuleSuspend" if grace else "PreModuleTerminate", params).vetoed
                 if veto is not None:
                     return Outcome(row.id, row.service_id, Action.VETOED, late, row.attempts, error=veto,
-                                   params=params)
-            credit = None if paid is None else unused_credit(row.client_id, paid, row.next_due_date,
-                                                             row.billing_cycle, as_of)
-            composed = self._compose(row, run_fields, run_id, dry_run, credit)
+                                   params=params, suspending=bool(grace))
+            credit = None
+            if grace:
+                composed = self._compose_suspension(row, as_of, grace_ends_on, run_id, dry_run)
+            else:
+                credit = None if paid is None else unused_credit(row.client_id, paid, row.next_due_date,
+                                                                 row.billing_cycle, as_of)
+                composed = self._compose(row, run_fields, run_id, dry_run, credit)
             if params is not None and not dry_run:
-                self.hooks.apply("TerminateAccount", params)  # raises HookFailed on an error
-                if self.cancels_subscriptions and row.subscription_id:
-                    # After the deprovisioning: a service still running (TerminateAccount failed)
-                    # keeps being billed until a later attempt has stopped it.
-                    self.hooks.apply("CancelSubscription", subscription_params(params, row.subscription_id))
-            return Outcome(row.id, row.service_id, Action.CANCEL, late, row.attempts, composed.email,
-                           service_status=row.service_status._value_, params=params,
-                           email_aborted_by=composed.aborted_by, credit=credit)
+                if grace:  # the subscription runs on: a withdrawal in the grace period keeps the service
+                    self.hooks.apply("SuspendAccount", params)  # raises HookFailed on an error
+                else:
+                    self.hooks.apply("TerminateAccount", params)  # raises HookFailed on an error
+                    if self.cancels_subscriptions and row.subscription_id:
+                        # After the deprovisioning: a service still running (TerminateAccount failed)
+                        # keeps being billed until a later attempt has stopped it.
+                        self.hooks.apply("CancelSubscription", subscription_params(params, row.subscription_id))
+            return Outcome(row.id, row.service_id, Action.SUSPEND if grace else Action.CANCEL, late, row.attempts,
+                           composed.email, service_status=row.service_status._value_, params=params,
+                           email_aborted_by=composed.aborted_by, credit=credit, suspending=bool(grace),
+                           grace_ends_on=grace_ends_on if grace else None)
         except Exception as exc:  # one bad request never stops the others
             message = str(exc) if isinstance(exc, HookFailed) else one_line(exc)
             return Outcome(row.id, row.service_id, Action.ERROR, attempts=row.attempts, error=message, params=params,
-                           response=exc.response if isinstance(exc, HookFailed) else message)
+                           response=exc.response if isinstance(exc, HookFailed) else message,
+                           suspending=bool(grace))
+
+    def _grace(self, row: Any) -> int:
+        """The grace days of this request's product; 0 for a service already Suspended (for
+        unpaid invoices, say): it is cancelled at once, as without a grace period, and a
+        withdrawal never unsuspends what cancelproc did not suspend."""
+        assert self.grace_days is not None
+        if row.service_status is ServiceStatus.SUSPENDED:
+            return 0
+        return self.grace_days(row)
 
     def _compose(self, row: Any, run_fields: RunFields, run_id: int | None, dry_run: bool,
                  credit: Credit | None) -> Composed:
@@ -118,6 +161,28 @@ class Decider:
                 SERVICE_CANCELLATION_CONFIRMATION,
                 key=email_key(SERVICE_CANCELLATION_CONFIRMATION, "request", row.id), to_address=row.email,
                 fields=fields, language=row.language, request_id=row.id,
+                run_id=run_id, dry_run=dry_run)
+        except UnsafeEmail as exc:
+            if exc.header != "recipient":
+                raise
+            raise InputError(f"client of service {row.service_id} has no valid email address ({row.email!r})") \
+                from None
+
+    def _compose_suspension(self, row: Any, as_of: dt.date, grace_ends_on: dt.date, run_id: int | None,
+                            dry_run: bool) -> Composed:
+        """The client's Service Suspended for Cancellation: suspended today, cancelled on
+        `grace_ends_on` (service_cancellation_date) unless they ask to keep it."""
+        key = (as_of, row.language, grace_ends_on)
+        if key not in self._suspension_fields:
+            writing = self.composer.writing(SERVICE_SUSPENDED, row.language)
+            self._suspension_fields[key] = (self.composer.common_fields(
+                as_of, writing.language, cancellation_date=grace_ends_on,
+                service_status=ServiceStatus.SUSPENDED.value), writing)
+        common, writing = self._suspension_fields[key]
+        try:
+            return self.composer.compose(
+                SERVICE_SUSPENDED, key=email_key(SERVICE_SUSPENDED, "request", row.id), to_address=row.email,
+                fields=request_fields(row, common, writing), language=row.language, request_id=row.id,
                 run_id=run_id, dry_run=dry_run)
         except UnsafeEmail as exc:
             if exc.header != "recipient":

@@ -16,6 +16,7 @@ from processor.outbox import QueuedEmail
 
 class Action(StrEnum):
     CANCEL = "cancel"  # cancel the service, its add-ons and unpaid invoices; queue the email
+    SUSPEND = "suspend"  # grace period: suspend the service, queue its email; cancelled on grace_ends_on
     NOOP = "no-op"  # the service is already Cancelled or Terminated: complete the request only
     ERROR = "error"  # this attempt failed; retried later, or failed after max_attempts
     VETOED = "vetoed"  # a PreModuleTerminate hook said no; retried like an error
@@ -57,6 +58,8 @@ class Outcome:
     invoices: Sequence[dict[str, Any]] = ()  # cancelled with it, for InvoiceCancelled
     credit: Credit | None = None  # immediate_refund = "credit": the unused part of the paid period
     credit_id: int | None = None  # the credits row, once written (for CreditIssued)
+    suspending: bool = False  # the first phase of a grace period (SUSPEND, or its failed attempt)
+    grace_ends_on: dt.date | None = None  # SUSPEND: the day the run cancels the service
 
 
 @dataclass
@@ -65,6 +68,7 @@ class Tally:
 
     due: int = 0
     completed: int = 0
+    suspended: int = 0
     noop: int = 0
     retrying: int = 0
     failed: int = 0
@@ -85,6 +89,12 @@ class Tally:
                     t.emails_queued += o.email is not None
                 else:
                     t.noop += 1
+                if o.days_late > 0:
+                    t.late += 1
+                    t.max_days_late = max(t.max_days_late, o.days_late)
+            elif action is Action.SUSPEND:
+                t.suspended += 1
+                t.emails_queued += o.email is not None
                 if o.days_late > 0:
                     t.late += 1
                     t.max_days_late = max(t.max_days_late, o.days_late)

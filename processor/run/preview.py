@@ -1,7 +1,9 @@
 """`run --dry-run`: what the run would do to each due request, reading only (no lease).
 
 Each request is decided as the run would (vetoes and the email included; TerminateAccount
-is never called), chunk by chunk, so memory stays flat however many are due. Then the
+and SuspendAccount are never called), chunk by chunk, so memory stays flat however many
+are due. A request whose product has a grace period shows `suspend` (its add-ons and
+invoices are not touched then); one whose grace period has ended, `cancel`. Then the
 reminders the run would queue (action `remind`; CancellationReminder and EmailPreSend
 hooks see dry_run=True).
 """
@@ -14,7 +16,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from processor.run.decide import Decider, orphan_outcome
-from processor.run.outcome import Action, RunOptions
+from processor.run.outcome import Action, Outcome, RunOptions
 from processor.run.reminders import Reminders
 from processor.run.store import Reading, due_chunks, paid_for
 
@@ -25,6 +27,15 @@ PREVIEW_COLUMNS = ["request_id", "service_id", "client", "product", "domain", "t
 
 # The action of a reminder's line (the requests' are outcome.Action values).
 REMIND = "remind"
+
+
+def _detail(o: Outcome, row: Any) -> str:
+    """What the preview says of a request: its error, else its email (or why none)."""
+    if o.error:
+        return o.error
+    said = (o.email.subject if o.email else f"email aborted by {o.email_aborted_by}" if o.email_aborted_by
+            else f"service already {row.service_status.value}")
+    return f"suspended until {o.grace_ends_on}, then cancelled; {said}" if o.action is Action.SUSPEND else said
 
 
 def preview(reading: Reading, decider: Decider, options: RunOptions, *, now: dt.datetime, chunk_size: int,
@@ -49,15 +60,13 @@ def preview(reading: Reading, decider: Decider, options: RunOptions, *, now: dt.
                 "request_id": row.id, "service_id": row.service_id,
                 "client": f"{row.first_name} {row.last_name}".strip(), "product": row.product_name,
                 "domain": row.domain, "type": str(row.type),
-                "due_on": row.effective_date,
+                "due_on": row.effective_date,  # in a grace period: its end (the suspension moved it)
                 "days_late": o.days_late, "action": str(o.action),
                 "addons": ", ".join(addons.get(row.service_id, [])) if cancel else "",
                 "unpaid_invoices": ", ".join(invoices.get(row.service_id, [])) if cancel else "",
                 "credit": o.credit.amount if cancel and o.credit is not None else None,
                 "email_to": o.email.to_address if o.email else "",
-                "detail": o.error or (o.email.subject if o.email else
-                                      f"email aborted by {o.email_aborted_by}" if o.email_aborted_by else
-                                      f"service already {row.service_status.value}"),
+                "detail": _detail(o, row),
             }
     limit = None if options.limit is None else options.limit - shown
     if limit is None or limit > 0:

@@ -40,7 +40,7 @@ from processor.due import ONE_DAY, business_today, start_of_day
 from processor.emails import CANCELLATION_REMINDER
 from processor.errors import one_line
 from processor.hooks import HookFailed, HookRegistry
-from processor.models import CancellationRequest, OutboxEmail, Product, RequestStatus, RequestType
+from processor.models import CancellationRequest, OutboxEmail, RequestStatus, RequestType
 from processor.outbox import Composer, QueuedEmail, UnsafeEmail, email_key, queue, request_fields
 from processor.params import ModuleParams, plain_rows, request_params, request_select
 from processor.run.store import Reading
@@ -72,8 +72,7 @@ def reminder_due(days_list: Sequence[int], effective_on: dt.date, created_on: dt
 class Reminder:
     """One reminder to queue (or, in a dry run, to show)."""
 
-    row: Any  # the candidate row: `params.request_select(for_hooks=True)` columns, then product_external_id,
-    # effective_on
+    row: Any  # the candidate row: `params.request_select(for_hooks=True)` columns, then effective_on
     effective_on: dt.date
     days: int  # the reminder_days entry it is for
     days_left: int  # days from as_of to effective_on (days < days_left never; after missed nights days > it)
@@ -124,9 +123,10 @@ class Reminders:
         days after it, in id order (the caller sets the limit)."""
         effective = R.effective_date  # stored; with the id in the scan's index, tested before the row is read
         zone = self.settings.zone
-        return (_SELECT.add_columns(Product.external_id.label("product_external_id"),
-                                    effective.label("effective_on"))
-                .where(R.status == RequestStatus.PENDING, R.id > after_id,
+        return (_SELECT.add_columns(effective.label("effective_on"))
+                # Not in a grace period: the suspension's email told the client the date, and
+                # the service is off already (its effective date is the end of the grace period).
+                .where(R.status == RequestStatus.PENDING, R.id > after_id, R.suspended_on.is_(None),
                        R.type.in_((RequestType.END_OF_BILLING_PERIOD, RequestType.ON_DATE)),
                        R.created_at < start_of_day(as_of + ONE_DAY, zone),
                        effective > as_of, effective <= as_of + dt.timedelta(days=self.horizon))

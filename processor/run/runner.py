@@ -50,10 +50,26 @@ from processor.run.store import RunStore, StoreRules, due_chunks, paid_for
 # plain strings once, not an enum property read each time).
 _CANCELLED = ServiceStatus.CANCELLED.value
 _COMPLETED = RequestStatus.COMPLETED.value
+_SUSPENDED = ServiceStatus.SUSPENDED.value
 
 Clock = Callable[[], dt.datetime]
 Progress = Callable[[int], None]
 Chunks = Iterator[tuple[list[Outcome], Tally]]
+
+
+def grace_days_of(settings: Settings) -> Callable[[Any], int] | None:
+    """Each request row's product grace_days (`Settings.for_product`, once per product), or
+    None when no product has any: then the run asks nothing per request."""
+    if not any(p.grace_days for p in settings.products.values()):
+        return None
+    known: dict[tuple[str | None, str], int] = {}
+
+    def grace_days(row: Any) -> int:
+        key = (row.product_external_id, row.product_name)
+        if key not in known:
+            known[key] = settings.for_product(*key).grace_days
+        return known[key]
+    return grace_days
 
 
 class RunStopped(Exception):
@@ -86,7 +102,7 @@ class Runner:
         self.templates = templates or EmailTemplates(
             settings.path(settings.email.templates_dir) if settings.email.templates_dir else None)
         self.composer = Composer(self.templates, self.hooks, settings.email)
-        self.decider = Decider(self.hooks, self.composer, settings.zone)
+        self.decider = Decider(self.hooks, self.composer, settings.zone, grace_days_of(settings))
         self.reminders = Reminders(settings, self.composer, self.hooks)
         self.deliverer = deliverer  # None: emails stay queued for `emails send`
         self.progress = progress
@@ -334,7 +350,9 @@ class Runner:
         for o in outcomes:
             if o.params is None:
                 continue
-            if o.action is Action.CANCEL:
+            if o.suspending:
+                self._after_suspension(o)
+            elif o.action is Action.CANCEL:
                 # The params were read before the write; the hooks after it see what was committed
                 # (new dicts: a hook before the write may have kept the old ones).
                 params = {**o.params, "service": {**o.params["service"], "status": _CANCELLED},
@@ -356,6 +374,17 @@ class Runner:
                 apply("AfterModuleTerminateFailed", {**o.params, "error": o.error,
                                                      "failureResponseMessage": o.response})
 
+    def _after_suspension(self, o: Outcome) -> None:
+        """AfterModuleSuspend (the suspension committed) or AfterModuleSuspendFailed."""
+        assert o.params is not None
+        if o.action is Action.SUSPEND:
+            self.hooks.apply("AfterModuleSuspend", {
+                **o.params, "service": {**o.params["service"], "status": _SUSPENDED},
+                "request": {**o.params["request"], "grace_ends_on": o.grace_ends_on}})
+        elif o.action is Action.ERROR:
+            self.hooks.apply("AfterModuleSuspendFailed", {**o.params, "error": o.error,
+                                                          "failureResponseMessage": o.response})
+
     def _deliver(self, summary: RunSummary) -> None:
         """Send the outbox (this run's emails and any older ones due a retry)."""
         assert self.deliverer is not None
@@ -374,6 +403,7 @@ class Runner:
         summary.status = RunStatus.COMPLETED_WITH_FAILURES if summary.exit_code else RunStatus.COMPLETED
         self._finish(run_id, summary.status, summary=summary)
         self.log.info("run finished", status=str(summary.status), due=summary.due, completed=summary.completed,
+                      suspended=summary.suspended,
                       noop=summary.noop, retrying=summary.retrying, failed=summary.failed, vetoed=summary.vetoed,
                       emails_queued=summary.emails_queued, reminders_queued=summary.reminders_queued,
                       emails_sent=summary.emails_sent,

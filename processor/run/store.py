@@ -28,7 +28,7 @@ from processor.credits import PaidInvoice
 from processor.db import Database
 from processor.digest import recorded_failures
 from processor.due import due_clause, ready_clause
-from processor.emails import SERVICE_CANCELLATION_CONFIRMATION
+from processor.emails import SERVICE_CANCELLATION_CONFIRMATION, SERVICE_SUSPENDED
 from processor.errors import one_line
 from processor.models import (
     CLOSED_SERVICE_STATUSES,
@@ -99,7 +99,7 @@ class RunStore:
             # Backoff: a request that failed recently waits for its next attempt time.
             stmt = stmt.where(ready_clause(now))
         if not options.ignore_due_date:
-            stmt = stmt.where(due_clause(options.as_of, self.rules.zone))
+            stmt = stmt.where(due_clause(options.as_of))
         return stmt
 
     def read_due(self, options: RunOptions, now: dt.datetime, after_id: int, size: int) -> list[Any]:
@@ -204,15 +204,26 @@ class RunStore:
         ids = [o.request_id for o in outcomes if o.action is not Action.SKIPPED]
         if not ids:
             return
-        # Claim again under the write lock: only requests still pending are ours to write.
-        still_pending = set(self.conn.scalars(
-            select(R.id).where(self.db.in_ids(R.id, ids), R.status == RequestStatus.PENDING).with_for_update()))
+        # Claim again under the write lock: only requests still pending are ours to write (and
+        # a suspension only of one not suspended yet: each phase of a grace period once).
+        still_pending = {request_id: grace_ends_on for request_id, grace_ends_on in self.conn.execute(
+            select(R.id, R.grace_ends_on).where(self.db.in_ids(R.id, ids), R.status == RequestStatus.PENDING)
+            .with_for_update())}
         for o in outcomes:
-            if o.request_id not in still_pending:
+            if o.request_id not in still_pending or (
+                    o.suspending and still_pending[o.request_id] is not None):
                 o.action = Action.SKIPPED
         cancels = [o for o in outcomes if o.action is Action.CANCEL]
         noops = [o for o in outcomes if o.action is Action.NOOP]
         audit = _Audit(self.conn, run_id, now)
+        suspends = [o for o in outcomes if o.action is Action.SUSPEND]
+        if suspends:
+            self._suspend_services(audit, suspends, run_id, as_of)
+            queue(self.conn, [o.email for o in suspends if o.email], run_id=run_id, now=now,
+                  from_address=self.rules.from_address)
+            audit.rows([(o.request_id, AuditEntity.EMAIL, o.request_id, AuditAction.ABORTED,
+                         f"{SERVICE_SUSPENDED} not queued: abortsend from {o.email_aborted_by}")
+                        for o in suspends if o.email_aborted_by])
         if cancels:
             self._cancel_services(audit, cancels, as_of)
             credited = [o for o in cancels if o.credit is not None] if self.rules.credits else None
@@ -230,6 +241,32 @@ class RunStore:
         for o in outcomes:
             if o.action in FAILED_ATTEMPT:
                 self._record_failure(audit, o, run_id, now)
+
+    def _suspend_services(self, audit: _Audit, suspends: list[Outcome], run_id: int, as_of: dt.date) -> None:
+        """The first phase of a grace period: suspend these requests' services and record, on
+        each request, the day it was suspended and the day its grace period ends. The request
+        stays pending (open); its attempts start again from 0 for the cancellation. Audited."""
+        chunk = self.db.in_ids(R.id, [o.request_id for o in suspends])
+        audit.select(AuditEntity.SERVICE, select(R.id, S.id, literal(AuditAction.SUSPENDED.value),
+                                                 literal("was ") + S.status + literal(f"; suspended {as_of}"))
+                     .join(S, S.id == R.service_id).where(chunk))
+        audit.rows([(o.request_id, AuditEntity.REQUEST, o.request_id, AuditAction.SUSPENDED,
+                     f"grace period: service suspended; cancelled on {o.grace_ends_on} unless withdrawn")
+                    for o in suspends])
+        services = select(R.service_id).where(chunk).scalar_subquery()
+        self.conn.execute(update(S).where(S.id.in_(services), S.status.not_in(CLOSED_SERVICE_STATUSES))
+                          .values(status=ServiceStatus.SUSPENDED))
+        by_end: dict[dt.date, list[int]] = {}  # few distinct ends (one per grace_days value): one UPDATE each
+        for o in suspends:
+            assert o.grace_ends_on is not None
+            by_end.setdefault(o.grace_ends_on, []).append(o.request_id)
+        for grace_ends_on, request_ids in by_end.items():
+            self.conn.execute(update(R).where(self.db.in_ids(R.id, request_ids)).values(
+                # The cancellation now takes effect at the end of the grace period: the due scan
+                # (the effective date, in its index) takes it again then, and nothing before.
+                effective_date=grace_ends_on,
+                suspended_on=as_of, grace_ends_on=grace_ends_on, run_id=run_id, days_late=None,
+                attempts=0, last_error=None, next_attempt_at=None))
 
     def _cancel_services(self, audit: _Audit, cancels: list[Outcome], as_of: dt.date) -> None:
         """Cancel the services of these requests, their add-ons and unpaid invoices; audit each.
