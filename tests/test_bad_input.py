@@ -91,6 +91,7 @@ def option_values(command: click.Command, name: str) -> list[str]:
 # A valid invocation (the bad value replaces or joins it). Ids refer to the seeded data.
 VALID: dict[str, list[str]] = {
     "db upgrade": [],
+    "db find-index": [],
     "init": [],
     "run": [],
     "schedule": ["--at", "02:00"],

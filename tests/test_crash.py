@@ -641,6 +641,8 @@ def test_kill_9_during_reminders_queues_each_exactly_once(tmp_path: Path) -> Non
                 con.execute("UPDATE services SET next_due_date = ? WHERE id = ?", (effective, rid))
                 con.execute("UPDATE cancellation_requests SET cancel_on = ? WHERE id = ? AND type = 'On Date'",
                             (effective, rid))
+                # The date the run goes by, stored when a request is made (as an import recomputes it).
+                con.execute("UPDATE cancellation_requests SET effective_date = ? WHERE id = ?", (effective, rid))
     finally:
         con.close()
     expected = {f"{REMINDER}:request:{rid}:{1 if days == 1 else 7}" for rid, days in ahead.items()}
@@ -738,8 +740,8 @@ def test_kill_9_suspends_once_then_cancels_once(tmp_path: Path) -> None:
     con = sqlite3.connect(db_path)
     try:
         with con:
-            con.execute("UPDATE cancellation_requests SET type = 'Immediate', cancel_on = NULL, created_at = ?",
-                        (created,))
+            con.execute("UPDATE cancellation_requests SET type = 'Immediate', cancel_on = NULL, created_at = ?, "
+                        "effective_date = ?", (created, created[:10]))  # Immediate: the day it was made
     finally:
         con.close()
     graced = {rid for (rid,) in query(db_path, "SELECT r.id FROM cancellation_requests r JOIN services s "

@@ -93,7 +93,7 @@ def test_an_unreachable_database_is_reported_by_status_and_the_metrics(tmp_path)
                                   capture_output=True, text=True, timeout=120)
 
         first = cancelproc("run")
-        assert first.returncode == 2, first.stderr  # DatabaseError at open (exit code as before)
+        assert first.returncode == 75, first.stderr  # the server is not there: try again later (EX_TEMPFAIL)
         # No terminal, as under cron: the log and the error line are JSON lines.
         errors = [error_text(line) for line in first.stderr.splitlines() if '"exit_code"' in line]
         assert len(errors) == 1 and errors[0].startswith("error: ") and "Traceback" not in first.stderr

@@ -61,8 +61,9 @@ def test_wrong_but_well_formed_data_ends_in_recorded_outcomes(db, settings, now)
     summary = Runner(db, settings, clock=lambda: now).run(RunOptions(as_of=now.date()))
     with db.read_session() as s:
         got = {i: s.get(CancellationRequest, i) for i in ids}
-    # Long overdue: applied, and how late is recorded (from the day it was made, not 1970).
-    assert got[ancient.id].status is RequestStatus.COMPLETED and got[ancient.id].days_late == 6
+    # Long overdue: applied, and how late is recorded: not from 1970 but, as for an Immediate
+    # request, from the first nightly run after the day it was made (11-20: the 21st).
+    assert got[ancient.id].status is RequestStatus.COMPLETED and got[ancient.id].days_late == 5
     assert got[far.id].status is RequestStatus.PENDING  # not due until 9999: left alone
     # No hook handles its module: nothing external to do, so it is cancelled (docs/hooks.md).
     assert got[module.id].status is RequestStatus.COMPLETED

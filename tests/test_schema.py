@@ -248,7 +248,7 @@ def test_migration_credits_adds_the_table_and_the_audit_action_and_goes_back(db)
     with db.engine.begin() as conn:
         conn.exec_driver_sql(audit.format(action="credited"))
     if db.engine.dialect.name == "sqlite":
-        assert "action = 'import_updated' OR action = 'credited')" in _check_constraints(db)
+        assert "action = 'import_updated' OR action = 'credited'" in _check_constraints(db)
     cfg = dbmod._alembic_config(db)
     with db.engine.begin() as conn:
         cfg.attributes["connection"] = conn
