@@ -9,14 +9,11 @@ them (SQLite without the trigram tokenizer, PostgreSQL without the right to crea
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, column, func, literal_column, select, table
 from sqlalchemy.exc import DBAPIError, OperationalError
-
-log = logging.getLogger(__name__)
 
 # A trigram index answers a text of at least three characters; a shorter one reads the table.
 SHORTEST = 3
