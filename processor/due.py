@@ -72,7 +72,6 @@ def due_before_clause(day: dt.date, zone: ZoneInfo | None = None) -> ColumnEleme
     return CancellationRequest.effective_date < day
 
 
-
 def ready_clause(now: dt.datetime) -> ColumnElement[bool]:
     """Not waiting out a backoff: a request that failed or was vetoed waits for its next
     attempt time. With `due_clause`, the one rule of what a run takes now (the run, the
