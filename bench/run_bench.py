@@ -84,17 +84,6 @@ IO_BOUND_SLEEP_S = 0.2  # what its TerminateAccount hook waits, per request
 TARGET_IO_WALL_S = 30  # the I/O-bound case's wall time, run process start to exit
 SAMPLE_EVERY_S = 0.05  # how often the workers' peak RSS is read
 
-# Kept in step with processor/config.py's default reason_codes.
-REASONS = [
-    ("too_expensive", "Found a cheaper plan elsewhere."),
-    ("missing_features", "We need Node.js hosting, which the plan does not offer."),
-    ("switched_service", "Moving everything to our new provider."),
-    ("unused", "Project finished, the site is no longer needed."),
-    ("customer_service", "Waited three days for a reply to a ticket."),
-    ("too_complex", "The control panel is too complicated for us."),
-    ("low_quality", "Frequent downtime in the last month."),
-    ("other", "Company is closing."),
-]
 PRODUCTS = [  # name, provisioning module, billing cycle, amount
     ("Shared Hosting Starter", "cpanel", "Monthly", "4.99"),
     ("Shared Hosting Pro", "cpanel", "Monthly", "9.99"),
@@ -180,6 +169,8 @@ def dataset(n: int, today: dt.date, now: dt.datetime,
     """The bench's data, table by table in foreign-key order: (table, columns, rows). The
     same rows go into SQLite and PostgreSQL (dates, amounts and timestamps as text).
     `reminders`: that many more services and requests, not due, each due a reminder tonight."""
+    from processor.demo import REASONS  # the demo's reasons, one per default reason code
+
     rnd = random.Random(1234)
     yield ("products", ("id", "external_id", "name", "module"),
            ((i, f"P{i}", name, module) for i, (name, module, _, _) in enumerate(PRODUCTS, 1)))

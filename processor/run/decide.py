@@ -156,17 +156,7 @@ class Decider:
         fields = request_fields(row, common, writing)
         if credit is not None:
             fields["credit_amount"] = writing.amount(credit.amount)
-        try:
-            return self.composer.compose(
-                SERVICE_CANCELLATION_CONFIRMATION,
-                key=email_key(SERVICE_CANCELLATION_CONFIRMATION, "request", row.id), to_address=row.email,
-                fields=fields, language=row.language, request_id=row.id,
-                run_id=run_id, dry_run=dry_run)
-        except UnsafeEmail as exc:
-            if exc.header != "recipient":
-                raise
-            raise InputError(f"client of service {row.service_id} has no valid email address ({row.email!r})") \
-                from None
+        return self._compose_to_client(SERVICE_CANCELLATION_CONFIRMATION, row, fields, run_id, dry_run)
 
     def _compose_suspension(self, row: Any, as_of: dt.date, grace_ends_on: dt.date, run_id: int | None,
                             dry_run: bool) -> Composed:
@@ -179,11 +169,16 @@ class Decider:
                 as_of, writing.language, cancellation_date=grace_ends_on,
                 service_status=ServiceStatus.SUSPENDED.value), writing)
         common, writing = self._suspension_fields[key]
+        return self._compose_to_client(SERVICE_SUSPENDED, row, request_fields(row, common, writing), run_id, dry_run)
+
+    def _compose_to_client(self, template: str, row: Any, fields: dict[str, Any], run_id: int | None,
+                           dry_run: bool) -> Composed:
+        """The request's email `template` to its client; a client without a usable address
+        fails the attempt with a line saying so."""
         try:
             return self.composer.compose(
-                SERVICE_SUSPENDED, key=email_key(SERVICE_SUSPENDED, "request", row.id), to_address=row.email,
-                fields=request_fields(row, common, writing), language=row.language, request_id=row.id,
-                run_id=run_id, dry_run=dry_run)
+                template, key=email_key(template, "request", row.id), to_address=row.email, fields=fields,
+                language=row.language, request_id=row.id, run_id=run_id, dry_run=dry_run)
         except UnsafeEmail as exc:
             if exc.header != "recipient":
                 raise
