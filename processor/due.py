@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import ColumnElement, and_, or_
+from sqlalchemy import ColumnElement, and_, case, or_
 
-from processor.models import CancellationRequest, RequestType, Service
+from processor.models import CancellationRequest, RequestType, Service, ServiceAddon
 
 ONE_DAY = dt.timedelta(days=1)
 
@@ -54,43 +55,72 @@ def is_due(
     return due_on is None or due_on <= as_of
 
 
+def period_end(service_next_due_date: dt.date | None, addon_id: int | None,
+               addon_next_due_date: dt.date | None) -> dt.date | None:
+    """The next due date an End of Billing Period request waits for: its add-on's own for a
+    request for one add-on, else its service's."""
+    return service_next_due_date if addon_id is None else addon_next_due_date
+
+
 def request_due_on(request: CancellationRequest, zone: ZoneInfo) -> dt.date | None:
-    """`effective_date` of a request whose service exists (loaded with it)."""
-    return effective_date(request.type, request.service.next_due_date, request.cancel_on,
+    """`effective_date` of a request whose service (and add-on) exists (loaded with it)."""
+    return effective_date(request.type, _period_end_of(request), request.cancel_on,
                           business_today(request.created_at, zone))
 
 
 def request_is_due(request: CancellationRequest, zone: ZoneInfo, as_of: dt.date) -> bool:
-    """`is_due` for a request whose service exists (loaded with it)."""
-    return is_due(request.type, request.service.next_due_date, request.cancel_on,
+    """`is_due` for a request whose service (and add-on) exists (loaded with it)."""
+    return is_due(request.type, _period_end_of(request), request.cancel_on,
                   business_today(request.created_at, zone), as_of)
 
 
+def _period_end_of(request: CancellationRequest) -> dt.date | None:
+    addon = request.addon if request.addon_id is not None else None
+    return period_end(request.service.next_due_date, request.addon_id, addon.next_due_date if addon else None)
+
+
+def period_end_sql() -> ColumnElement[dt.date]:
+    """`period_end` in SQL, for a query joining requests to services and, outer, to the
+    add-on they name (`params.request_select`, `join_addon`)."""
+    r, s, a = CancellationRequest, Service, ServiceAddon
+    return case((r.addon_id.is_(None), s.next_due_date), else_=a.next_due_date)
+
+
+def join_addon(query: Any) -> Any:
+    """A query of requests joined to their services, outer-joined to the add-on a request
+    names: what `period_end_sql` and the due clauses read."""
+    return query.outerjoin(ServiceAddon, ServiceAddon.id == CancellationRequest.addon_id)
+
+
+def _period_ends_by(day: dt.date, inclusive: bool) -> ColumnElement[bool]:
+    end = period_end_sql()
+    return or_(end.is_(None), end <= day if inclusive else end < day)
+
+
 def due_clause(as_of: dt.date, zone: ZoneInfo) -> ColumnElement[bool]:
-    """The same rule as `is_due`, for a query joining requests to services."""
-    r, s = CancellationRequest, Service
+    """The same rule as `is_due`, for a query joining requests to services and, outer, to
+    the add-on they name (`params.request_select`)."""
+    r = CancellationRequest
     return and_(
         r.created_at < start_of_day(as_of + ONE_DAY, zone),
         or_(
             r.type == RequestType.IMMEDIATE,
             and_(r.type == RequestType.ON_DATE, or_(r.cancel_on.is_(None), r.cancel_on <= as_of)),
-            and_(
-                r.type == RequestType.END_OF_BILLING_PERIOD,
-                or_(s.next_due_date.is_(None), s.next_due_date <= as_of),
-            ),
+            and_(r.type == RequestType.END_OF_BILLING_PERIOD, _period_ends_by(as_of, inclusive=True)),
         ),
     )
 
 
 def due_before_clause(day: dt.date, zone: ZoneInfo) -> ColumnElement[bool]:
     """`effective_date` before `day` (or none: due at once), for a query joining requests to
-    services: what `requests list --due-before` shows. Unlike `due_clause` it does not ask
-    whether the request was made by then: it is about the date, not about a run."""
-    r, s = CancellationRequest, Service
+    services and, outer, to the add-on they name: what `requests list --due-before` shows.
+    Unlike `due_clause` it does not ask whether the request was made by then: it is about
+    the date, not about a run."""
+    r = CancellationRequest
     return or_(
         and_(r.type == RequestType.IMMEDIATE, r.created_at < start_of_day(day, zone)),
         and_(r.type == RequestType.ON_DATE, or_(r.cancel_on.is_(None), r.cancel_on < day)),
-        and_(r.type == RequestType.END_OF_BILLING_PERIOD, or_(s.next_due_date.is_(None), s.next_due_date < day)),
+        and_(r.type == RequestType.END_OF_BILLING_PERIOD, _period_ends_by(day, inclusive=False)),
     )
 
 

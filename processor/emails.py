@@ -63,12 +63,14 @@ REQUEST_CONFIRMATION = "cancellation_request_confirmation"  # client, when a req
 NEW_REQUEST = "new_cancellation_request"  # staff, when a request is made
 SERVICE_CANCELLATION_CONFIRMATION = "service_cancellation_confirmation"  # client, when done
 REQUEST_WITHDRAWN = "cancellation_request_withdrawn"  # client, when staff withdraw the request
+ADDON_CANCELLATION_CONFIRMATION = "addon_cancellation_confirmation"  # client, when one add-on alone is cancelled
 CRON_JOB_ACTIVITY = "cron_job_activity"  # staff digest after each run
 TEMPLATES = {
     REQUEST_CONFIRMATION: "Cancellation Request Confirmation",
     NEW_REQUEST: "New Cancellation Request",
     SERVICE_CANCELLATION_CONFIRMATION: "Service Cancellation Confirmation",
     REQUEST_WITHDRAWN: "Cancellation Request Withdrawn",
+    ADDON_CANCELLATION_CONFIRMATION: "Addon Cancellation Confirmation",
     CRON_JOB_ACTIVITY: "Cron Job Activity",
 }
 DEFAULT_LANGUAGE = "en"
@@ -414,6 +416,8 @@ def sample_fields(name: str, company_name: str, signature: str) -> dict[str, Any
                   **SAMPLE_URLS)
     if name == CRON_JOB_ACTIVITY:
         return {**common, **SAMPLE_DIGEST}
+    if name == ADDON_CANCELLATION_CONFIRMATION:
+        return {**common, **SAMPLE_REQUEST, **SAMPLE_ADDON}
     return {**common, **SAMPLE_REQUEST}
 
 
@@ -446,6 +450,15 @@ SAMPLE_REQUEST: dict[str, Any] = dict(
     service_cancellation_reason_code="too_expensive",
     service_cancellation_date=format_date(dt.date(2026, 12, 1)),
     service_is_immediate_cancellation=False,
+)
+
+# An add-on's fields (`outbox.addon_fields`), beside a request's.
+SAMPLE_ADDON: dict[str, Any] = dict(
+    addon_id=1,
+    addon_name="Daily Backups",
+    addon_status="Cancelled",
+    addon_recurring_amount=format_amount(Decimal("2.00")),
+    addon_next_due_date=format_date(dt.date(2026, 12, 1)),
 )
 
 SAMPLE_DIGEST: dict[str, Any] = dict(

@@ -19,7 +19,7 @@ from sqlalchemy import ColumnElement, func, select
 from processor.attention import Attention
 from processor.config import Settings
 from processor.db import Database
-from processor.due import business_today, due_clause, ready_clause, start_of_day
+from processor.due import business_today, due_clause, join_addon, period_end_sql, ready_clause, start_of_day
 from processor.models import (
     CancellationRequest,
     EmailStatus,
@@ -127,13 +127,13 @@ def _oldest_due(session: Any, settings: Settings, now: dt.datetime) -> dt.dateti
     """When the longest-waiting due request became due: an Immediate (or undated) one when
     it was made, a dated one at the start of its date in the business time zone."""
     zone = settings.zone
-    due = session.query(R).join(Service, Service.id == R.service_id).filter(*due_now(settings, now))
-    undated = (R.type == RequestType.IMMEDIATE) | ((R.type == RequestType.END_OF_BILLING_PERIOD)
-                                                   & Service.next_due_date.is_(None))
+    due = join_addon(session.query(R).join(Service, Service.id == R.service_id)).filter(*due_now(settings, now))
+    end = period_end_sql()
+    undated = (R.type == RequestType.IMMEDIATE) | ((R.type == RequestType.END_OF_BILLING_PERIOD) & end.is_(None))
     made = due.filter(undated).with_entities(func.min(R.created_at)).scalar()
     on_date = due.filter(R.type == RequestType.ON_DATE).with_entities(func.min(R.cancel_on)).scalar()
-    period = due.filter(R.type == RequestType.END_OF_BILLING_PERIOD, Service.next_due_date.is_not(None)) \
-        .with_entities(func.min(Service.next_due_date)).scalar()
+    period = due.filter(R.type == RequestType.END_OF_BILLING_PERIOD, end.is_not(None)) \
+        .with_entities(func.min(end)).scalar()
     moments = [made] + [start_of_day(day, zone) for day in (on_date, period) if day is not None]
     return min((m for m in moments if m is not None), default=None)
 
@@ -150,8 +150,8 @@ def health(db: Database, settings: Settings, *, now: dt.datetime, max_age_hours:
         nightly = s.scalars(select(Run).where(Run.status.in_(SUCCESSFUL), Run.trigger.in_(SCHEDULED))
                             .order_by(Run.id.desc()).limit(1)).one_or_none()
         requests = dict(s.execute(select(R.status, func.count()).group_by(R.status)).all())
-        due = s.scalar(select(func.count()).select_from(R).join(Service, Service.id == R.service_id).where(
-            *due_now(settings, now))) or 0
+        due = s.scalar(join_addon(select(func.count()).select_from(R).join(Service, Service.id == R.service_id))
+                       .where(*due_now(settings, now))) or 0
         emails = dict(s.execute(select(OutboxEmail.status, func.count()).group_by(OutboxEmail.status)).all())
         oldest_email = s.scalar(
             select(func.min(OutboxEmail.created_at)).where(OutboxEmail.status == EmailStatus.QUEUED))

@@ -18,6 +18,7 @@ from processor.config import EmailSettings, Settings
 from processor.db import insert_rows
 from processor.due import business_today, effective_date
 from processor.emails import (
+    ADDON_CANCELLATION_CONFIRMATION,
     CRON_JOB_ACTIVITY,
     DEFAULT_SIGNATURES,
     NEW_REQUEST,
@@ -111,6 +112,19 @@ def request_fields(row: Row[Any], common: dict[str, Any], writing: Writing) -> d
     }
 
 
+def addon_fields(row: Any, writing: Writing) -> dict[str, Any]:
+    """The merge fields of the add-on a request for one add-on names (a `request_select`
+    row with the hooks' columns or without), beside `request_fields`: in the email that
+    confirms it was cancelled."""
+    return {
+        "addon_id": row.addon_id,
+        "addon_name": row.addon_name,
+        "addon_status": "Cancelled",
+        "addon_recurring_amount": writing.amount(row.addon_amount),
+        "addon_next_due_date": writing.date(row.addon_next_due_date),
+    }
+
+
 class Composed(NamedTuple):
     email: QueuedEmail | None  # None: an EmailPreSend hook aborted it
     aborted_by: str | None = None  # that hook's name
@@ -121,6 +135,7 @@ WHMCS_TEMPLATE_NAMES = {
     REQUEST_CONFIRMATION: "Cancellation Request Confirmation",
     NEW_REQUEST: "New Cancellation Request",
     SERVICE_CANCELLATION_CONFIRMATION: "Service Cancellation Confirmation",
+    ADDON_CANCELLATION_CONFIRMATION: "Addon Cancellation Confirmation",
     CRON_JOB_ACTIVITY: "Cron Job Activity",
 }
 

@@ -17,12 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
-from processor.due import business_today, days_late
-from processor.emails import SERVICE_CANCELLATION_CONFIRMATION, Writing
+from processor.due import business_today, days_late, period_end
+from processor.emails import ADDON_CANCELLATION_CONFIRMATION, SERVICE_CANCELLATION_CONFIRMATION, Writing
 from processor.errors import InputError, one_line
 from processor.hooks import HookFailed, HookRegistry
 from processor.models import CLOSED_SERVICE_STATUSES, ServiceStatus
-from processor.outbox import Composed, Composer, UnsafeEmail, email_key, request_fields
+from processor.outbox import Composed, Composer, UnsafeEmail, addon_fields, email_key, request_fields
 from processor.params import ModuleParams, request_params
 from processor.run.outcome import Action, Outcome
 
@@ -53,6 +53,8 @@ class Decider:
         self.zone = zone
         # Building a request's hook params costs time; only when some hook will read them.
         self.hooked = any(hooks.has(p) for p in PER_REQUEST_POINTS)
+        # The Addon Cancellation Confirmation's run fields, made at the first add-on request of a run.
+        self._addon_fields: tuple[dt.date, RunFields] | None = None
 
     def run_fields(self, as_of: dt.date) -> RunFields:
         """Merge fields that are the same for every confirmation of a run in one language."""
@@ -67,12 +69,26 @@ class Decider:
             return by_language[language]
         return fields
 
+    def addon_run_fields(self, as_of: dt.date) -> RunFields:
+        """`run_fields` of the Addon Cancellation Confirmation: the service keeps its status."""
+        by_language: dict[str | None, tuple[dict[str, Any], Writing]] = {}
+
+        def fields(language: str | None) -> tuple[dict[str, Any], Writing]:
+            if language not in by_language:
+                writing = self.composer.writing(ADDON_CANCELLATION_CONFIRMATION, language)
+                by_language[language] = (self.composer.common_fields(as_of, writing.language,
+                                                                     cancellation_date=as_of), writing)
+            return by_language[language]
+        return fields
+
     def decide(self, row: Any, as_of: dt.date, run_fields: RunFields, run_id: int | None = None,
                dry_run: bool = False) -> Outcome:
         """What to do with one due request (a `params.request_select` row): everything but
         the database write. Never raises."""
         params = None
         try:
+            if row.addon_id is not None:
+                return self._decide_addon(row, as_of, run_id, dry_run)
             # Lateness counts from the due date, but never from before the request was made.
             late = days_late(row.type, row.next_due_date, row.cancel_on, business_today(row.created_at, self.zone),
                              as_of)
@@ -96,6 +112,46 @@ class Decider:
             message = str(exc) if isinstance(exc, HookFailed) else one_line(exc)
             return Outcome(row.id, row.service_id, Action.ERROR, attempts=row.attempts, error=message, params=params,
                            response=exc.response if isinstance(exc, HookFailed) else message)
+
+    def _decide_addon(self, row: Any, as_of: dt.date, run_id: int | None, dry_run: bool) -> Outcome:
+        """A request for one add-on: cancel the add-on alone and confirm it (Addon Cancellation
+        Confirmation). No module point fires (PreModuleTerminate, TerminateAccount, ...): they
+        are the service's provisioning, and a TerminateAccount hook would deprovision the
+        service, which stays; the add-on's own hook is AddonCancelled, after the commit."""
+        late = days_late(row.type, period_end(row.next_due_date, row.addon_id, row.addon_next_due_date),
+                         row.cancel_on, business_today(row.created_at, self.zone), as_of)
+        if row.addon_status is None:  # deleted outside cancelproc (foreign keys off)
+            return Outcome(row.id, row.service_id, Action.ERROR, late, row.attempts, addon_id=row.addon_id,
+                           error=f"add-on #{row.addon_id} of service #{row.service_id} no longer exists "
+                                 "(deleted outside cancelproc); nothing was cancelled")
+        closed = (f"add-on already {row.addon_status}" if row.addon_status in CLOSED_SERVICE_STATUSES
+                  else f"service already {row.service_status._value_}"
+                  if row.service_status in CLOSED_SERVICE_STATUSES else None)
+        if closed:
+            return Outcome(row.id, row.service_id, Action.NOOP, late, row.attempts, addon_id=row.addon_id,
+                           service_status=row.service_status._value_, noop_reason=closed)
+        params = (request_params(row, run_id=run_id, as_of=as_of, dry_run=dry_run)
+                  if self.hooks.has("AddonCancelled") else None)
+        composed = self._compose_addon(row, as_of, run_id, dry_run)
+        return Outcome(row.id, row.service_id, Action.CANCEL, late, row.attempts, composed.email,
+                       service_status=row.service_status._value_, params=params,
+                       email_aborted_by=composed.aborted_by, addon_id=row.addon_id)
+
+    def _compose_addon(self, row: Any, as_of: dt.date, run_id: int | None, dry_run: bool) -> Composed:
+        if self._addon_fields is None or self._addon_fields[0] != as_of:
+            self._addon_fields = (as_of, self.addon_run_fields(as_of))
+        common, writing = self._addon_fields[1](row.language)
+        fields = {**request_fields(row, common, writing), **addon_fields(row, writing)}
+        try:
+            return self.composer.compose(
+                ADDON_CANCELLATION_CONFIRMATION, key=email_key(ADDON_CANCELLATION_CONFIRMATION, "request", row.id),
+                to_address=row.email, fields=fields, language=row.language, request_id=row.id, run_id=run_id,
+                dry_run=dry_run)
+        except UnsafeEmail as exc:
+            if exc.header != "recipient":
+                raise
+            raise InputError(f"client of service {row.service_id} has no valid email address ({row.email!r})") \
+                from None
 
     def _compose(self, row: Any, run_fields: RunFields, run_id: int | None, dry_run: bool) -> Composed:
         """The Service Cancellation Confirmation of this request (the service now Cancelled)."""

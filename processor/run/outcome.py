@@ -14,7 +14,7 @@ from processor.outbox import QueuedEmail
 
 
 class Action(StrEnum):
-    CANCEL = "cancel"  # cancel the service, its add-ons and unpaid invoices; queue the email
+    CANCEL = "cancel"  # cancel the service, its add-ons and unpaid invoices (or one add-on alone); queue the email
     NOOP = "no-op"  # the service is already Cancelled or Terminated: complete the request only
     ERROR = "error"  # this attempt failed; retried later, or failed after max_attempts
     VETOED = "vetoed"  # a PreModuleTerminate hook said no; retried like an error
@@ -54,6 +54,8 @@ class Outcome:
     email_aborted_by: str | None = None  # the EmailPreSend hook that returned abortsend
     addons: Sequence[dict[str, Any]] = ()  # cancelled with it, for AddonCancelled
     invoices: Sequence[dict[str, Any]] = ()  # cancelled with it, for InvoiceCancelled
+    addon_id: int | None = None  # a request for this one add-on: the service stays
+    noop_reason: str = ""  # NOOP of an add-on request: why there was nothing to cancel
 
 
 @dataclass

@@ -285,6 +285,10 @@ class Runner:
         for o in outcomes:
             if o.params is None:
                 continue
+            if o.addon_id is not None:  # a request for one add-on: its add-on's hook alone
+                if o.action is Action.CANCEL:
+                    self._addon_cancelled(o, o.params)
+                continue
             if o.action is Action.CANCEL:
                 # The params were read before the write; the hooks after it see what was committed
                 # (new dicts: a hook before the write may have kept the old ones).
@@ -294,9 +298,9 @@ class Runner:
                 # WHMCS's names beside ours: its AddonCancelled `addonid` is the add-on's product in
                 # its catalogue, which cancelproc does not keep (None).
                 for addon in o.addons:
-                    apply("AddonCancelled", {**params, "addon_id": addon["id"], "addon": addon, "id": addon["id"],
-                                             "userid": params["client"]["id"], "serviceid": o.service_id,
-                                             "addonid": None})
+                    apply("AddonCancelled", {**params, "addon_id": addon["id"], "addon": {**addon, "status": _CANCELLED},
+                                             "id": addon["id"], "userid": params["client"]["id"],
+                                             "serviceid": o.service_id, "addonid": None})
                 for invoice in o.invoices:
                     apply("InvoiceCancelled", {**params, "invoice_id": invoice["id"], "invoice": invoice,
                                                "invoiceid": invoice["id"]})
@@ -304,6 +308,15 @@ class Runner:
             elif o.action is Action.ERROR:
                 apply("AfterModuleTerminateFailed", {**o.params, "error": o.error,
                                                      "failureResponseMessage": o.response})
+
+    def _addon_cancelled(self, o: Outcome, params: dict[str, Any]) -> None:
+        """AddonCancelled of a request for one add-on, after the commit: the request is
+        completed, the add-on Cancelled, the service as it was."""
+        for addon in o.addons:
+            self.hooks.apply("AddonCancelled", {
+                **params, "request": {**params["request"], "status": _COMPLETED},
+                "addon": {**addon, "status": _CANCELLED}, "addon_id": addon["id"], "id": addon["id"],
+                "userid": params["client"]["id"], "serviceid": o.service_id, "addonid": None})
 
     def _deliver(self, summary: RunSummary) -> None:
         """Send the outbox (this run's emails and any older ones due a retry)."""
