@@ -70,7 +70,8 @@ def request(
     created_at: dt.datetime = CREATED,
     addon: ServiceAddon | None = None,
 ) -> CancellationRequest:
-    req = CancellationRequest(service_id=svc.id, addon_id=addon.id if addon else None, type=type_, cancel_on=cancel_on, reason_code="too_expensive",
+    req = CancellationRequest(service_id=svc.id, addon_id=addon.id if addon else None, type=type_,
+                              cancel_on=cancel_on, reason_code="too_expensive",
                               reason=reason, status=RequestStatus.PENDING, created_at=created_at, created_by="test")
     session.add(req)
     session.flush()
