@@ -250,3 +250,44 @@ def test_the_dry_run_shows_the_addon_alone(db, invoke):
     assert (row["request_id"], row["addon_id"], row["action"], row["addons"], row["unpaid_invoices"],
             row["due_on"]) == (request_id, addon_id, "cancel", "Backup 0", "", ADDON_DUE.isoformat())
     assert row["detail"] == "Add-on Cancellation Confirmation - Backup 0"
+
+
+# --- import ----------------------------------------------------------------------------------
+
+def _write(path, *lines: str):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_import_addon_next_due_dates_and_addon_requests(db, invoke, tmp_path):
+    """`import`: an add-on's next_due_date, a request's addon_external_id (empty: for the
+    service); an add-on of another service, an unknown one and a second open request for
+    one add-on are row errors; a request for the add-on beside the service's is taken."""
+    files = [
+        _write(tmp_path / "clients.csv", "external_id,first_name,email", "C1,Ann,ann@example.test"),
+        _write(tmp_path / "products.csv", "external_id,name", "P1,Web Hosting"),
+        _write(tmp_path / "services.csv", "external_id,client_external_id,product_external_id,status,next_due_date",
+               "S1,C1,P1,Active,2026-12-20", "S2,C1,P1,Active,2026-12-20"),
+        _write(tmp_path / "addons.csv", "external_id,service_external_id,name,status,amount,next_due_date",
+               "A1,S1,Daily Backups,Active,2.00,2026-11-24", "A2,S2,SSL,Active,5.00,"),
+        _write(tmp_path / "requests.csv", "external_id,service_external_id,type,reason_code,addon_external_id",
+               "R1,S1,End of Billing Period,other,A1", "R2,S1,End of Billing Period,other,"),
+    ]
+    ok(invoke("import", *files))
+    with db.read_session() as s:
+        addons = {a.external_id: a.next_due_date for a in s.scalars(select(ServiceAddon))}
+        requests = {r.external_id: r.addon_id for r in s.scalars(select(CancellationRequest))}
+        a1 = s.scalars(select(ServiceAddon.id).where(ServiceAddon.external_id == "A1")).one()
+    assert addons == {"A1": ADDON_DUE, "A2": None}
+    assert requests == {"R1": a1, "R2": None}
+    rows = as_json(invoke("requests", "list", "--json"))["rows"]
+    assert {r["external_id"]: r["due_on"] for r in rows} == {"R1": ADDON_DUE.isoformat(), "R2": "2026-12-20"}
+    bad = _write(tmp_path / "bad.csv", "external_id,service_external_id,type,reason_code,addon_external_id",
+                 "R3,S1,Immediate,other,A2", "R4,S1,Immediate,other,A9", "R5,S1,Immediate,other,A1")
+    result = invoke("import", bad)
+    assert result.exit_code == 2, result.output
+    assert "bad.csv:2: addon_external_id: add-on A2 is not an add-on of service S1" in result.stderr
+    assert "bad.csv:3: addon_external_id: no add-on with external_id 'A9'" in result.stderr
+    assert "bad.csv:4: addon_external_id: add-on A1 already has open request" in result.stderr
+    with db.read_session() as s:
+        assert len(s.scalars(select(CancellationRequest)).all()) == 2

@@ -298,9 +298,10 @@ class Runner:
                 # WHMCS's names beside ours: its AddonCancelled `addonid` is the add-on's product in
                 # its catalogue, which cancelproc does not keep (None).
                 for addon in o.addons:
-                    apply("AddonCancelled", {**params, "addon_id": addon["id"], "addon": {**addon, "status": _CANCELLED},
-                                             "id": addon["id"], "userid": params["client"]["id"],
-                                             "serviceid": o.service_id, "addonid": None})
+                    apply("AddonCancelled", {**params, "addon_id": addon["id"],
+                                             "addon": {**addon, "status": _CANCELLED}, "id": addon["id"],
+                                             "userid": params["client"]["id"], "serviceid": o.service_id,
+                                             "addonid": None})
                 for invoice in o.invoices:
                     apply("InvoiceCancelled", {**params, "invoice_id": invoice["id"], "invoice": invoice,
                                                "invoiceid": invoice["id"]})

@@ -55,6 +55,9 @@ from processor.run.decide import Orphan
 from processor.run.outcome import FAILED_ATTEMPT, Action, Outcome, RunOptions, Tally
 
 R, S, C, P = CancellationRequest, Service, Client, Product
+# What an AddonCancelled hook gets of a cancelled add-on (RETURNING, only when one is registered).
+_ADDON_COLUMNS = (ServiceAddon.id, ServiceAddon.service_id, ServiceAddon.external_id, ServiceAddon.name,
+                  ServiceAddon.amount, ServiceAddon.next_due_date)
 ACTOR = "cancelproc"
 log = structlog.get_logger("cancelproc.run")
 
@@ -249,7 +252,7 @@ class RunStore:
                      .join(addon, addon.id == R.addon_id).where(chunk, open_addon))
         addon_ids = self.db.in_ids(addon.id, [o.addon_id for o in cancels if o.addon_id is not None])
         changed = self._update(update(addon).where(addon_ids, open_addon).values(status=ServiceStatus.CANCELLED),
-                               (addon.id, addon.service_id, addon.external_id, addon.name, addon.amount, addon.next_due_date),
+                               _ADDON_COLUMNS,
                                self.rules.returning_addons)
         for o in cancels:
             o.addons = [a for a in changed.get(o.service_id, ()) if a["id"] == o.addon_id]
@@ -294,7 +297,7 @@ class RunStore:
         addon, invoice = ServiceAddon, Invoice
         addons = self._update(update(addon).where(addon.service_id.in_(services), open_addon)
                               .values(status=ServiceStatus.CANCELLED),
-                              (addon.id, addon.service_id, addon.external_id, addon.name, addon.amount, addon.next_due_date),
+                              _ADDON_COLUMNS,
                               self.rules.returning_addons)
         invoices = self._update(update(invoice).where(invoice.service_id.in_(services),
                                                       invoice.status == InvoiceStatus.UNPAID)
