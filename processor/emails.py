@@ -450,6 +450,7 @@ SAMPLE_REQUEST: dict[str, Any] = dict(
     service_cancellation_reason_code="too_expensive",
     service_cancellation_date=format_date(dt.date(2026, 12, 1)),
     service_is_immediate_cancellation=False,
+    addon_name="",  # a request for one add-on names it (the request emails)
 )
 
 # An add-on's fields (`outbox.addon_fields`), beside a request's.

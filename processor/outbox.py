@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from processor.config import EmailSettings, Settings
 from processor.db import insert_rows
-from processor.due import business_today, effective_date
+from processor.due import business_today, effective_date, period_end
 from processor.emails import (
     ADDON_CANCELLATION_CONFIRMATION,
     CRON_JOB_ACTIVITY,
@@ -219,7 +219,8 @@ def queue_request_emails(session: Session, request_id: int, *, composer: Compose
     composer.check(*templates)
     row = session.execute(request_select(for_hooks=False).where(CancellationRequest.id == request_id)).one()
     created_on = business_today(row.created_at, settings.zone)
-    applied_on = effective_date(row.type, row.next_due_date, row.cancel_on, created_on)
+    applied_on = effective_date(row.type, period_end(row.next_due_date, row.addon_id, row.addon_next_due_date),
+                                row.cancel_on, created_on)
     email = settings.email
     queued: list[QueuedEmail] = []
     not_queued: list[str] = []
@@ -231,6 +232,7 @@ def queue_request_emails(session: Session, request_id: int, *, composer: Compose
         writing = composer.writing(template, language)
         fields = request_fields(
             row, composer.common_fields(date, writing.language, cancellation_date=applied_on), writing)
+        fields["addon_name"] = row.addon_name or ""  # a request for one add-on names it
         try:
             composed = composer.compose(template, key=email_key(template, "request", request_id), to_address=to_address,
                                         fields=fields, language=language, request_id=request_id)
@@ -280,18 +282,28 @@ def preview_request_email(session: Session, template: str, request_id: int, *, c
     applied_on: dt.date | None
     if template == SERVICE_CANCELLATION_CONFIRMATION:  # as the run sends it: cancelled today
         date, applied_on, status = today, today, "Cancelled"
+    elif template == ADDON_CANCELLATION_CONFIRMATION:
+        if row.addon_id is None:
+            raise StateError(f"request {request_id} is for its whole service, not for one add-on: "
+                             f"there is no {template} to preview")
+        date, applied_on, status = today, today, None
     elif template == REQUEST_WITHDRAWN:  # as sent when withdrawn today
         date, status = today, None
-        applied_on = effective_date(row.type, row.next_due_date, row.cancel_on, business_today(row.created_at,
-                                                                                                settings.zone))
+        applied_on = effective_date(row.type, period_end(row.next_due_date, row.addon_id, row.addon_next_due_date),
+                                    row.cancel_on, business_today(row.created_at, settings.zone))
     else:  # as sent when the request was made
         date = business_today(row.created_at, settings.zone)
-        applied_on, status = effective_date(row.type, row.next_due_date, row.cancel_on, date), None
+        applied_on = effective_date(row.type, period_end(row.next_due_date, row.addon_id, row.addon_next_due_date),
+                                    row.cancel_on, date)
+        status = None
     to_address = settings.email.staff_address if template == NEW_REQUEST else row.email
     more = {"service_status": status} if status else {}
     lang = None if template == NEW_REQUEST else lang
     writing = composer.writing(template, lang)
     fields = request_fields(row, composer.common_fields(date, writing.language, cancellation_date=applied_on, **more),
                             writing)
+    fields["addon_name"] = row.addon_name or ""
+    if template == ADDON_CANCELLATION_CONFIRMATION:  # as the run sends it: the add-on cancelled today
+        fields.update(service_status=row.service_status.value, **addon_fields(row, writing))
     return composer.compose(template, key=email_key(template, "request", request_id), to_address=to_address,
                             fields=fields, language=lang, request_id=request_id, dry_run=True), lang

@@ -71,6 +71,12 @@ def test_create_an_addon_request_and_see_it(db, invoke):
     listed = as_json(invoke("requests", "list", "--json"))["rows"]
     assert [(r["id"], r["addon_id"], r["addon"], r["due_on"]) for r in listed] == [
         (created["id"], addon_id, "Backup 0", ADDON_DUE.isoformat())]
+    with db.read_session() as s:  # the client's confirmation and the staff notice name the add-on
+        emails = {e.template: e for e in s.scalars(select(OutboxEmail))}
+    confirmation = emails["cancellation_request_confirmation"].text_body
+    assert "This concerns the add-on Backup 0 only: the service itself continues." in confirmation
+    assert "will be cancelled on November 24, 2026" in confirmation  # the add-on's date
+    assert "Add-on:    Backup 0 alone (the service stays)" in emails["new_cancellation_request"].text_body
     text = ok(invoke("requests", "show", created["id"])).stdout
     assert f"add-on      {addon_id} Backup 0 (Active, next due {ADDON_DUE})" in text
     before = as_json(invoke("requests", "list", "--due-before", SERVICE_DUE.isoformat(), "--json"))["rows"]
