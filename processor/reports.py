@@ -26,12 +26,14 @@ def _window(since: dt.date, until: dt.date, zone: ZoneInfo) -> tuple[dt.datetime
 def cancellations_by_reason(session: Session, *, since: dt.date, until: dt.date,
                             zone: ZoneInfo) -> list[dict[str, Any]]:
     """Completed cancellations per reason code and product, most frequent first: their count,
-    share of all cancellations in the window, and the services' summed recurring amount."""
+    share of all cancellations in the window, and the services' summed recurring amount.
+    Services only: a request for one add-on (the service stays) is no service's churn."""
     start, end = _window(since, until, zone)
     rows = session.execute(
         select(R.reason_code, Product.name, func.count(), func.coalesce(func.sum(Service.amount), 0))
         .join(Service, Service.id == R.service_id).join(Product, Product.id == Service.product_id)
-        .where(R.status == RequestStatus.COMPLETED, R.processed_at >= start, R.processed_at < end)
+        .where(R.status == RequestStatus.COMPLETED, R.processed_at >= start, R.processed_at < end,
+               R.addon_id.is_(None))
         .group_by(R.reason_code, Product.name)
         .order_by(func.count().desc(), R.reason_code, Product.name)
     ).all()

@@ -24,6 +24,7 @@ from processor.models import (
     ServiceAddon,
     ServiceStatus,
 )
+from processor.reports import cancellations_by_reason
 from processor.run import Runner, RunOptions
 from tests import factories
 from tests.cli_helpers import as_json, ok, one_line_error
@@ -154,6 +155,8 @@ def test_the_run_cancels_the_addon_alone_at_its_date(db, settings, now):
     assert "läuft unverändert weiter (nächste Fälligkeit 20. Dezember 2026)" in email.text_body
     again = run(db, settings, now)
     assert again.due == 0  # cancelled once
+    with db.read_session() as s:  # the churn report is about services: the service stays
+        assert cancellations_by_reason(s, since=D, until=D + dt.timedelta(days=7), zone=settings.zone) == []
 
 
 @pytest.mark.parametrize("kind", [RequestType.IMMEDIATE, RequestType.ON_DATE])
