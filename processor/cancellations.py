@@ -30,10 +30,11 @@ from processor.models import (
     RequestStatus,
     RequestType,
     Service,
+    ServiceAddon,
     ServiceStatus,
 )
 from processor.params import ModuleParams, cancellation_request_names, request_params, request_select
-from processor.terms import Effective, TermsOf, effective_on, no_terms
+from processor.terms import Effective, TermsOf, addon_effective_on, effective_on, no_terms
 
 
 def get_service(session: Session, service_id: int) -> Service:
@@ -63,11 +64,36 @@ def lock_request(session: Session, request_id: int) -> CancellationRequest:
 
 
 def open_request_for(session: Session, service_id: int) -> CancellationRequest | None:
+    """The service's open request for the whole service (not one for an add-on of it)."""
+    r = CancellationRequest
     return session.scalars(
-        select(CancellationRequest).where(
-            CancellationRequest.service_id == service_id, CancellationRequest.status.in_(OPEN_REQUEST_STATUSES)
-        )
+        select(r).where(r.service_id == service_id, r.addon_id.is_(None), r.status.in_(OPEN_REQUEST_STATUSES))
     ).one_or_none()
+
+
+def open_addon_request_for(session: Session, addon_id: int) -> CancellationRequest | None:
+    r = CancellationRequest
+    return session.scalars(select(r).where(r.addon_id == addon_id, r.status.in_(OPEN_REQUEST_STATUSES))).one_or_none()
+
+
+def _check_addon(session: Session, service: Service, addon_id: int) -> ServiceAddon:
+    """An add-on request's add-on: of this service, not closed, with no open request of its
+    own, and the service has no open request (which cancels its add-ons too)."""
+    addon = session.get(ServiceAddon, addon_id)
+    if addon is None:
+        raise NotFound(f"add-on {addon_id} not found")
+    if addon.service_id != service.id:
+        raise FieldError("addon_id", f"add-on {addon_id} belongs to service {addon.service_id}, not {service.id}")
+    if addon.status in CLOSED_SERVICE_STATUSES:
+        raise StateError(f"add-on {addon_id} is already {addon.status.value}")
+    existing = open_addon_request_for(session, addon_id)
+    if existing is not None:
+        raise StateError(f"add-on {addon_id} already has open request {existing.id} ({existing.status.value})")
+    existing = open_request_for(session, service.id)
+    if existing is not None:
+        raise StateError(f"service {service.id} already has open request {existing.id} ({existing.status.value}), "
+                         f"which cancels add-on {addon_id} with the service")
+    return addon
 
 
 def _audit(session: Session, request: CancellationRequest, action: AuditAction, actor: str, now: dt.datetime,
@@ -89,9 +115,13 @@ def create_request(
     now: dt.datetime,
     today: dt.date,
     terms_of: TermsOf = no_terms,
+    addon_id: int | None = None,
 ) -> CancellationRequest:
-    """Record a new pending request; one open request per service. Its effective date is
-    computed here, once, with its product's notice period and minimum term (`terms_of`)."""
+    """Record a new pending request; one open request per service, and one per add-on. Its
+    effective date is computed here, once, with its product's notice period and minimum
+    term (`terms_of`). With `addon_id`, the request cancels that add-on of the service alone,
+    at its own date (`terms.addon_effective_on`). A service request may be made while requests for
+    its add-ons are open: when it is applied it cancels them too and closes their requests."""
     if reason_code not in allowed_reasons:
         raise FieldError("reason_code",
                          f"{reason_code!r} is not a configured reason (allowed: {', '.join(allowed_reasons)})")
@@ -105,17 +135,22 @@ def create_request(
     service = get_service(session, service_id)
     if service.status in CLOSED_SERVICE_STATUSES:
         raise StateError(f"service {service_id} is already {service.status.value}")
-    existing = open_request_for(session, service_id)
-    if existing is not None:
-        raise StateError(f"service {service_id} already has open request {existing.id} ({existing.status.value})")
-    effective = service_effective_on(service, type_, cancel_on, today, terms_of)
+    if addon_id is not None:
+        addon = _check_addon(session, service, addon_id)
+        effective = addon_effective_on(type_, created_on=today, next_due_date=addon.next_due_date, cancel_on=cancel_on)
+    else:
+        existing = open_request_for(session, service_id)
+        if existing is not None:
+            raise StateError(f"service {service_id} already has open request {existing.id} ({existing.status.value})")
+        effective = service_effective_on(service, type_, cancel_on, today, terms_of)
     request = CancellationRequest(
-        service_id=service_id, type=type_, cancel_on=cancel_on, effective_date=effective.on, reason_code=reason_code,
+        service_id=service_id, addon_id=addon_id, type=type_, cancel_on=cancel_on, effective_date=effective.on,
+        reason_code=reason_code,
         reason=reason, status=RequestStatus.PENDING, created_at=now, created_by=actor, attempts=0, note="",
     )
     session.add(request)
     session.flush()
-    _audit(session, request, AuditAction.CREATED, actor, now, created_detail(type_, reason_code, effective))
+    _audit(session, request, AuditAction.CREATED, actor, now, created_detail(type_, reason_code, effective, addon_id))
     return request
 
 
@@ -127,9 +162,11 @@ def service_effective_on(service: Service, type_: RequestType, cancel_on: dt.dat
                         terms=terms_of(service.product.external_id, service.product.name))
 
 
-def created_detail(type_: RequestType, reason_code: str, effective: Effective) -> str:
-    """The audit detail of a new request: its type, reason, and the date it takes effect with why."""
-    return "; ".join((type_.value, f"reason {reason_code}", f"takes effect {effective.on}", *effective.why))
+def created_detail(type_: RequestType, reason_code: str, effective: Effective, addon_id: int | None = None) -> str:
+    """The audit detail of a new request: its type, the add-on it is for, its reason, and the
+    date it takes effect with why."""
+    addon = (f"add-on {addon_id}",) if addon_id is not None else ()
+    return "; ".join((type_.value, *addon, f"reason {reason_code}", f"takes effect {effective.on}", *effective.why))
 
 
 class Withdrawal(NamedTuple):

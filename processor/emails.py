@@ -64,6 +64,7 @@ NEW_REQUEST = "new_cancellation_request"  # staff, when a request is made
 SERVICE_CANCELLATION_CONFIRMATION = "service_cancellation_confirmation"  # client, when done
 REQUEST_WITHDRAWN = "cancellation_request_withdrawn"  # client, when staff withdraw the request
 CANCELLATION_REMINDER = "cancellation_reminder"  # client, reminder_days before the cancellation takes effect
+ADDON_CANCELLATION_CONFIRMATION = "addon_cancellation_confirmation"  # client, when one add-on alone is cancelled
 CRON_JOB_ACTIVITY = "cron_job_activity"  # staff digest after each run
 # Grace period (a product's grace_days): client, when the run suspends the service of a due
 # request; client, when staff withdraw a request in its grace period (instead of
@@ -76,6 +77,7 @@ TEMPLATES = {
     SERVICE_CANCELLATION_CONFIRMATION: "Service Cancellation Confirmation",
     REQUEST_WITHDRAWN: "Cancellation Request Withdrawn",
     CANCELLATION_REMINDER: "Cancellation Reminder",
+    ADDON_CANCELLATION_CONFIRMATION: "Addon Cancellation Confirmation",
     CRON_JOB_ACTIVITY: "Cron Job Activity",
     SERVICE_SUSPENDED: "Service Suspended for Cancellation",
     SERVICE_UNSUSPENDED: "Service Unsuspended",
@@ -427,6 +429,8 @@ def sample_fields(name: str, company_name: str, signature: str) -> dict[str, Any
         return {**common, **SAMPLE_DIGEST}
     if name == CANCELLATION_REMINDER:
         return {**common, **SAMPLE_REQUEST, **SAMPLE_REMINDER}
+    if name == ADDON_CANCELLATION_CONFIRMATION:
+        return {**common, **SAMPLE_REQUEST, **SAMPLE_ADDON}
     return {**common, **SAMPLE_REQUEST}
 
 
@@ -460,6 +464,16 @@ SAMPLE_REQUEST: dict[str, Any] = dict(
     service_cancellation_date=format_date(dt.date(2026, 12, 1)),
     service_is_immediate_cancellation=False,
     credit_amount=format_amount(Decimal("4.84")),  # a credit, so that its sentence is checked too
+    addon_name="",  # a request for one add-on names it (the request emails)
+)
+
+# An add-on's fields (`outbox.addon_fields`), beside a request's.
+SAMPLE_ADDON: dict[str, Any] = dict(
+    addon_id=1,
+    addon_name="Daily Backups",
+    addon_status="Cancelled",
+    addon_recurring_amount=format_amount(Decimal("2.00")),
+    addon_next_due_date=format_date(dt.date(2026, 12, 1)),
 )
 
 # What a reminder adds to a request's fields (outbox.reminder_fields).

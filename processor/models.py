@@ -132,7 +132,7 @@ class RequestStatus(enum.StrEnum):
     FAILED = "failed"  # gave up after max_attempts: manual cancellation required
 
 
-# "Open" requests: at most one per service (partial unique index below).
+# "Open" requests: at most one per service, and one per add-on (partial unique indexes below).
 OPEN_REQUEST_STATUSES = (RequestStatus.PENDING, RequestStatus.FAILED)
 
 
@@ -267,6 +267,9 @@ class ServiceAddon(Base):
     name: Mapped[str] = mapped_column(String(200))
     status: Mapped[ServiceStatus] = mapped_column(_enum(ServiceStatus, "addon_status"))
     amount: Mapped[Decimal] = mapped_column(Numeric(12, 2), default=Decimal("0"))
+    # The add-on's own next due date (WHMCS tblhostingaddons.nextduedate): when an End of
+    # Billing Period request for the add-on alone is due. None: due at once.
+    next_due_date: Mapped[dt.date | None] = mapped_column(Date)
 
     service: Mapped[Service] = relationship(back_populates="addons")
 
@@ -282,6 +285,11 @@ class Invoice(Base):
     due_date: Mapped[dt.date | None] = mapped_column(Date)
 
 
+# The conditions of the two partial unique indexes (as migration 0013 writes them).
+OPEN_SERVICE_REQUEST = "status IN ('pending', 'failed') AND addon_id IS NULL"
+OPEN_ADDON_REQUEST = "status IN ('pending', 'failed') AND addon_id IS NOT NULL"
+
+
 class CancellationRequest(Base):
     __tablename__ = "cancellation_requests"
     __table_args__ = (
@@ -289,13 +297,22 @@ class CancellationRequest(Base):
         # in the index so a request not due yet is passed over without reading its row
         # (migration 0010).
         Index("ix_cancellation_requests_status_id_effective_date", "status", "id", "effective_date"),
-        # One open request per service, whatever writes it (CLI, import, a hook).
+        # One open request per service, whatever writes it (CLI, import, a hook); a request
+        # for one add-on of the service is not one (migration 0013).
         Index(
             "uq_cancellation_requests_open_service",
             "service_id",
             unique=True,
-            sqlite_where=text("status IN ('pending', 'failed')"),
-            postgresql_where=text("status IN ('pending', 'failed')"),
+            sqlite_where=text(OPEN_SERVICE_REQUEST),
+            postgresql_where=text(OPEN_SERVICE_REQUEST),
+        ),
+        # One open request per add-on.
+        Index(
+            "uq_cancellation_requests_open_addon",
+            "addon_id",
+            unique=True,
+            sqlite_where=text(OPEN_ADDON_REQUEST),
+            postgresql_where=text(OPEN_ADDON_REQUEST),
         ),
     )
 
@@ -303,6 +320,9 @@ class CancellationRequest(Base):
     external_id: Mapped[str | None] = mapped_column(String(64), unique=True)
     # A service's requests (services show, find); the unique index above has the open ones only.
     service_id: Mapped[int] = mapped_column(ForeignKey("services.id"), index=True)
+    # A request for this one add-on of the service (its service_id is the add-on's service);
+    # None: for the service, with all its add-ons.
+    addon_id: Mapped[int | None] = mapped_column(ForeignKey("service_addons.id"))
     type: Mapped[RequestType] = mapped_column(_enum(RequestType, "request_type"))
     cancel_on: Mapped[dt.date | None] = mapped_column(Date)  # only for On Date
     # The day it takes effect (business time zone): computed once when it is made or
@@ -332,6 +352,7 @@ class CancellationRequest(Base):
     grace_ends_on: Mapped[dt.date | None] = mapped_column(Date)
 
     service: Mapped[Service] = relationship()
+    addon: Mapped[ServiceAddon | None] = relationship()
 
     @property
     def in_grace(self) -> bool:

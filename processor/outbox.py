@@ -18,6 +18,7 @@ from processor.config import EmailSettings, Settings
 from processor.db import insert_rows
 from processor.due import business_today
 from processor.emails import (
+    ADDON_CANCELLATION_CONFIRMATION,
     CANCELLATION_REMINDER,
     CRON_JOB_ACTIVITY,
     DEFAULT_SIGNATURES,
@@ -109,7 +110,21 @@ def request_fields(row: Row[Any], common: dict[str, Any], writing: Writing) -> d
         "service_cancellation_reason": row.reason,
         "service_cancellation_reason_code": row.reason_code,
         "service_is_immediate_cancellation": row.type is RequestType.IMMEDIATE,
+        "addon_name": row.addon_name or "",  # a request for one add-on names it
         **common,
+    }
+
+
+def addon_fields(row: Any, writing: Writing) -> dict[str, Any]:
+    """The merge fields of the add-on a request for one add-on names (a `request_select`
+    row with the hooks' columns or without), beside `request_fields`: in the email that
+    confirms it was cancelled."""
+    return {
+        "addon_id": row.addon_id,
+        "addon_name": row.addon_name,
+        "addon_status": "Cancelled",
+        "addon_recurring_amount": writing.amount(row.addon_amount),
+        "addon_next_due_date": writing.date(row.addon_next_due_date),
     }
 
 
@@ -123,6 +138,7 @@ WHMCS_TEMPLATE_NAMES = {
     REQUEST_CONFIRMATION: "Cancellation Request Confirmation",
     NEW_REQUEST: "New Cancellation Request",
     SERVICE_CANCELLATION_CONFIRMATION: "Service Cancellation Confirmation",
+    ADDON_CANCELLATION_CONFIRMATION: "Addon Cancellation Confirmation",
     CRON_JOB_ACTIVITY: "Cron Job Activity",
 }
 
@@ -279,6 +295,11 @@ def preview_request_email(session: Session, template: str, request_id: int, *, c
     applied_on: dt.date | None
     if template == SERVICE_CANCELLATION_CONFIRMATION:  # as the run sends it: cancelled today
         date, applied_on, status = today, today, "Cancelled"
+    elif template == ADDON_CANCELLATION_CONFIRMATION:  # as the run sends it: the add-on cancelled today
+        if row.addon_id is None:
+            raise StateError(f"request {request_id} is for its whole service, not for one add-on: "
+                             f"there is no {template} to preview")
+        date, applied_on, status = today, today, None
     elif template in (REQUEST_WITHDRAWN, CANCELLATION_REMINDER):  # as sent today
         date, status = today, None
         applied_on = row.effective_date
@@ -296,5 +317,7 @@ def preview_request_email(session: Session, template: str, request_id: int, *, c
     writing = composer.writing(template, lang)
     fields = request_fields(row, composer.common_fields(date, writing.language, cancellation_date=applied_on, **more),
                             writing)
+    if template == ADDON_CANCELLATION_CONFIRMATION:
+        fields.update(service_status=row.service_status.value, **addon_fields(row, writing))
     return composer.compose(template, key=email_key(template, "request", request_id), to_address=to_address,
                             fields=fields, language=lang, request_id=request_id, dry_run=True), lang

@@ -17,6 +17,7 @@ from processor.models import CancellationRequest as R
 from processor.models import Client as C
 from processor.models import Product as P
 from processor.models import Service as S
+from processor.models import ServiceAddon as A
 
 # What the run needs for every request (the due rule, the email), then what only hooks read.
 _RUN_COLUMNS = (
@@ -28,6 +29,9 @@ _RUN_COLUMNS = (
     R.effective_date,  # the day it takes effect (stored: the due rule, the dates of the emails)
     # Grace period: the end of the request's (None: not suspended); the product's settings by its id.
     R.grace_ends_on, P.external_id.label("product_external_id"),
+    # A request for one add-on (None for a service request): the add-on, outer-joined.
+    R.addon_id, A.name.label("addon_name"), type_coerce(A.status, String).label("addon_status"),
+    A.next_due_date.label("addon_next_due_date"), A.amount.label("addon_amount"),
 )
 _HOOK_COLUMNS = (
     # Hooks get the status as its plain string: read as stored, no enum made per row to be undone.
@@ -35,6 +39,7 @@ _HOOK_COLUMNS = (
     S.external_id.label("service_external_id"), S.subscription_id,
     C.external_id.label("client_external_id"), C.balance,
     P.id.label("product_id"), P.module,
+    A.external_id.label("addon_external_id"),
 )
 
 
@@ -55,7 +60,8 @@ def plain_rows(rows: Iterable[Row[Any]], for_hooks: bool) -> list[Any]:
 
 
 def request_select(for_hooks: bool = True) -> Select:
-    """Requests joined to their service, client and product, one flat row each. Without
+    """Requests joined to their service, client and product, and the add-on a request for
+    one add-on names (an outer join: none for a service request), one flat row each. Without
     `for_hooks`, only the columns the run itself needs (reading is per request)."""
     # A bare Select: its type parameters differ between SQLAlchemy 2.0 and 2.1.
     query: Select = (
@@ -64,6 +70,7 @@ def request_select(for_hooks: bool = True) -> Select:
         .join(S, S.id == R.service_id)
         .join(C, C.id == S.client_id)
         .join(P, P.id == S.product_id)
+        .outerjoin(A, A.id == R.addon_id)
     )
     return query
 
@@ -75,8 +82,9 @@ def request_params(row: Any, **more: Any) -> dict[str, Any]:
     (request_id, type_, cancel_on, reason, reason_code, created_at, attempts, service_id, service_status, domain,
      next_due_date, billing_cycle, first_name, last_name, email, language, product_name,
      client_id, company_name, amount, _registration_date, effective_date, grace_ends_on, product_external_id,
+     addon_id, addon_name, addon_status, addon_next_due_date, addon_amount,
      request_external_id, request_status, service_external_id, subscription_id,
-     client_external_id, balance, product_id, module) = row
+     client_external_id, balance, product_id, module, addon_external_id) = row
     return {
         "request_id": request_id,
         "idempotency_key": str(request_id),
@@ -91,6 +99,10 @@ def request_params(row: Any, **more: Any) -> dict[str, Any]:
                    "last_name": last_name, "company_name": company_name, "email": email, "language": language,
                    "balance": balance},
         "product": {"id": product_id, "external_id": product_external_id, "name": product_name, "module": module},
+        # A request for one add-on: that add-on (the service stays); None for a service request.
+        "addon": None if addon_id is None else {
+            "id": addon_id, "external_id": addon_external_id, "name": addon_name, "status": addon_status,
+            "amount": addon_amount, "next_due_date": addon_next_due_date},
         **more,
     }
 

@@ -98,7 +98,8 @@ def closed_requests(session: Session, *, since: dt.date, until: dt.date, zone: Z
     """Requests completed in the window, oldest first. A request counts as a cancellation
     made by a run unless its audit trail says staff resolved it by hand or the run found the
     service already closed (completed, nothing cancelled); a completed request with no
-    audit trail (imported history) counts as a cancellation."""
+    audit trail (imported history) counts as a cancellation. Services only: a request for
+    one add-on (the service stays) is no service's churn."""
     start, end = _window(since, until, zone)
     rows = session.execute(
         select(R.id, R.reason_code, Product.name, Service.billing_cycle, Service.amount, R.processed_at,
@@ -106,7 +107,8 @@ def closed_requests(session: Session, *, since: dt.date, until: dt.date, zone: Z
                _audited(AuditAction.COMPLETED, AuditEntity.REQUEST).label("completed"),
                _audited(AuditAction.CANCELLED, AuditEntity.SERVICE).label("cancelled"))
         .join(Service, Service.id == R.service_id).outerjoin(Product, Product.id == Service.product_id)
-        .where(R.status == RequestStatus.COMPLETED, R.processed_at >= start, R.processed_at < end)
+        .where(R.status == RequestStatus.COMPLETED, R.processed_at >= start, R.processed_at < end,
+               R.addon_id.is_(None))
         .order_by(R.processed_at, R.id)
     ).all()
     return [Closed(request_id=row.id,

@@ -14,6 +14,8 @@ End of Billing Period the service's next due date (none: the day it was made). T
   an End of Billing Period request goes on to the first due date on or after the end of
   the term (the client pays whole periods). A service without a registration date has no
   term to count: the rule is not applied, and the audit entry says so.
+- a request for one add-on (`addon_effective_on`) takes the add-on's own next due date
+  and neither rule above: they are a product's, for its services.
 - never before the day the request was made: an overdue service's past due date, or a
   past On Date date from an import, takes effect the day the request was made (as the
   run applied them before the date was stored: at once).
@@ -130,3 +132,12 @@ def effective_on(type_: RequestType | str, *, created_on: dt.date, next_due_date
     final = max(on, not_before)
     moved = final != max(effective_date(type_, next_due_date, cancel_on, created_on) or created_on, created_on)
     return Effective(final, tuple((why if moved else []) + unapplied))
+
+
+def addon_effective_on(type_: RequestType | str, *, created_on: dt.date, next_due_date: dt.date | None,
+                       cancel_on: dt.date | None) -> Effective:
+    """When a request for one add-on alone takes effect: the add-on's own next due date for
+    End of Billing Period (`next_due_date`), else as for a service. The notice period and
+    the minimum term are a product's, for its services: an add-on has none."""
+    return effective_on(type_, created_on=created_on, next_due_date=next_due_date, cancel_on=cancel_on,
+                        billing_cycle="", registration_date=None)

@@ -68,7 +68,7 @@ USED: dict[str, tuple[str, ...]] = {
     "tblhosting": ("id", "userid", "packageid", "domainstatus", "domain", "billingcycle", "amount", "nextduedate",
                    "termination_date", "regdate", "subscriptionid"),
     "tbladdons": ("id", "name"),
-    "tblhostingaddons": ("id", "hostingid", "addonid", "name", "status", "recurring"),
+    "tblhostingaddons": ("id", "hostingid", "addonid", "name", "status", "recurring", "billingcycle", "nextduedate"),
     "tblinvoices": ("id", "userid", "status", "total", "duedate"),
     "tblinvoiceitems": ("id", "invoiceid", "type", "relid"),
     "tblcancelrequests": ("id", "date", "relid", "reason", "type"),
@@ -370,11 +370,16 @@ def _addons(tables: Mapping[str, Table], settings: Settings, out: MappingResult,
             out.errors.append(table.error(line, "name", f"empty, and addonid {r.get('addonid', '')!r} names no "
                                                         "add-on of tbladdons"))
             continue
+        # Its own next due date (an add-on request's End of Billing Period); none for a free
+        # or one-time add-on, as for services.
+        cycle = r.get("billingcycle", "")
         rows.append((line, {"external_id": r["id"], "service_external_id": r["hostingid"], "name": name,
-                            "status": _service_status(r["status"]), "amount": r.get("recurring", "")}))
+                            "status": _service_status(r["status"]), "amount": r.get("recurring", ""),
+                            "next_due_date": "" if cycle.strip().lower() in UNDATED_CYCLES
+                            else r.get("nextduedate", "")}))
     out.mapped.append(Mapped("addons", table, rows, {
         "external_id": "id", "service_external_id": "hostingid", "name": "name", "status": "status",
-        "amount": "recurring"}))
+        "amount": "recurring", "next_due_date": "nextduedate"}))
 
 
 def _invoice_services(tables: Mapping[str, Table]) -> dict[str, set[str]]:

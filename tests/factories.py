@@ -21,7 +21,7 @@ from processor.models import (
     ServiceAddon,
     ServiceStatus,
 )
-from processor.terms import effective_on
+from processor.terms import addon_effective_on, effective_on
 
 _seq = itertools.count(1)
 CREATED = dt.datetime(2026, 11, 20, 12, 0, tzinfo=dt.UTC)
@@ -46,6 +46,7 @@ def service(
     first_name: str = "Ada",
     language: str = "en",
     addons: int = 0,
+    addon_due: dt.date | None = dt.date(2026, 11, 24),
     unpaid: int = 0,
     paid: int = 0,
 ) -> Service:
@@ -59,7 +60,7 @@ def service(
     session.flush()
     for i in range(addons):
         session.add(ServiceAddon(service_id=svc.id, name=f"Backup {i}", status=ServiceStatus.ACTIVE,
-                                 amount=Decimal("2")))
+                                 amount=Decimal("2"), next_due_date=addon_due))
     for _ in range(unpaid):
         session.add(Invoice(service_id=svc.id, amount=Decimal("24.00"), status=InvoiceStatus.UNPAID,
                             due_date=next_due_date))
@@ -78,10 +79,13 @@ def request(
     cancel_on: dt.date | None = None,
     reason: str = "Too expensive",
     created_at: dt.datetime = CREATED,
+    addon: ServiceAddon | None = None,
 ) -> CancellationRequest:
-    req = CancellationRequest(service_id=svc.id, type=type_, cancel_on=cancel_on,
-                              effective_date=effective(session, svc.id, type_, cancel_on, created_at),
-                              reason_code="too_expensive",
+    on = (effective(session, svc.id, type_, cancel_on, created_at) if addon is None
+          else addon_effective_on(type_, created_on=created_at.astimezone(dt.UTC).date(),
+                                  next_due_date=addon.next_due_date, cancel_on=cancel_on).on)
+    req = CancellationRequest(service_id=svc.id, addon_id=addon.id if addon else None, type=type_,
+                              cancel_on=cancel_on, effective_date=on, reason_code="too_expensive",
                               reason=reason, status=RequestStatus.PENDING, created_at=created_at, created_by="test")
     session.add(req)
     session.flush()

@@ -759,7 +759,8 @@ def test_hook_AddonCancelled(db, settings, now, tmp_path, probe):
         addon = call.kwargs["addon"]
         assert addon["id"] == call.kwargs["addon_id"]
         assert addon["name"].startswith("Backup ") and addon["amount"] == Decimal(2)
-        assert set(addon) == {"id", "external_id", "name", "amount"}
+        assert set(addon) == {"id", "external_id", "name", "amount", "status", "next_due_date"}
+        assert addon["status"] == "Cancelled"
         assert call.seen["addons"] == {"Cancelled"} and call.seen["request_status"] == "completed"  # committed
 
 

@@ -16,6 +16,7 @@ import pytest
 from freezegun import freeze_time
 
 from processor.db import Database
+from processor.models import CancellationRequest, RequestStatus, RequestType, ServiceAddon, ServiceStatus
 from tests.cli_helpers import Invoke, as_json, ok
 from tests.factories import support_desk
 from tests.json_shapes import TYPES, fits, observe
@@ -37,7 +38,7 @@ RUNS: dict[str, list[list[str]]] = {
     "services list": [["services", "list"]],
     "services show": [["services", "show", "1"], ["services", "show", "3"]],
     "requests list": [["requests", "list"]],
-    "requests show": [["requests", "show", "1"], ["requests", "show", "3"]],
+    "requests show": [["requests", "show", "1"], ["requests", "show", "3"], ["requests", "show", "4"]],
     "emails list": [["emails", "list"]],
     "emails show": [["emails", "show", "1"]],
     "hooks list": [["hooks", "list"]],
@@ -90,6 +91,15 @@ def _problems(command: str, outputs: list[Any], doc: dict[str, str]) -> list[str
 
 def test_every_list_and_show_json_is_as_documented(invoke: Invoke, db: Database, tmp_path: Path) -> None:
     support_desk(db, NOW)
+    with db.session.begin() as s:  # request 4: for one add-on of service 2 (not due)
+        addon = ServiceAddon(external_id="AD-2", service_id=2, name="SSL", status=ServiceStatus.ACTIVE,
+                             next_due_date=dt.date(2026, 12, 10))
+        s.add(addon)
+        s.flush()
+        s.add(CancellationRequest(service_id=2, addon_id=addon.id, type=RequestType.END_OF_BILLING_PERIOD,
+                                  effective_date=addon.next_due_date, reason_code="too_expensive", reason="",
+                                  status=RequestStatus.PENDING,
+                                  created_at=NOW - dt.timedelta(days=1), created_by="test"))
     (tmp_path / "hooks").mkdir()
     (tmp_path / "hooks" / "hold.py").write_text(HOOK)
     ok(invoke("run"), code=1)

@@ -143,6 +143,7 @@ from tests import factories  # noqa: E402
 SERVICES = 4
 GRACED = 2  # the last GRACED of the SERVICES are of a product with a grace period
 GRACE_DAYS = 2
+ADDONS = 2  # per service: requests for one add-on alone beside the service's
 
 
 class RequestLife(RuleBasedStateMachine):
@@ -160,10 +161,13 @@ class RequestLife(RuleBasedStateMachine):
         upgrade(self.db)
         self.now = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC)
         with self.db.session.begin() as s:
-            self.services = [factories.service(s, next_due_date=self.now.date() + dt.timedelta(days=i)).id
-                             for i in range(SERVICES)]
+            made = [factories.service(s, next_due_date=self.now.date() + dt.timedelta(days=i), addons=ADDONS,
+                                      addon_due=self.now.date() + dt.timedelta(days=SERVICES - i))
+                    for i in range(SERVICES)]
             # One client with no usable address: its requests fail and are retried.
-            self.services.append(factories.service(s, email="").id)
+            made.append(factories.service(s, email="", addons=ADDONS))
+            self.services = [svc.id for svc in made]
+            self.addons = {svc.id: sorted(a.id for a in svc.addons) for svc in made}
             for service_id in self.services[SERVICES - GRACED:SERVICES]:  # suspended first, cancelled later
                 s.get(Service, service_id).product.name = "Graced"
         self.requests: list[int] = []
@@ -190,6 +194,23 @@ class RequestLife(RuleBasedStateMachine):
                     s, service_id=self.services[service], type_=type_, reason_code="other", reason="",
                     allowed_reasons=["other"], cancel_on=self.now.date() + dt.timedelta(days=1)
                     if type_ is RequestType.ON_DATE else None, actor="staff", now=self.now, today=self.now.date())
+                self.requests.append(request.id)
+        except CancelprocError:
+            pass
+
+    @rule(service=st.integers(0, SERVICES), addon=st.integers(0, ADDONS - 1),
+          type_=st.sampled_from(list(RequestType)))
+    def create_for_addon(self, service: int, addon: int, type_: RequestType) -> None:
+        """A request for one add-on (refused while the service has an open request, or the
+        add-on has one, or is closed)."""
+        service_id = self.services[service]
+        try:
+            with self.db.session.begin() as s:
+                request = cancellations.create_request(
+                    s, service_id=service_id, type_=type_, reason_code="other", reason="",
+                    allowed_reasons=["other"], cancel_on=self.now.date() + dt.timedelta(days=2)
+                    if type_ is RequestType.ON_DATE else None, actor="staff", now=self.now, today=self.now.date(),
+                    addon_id=self.addons[service_id][addon])
                 self.requests.append(request.id)
         except CancelprocError:
             pass
@@ -238,6 +259,8 @@ class RequestLife(RuleBasedStateMachine):
             requests = s.scalars(select(CancellationRequest)).all()
             open_per_service: dict[int, int] = {}
             for r in requests:
+                if r.addon_id is not None:
+                    continue  # a request for one add-on: addon_requests_keep_their_word
                 if r.status in (RequestStatus.PENDING, RequestStatus.FAILED):
                     open_per_service[r.service_id] = open_per_service.get(r.service_id, 0) + 1
                 cancelled_by_it = s.scalar(select(func.count()).select_from(AuditEntry).where(
@@ -255,6 +278,41 @@ class RequestLife(RuleBasedStateMachine):
                 assert s.scalar(select(func.count()).select_from(AuditEntry).where(
                     AuditEntry.entity == "service", AuditEntry.entity_id == service_id,
                     AuditEntry.action == "cancelled")) <= 1
+
+    @invariant()
+    def addon_requests_keep_their_word(self) -> None:
+        """One open request per add-on; an add-on is cancelled at most once (alone, or with
+        its service); an add-on request cancels its add-on alone, with its one email; a
+        service cancelled by its request has every add-on cancelled and no add-on request
+        left open."""
+        with self.db.read_session() as s:
+            open_per_addon: dict[int, int] = {}
+            for r in s.scalars(select(CancellationRequest).where(CancellationRequest.addon_id.is_not(None))):
+                if r.status in (RequestStatus.PENDING, RequestStatus.FAILED):
+                    open_per_addon[r.addon_id] = open_per_addon.get(r.addon_id, 0) + 1
+                own = s.scalar(select(func.count()).select_from(AuditEntry).where(
+                    AuditEntry.request_id == r.id, AuditEntry.entity == "addon", AuditEntry.action == "cancelled"))
+                emails = s.scalar(select(func.count()).select_from(OutboxEmail).where(
+                    OutboxEmail.request_id == r.id, OutboxEmail.template == "addon_cancellation_confirmation"))
+                assert own <= 1 and emails == own, f"add-on request {r.id}: {own} cancellations, {emails} emails"
+                assert s.scalar(select(func.count()).select_from(AuditEntry).where(
+                    AuditEntry.request_id == r.id, AuditEntry.entity == "service")) == 0  # never the service
+                if r.status is RequestStatus.WITHDRAWN:
+                    assert own == 0 and r.processed_at is None
+                if r.status is RequestStatus.COMPLETED:
+                    assert r.addon.status in (ServiceStatus.CANCELLED, ServiceStatus.TERMINATED)
+            assert all(n == 1 for n in open_per_addon.values()), open_per_addon
+            for addon_id in [a for addons in self.addons.values() for a in addons]:
+                assert s.scalar(select(func.count()).select_from(AuditEntry).where(
+                    AuditEntry.entity == "addon", AuditEntry.entity_id == addon_id,
+                    AuditEntry.action == "cancelled")) <= 1, f"add-on {addon_id} cancelled twice"
+            for service_id in self.services:
+                if s.get(Service, service_id).status is not ServiceStatus.CANCELLED:
+                    continue  # (the run is the only writer of Cancelled here)
+                assert {a.status for a in s.get(Service, service_id).addons} == {ServiceStatus.CANCELLED}
+                assert s.scalar(select(func.count()).select_from(CancellationRequest).where(
+                    CancellationRequest.service_id == service_id, CancellationRequest.addon_id.is_not(None),
+                    CancellationRequest.status.in_([RequestStatus.PENDING, RequestStatus.FAILED]))) == 0
 
 
     @invariant()

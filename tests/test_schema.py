@@ -20,7 +20,7 @@ import processor
 from processor import db as dbmod
 from processor.errors import DatabaseError
 from processor.find_index import not_find_index
-from processor.models import Base, CancellationRequest, RequestStatus, Service
+from processor.models import Base, CancellationRequest, RequestStatus, Service, ServiceAddon
 from tests import factories
 
 
@@ -63,6 +63,57 @@ def test_closed_requests_do_not_count_as_open(db):
         factories.request(s, svc).status = RequestStatus.WITHDRAWN
         factories.request(s, svc).status = RequestStatus.COMPLETED
         factories.request(s, svc)  # a new pending one is fine
+
+
+def test_one_open_request_per_addon_beside_the_service_request(db):
+    """Migration 0013: a request for one add-on is not the service's open request (both may
+    be open), and an add-on has at most one open request."""
+    with db.session.begin() as s:
+        svc = factories.service(s, addons=2)
+        first, second = svc.addons
+        factories.request(s, svc)
+        factories.request(s, svc, addon=first)
+        factories.request(s, svc, addon=second).status = RequestStatus.WITHDRAWN
+        s.flush()
+        factories.request(s, svc, addon=second).status = RequestStatus.FAILED
+        sid, aid = svc.id, first.id
+    with pytest.raises(IntegrityError), db.session.begin() as s:
+        svc = s.get(Service, sid)
+        factories.request(s, svc, addon=s.get(ServiceAddon, aid))
+
+
+def test_migration_0013_adds_addon_requests_and_goes_back(db):
+    """Down to 0012 is refused while add-on requests exist, then drops the columns (on
+    SQLite the foreign key's clause first, in place) and restores one open request per
+    service whatever it is for; up again, an add-on request may be open beside it."""
+    with db.session.begin() as s:
+        svc = factories.service(s, addons=1)
+        factories.request(s, svc)
+        addon_request = factories.request(s, svc, addon=svc.addons[0]).id
+        sid, aid = svc.id, svc.addons[0].id
+    cfg = dbmod._alembic_config(db)
+    with pytest.raises(RuntimeError, match="1 add-on request"), db.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0012")
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql(f"DELETE FROM cancellation_requests WHERE id = {addon_request}")
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0012")
+    with db.engine.connect() as conn:
+        assert "addon_id" not in {c["name"] for c in sa_inspect(conn).get_columns("cancellation_requests")}
+        assert "next_due_date" not in {c["name"] for c in sa_inspect(conn).get_columns("service_addons")}
+    with pytest.raises(IntegrityError), db.engine.begin() as conn:  # the old rule: one open per service
+        conn.exec_driver_sql("INSERT INTO cancellation_requests (service_id, type, effective_date, reason_code, "
+                             "reason, status, created_at, created_by, attempts, note) VALUES "
+                             f"({sid}, 'Immediate', '2026-11-30', 'x', '', 'pending', '2026-11-30 00:00:00', 't', 0, "
+                             "'')")
+    dbmod.upgrade(db)
+    with db.session.begin() as s:
+        factories.request(s, s.get(Service, sid), addon=s.get(ServiceAddon, aid))
+    if db.engine.dialect.name == "sqlite":
+        assert " IN (" not in _check_constraints(db)
+        with db.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
 
 
 def _check_constraints(db) -> str:

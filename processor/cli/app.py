@@ -393,7 +393,7 @@ def nightly_job(command: str, *, unless: tuple[str, ...] = ()) -> Callable[[Call
 
 
 def request_row(r: CancellationRequest) -> dict[str, Any]:
-    return {"id": r.id, "service_id": r.service_id, "type": r.type, "cancel_on": r.cancel_on,
+    return {"id": r.id, "service_id": r.service_id, "addon_id": r.addon_id, "type": r.type, "cancel_on": r.cancel_on,
             "effective_date": r.effective_date,
             "reason_code": r.reason_code, "reason": r.reason, "status": r.status, "attempts": r.attempts,
             "last_error": r.last_error, "next_attempt_at": r.next_attempt_at, "created_at": r.created_at,

@@ -88,6 +88,7 @@ class RecordRefType(click.ParamType):
 
 CLIENT = RecordRefType("client")
 SERVICE = RecordRefType("service")
+ADDON = RecordRefType("add-on")
 REQUEST = RecordRefType("request")
 
 

@@ -8,11 +8,11 @@ from typing import Any
 import click
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import contains_eager
+from sqlalchemy.orm import contains_eager, joinedload
 
 from processor import cancellations, outbox
 from processor.cli.app import App, audit_rows, cli, pass_app, request_row, utc_now
-from processor.cli.arguments import CLIENT, DATE, MAX_DOMAIN, REQUEST, SERVICE, FreeTextType, ReasonCodeOption
+from processor.cli.arguments import ADDON, CLIENT, DATE, MAX_DOMAIN, REQUEST, SERVICE, FreeTextType, ReasonCodeOption
 from processor.cli.listing import echo_page, fetch_page, page_options
 from processor.cli.output import echo_fields, echo_json, echo_table
 from processor.cli.run import echo_summary
@@ -62,11 +62,19 @@ def requests_group() -> None:
 @click.option("--reason", default="", type=FreeTextType(MAX_REASON),
               help=f"Free text from the client (at most {MAX_REASON} characters).")
 @click.option("--on", "cancel_on", type=DATE, help="The date, for --type on-date.")
+@click.option("--addon", "addon_id", type=ADDON,
+              help="Cancel only this add-on of the service (id or ext:ID); end-of-period: the add-on's own next "
+                   "due date. The service stays.")
 @click.option("--json", "as_json", is_flag=True, help="Print the request created as one JSON object (docs/json.md).")
 @pass_app
 def requests_create(app: App, service_id: int, type_name: str, reason_code: str, reason: str,
-                    cancel_on: dt.date | None, as_json: bool) -> int:
-    """Record a cancellation request for SERVICE_ID.
+                    cancel_on: dt.date | None, addon_id: int | None, as_json: bool) -> int:
+    """Record a cancellation request for SERVICE_ID (with --addon: for that add-on alone).
+
+    \b
+    One open request per service and one per add-on. An add-on request is refused while
+    the service has an open request (which cancels its add-ons too); a service request
+    made while add-on requests are open closes them when it is applied.
 
     \b
     The client's confirmation and the staff notice are queued with it and sent at once
@@ -77,6 +85,7 @@ def requests_create(app: App, service_id: int, type_name: str, reason_code: str,
     Examples:
       cancelproc requests create ext:1003 --reason-code too_expensive
       cancelproc requests create 42 --type on-date --on 2026-12-31 --reason-code switched_service
+      cancelproc requests create ext:1003 --addon ext:AD-7 --reason-code unused
     """
     database = app.database()
     hooks = app.hooks
@@ -88,13 +97,15 @@ def requests_create(app: App, service_id: int, type_name: str, reason_code: str,
                 session, service_id=service_id, type_=REQUEST_TYPES[type_name], reason_code=reason_code,
                 reason=reason, allowed_reasons=app.settings.reason_codes, cancel_on=cancel_on,
                 actor=app.operator, now=now, today=app.today(), terms_of=terms_of(app.settings),
+                addon_id=addon_id,
             )
             not_queued = outbox.queue_request_emails(session, request.id, composer=composer, settings=app.settings,
                                                      now=now, actor=app.operator)
             row = request_row(request)
     except IntegrityError:
         # Another writer created an open request between our check and our insert.
-        raise InputError(f"service {service_id} already has an open request") from None
+        raise InputError(f"add-on {addon_id} already has an open request" if addon_id is not None
+                         else f"service {service_id} already has an open request") from None
     except HookFailed as exc:  # fail closed: no request without its confirmation email
         raise CancelprocError(f"request not created: {exc}") from None
     cancellations.fire_request_created(database, hooks, row["id"], actor=app.operator)
@@ -105,7 +116,9 @@ def requests_create(app: App, service_id: int, type_name: str, reason_code: str,
     if as_json:
         echo_json(row)
     else:
-        click.echo(f"request {row['id']} created for service {service_id} ({row['type'].value})"
+        click.echo(f"request {row['id']} created for "
+                   + (f"add-on {addon_id} of " if addon_id is not None else "")
+                   + f"service {service_id} ({row['type'].value})"
                    + (f"; {row['emails_sent']} email(s) sent" if row["emails_sent"] else ""))
         for line in not_queued:
             click.echo(f"warning: {line}", err=True)
@@ -167,9 +180,10 @@ def requests_list(app: App, status: str | None, client_id: int | None, service_i
     if due_before is not None:
         query = query.where(due_before_clause(due_before))
     with app.database().read_session() as session:
-        page = fetch_page(session, query, listed_request, limit=limit,
-                          offset=offset, options=[contains_eager(r.service).joinedload(s.client)])
-    echo_page(page, ["id", "client", "domain", "type", "due_on", "status", "grace_ends_on", "reason_code", "attempts",
+        page = fetch_page(session, query, listed_request, limit=limit, offset=offset,
+                          options=[contains_eager(r.service).joinedload(s.client), joinedload(r.addon)])
+    echo_page(page, ["id", "client", "domain", "addon", "type", "due_on", "status", "grace_ends_on", "reason_code",
+                     "attempts",
                      "created_at", "last_error"], as_json=as_json, empty="no requests")
 
 
@@ -179,7 +193,8 @@ def listed_request(request: CancellationRequest) -> dict[str, Any]:
     service = request.service
     client = service.client if service else None
     row.update(client_id=service.client_id if service else None, client=client.name if client else None,
-               domain=service.domain if service else None, due_on=request_due_on(request))
+               domain=service.domain if service else None,
+               addon=request.addon.name if request.addon else None, due_on=request_due_on(request))
     return row
 
 
@@ -210,6 +225,9 @@ def requests_show(app: App, request_id: int, as_json: bool) -> None:
                                       "termination_date": service.termination_date}
         row["client"] = client and {"id": client.id, "external_id": client.external_id, "name": client.name,
                                     "email": client.email}
+        addon = request.addon
+        row["addon"] = addon and {"id": addon.id, "external_id": addon.external_id, "name": addon.name,
+                                  "status": addon.status, "next_due_date": addon.next_due_date}
         row["audit"] = audit_rows(session.scalars(
             select(AuditEntry).where(AuditEntry.request_id == request_id).order_by(AuditEntry.id)).all())
         row["emails"] = [email_summary(e) for e in session.scalars(
@@ -251,9 +269,9 @@ POINT_OF_ACTION = {AuditAction.VETOED: "PreModuleTerminate", AuditAction.ABORTED
 
 
 def _echo_request(row: dict[str, Any]) -> None:
-    echo_fields([(k, row[k]) for k in ("id", "external_id", "service_id", "type", "cancel_on", "due_on", "due_now",
-                                       "status", "suspended_on", "grace_ends_on", "reason_code", "reason", "attempts",
-                                       "last_error", "next_attempt_at",
+    echo_fields([(k, row[k]) for k in ("id", "external_id", "service_id", "addon_id", "type", "cancel_on", "due_on",
+                                       "due_now", "status", "suspended_on", "grace_ends_on", "reason_code", "reason",
+                                       "attempts", "last_error", "next_attempt_at",
                                        "created_at", "created_by", "processed_at", "run_id", "days_late", "note")])
     service, client = row["service"], row["client"]
     click.echo(f"service     {service['id']} {service['domain']} ({service['status'].value}, "
@@ -261,6 +279,10 @@ def _echo_request(row: dict[str, Any]) -> None:
                else f"service     {row['service_id']} no longer exists (deleted outside cancelproc)")
     if client:
         click.echo(f"client      {client['id']} {client['name']} <{client['email'] or '-'}>")
+    addon = row["addon"]
+    if addon:  # a request for this add-on alone
+        click.echo(f"add-on      {addon['id']} {addon['name']} ({addon['status'].value}, "
+                   f"next due {addon['next_due_date'] or '-'})")
     credit = row["credit"]
     if credit:
         click.echo(f"credit      {credit['amount']} for {credit['days_unused']} of {credit['days_in_period']} days "

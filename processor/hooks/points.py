@@ -74,18 +74,18 @@ SUSPENSION = ("grace_days", "grace_ends_on", "suspendreason")
 
 # What every per-request point gives. `idempotency_key` is the request id as a string:
 # TerminateAccount may run more than once for one request (at least once, see docs/hooks.md).
-REQUEST = ("params", "request_id", "idempotency_key", "request", "service", "client", "product",
+REQUEST = ("params", "request_id", "idempotency_key", "request", "service", "client", "product", "addon",
            "run_id", "as_of", "dry_run")
 
 POINTS: dict[str, HookPoint] = {p.name: p for p in (
     HookPoint("CancellationRequest",
-              ("params", "request_id", "idempotency_key", "request", "service", "client", "product", "actor",
-               "userid", "relid", "reason", "type"),
+              ("params", "request_id", "idempotency_key", "request", "service", "client", "product", "addon",
+               "actor", "userid", "relid", "reason", "type"),
               "a request was created (`requests create`), after it is committed",
               "ignored", whmcs=("userid", "relid", "reason", "type")),
     HookPoint("CancellationRequestWithdrawn",
-              ("params", "request_id", "idempotency_key", "request", "service", "client", "product", "actor",
-               "note"),
+              ("params", "request_id", "idempotency_key", "request", "service", "client", "product", "addon",
+               "actor", "note"),
               "a request was withdrawn (`requests withdraw`), after it is committed",
               "ignored"),
     HookPoint("PreCronJob",
@@ -138,8 +138,9 @@ POINTS: dict[str, HookPoint] = {p.name: p for p in (
               "or TerminateAccount hook raised or returned an error, or the request's data was refused "
               "(not for a veto)",
               "ignored", whmcs=("params", "failureResponseMessage")),
-    HookPoint("AddonCancelled", (*REQUEST, "addon_id", "addon", "id", "userid", "serviceid", "addonid"),
-              "an add-on of a cancelled service was cancelled, after the commit",
+    HookPoint("AddonCancelled", (*REQUEST, "addon_id", "id", "userid", "serviceid", "addonid"),
+              "an add-on was cancelled, after the commit: with its service (a service request), or alone (a "
+              "request for that add-on; `addon` is the add-on either way)",
               "ignored", whmcs=("id", "userid", "serviceid", "addonid")),
     HookPoint("InvoiceCancelled", (*REQUEST, "invoice_id", "invoice", "invoiceid"),
               "an unpaid invoice of a cancelled service was cancelled, after the commit",

@@ -23,6 +23,7 @@ from processor.models import (
     CancellationRequest,
     InvoiceStatus,
     RequestStatus,
+    ServiceAddon,
     ServiceStatus,
 )
 
@@ -98,7 +99,8 @@ def plan_rows(
     actions = [_decide(line, row, refs, existing.get(row.external_id)) for line, row, refs in resolved]
     inserts = [a for a in actions if isinstance(a, Insert)]
     updates, conflicts = _apply_guards(s, kind, [a for a in actions if isinstance(a, Update)])
-    open_errors = _second_open_requests(s, path, inserts, updates) if kind.name == "requests" else []
+    open_errors = ([*_addons_of_other_services(s, path, [*inserts, *updates]),
+                    *_second_open_requests(s, path, inserts, updates)] if kind.name == "requests" else [])
     return Plan(
         inserts=tuple(inserts),
         updates=tuple(updates),
@@ -127,10 +129,13 @@ def _resolve_refs(
     for column, (_attr, model) in row_type.REFS.items():
         wanted = {getattr(row, column) for _line, row in rows}
         ids[column] = ids_by_external_id(s, table_of(model), wanted)
+    for column, (_attr, model) in row_type.OPTIONAL_REFS.items():
+        wanted = {getattr(row, column) for _line, row in rows} - {None}
+        ids[column] = ids_by_external_id(s, table_of(model), wanted)
     out: list[tuple[int, ImportRow, dict[str, int]]] = []
     errors: list[RowError] = []
     for line, row in rows:
-        resolved: dict[str, int] = {}
+        resolved: dict[str, Any] = {}
         for column, (attr, model) in row_type.REFS.items():
             ext = getattr(row, column)
             if ext in ids[column]:
@@ -138,7 +143,18 @@ def _resolve_refs(
             else:
                 what = table_of(model).name.removesuffix("s")  # client, product, service
                 errors.append(RowError(path, line, column, f"no {what} with external_id {ext!r}"))
-        if len(resolved) == len(row_type.REFS):
+        missing = len(row_type.REFS) - len(resolved)
+        for column, (attr, _model) in row_type.OPTIONAL_REFS.items():
+            ext = getattr(row, column)
+            if ext is None:
+                if column in row.model_fields_set:  # given empty: none (an update clears it)
+                    resolved[attr] = None
+            elif ext in ids[column]:
+                resolved[attr] = ids[column][ext]
+            else:
+                missing += 1
+                errors.append(RowError(path, line, column, f"no add-on with external_id {ext!r}"))
+        if not missing:
             out.append((line, row, resolved))
     return out, errors
 
@@ -199,6 +215,9 @@ def _guard_cancelled_child(what: str) -> _Guard:
                 f"{what} was cancelled with its service by request {completed[stored.service_id].request_id}; "
                 f"import would set {_would_set(p, ['status'])}"
             )
+        alone = completed.get(_ALONE - stored.id)  # an add-on cancelled by a request for it alone
+        if _is_cancelled(stored) and alone is not None and "status" in p.changes:
+            return f"{_cancelled_by(alone, what)}; import would set {_would_set(p, ['status'])}"
         return None
 
     return guard
@@ -231,6 +250,9 @@ def _apply_guards(s: Session, kind: Kind, updates: list[Update]) -> tuple[list[U
         # Only cancelled rows can be protected: fetch requests for their services alone.
         sid = "id" if kind.name == "services" else "service_id"
         completed = _completed_requests(s, {getattr(p.existing, sid) for p in updates if _is_cancelled(p.existing)})
+        if kind.name == "addons":
+            completed.update(_completed_addon_requests(s, {p.existing.id for p in updates
+                                                           if _is_cancelled(p.existing)}))
     kept: list[Update] = []
     conflicts: list[Conflict] = []
     for p in updates:
@@ -242,35 +264,69 @@ def _apply_guards(s: Session, kind: Kind, updates: list[Update]) -> tuple[list[U
     return kept, conflicts
 
 
+def _addons_of_other_services(s: Session, path: Path, writes: list[Insert | Update]) -> list[RowError]:
+    """A request's add-on must be one of its service's."""
+    named = {p.after("addon_id") for p in writes} - {None}
+    if not named:
+        return []
+    A = ServiceAddon
+    owner = {addon_id: service_id for chunk in _chunks(sorted(named))
+             for addon_id, service_id in s.execute(select(A.id, A.service_id).where(A.id.in_(chunk)))}
+    errors = []
+    for p in writes:
+        addon_id = p.after("addon_id")
+        if addon_id is not None and owner.get(addon_id) != p.after("service_id"):
+            assert isinstance(p.row, RequestRow)  # only request files are checked
+            errors.append(RowError(path, p.line, "addon_external_id",
+                                   f"add-on {p.row.addon_external_id} is not an add-on of service "
+                                   f"{p.row.service_external_id}"))
+    return errors
+
+
+# What an open request holds: its service (a request for the service) or its add-on.
+_Holding = tuple[str, int]
+
+
+def _holding(service_id: int, addon_id: int | None) -> _Holding:
+    return ("service", service_id) if addon_id is None else ("add-on", addon_id)
+
+
 def _second_open_requests(s: Session, path: Path, inserts: list[Insert], updates: list[Update]) -> list[RowError]:
-    """One open request per service: a request that would be a second one is a row error.
+    """One open request per service among the requests for services, and one per add-on: a
+    request that would be a second one is a row error. (A request for an add-on beside an
+    open one for its service is not: the service's cancellation closes it when applied.)
 
     The schema enforces this too; checking first names the row instead of failing the file
     with an integrity error.
     """
     writes: list[Insert | Update] = [*inserts, *updates]
     touched = {p.after("service_id") for p in writes} | {p.existing.service_id for p in updates}
-    holders: dict[int, int | str] = dict(_open_requests(s, touched))  # service id -> request id or "line N"
-    # Rows that close (withdraw) or move their open request free its service first.
+    holders: dict[_Holding, int | str] = dict(_open_requests(s, touched))  # -> request id or "line N"
+    # Rows that close (withdraw) or move their open request free what it held first.
     for u in updates:
         old = u.existing
-        moves_or_closes = not _ends_open(u) or u.after("service_id") != old.service_id
-        if old.status in OPEN_REQUEST_STATUSES and moves_or_closes and holders.get(old.service_id) == old.id:
-            del holders[old.service_id]
+        held = _holding(old.service_id, old.addon_id)
+        moves_or_closes = not _ends_open(u) or _holding(u.after("service_id"), u.after("addon_id")) != held
+        if old.status in OPEN_REQUEST_STATUSES and moves_or_closes and holders.get(held) == old.id:
+            del holders[held]
     errors: list[RowError] = []
     for p in sorted(writes, key=lambda w: w.line):
-        service_id = p.after("service_id")
-        if not _ends_open(p) or (isinstance(p, Update) and service_id == p.existing.service_id):
+        holding = _holding(p.after("service_id"), p.after("addon_id"))
+        if not _ends_open(p) or (isinstance(p, Update) and
+                                 holding == _holding(p.existing.service_id, p.existing.addon_id)):
             continue
-        holder = holders.get(service_id)
+        holder = holders.get(holding)
         if holder is None:
-            holders[service_id] = f"line {p.line}"
+            holders[holding] = f"line {p.line}"
             continue
         assert isinstance(p.row, RequestRow)  # only request files are checked
         which = f"open request {holder}" if isinstance(holder, int) else f"an open request on {holder}"
-        errors.append(
-            RowError(path, p.line, "service_external_id", f"service {p.row.service_external_id} already has {which}")
-        )
+        if holding[0] == "service":
+            errors.append(RowError(path, p.line, "service_external_id",
+                                   f"service {p.row.service_external_id} already has {which}"))
+        else:
+            errors.append(RowError(path, p.line, "addon_external_id",
+                                   f"add-on {p.row.addon_external_id} already has {which}"))
     return errors
 
 
@@ -311,13 +367,14 @@ def _rows_by_external_id(s: Session, table: Table, external_ids: set[str]) -> di
 
 
 def _completed_requests(s: Session, service_ids: set[int]) -> dict[int, _Completed]:
-    """Service id -> its latest completed request, for the given services."""
+    """Service id -> its latest completed request for the service (not for one add-on of
+    it), for the given services."""
     out: dict[int, _Completed] = {}
     R = CancellationRequest
     for chunk in _chunks(sorted(service_ids)):
         query = (
             select(R.service_id, R.id, R.processed_at)
-            .where(R.status == RequestStatus.COMPLETED, R.service_id.in_(chunk))
+            .where(R.status == RequestStatus.COMPLETED, R.service_id.in_(chunk), R.addon_id.is_(None))
             .order_by(R.id)
         )
         for service_id, request_id, processed_at in s.execute(query):
@@ -325,11 +382,31 @@ def _completed_requests(s: Session, service_ids: set[int]) -> dict[int, _Complet
     return out
 
 
-def _open_requests(s: Session, service_ids: set[int]) -> dict[int, int]:
-    """Service id -> id of its open (pending or failed) request."""
-    out: dict[int, int] = {}
+# The guards' `completed` is keyed by service id; an add-on's own completed request is
+# keyed by _ALONE - its id (ids are positive), so the guards keep one signature.
+_ALONE = 0
+
+
+def _completed_addon_requests(s: Session, addon_ids: set[int]) -> dict[int, _Completed]:
+    """_ALONE - add-on id -> its latest completed request for it alone, for these add-ons."""
+    out: dict[int, _Completed] = {}
+    R = CancellationRequest
+    for chunk in _chunks(sorted(addon_ids)):
+        query = (select(R.addon_id, R.id, R.processed_at)
+                 .where(R.status == RequestStatus.COMPLETED, R.addon_id.in_(chunk)).order_by(R.id))
+        for addon_id, request_id, processed_at in s.execute(query):
+            out[_ALONE - addon_id] = _Completed(request_id, processed_at)  # type: ignore[operator]
+    return out
+
+
+def _open_requests(s: Session, service_ids: set[int]) -> dict[_Holding, int]:
+    """What the open (pending or failed) requests of these services hold (the service, or
+    one add-on of it) -> the request's id."""
+    out: dict[_Holding, int] = {}
     R = CancellationRequest
     for chunk in _chunks(sorted(service_ids)):
-        query = select(R.service_id, R.id).where(R.status.in_(OPEN_REQUEST_STATUSES), R.service_id.in_(chunk))
-        out.update((service_id, request_id) for service_id, request_id in s.execute(query))
+        query = select(R.service_id, R.addon_id, R.id).where(R.status.in_(OPEN_REQUEST_STATUSES),
+                                                             R.service_id.in_(chunk))
+        out.update((_holding(service_id, addon_id), request_id)
+                   for service_id, addon_id, request_id in s.execute(query))
     return out

@@ -155,6 +155,8 @@ class ImportRow(BaseModel):
 
     # Reference column -> (model attribute holding the id, referenced model).
     REFS: ClassVar[dict[str, tuple[str, type[Base]]]] = {}
+    # The same for a reference that may be empty (its attribute is then None).
+    OPTIONAL_REFS: ClassVar[dict[str, tuple[str, type[Base]]]] = {}
 
     external_id: ExternalId
 
@@ -203,7 +205,8 @@ class ImportRow(BaseModel):
         A JSON Lines row may leave a column out: an existing row then keeps its value.
         """
         given = self.model_fields_set
-        return {n: getattr(self, n) for n in _defaults(type(self)) if (new or n in given) and n not in self.REFS}
+        return {n: getattr(self, n) for n in _defaults(type(self))
+                if (new or n in given) and n not in self.REFS and n not in self.OPTIONAL_REFS}
 
 
 _REQUIRED = object()
@@ -262,6 +265,8 @@ class AddonRow(ImportRow):
     name: str = Field(min_length=1, max_length=200)
     status: ServiceStatusWord
     amount: Amount = Decimal("0")
+    # Its own next due date: when an End of Billing Period request for the add-on alone is due.
+    next_due_date: OptionalDate = None
 
 
 class InvoiceRow(ImportRow):
@@ -275,6 +280,8 @@ class InvoiceRow(ImportRow):
 
 class RequestRow(ImportRow):
     REFS = {"service_external_id": ("service_id", Service)}
+    # A reference that may be empty: a request for that one add-on of the service.
+    OPTIONAL_REFS: ClassVar[dict[str, tuple[str, type[Base]]]] = {"addon_external_id": ("addon_id", ServiceAddon)}
 
     service_external_id: ExternalId
     type: RequestTypeWord
@@ -286,6 +293,8 @@ class RequestRow(ImportRow):
     # When the client asked (stored as the request's created_at): lateness, the list order and
     # whether a run for a past date takes it come from it. Empty: the time of the import.
     requested_at: dt.datetime | None = None
+    # Empty: the request is for the whole service (with its add-ons).
+    addon_external_id: ExternalId | None = None
 
     @field_validator("requested_at", mode="before")
     @classmethod

@@ -24,11 +24,16 @@ from zoneinfo import ZoneInfo
 
 from processor.credits import Credit, PaidInvoice, unused_credit
 from processor.due import ONE_DAY, business_today, days_late
-from processor.emails import SERVICE_CANCELLATION_CONFIRMATION, SERVICE_SUSPENDED, Writing
+from processor.emails import (
+    ADDON_CANCELLATION_CONFIRMATION,
+    SERVICE_CANCELLATION_CONFIRMATION,
+    SERVICE_SUSPENDED,
+    Writing,
+)
 from processor.errors import InputError, one_line
 from processor.hooks import HookFailed, HookRegistry
 from processor.models import CLOSED_SERVICE_STATUSES, ServiceStatus
-from processor.outbox import Composed, Composer, UnsafeEmail, email_key, request_fields
+from processor.outbox import Composed, Composer, UnsafeEmail, addon_fields, email_key, request_fields
 from processor.params import ModuleParams, request_params
 from processor.run.outcome import Action, Outcome
 
@@ -64,8 +69,9 @@ class Decider:
         self.composer = composer
         self.zone = zone
         self.grace_days = grace_days
-        # The suspension emails' common fields, by (language, grace end): few per run.
-        self._suspension_fields: dict[tuple[dt.date, str | None, dt.date], tuple[dict[str, Any], Writing]] = {}
+        # The common fields of the suspension and add-on emails, by template, day, language and
+        # cancellation date (`_common`): few per run.
+        self._common: dict[tuple[str, dt.date, str | None, dt.date], tuple[dict[str, Any], Writing]] = {}
         # Building a request's hook params costs time; only when some hook will read them.
         self.hooked = any(hooks.has(p) for p in PER_REQUEST_POINTS)
         self.cancels_subscriptions = hooks.has("CancelSubscription")
@@ -91,6 +97,8 @@ class Decider:
         params = None
         grace = 0  # > 0: this is the first phase of a grace period (suspend)
         try:
+            if row.addon_id is not None:
+                return self._decide_addon(row, as_of, run_id, dry_run)
             grace_ends_on = row.grace_ends_on
             if grace_ends_on is None:
                 # Lateness counts from the due date, but never from before the request was made.
@@ -149,6 +157,36 @@ class Decider:
             return 0
         return self.grace_days(row)
 
+    def _decide_addon(self, row: Any, as_of: dt.date, run_id: int | None, dry_run: bool) -> Outcome:
+        """A request for one add-on: cancel the add-on alone and confirm it (Addon Cancellation
+        Confirmation). No module point fires (PreModuleTerminate, TerminateAccount, ...): they
+        are the service's provisioning, and a TerminateAccount hook would deprovision the
+        service, which stays; the add-on's own hook is AddonCancelled, after the commit."""
+        late = days_late(row.type, row.effective_date, business_today(row.created_at, self.zone), as_of)
+        if row.addon_status is None:  # deleted outside cancelproc (foreign keys off)
+            return Outcome(row.id, row.service_id, Action.ERROR, late, row.attempts, addon_id=row.addon_id,
+                           error=f"add-on #{row.addon_id} of service #{row.service_id} no longer exists "
+                                 "(deleted outside cancelproc); nothing was cancelled")
+        closed = (f"add-on already {row.addon_status}" if row.addon_status in CLOSED_SERVICE_STATUSES
+                  else f"service already {row.service_status._value_}"
+                  if row.service_status in CLOSED_SERVICE_STATUSES else None)
+        if closed:
+            return Outcome(row.id, row.service_id, Action.NOOP, late, row.attempts, addon_id=row.addon_id,
+                           service_status=row.service_status._value_, noop_reason=closed)
+        params = (request_params(row, run_id=run_id, as_of=as_of, dry_run=dry_run)
+                  if self.hooks.has("AddonCancelled") else None)
+        composed = self._compose_addon(row, as_of, run_id, dry_run)
+        return Outcome(row.id, row.service_id, Action.CANCEL, late, row.attempts, composed.email,
+                       service_status=row.service_status._value_, params=params,
+                       email_aborted_by=composed.aborted_by, addon_id=row.addon_id)
+
+    def _compose_addon(self, row: Any, as_of: dt.date, run_id: int | None, dry_run: bool) -> Composed:
+        """The client's Addon Cancellation Confirmation: the add-on cancelled today, the
+        service keeping its status."""
+        common, writing = self._common_fields(ADDON_CANCELLATION_CONFIRMATION, as_of, row.language, as_of)
+        fields = {**request_fields(row, common, writing), **addon_fields(row, writing)}
+        return self._compose_to_client(ADDON_CANCELLATION_CONFIRMATION, row, fields, run_id, dry_run)
+
     def _compose(self, row: Any, run_fields: RunFields, run_id: int | None, dry_run: bool,
                  credit: Credit | None) -> Composed:
         """The Service Cancellation Confirmation of this request (the service now Cancelled)."""
@@ -162,14 +200,20 @@ class Decider:
                             dry_run: bool) -> Composed:
         """The client's Service Suspended for Cancellation: suspended today, cancelled on
         `grace_ends_on` (service_cancellation_date) unless they ask to keep it."""
-        key = (as_of, row.language, grace_ends_on)
-        if key not in self._suspension_fields:
-            writing = self.composer.writing(SERVICE_SUSPENDED, row.language)
-            self._suspension_fields[key] = (self.composer.common_fields(
-                as_of, writing.language, cancellation_date=grace_ends_on,
-                service_status=ServiceStatus.SUSPENDED.value), writing)
-        common, writing = self._suspension_fields[key]
+        common, writing = self._common_fields(SERVICE_SUSPENDED, as_of, row.language, grace_ends_on,
+                                              service_status=ServiceStatus.SUSPENDED.value)
         return self._compose_to_client(SERVICE_SUSPENDED, row, request_fields(row, common, writing), run_id, dry_run)
+
+    def _common_fields(self, template: str, as_of: dt.date, language: str | None, cancellation_date: dt.date,
+                       **more: Any) -> tuple[dict[str, Any], Writing]:
+        """`Composer.common_fields` of a per-request email other than the confirmation
+        (`run_fields`), made once per template, day, language and cancellation date."""
+        key = (template, as_of, language, cancellation_date)
+        if key not in self._common:
+            writing = self.composer.writing(template, language)
+            self._common[key] = (self.composer.common_fields(as_of, writing.language,
+                                                             cancellation_date=cancellation_date, **more), writing)
+        return self._common[key]
 
     def _compose_to_client(self, template: str, row: Any, fields: dict[str, Any], run_id: int | None,
                            dry_run: bool) -> Composed:

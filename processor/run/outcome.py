@@ -15,7 +15,7 @@ from processor.outbox import QueuedEmail
 
 
 class Action(StrEnum):
-    CANCEL = "cancel"  # cancel the service, its add-ons and unpaid invoices; queue the email
+    CANCEL = "cancel"  # cancel the service, its add-ons and unpaid invoices (or one add-on alone); queue the email
     SUSPEND = "suspend"  # grace period: suspend the service, queue its email; cancelled on grace_ends_on
     NOOP = "no-op"  # the service is already Cancelled or Terminated: complete the request only
     ERROR = "error"  # this attempt failed; retried later, or failed after max_attempts
@@ -60,6 +60,8 @@ class Outcome:
     credit_id: int | None = None  # the credits row, once written (for CreditIssued)
     suspending: bool = False  # the first phase of a grace period (SUSPEND, or its failed attempt)
     grace_ends_on: dt.date | None = None  # SUSPEND: the day the run cancels the service
+    addon_id: int | None = None  # a request for this one add-on: the service stays
+    noop_reason: str = ""  # NOOP of an add-on request: why there was nothing to cancel
 
 
 @dataclass

@@ -21,8 +21,8 @@ from processor.run.reminders import Reminders
 from processor.run.store import Reading, due_chunks, paid_for
 
 # The preview's columns, in order (the table and each JSON item).
-PREVIEW_COLUMNS = ["request_id", "service_id", "client", "product", "domain", "type", "due_on", "days_late",
-                   "action", "addons", "unpaid_invoices", "credit", "email_to", "detail"]
+PREVIEW_COLUMNS = ["request_id", "service_id", "addon_id", "client", "product", "domain", "type", "due_on",
+                   "days_late", "action", "addons", "unpaid_invoices", "credit", "email_to", "detail"]
 
 
 # The action of a reminder's line (the requests' are outcome.Action values).
@@ -34,7 +34,7 @@ def _detail(o: Outcome, row: Any) -> str:
     if o.error:
         return o.error
     said = (o.email.subject if o.email else f"email aborted by {o.email_aborted_by}" if o.email_aborted_by
-            else f"service already {row.service_status.value}")
+            else o.noop_reason or f"service already {row.service_status.value}")
     return f"suspended until {o.grace_ends_on}, then cancelled; {said}" if o.action is Action.SUSPEND else said
 
 
@@ -56,14 +56,15 @@ def preview(reading: Reading, decider: Decider, options: RunOptions, *, now: dt.
         for row in rows:
             o = decider.decide(row, options.as_of, fields, dry_run=True, paid=paid.get(row.service_id))
             cancel = o.action is Action.CANCEL
+            alone = row.addon_id is not None  # a request for one add-on: that add-on alone, no invoice
             yield {
-                "request_id": row.id, "service_id": row.service_id,
+                "request_id": row.id, "service_id": row.service_id, "addon_id": row.addon_id,
                 "client": f"{row.first_name} {row.last_name}".strip(), "product": row.product_name,
                 "domain": row.domain, "type": str(row.type),
                 "due_on": row.effective_date,  # in a grace period: its end (the suspension moved it)
                 "days_late": o.days_late, "action": str(o.action),
-                "addons": ", ".join(addons.get(row.service_id, [])) if cancel else "",
-                "unpaid_invoices": ", ".join(invoices.get(row.service_id, [])) if cancel else "",
+                "addons": (row.addon_name if alone else ", ".join(addons.get(row.service_id, []))) if cancel else "",
+                "unpaid_invoices": ", ".join(invoices.get(row.service_id, [])) if cancel and not alone else "",
                 "credit": o.credit.amount if cancel and o.credit is not None else None,
                 "email_to": o.email.to_address if o.email else "",
                 "detail": _detail(o, row),
@@ -81,10 +82,10 @@ def _reminders(reading: Reading, reminders: Reminders, as_of: dt.date, chunk_siz
         for reminder in planned:
             c = reminders.compose(reminder, as_of, run_id=None, dry_run=True)
             row = reminder.row
-            yield {"request_id": row.id, "service_id": row.service_id,
+            yield {"request_id": row.id, "service_id": row.service_id, "addon_id": row.addon_id,
                    "client": f"{row.first_name} {row.last_name}".strip(), "product": row.product_name,
                    "domain": row.domain, "type": str(row.type), "due_on": reminder.effective_on, "days_late": 0,
-                   "action": REMIND, "addons": "", "unpaid_invoices": "",
+                   "action": REMIND, "addons": "", "unpaid_invoices": "", "credit": None,
                    "email_to": c.email.to_address if c.email else "",
                    "detail": c.error or (f"{reminder.days}-day reminder ({reminder.days_left} days left): "
                                          f"{c.email.subject}" if c.email else
@@ -96,6 +97,6 @@ def _orphans(reading: Reading, options: RunOptions, limit: int | None) -> Iterat
         orphans = store.orphans(options, limit)
     for orphan in orphans:
         o = orphan_outcome(orphan)
-        yield {"request_id": o.request_id, "service_id": o.service_id, "client": "", "product": "",
+        yield {"request_id": o.request_id, "service_id": o.service_id, "addon_id": None, "client": "", "product": "",
                "domain": "", "type": "", "due_on": None, "days_late": 0, "action": str(Action.ERROR),
                "addons": "", "unpaid_invoices": "", "credit": None, "email_to": "", "detail": o.error}

@@ -350,7 +350,12 @@ class Runner:
         for o in outcomes:
             if o.params is None:
                 continue
-            if o.suspending:
+            if o.addon_id is not None:  # a request for one add-on: its add-on's hook alone
+                if o.action is Action.CANCEL:
+                    for addon in o.addons:
+                        apply("AddonCancelled", addon_cancelled_params(
+                            {**o.params, "request": {**o.params["request"], "status": _COMPLETED}}, addon))
+            elif o.suspending:
                 self._after_suspension(o)
             elif o.action is Action.CANCEL:
                 # The params were read before the write; the hooks after it see what was committed
@@ -358,12 +363,8 @@ class Runner:
                 params = {**o.params, "service": {**o.params["service"], "status": _CANCELLED},
                           "request": {**o.params["request"], "status": _COMPLETED}}
                 apply("AfterModuleTerminate", params)
-                # WHMCS's names beside ours: its AddonCancelled `addonid` is the add-on's product in
-                # its catalogue, which cancelproc does not keep (None).
                 for addon in o.addons:
-                    apply("AddonCancelled", {**params, "addon_id": addon["id"], "addon": addon, "id": addon["id"],
-                                             "userid": params["client"]["id"], "serviceid": o.service_id,
-                                             "addonid": None})
+                    apply("AddonCancelled", addon_cancelled_params(params, addon))
                 for invoice in o.invoices:
                     apply("InvoiceCancelled", {**params, "invoice_id": invoice["id"], "invoice": invoice,
                                                "invoiceid": invoice["id"]})
@@ -536,3 +537,11 @@ def credit_params(params: dict[str, Any], o: Outcome) -> dict[str, Any]:
     assert o.credit is not None
     return {**params, "idempotency_key": f"cancelproc:credit:request:{o.request_id}", "credit_id": o.credit_id,
             "credit": {"id": o.credit_id, **o.credit.as_dict()}, "amount": o.credit.amount}
+
+
+def addon_cancelled_params(params: dict[str, Any], addon: dict[str, Any]) -> dict[str, Any]:
+    """AddonCancelled's params: the request's (as committed) and the add-on, now Cancelled.
+    WHMCS's names beside ours: its `addonid` is the add-on's product in its catalogue, which
+    cancelproc does not keep (None)."""
+    return {**params, "addon_id": addon["id"], "addon": {**addon, "status": _CANCELLED}, "id": addon["id"],
+            "userid": params["client"]["id"], "serviceid": params["service"]["id"], "addonid": None}

@@ -28,10 +28,11 @@ from processor.credits import PaidInvoice
 from processor.db import Database
 from processor.digest import recorded_failures
 from processor.due import due_clause, ready_clause
-from processor.emails import SERVICE_CANCELLATION_CONFIRMATION, SERVICE_SUSPENDED
+from processor.emails import ADDON_CANCELLATION_CONFIRMATION, SERVICE_CANCELLATION_CONFIRMATION, SERVICE_SUSPENDED
 from processor.errors import one_line
 from processor.models import (
     CLOSED_SERVICE_STATUSES,
+    OPEN_REQUEST_STATUSES,
     AuditAction,
     AuditEntity,
     AuditEntry,
@@ -57,6 +58,9 @@ from processor.run.decide import Orphan
 from processor.run.outcome import FAILED_ATTEMPT, Action, Outcome, RunOptions, Tally
 
 R, S, C, P = CancellationRequest, Service, Client, Product
+# What an AddonCancelled hook gets of a cancelled add-on (RETURNING, only when one is registered).
+_ADDON_COLUMNS = (ServiceAddon.id, ServiceAddon.service_id, ServiceAddon.external_id, ServiceAddon.name,
+                  ServiceAddon.amount, ServiceAddon.next_due_date)
 ACTOR = "cancelproc"
 log = structlog.get_logger("cancelproc.run")
 
@@ -214,6 +218,10 @@ class RunStore:
                     o.suspending and still_pending[o.request_id] is not None):
                 o.action = Action.SKIPPED
         cancels = [o for o in outcomes if o.action is Action.CANCEL]
+        addon_cancels = [o for o in cancels if o.addon_id is not None]
+        if addon_cancels:  # requests for one add-on: the service stays
+            cancels = [o for o in cancels if o.addon_id is None]
+            addon_cancels = self._not_cascaded(addon_cancels, cancels)
         noops = [o for o in outcomes if o.action is Action.NOOP]
         audit = _Audit(self.conn, run_id, now)
         suspends = [o for o in outcomes if o.action is Action.SUSPEND]
@@ -231,13 +239,21 @@ class RunStore:
                 self._credit(audit, credited, run_id, now)
             queue(self.conn, [o.email for o in cancels if o.email], run_id=run_id, now=now,
                   from_address=self.rules.from_address)
-        self._complete_requests(cancels + noops, run_id, now)
+        if addon_cancels:
+            self._cancel_addons(audit, addon_cancels)
+            queue(self.conn, [o.email for o in addon_cancels if o.email], run_id=run_id, now=now,
+                  from_address=self.rules.from_address)
+        self._complete_requests(cancels + addon_cancels + noops, run_id, now)
+        if cancels:
+            self._close_addon_requests(audit, cancels, run_id, now)
         audit.rows([(o.request_id, AuditEntity.REQUEST, o.request_id, AuditAction.COMPLETED,
-                     f"no-op: service already {o.service_status}; request completed without changes")
+                     f"no-op: {o.noop_reason or f'service already {o.service_status}'}; "
+                     "request completed without changes")
                     for o in noops])
         audit.rows([(o.request_id, AuditEntity.EMAIL, o.request_id, AuditAction.ABORTED,
-                     f"{SERVICE_CANCELLATION_CONFIRMATION} not queued: abortsend from {o.email_aborted_by}")
-                    for o in cancels if o.email_aborted_by])
+                     f"{ADDON_CANCELLATION_CONFIRMATION if o.addon_id else SERVICE_CANCELLATION_CONFIRMATION} "
+                     f"not queued: abortsend from {o.email_aborted_by}")
+                    for o in cancels + addon_cancels if o.email_aborted_by])
         for o in outcomes:
             if o.action in FAILED_ATTEMPT:
                 self._record_failure(audit, o, run_id, now)
@@ -268,6 +284,51 @@ class RunStore:
                 suspended_on=as_of, grace_ends_on=grace_ends_on, run_id=run_id, days_late=None,
                 attempts=0, last_error=None, next_attempt_at=None))
 
+    @staticmethod
+    def _not_cascaded(addon_cancels: list[Outcome], cancels: list[Outcome]) -> list[Outcome]:
+        """The add-on requests of this chunk whose service is not cancelled in it too. Those
+        whose service is become no-ops (no email of their own): the service's cancellation
+        cancels the add-on with it."""
+        by_service = {o.service_id: o.request_id for o in cancels}
+        kept = []
+        for o in addon_cancels:
+            if o.service_id in by_service:
+                o.action, o.email, o.params = Action.NOOP, None, None
+                o.noop_reason = f"add-on cancelled with its service by request #{by_service[o.service_id]}"
+            else:
+                kept.append(o)
+        return kept
+
+    def _cancel_addons(self, audit: _Audit, cancels: list[Outcome]) -> None:
+        """Cancel the add-ons of requests for one add-on, each alone: the service, its other
+        add-ons and its invoices stay as they are. Audited as `_cancel_services` does."""
+        chunk = self.db.in_ids(R.id, [o.request_id for o in cancels])
+        addon, open_addon = ServiceAddon, ServiceAddon.status.not_in(CLOSED_SERVICE_STATUSES)
+        audit.select(AuditEntity.ADDON, select(R.id, addon.id, literal(AuditAction.CANCELLED.value),
+                                               literal("alone, by its own request; the service stays"))
+                     .join(addon, addon.id == R.addon_id).where(chunk, open_addon))
+        addon_ids = self.db.in_ids(addon.id, [o.addon_id for o in cancels if o.addon_id is not None])
+        changed = self._update(update(addon).where(addon_ids, open_addon).values(status=ServiceStatus.CANCELLED),
+                               _ADDON_COLUMNS,
+                               self.rules.returning_addons)
+        for o in cancels:
+            o.addons = [a for a in changed.get(o.service_id, ()) if a["id"] == o.addon_id]
+
+    def _close_addon_requests(self, audit: _Audit, cancels: list[Outcome], run_id: int, now: dt.datetime) -> None:
+        """The open requests for add-ons of the services just cancelled are done: the service's
+        cancellation cancelled those add-ons too. Completed (not withdrawn: what they asked
+        for happened), each audited naming the service's request. One statement per chunk;
+        the audit only when it closed some."""
+        by_service = {o.service_id: o.request_id for o in cancels}
+        closed = self.conn.execute(
+            update(R).where(self.db.in_ids(R.service_id, list(by_service)), R.addon_id.is_not(None),
+                            R.status.in_(OPEN_REQUEST_STATUSES))
+            .values(status=RequestStatus.COMPLETED, processed_at=now, run_id=run_id, next_attempt_at=None)
+            .returning(R.id, R.service_id)).all()
+        audit.rows([(request_id, AuditEntity.REQUEST, request_id, AuditAction.COMPLETED,
+                     f"closed: its add-on was cancelled with the service by request #{by_service[service_id]}")
+                    for request_id, service_id in closed])
+
     def _cancel_services(self, audit: _Audit, cancels: list[Outcome], as_of: dt.date) -> None:
         """Cancel the services of these requests, their add-ons and unpaid invoices; audit each.
 
@@ -293,7 +354,7 @@ class RunStore:
         addon, invoice = ServiceAddon, Invoice
         addons = self._update(update(addon).where(addon.service_id.in_(services), open_addon)
                               .values(status=ServiceStatus.CANCELLED),
-                              (addon.id, addon.service_id, addon.external_id, addon.name, addon.amount),
+                              _ADDON_COLUMNS,
                               self.rules.returning_addons)
         invoices = self._update(update(invoice).where(invoice.service_id.in_(services),
                                                       invoice.status == InvoiceStatus.UNPAID)
