@@ -669,6 +669,39 @@ def test_completed_request_is_not_changed(tmp_path: Path, base: None, run, db: D
     assert one(db, CancellationRequest, "R9").status == RequestStatus.PENDING
 
 
+def test_a_grace_period_is_not_ended_by_an_import(
+    tmp_path: Path, base: None, run, db: Database, now: dt.datetime
+) -> None:
+    """A run suspended S1 for its request's grace period. A file that withdraws the request
+    (or changes it) or sets the service Active is a conflict naming the command that
+    unsuspends: written, the service would stay suspended, or the grace period would end
+    without UnsuspendAccount and the client's email. S2's rows still apply."""
+    run(write_csv(tmp_path / "r.csv", "external_id,service_external_id,type,reason_code",
+                  "R1,S1,End of Billing Period,other", "R2,S2,End of Billing Period,other"))
+    suspended_on, ends = dt.date(2026, 12, 1), dt.date(2026, 12, 15)
+    with db.session.begin() as s:  # what the run's suspension writes
+        one_row = s.scalars(select(CancellationRequest).where(CancellationRequest.external_id == "R1")).one()
+        one_row.suspended_on, one_row.grace_ends_on, one_row.effective_date = suspended_on, ends, ends
+        s.get(Service, one_row.service_id).status = ServiceStatus.SUSPENDED
+        request_id = one_row.id
+    requests = run(write_csv(tmp_path / "r2.csv", "external_id,service_external_id,type,reason_code,status",
+                             "R1,S1,End of Billing Period,other,withdrawn",
+                             "R2,S2,End of Billing Period,other,withdrawn"))
+    assert (requests.updated, [(c.line, c.external_id) for c in requests.conflicts]) == (1, [(2, "R1")])
+    assert requests.conflicts[0].message == (
+        f"request {request_id} is in its grace period (service suspended 2026-12-01, cancelled 2026-12-15); "
+        f"import would set status withdrawn: withdraw it with `cancelproc requests withdraw {request_id}`")
+    services = run(write_csv(tmp_path / "s2.csv", "external_id,client_external_id,product_external_id,status",
+                             "S1,C1,P1,Active", "S2,C2,P1,Suspended"))
+    assert (services.updated, [(c.line, c.external_id, c.message) for c in services.conflicts]) == (1, [
+        (2, "S1", f"service was suspended by cancelproc for request {request_id}, whose grace period ends "
+                  "2026-12-15; import would set status Active")])
+    assert one(db, CancellationRequest, "R1").status == RequestStatus.PENDING
+    assert one(db, Service, "S1").status == ServiceStatus.SUSPENDED
+    assert (one(db, CancellationRequest, "R2").status, one(db, Service, "S2").status) == (
+        RequestStatus.WITHDRAWN, ServiceStatus.SUSPENDED)
+
+
 def test_completed_request_same_values_is_unchanged(
     tmp_path: Path, base: None, run, db: Database, now: dt.datetime
 ) -> None:

@@ -170,9 +170,25 @@ class _Completed:
     processed_at: dt.datetime | None
 
 
-# Guards: why an update must not be applied (a conflict), or None. They get the existing row
-# already loaded and the completed requests of the services concerned.
-_Guard = Callable[[Update, dict[int, _Completed]], str | None]
+@dataclass(frozen=True)
+class _InGrace:
+    """The open request whose grace period a run started by suspending its service."""
+
+    request_id: int
+    grace_ends_on: dt.date | None
+
+
+@dataclass(frozen=True)
+class _Known:
+    """What the guards know besides the stored row: the completed requests of the services
+    concerned, and the requests in their grace period of the suspended ones."""
+
+    completed: dict[int, _Completed]
+    in_grace: dict[int, _InGrace]
+
+
+# Guards: why an update must not be applied (a conflict), or None.
+_Guard = Callable[[Update, _Known], str | None]
 
 
 def _show(value: Any) -> str:
@@ -197,19 +213,25 @@ def _is_cancelled(stored: Row[Any]) -> bool:
     return stored.status in (ServiceStatus.CANCELLED, InvoiceStatus.CANCELLED)
 
 
-def _guard_service(p: Update, completed: dict[int, _Completed]) -> str | None:
+def _guard_service(p: Update, known: _Known) -> str | None:
     svc = p.existing
     touched = [n for n in ("status", "termination_date") if n in p.changes]
-    if svc.status == ServiceStatus.CANCELLED and svc.id in completed and touched:
-        return f"{_cancelled_by(completed[svc.id], 'service')}; import would set {_would_set(p, touched)}"
+    if svc.status == ServiceStatus.CANCELLED and svc.id in known.completed and touched:
+        return f"{_cancelled_by(known.completed[svc.id], 'service')}; import would set {_would_set(p, touched)}"
+    grace = known.in_grace.get(svc.id)
+    if grace is not None and touched:
+        # The billing system may not know the run suspended it: Active there must not end the
+        # grace period here without UnsuspendAccount (`requests withdraw` does both).
+        return (f"service was suspended by cancelproc for request {grace.request_id}, whose grace period ends "
+                f"{grace.grace_ends_on}; import would set {_would_set(p, touched)}")
     return None
 
 
 def _guard_cancelled_child(what: str) -> _Guard:
     """Add-ons and invoices the run cancelled with their service stay cancelled."""
 
-    def guard(p: Update, completed: dict[int, _Completed]) -> str | None:
-        stored = p.existing
+    def guard(p: Update, known: _Known) -> str | None:
+        stored, completed = p.existing, known.completed
         if _is_cancelled(stored) and stored.service_id in completed and "status" in p.changes:
             return (
                 f"{what} was cancelled with its service by request {completed[stored.service_id].request_id}; "
@@ -223,11 +245,17 @@ def _guard_cancelled_child(what: str) -> _Guard:
     return guard
 
 
-def _guard_request(p: Update, completed: dict[int, _Completed]) -> str | None:
+def _guard_request(p: Update, known: _Known) -> str | None:
     req = p.existing
     if req.status != RequestStatus.PENDING:
         when = f" on {req.processed_at.date().isoformat()}" if req.processed_at else ""
         return f"request {req.id} is already {req.status.value}{when}; import would set {_would_set(p, p.changes)}"
+    if req.suspended_on is not None:
+        # Withdrawn here, its service would stay suspended; a new type or date would move the
+        # day the client was told. `requests withdraw` unsuspends (UnsuspendAccount) and says so.
+        return (f"request {req.id} is in its grace period (service suspended {req.suspended_on}, cancelled "
+                f"{req.grace_ends_on}); import would set {_would_set(p, p.changes)}: "
+                f"withdraw it with `cancelproc requests withdraw {req.id}`")
     return None
 
 
@@ -244,19 +272,23 @@ def _apply_guards(s: Session, kind: Kind, updates: list[Update]) -> tuple[list[U
     guard = _GUARDS.get(kind.name)
     if guard is None or not updates:
         return updates, []
-    if kind.name == "requests":
-        completed: dict[int, _Completed] = {}  # the request's own status decides
-    else:
+    completed: dict[int, _Completed] = {}  # requests: the request's own row decides
+    in_grace: dict[int, _InGrace] = {}
+    if kind.name != "requests":
         # Only cancelled rows can be protected: fetch requests for their services alone.
         sid = "id" if kind.name == "services" else "service_id"
         completed = _completed_requests(s, {getattr(p.existing, sid) for p in updates if _is_cancelled(p.existing)})
         if kind.name == "addons":
             completed.update(_completed_addon_requests(s, {p.existing.id for p in updates
                                                            if _is_cancelled(p.existing)}))
+        if kind.name == "services":
+            in_grace = _requests_in_grace(s, {p.existing.id for p in updates
+                                              if p.existing.status == ServiceStatus.SUSPENDED})
+    known = _Known(completed, in_grace)
     kept: list[Update] = []
     conflicts: list[Conflict] = []
     for p in updates:
-        message = guard(p, completed)
+        message = guard(p, known)
         if message is None:
             kept.append(p)
         else:
@@ -363,6 +395,18 @@ def _rows_by_external_id(s: Session, table: Table, external_ids: set[str]) -> di
     for chunk in _chunks(sorted(external_ids)):
         query = select(table).where(table.c.external_id.in_(chunk)).order_by(table.c.id).with_for_update()
         out.update((row.external_id, row) for row in s.execute(query))
+    return out
+
+
+def _requests_in_grace(s: Session, service_ids: set[int]) -> dict[int, _InGrace]:
+    """Service id -> its open request in its grace period (the run suspended the service)."""
+    out: dict[int, _InGrace] = {}
+    R = CancellationRequest
+    for chunk in _chunks(sorted(service_ids)):
+        query = select(R.service_id, R.id, R.grace_ends_on).where(
+            R.service_id.in_(chunk), R.suspended_on.is_not(None), R.status.in_(OPEN_REQUEST_STATUSES))
+        for service_id, request_id, grace_ends_on in s.execute(query):
+            out[service_id] = _InGrace(request_id, grace_ends_on)
     return out
 
 
