@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, joinedload
 
 from processor.db import Database
@@ -22,6 +22,7 @@ from processor.errors import FieldError, InputError, NotDue, NotFound, StateErro
 from processor.hooks import HookRegistry
 from processor.models import (
     CLOSED_SERVICE_STATUSES,
+    OPEN_ADDON_REQUEST,
     OPEN_REQUEST_STATUSES,
     AuditAction,
     AuditEntity,
@@ -72,8 +73,11 @@ def open_request_for(session: Session, service_id: int) -> CancellationRequest |
 
 
 def open_addon_request_for(session: Session, addon_id: int) -> CancellationRequest | None:
+    """The add-on's open request, found through the partial unique index of open add-on
+    requests: its condition written out as the index has it (bound values would not match
+    it, and SQLite would walk every pending request instead)."""
     r = CancellationRequest
-    return session.scalars(select(r).where(r.addon_id == addon_id, r.status.in_(OPEN_REQUEST_STATUSES))).one_or_none()
+    return session.scalars(select(r).where(r.addon_id == addon_id, text(OPEN_ADDON_REQUEST))).one_or_none()
 
 
 def _check_addon(session: Session, service: Service, addon_id: int) -> ServiceAddon:

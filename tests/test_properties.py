@@ -135,7 +135,7 @@ from processor import cancellations  # noqa: E402
 from processor.config import Settings  # noqa: E402
 from processor.db import open_database, upgrade  # noqa: E402
 from processor.errors import CancelprocError  # noqa: E402
-from processor.models import AuditEntry, EmailStatus, OutboxEmail, Run  # noqa: E402
+from processor.models import OPEN_REQUEST_STATUSES, AuditEntry, EmailStatus, OutboxEmail, Run  # noqa: E402
 from processor.outbox import withdraw_queued_emails  # noqa: E402
 from processor.run import Runner, RunOptions  # noqa: E402
 from tests import factories  # noqa: E402
@@ -354,8 +354,12 @@ def _grace_invariants(machine: RequestLife) -> None:
                 OutboxEmail.request_id == r.id, OutboxEmail.template == "service_suspended_for_cancellation"))
             assert suspended_by_it <= 1 and told == suspended_by_it, f"request {r.id} suspended twice"
             assert (r.suspended_on is None) == (r.grace_ends_on is None) == (suspended_by_it == 0)
-            if r.service.status is ServiceStatus.SUSPENDED:
-                assert r.status is not RequestStatus.WITHDRAWN, f"withdrawn request {r.id} left its service suspended"
+            if r.service.status is ServiceStatus.SUSPENDED and r.status is RequestStatus.WITHDRAWN:
+                # Only a grace period suspends here: another request of the service holds it.
+                assert any(other.suspended_on is not None and other.status in OPEN_REQUEST_STATUSES
+                           for other in s.scalars(select(CancellationRequest).where(
+                               CancellationRequest.service_id == r.service_id, CancellationRequest.id != r.id))), \
+                    f"withdrawn request {r.id} left its service suspended"
             if r.status is RequestStatus.COMPLETED and r.suspended_on is not None and r.id not in machine.processed_now:
                 # cancelled by a run: not before the grace period ended (by the run's as-of date)
                 assert r.run_id is not None
