@@ -138,7 +138,7 @@ def bad_values(path: str, param: click.Parameter) -> st.SearchStrategy[str]:
         return bad_date
     if name in ARGUMENT_IDS and isinstance(param, click.Argument):
         return st.one_of(bad_id, unknown_id)
-    if name in ("request_ids", "email_ids"):
+    if name in ("request_ids", "email_ids", "addon_id"):  # addon_id: `requests create --addon`
         return st.one_of(bad_id, unknown_id)
     if name in ("service_id", "client_id", "request_id", "run_id"):  # filters and --request/--run
         return bad_id

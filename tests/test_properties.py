@@ -134,6 +134,7 @@ from sqlalchemy import func  # noqa: E402
 from processor import cancellations  # noqa: E402
 from processor.config import Settings  # noqa: E402
 from processor.db import open_database, upgrade  # noqa: E402
+from processor.emails import EmailTemplates  # noqa: E402
 from processor.errors import CancelprocError  # noqa: E402
 from processor.models import OPEN_REQUEST_STATUSES, AuditEntry, EmailStatus, OutboxEmail, Run  # noqa: E402
 from processor.outbox import withdraw_queued_emails  # noqa: E402
@@ -159,6 +160,8 @@ class RequestLife(RuleBasedStateMachine):
                                  products={"Graced": {"grace_days": GRACE_DAYS}})
         self.db = open_database(self.settings.database_url, create=True)
         upgrade(self.db)
+        # Compiled once for the whole machine, not at each run's start: most of a step's time.
+        self.templates = EmailTemplates()
         self.now = dt.datetime(2026, 11, 26, 2, 0, tzinfo=dt.UTC)
         with self.db.session.begin() as s:
             made = [factories.service(s, next_due_date=self.now.date() + dt.timedelta(days=i), addons=ADDONS,
@@ -233,7 +236,7 @@ class RequestLife(RuleBasedStateMachine):
             if s.get(CancellationRequest, request_id).status is not RequestStatus.PENDING:
                 return  # the CLI refuses this before a run starts
         self.processed_now.add(request_id)
-        Runner(self.db, self.settings, clock=lambda: self.now).run(
+        Runner(self.db, self.settings, clock=lambda: self.now, templates=self.templates).run(
             RunOptions(as_of=self.now.date(), request_ids=[request_id], ignore_due_date=True, digest=False))
 
     @precondition(lambda self: self.requests)
@@ -251,7 +254,8 @@ class RequestLife(RuleBasedStateMachine):
     @rule(days=st.integers(0, 3))
     def nightly_run(self, days: int) -> None:
         self.now += dt.timedelta(days=days)
-        Runner(self.db, self.settings, clock=lambda: self.now).run(RunOptions(as_of=self.now.date()))
+        Runner(self.db, self.settings, clock=lambda: self.now, templates=self.templates).run(
+            RunOptions(as_of=self.now.date()))
 
     @invariant()
     def nothing_impossible(self) -> None:

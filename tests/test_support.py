@@ -111,7 +111,7 @@ def test_requests_list_shows_the_client_and_domain_and_filters(invoke: Invoke, d
         (1, "Alice Martin", 1, "shop.alice.test", "2026-11-24", "too_expensive"),
     ]
     table = ok(invoke("requests", "list")).stdout.splitlines()
-    assert table[0].split()[:6] == ["ID", "CLIENT", "DOMAIN", "TYPE", "DUE_ON", "STATUS"]
+    assert table[0].split()[:7] == ["ID", "CLIENT", "DOMAIN", "ADDON", "TYPE", "DUE_ON", "STATUS"]
     assert "Bob Novak" in table[1] and "WWW.Novak.TEST" in table[1] and "2026-11-24" in table[1]
     assert ids(invoke("requests", "list", "--domain", "novak.test", "--json")) == [3]  # any case, partial
     assert ids(invoke("requests", "list", "--domain", "ALICE", "--json")) == [2, 1]
