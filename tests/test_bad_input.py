@@ -120,7 +120,7 @@ VALID: dict[str, list[str]] = {
     "hooks list": [],
     "find": ["alice"],
 }
-FLAGS = {"as_json", "exact", "dry_run", "join", "demo", "ignore_due_date", "raw", "html", "ignore_backoff",
+FLAGS = {"as_json", "in_grace", "exact", "dry_run", "join", "demo", "ignore_due_date", "raw", "html", "ignore_backoff",
          "all_failed", "force", "debug", "version", "help"}
 
 free_text = st.one_of(very_long, not_utf8, with_nul)

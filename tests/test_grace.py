@@ -217,6 +217,14 @@ def test_requests_show_and_list_say_it_is_in_its_grace_period(db, settings, invo
     assert [a["action"] for a in shown["audit"]] == ["suspended", "suspended"]
     table = invoke("requests", "list").stdout
     assert "GRACE_ENDS_ON" in table and str(ENDS) in table
+    with db.session.begin() as s:  # another service's request, not suspended
+        other = factories.request(s, factories.service(s)).id
+    listed = json.loads(invoke("requests", "list", "--json").stdout)["rows"]
+    in_grace = json.loads(invoke("requests", "list", "--in-grace", "--json").stdout)["rows"]
+    assert sorted(r["id"] for r in listed) == sorted([request_id, other])
+    assert [(r["id"], r["grace_ends_on"]) for r in in_grace] == [(request_id, str(ENDS))]
+    invoke("requests", "withdraw", str(request_id))
+    assert json.loads(invoke("requests", "list", "--in-grace", "--json").stdout)["rows"] == []
 
 
 def test_the_grace_period_migration_goes_down_and_up(db):

@@ -26,6 +26,7 @@ from processor.errors import (
 )
 from processor.hooks import POINTS, HookFailed
 from processor.models import (
+    OPEN_REQUEST_STATUSES,
     REQUEST_TYPE_WORDS,
     AuditAction,
     AuditEntry,
@@ -152,11 +153,15 @@ def _send_request_emails(app: App, request_id: int) -> tuple[int, str | None, bo
               help="Only requests for services whose domain contains this (any case).")
 @click.option("--type", "type_name", type=click.Choice(list(REQUEST_TYPES)), help="Only requests of this type.")
 @click.option("--due-before", type=DATE, help="Only requests whose effective date (DUE_ON) is before this day.")
+@click.option("--in-grace", is_flag=True,
+              help="Only open requests in their grace period: the service suspended by a run, cancelled on "
+                   "GRACE_ENDS_ON unless withdrawn.")
 @page_options(50)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: total, limit, offset and rows (docs/json.md).")
 @pass_app
 def requests_list(app: App, status: str | None, client_id: int | None, service_id: int | None, domain: str | None,
-                  type_name: str | None, due_before: dt.date | None, limit: int, offset: int, as_json: bool) -> None:
+                  type_name: str | None, due_before: dt.date | None, in_grace: bool, limit: int, offset: int,
+                  as_json: bool) -> None:
     """List requests, newest first (by when they were made: an imported request keeps its
     date), with the client, the domain and the date each is due on.
 
@@ -164,6 +169,7 @@ def requests_list(app: App, status: str | None, client_id: int | None, service_i
     Examples:
       cancelproc requests list --status failed
       cancelproc requests list --client ext:C-88 --due-before 2026-12-31 --json
+      cancelproc requests list --in-grace
     """
     r, s = CancellationRequest, Service
     query = select(r).outerjoin(s, s.id == r.service_id).order_by(r.created_at.desc(), r.id.desc())
@@ -179,6 +185,8 @@ def requests_list(app: App, status: str | None, client_id: int | None, service_i
         query = query.where(r.type == REQUEST_TYPES[type_name])
     if due_before is not None:
         query = query.where(due_before_clause(due_before))
+    if in_grace:
+        query = query.where(r.suspended_on.is_not(None), r.status.in_(OPEN_REQUEST_STATUSES))
     with app.database().read_session() as session:
         page = fetch_page(session, query, listed_request, limit=limit, offset=offset,
                           options=[contains_eager(r.service).joinedload(s.client), joinedload(r.addon)])
