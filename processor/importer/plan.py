@@ -279,7 +279,7 @@ def _apply_guards(s: Session, kind: Kind, updates: list[Update]) -> tuple[list[U
         sid = "id" if kind.name == "services" else "service_id"
         completed = _completed_requests(s, {getattr(p.existing, sid) for p in updates if _is_cancelled(p.existing)})
         if kind.name == "addons":
-            completed.update(_completed_addon_requests(s, {p.existing.id for p in updates
+            completed.update(_completed_addon_requests(s, {p.existing.id: p.existing.service_id for p in updates
                                                            if _is_cancelled(p.existing)}))
         if kind.name == "services":
             in_grace = _requests_in_grace(s, {p.existing.id for p in updates
@@ -398,32 +398,30 @@ def _rows_by_external_id(s: Session, table: Table, external_ids: set[str]) -> di
     return out
 
 
+def _requests_of(s: Session, service_ids: set[int]) -> list[Any]:
+    """Every request of these services, in id order, with what the guards ask of it. Read by
+    service id alone: with a status condition beside it, SQLite's planner (no statistics)
+    takes the status index and walks every open or completed request of the database for
+    each chunk. A service has few requests; the callers filter them."""
+    R = CancellationRequest
+    rows: list[Any] = []
+    for chunk in _chunks(sorted(service_ids)):
+        rows += s.execute(select(R.id, R.service_id, R.addon_id, R.status, R.processed_at, R.suspended_on,
+                                 R.grace_ends_on).where(R.service_id.in_(chunk)).order_by(R.id)).all()
+    return rows
+
+
 def _requests_in_grace(s: Session, service_ids: set[int]) -> dict[int, _InGrace]:
     """Service id -> its open request in its grace period (the run suspended the service)."""
-    out: dict[int, _InGrace] = {}
-    R = CancellationRequest
-    for chunk in _chunks(sorted(service_ids)):
-        query = select(R.service_id, R.id, R.grace_ends_on).where(
-            R.service_id.in_(chunk), R.suspended_on.is_not(None), R.status.in_(OPEN_REQUEST_STATUSES))
-        for service_id, request_id, grace_ends_on in s.execute(query):
-            out[service_id] = _InGrace(request_id, grace_ends_on)
-    return out
+    return {r.service_id: _InGrace(r.id, r.grace_ends_on) for r in _requests_of(s, service_ids)
+            if r.suspended_on is not None and r.status in OPEN_REQUEST_STATUSES}
 
 
 def _completed_requests(s: Session, service_ids: set[int]) -> dict[int, _Completed]:
     """Service id -> its latest completed request for the service (not for one add-on of
     it), for the given services."""
-    out: dict[int, _Completed] = {}
-    R = CancellationRequest
-    for chunk in _chunks(sorted(service_ids)):
-        query = (
-            select(R.service_id, R.id, R.processed_at)
-            .where(R.status == RequestStatus.COMPLETED, R.service_id.in_(chunk), R.addon_id.is_(None))
-            .order_by(R.id)
-        )
-        for service_id, request_id, processed_at in s.execute(query):
-            out[service_id] = _Completed(request_id, processed_at)
-    return out
+    return {r.service_id: _Completed(r.id, r.processed_at) for r in _requests_of(s, service_ids)
+            if r.status == RequestStatus.COMPLETED and r.addon_id is None}
 
 
 # The guards' `completed` is keyed by service id; an add-on's own completed request is
@@ -431,26 +429,15 @@ def _completed_requests(s: Session, service_ids: set[int]) -> dict[int, _Complet
 _ALONE = 0
 
 
-def _completed_addon_requests(s: Session, addon_ids: set[int]) -> dict[int, _Completed]:
-    """_ALONE - add-on id -> its latest completed request for it alone, for these add-ons."""
-    out: dict[int, _Completed] = {}
-    R = CancellationRequest
-    for chunk in _chunks(sorted(addon_ids)):
-        query = (select(R.addon_id, R.id, R.processed_at)
-                 .where(R.status == RequestStatus.COMPLETED, R.addon_id.in_(chunk)).order_by(R.id))
-        for addon_id, request_id, processed_at in s.execute(query):
-            out[_ALONE - addon_id] = _Completed(request_id, processed_at)  # type: ignore[operator]
-    return out
+def _completed_addon_requests(s: Session, addons: dict[int, int]) -> dict[int, _Completed]:
+    """_ALONE - add-on id -> its latest completed request for it alone, for these add-ons
+    (`addons`: add-on id -> its service's id)."""
+    return {_ALONE - r.addon_id: _Completed(r.id, r.processed_at) for r in _requests_of(s, set(addons.values()))
+            if r.status == RequestStatus.COMPLETED and r.addon_id in addons}
 
 
 def _open_requests(s: Session, service_ids: set[int]) -> dict[_Holding, int]:
     """What the open (pending or failed) requests of these services hold (the service, or
     one add-on of it) -> the request's id."""
-    out: dict[_Holding, int] = {}
-    R = CancellationRequest
-    for chunk in _chunks(sorted(service_ids)):
-        query = select(R.service_id, R.addon_id, R.id).where(R.status.in_(OPEN_REQUEST_STATUSES),
-                                                             R.service_id.in_(chunk))
-        out.update((_holding(service_id, addon_id), request_id)
-                   for service_id, addon_id, request_id in s.execute(query))
-    return out
+    return {_holding(r.service_id, r.addon_id): r.id for r in _requests_of(s, service_ids)
+            if r.status in OPEN_REQUEST_STATUSES}
