@@ -123,9 +123,10 @@ def create_request(
 ) -> CancellationRequest:
     """Record a new pending request; one open request per service, and one per add-on. Its
     effective date is computed here, once, with its product's notice period and minimum
-    term (`terms_of`). With `addon_id`, the request cancels that add-on of the service alone,
-    at its own date (`terms.addon_effective_on`). A service request may be made while requests for
-    its add-ons are open: when it is applied it cancels them too and closes their requests."""
+    term (`terms_of`). With `addon_id`, the request cancels that add-on of the service
+    alone, at its own date (`terms.addon_effective_on`). A service request may be made while
+    requests for its add-ons are open: when it is applied it cancels them too and closes
+    their requests."""
     if reason_code not in allowed_reasons:
         raise FieldError("reason_code",
                          f"{reason_code!r} is not a configured reason (allowed: {', '.join(allowed_reasons)})")
@@ -149,8 +150,8 @@ def create_request(
         effective = service_effective_on(service, type_, cancel_on, today, terms_of)
     request = CancellationRequest(
         service_id=service_id, addon_id=addon_id, type=type_, cancel_on=cancel_on, effective_date=effective.on,
-        reason_code=reason_code,
-        reason=reason, status=RequestStatus.PENDING, created_at=now, created_by=actor, attempts=0, note="",
+        reason_code=reason_code, reason=reason, status=RequestStatus.PENDING, created_at=now, created_by=actor,
+        attempts=0, note="",
     )
     session.add(request)
     session.flush()

@@ -191,8 +191,7 @@ def requests_list(app: App, status: str | None, client_id: int | None, service_i
         page = fetch_page(session, query, listed_request, limit=limit, offset=offset,
                           options=[contains_eager(r.service).joinedload(s.client), joinedload(r.addon)])
     echo_page(page, ["id", "client", "domain", "addon", "type", "due_on", "status", "grace_ends_on", "reason_code",
-                     "attempts",
-                     "created_at", "last_error"], as_json=as_json, empty="no requests")
+                     "attempts", "created_at", "last_error"], as_json=as_json, empty="no requests")
 
 
 def listed_request(request: CancellationRequest) -> dict[str, Any]:
