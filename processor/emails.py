@@ -33,6 +33,7 @@ from babel.dates import format_date as babel_format_date
 from babel.numbers import format_currency, format_decimal
 from jinja2 import (
     BaseLoader,
+    BytecodeCache,
     ChoiceLoader,
     Environment,
     FileSystemLoader,
@@ -44,6 +45,7 @@ from jinja2 import (
     TemplateSyntaxError,
     nodes,
 )
+from jinja2.bccache import Bucket
 from jinja2.exceptions import SecurityError
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -318,6 +320,28 @@ def _time_limit(seconds: float, what: str) -> Iterator[None]:
         signal.signal(signal.SIGVTALRM, previous)
 
 
+class _CompiledInMemory(BytecodeCache):
+    """Jinja's compiled templates, kept for the process: another EmailTemplates (the next
+    run of `schedule`, a test's) loads them instead of compiling them again, most of a
+    run's start-up. Jinja checks each entry against its template's source, so an edited
+    template is compiled anew."""
+
+    def __init__(self) -> None:
+        self._code: dict[str, bytes] = {}
+
+    def load_bytecode(self, bucket: Bucket) -> None:
+        code = self._code.get(bucket.key)
+        if code is not None:
+            bucket.bytecode_from_string(code)
+
+    def dump_bytecode(self, bucket: Bucket) -> None:
+        self._code[bucket.key] = bucket.bytecode_to_string()
+
+
+# One per autoescape setting: the plain and the HTML part of a template compile differently.
+_COMPILED = {False: _CompiledInMemory(), True: _CompiledInMemory()}
+
+
 class EmailTemplates:
     """Compiled templates; `check` at start so a broken template stops a run before any write."""
 
@@ -327,8 +351,8 @@ class EmailTemplates:
         self.folders = [d for d in (override_dir, default_dir) if d is not None]
         loader = _loader(override_dir, default_dir)
         common: dict[str, Any] = dict(loader=loader, undefined=StrictUndefined, keep_trailing_newline=False)
-        self._plain = _Sandbox(autoescape=False, **common)
-        self._html = _Sandbox(autoescape=True, **common)
+        self._plain = _Sandbox(autoescape=False, bytecode_cache=_COMPILED[False], **common)
+        self._html = _Sandbox(autoescape=True, bytecode_cache=_COMPILED[True], **common)
         for env in (self._plain, self._html):
             env.filters["date_format"] = date_format
         self._cache: dict[str, tuple[_Compiled, _Compiled]] = {}

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 import processor
 from processor.cli import cli
-from processor.emails import DEFAULT_TEMPLATES
+from processor.emails import DEFAULT_TEMPLATES, EmailTemplates, sample_fields
 from processor.models import CancellationRequest, OutboxEmail, RequestStatus, Run
 from tests import factories
 
@@ -95,3 +95,16 @@ def test_an_override_extends_the_default_it_replaces_and_gets_every_merge_field(
     assert "client_first_name=[Grace]" in email.text_body and "service_status=[Cancelled]" in email.text_body
     assert "date=[November 26, 2026]" in email.text_body
     assert "Dear Grace," in email.html_body  # the html block is still the default's
+
+
+def test_a_template_edited_between_two_runs_of_one_process_is_compiled_anew(tmp_path):
+    """Compiled templates are kept for the process (`schedule` runs night after night in
+    one): an operator's template edited in between is what the next run renders."""
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    override = folder / "cancellation_request_withdrawn.jinja"
+    fields = sample_fields("cancellation_request_withdrawn", "Example Hosting", "")
+    for subject in ("First wording", "Second wording"):
+        override.write_text('{% extends "default:cancellation_request_withdrawn.jinja" %}\n'
+                            "{% block subject %}" + subject + "{% endblock %}")
+        assert EmailTemplates(folder).render("cancellation_request_withdrawn", fields).subject == subject
