@@ -50,41 +50,34 @@ demo: install
 	@echo; echo "== the staff digest: $(DEMO_DIR)/var/outbox/*-cron_job_activity.eml, its headers and text part"
 	@$(BIN)/python -c "$$SHOW_EML" $(DEMO_DIR)/var/outbox/*-cron_job_activity.eml
 
+# $(call debian_package,PRESENT,PACKAGE,WHY,WHAT): unless the shell test PRESENT passes,
+# install Debian's PACKAGE with apt (as root, else with sudo), saying WHY; with neither,
+# warn that WHAT will be skipped. No commas inside the arguments.
+define debian_package
+@if $(1); then :; \
+elif [ "$$(id -u)" = 0 ]; then \
+  echo "installing Debian's $(2) ($(3))"; \
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
+elif command -v sudo >/dev/null 2>&1; then \
+  echo "installing Debian's $(2) with sudo ($(3))"; \
+  sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
+else echo "warning: no $(2) and no way to install it: $(4) will be skipped"; fi
+endef
+
 # The tests start a throwaway PostgreSQL server themselves (tests/pg_server.py); they
 # need its binaries: Debian's postgresql package, installed here when they are missing.
 postgresql-binaries:
-	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
-	elif [ "$$(id -u)" = 0 ]; then \
-	  echo "installing Debian's postgresql (the tests start their own server)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
-	elif command -v sudo >/dev/null 2>&1; then \
-	  echo "installing Debian's postgresql with sudo (the tests start their own server)"; \
-	  sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
-	else echo "warning: no PostgreSQL binaries and no way to install them: the PostgreSQL tests will be skipped"; fi
+	$(call debian_package,command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1,postgresql,the tests start their own server,the PostgreSQL tests)
 
 # The WHMCS import tests read a throwaway MariaDB server they start themselves
 # (tests/mariadb_server.py): Debian's mariadb-server, installed here when it is missing.
 mariadb-binaries:
-	@if command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ]; then :; \
-	elif [ "$$(id -u)" = 0 ]; then \
-	  echo "installing Debian's mariadb-server (the WHMCS import tests start their own server)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server >/dev/null; \
-	elif command -v sudo >/dev/null 2>&1; then \
-	  echo "installing Debian's mariadb-server with sudo (the WHMCS import tests start their own server)"; \
-	  sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server >/dev/null; \
-	else echo "warning: no MariaDB binaries and no way to install them: the WHMCS database tests will be skipped"; fi
+	$(call debian_package,command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ],mariadb-server,the WHMCS import tests start their own server,the WHMCS database tests)
 
 # tests/test_report_html.py opens `report html`'s page in headless Chromium (no network):
 # Debian's chromium, installed here when it is missing.
 chromium-binaries:
-	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
-	elif [ "$$(id -u)" = 0 ]; then \
-	  echo "installing Debian's chromium (the HTML report test opens the page headless)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	elif command -v sudo >/dev/null 2>&1; then \
-	  echo "installing Debian's chromium with sudo (the HTML report test opens the page headless)"; \
-	  sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	else echo "warning: no chromium and no way to install it: the HTML report tests will be skipped"; fi
+	$(call debian_package,command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1,chromium,the HTML report test opens the page headless,the HTML report tests)
 
 # docs/report-demo.png, the picture of `report html` in README: the demo company (init
 # --demo, one run) in an app folder of its own, its page shot by headless Chromium.
